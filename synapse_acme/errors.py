@@ -1,0 +1,98 @@
+"""Every exception the library raises on purpose, in one place.
+
+Callers catch these by class; each carries what an operator needs to act on it
+(the config key path, the ACME problem type, the URL) and never key material.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SynapseAcmeError(Exception):
+    """Base class of every error raised on purpose by synapse_acme."""
+
+
+class ConfigError(SynapseAcmeError):
+    """A configuration value is invalid.
+
+    ``str(err)`` reads like ``acme.port: expected an integer 1-65535, got 'eighty'``.
+    """
+
+    def __init__(self, path: str, message: str, value: Any = None, *, has_value: bool = True):
+        self.path = path
+        self.message = message
+        self.value = value
+        text = f"{path}: {message}"
+        if has_value:
+            text += f", got {value!r}"
+        super().__init__(text)
+
+
+class AcmeError(SynapseAcmeError):
+    """The CA answered with an RFC 8555/7807 problem document.
+
+    ``type`` is the full URN (``urn:ietf:params:acme:error:rateLimited``), ``code`` its last
+    part (``rateLimited``). ``retry_after`` is seconds from the response's Retry-After header,
+    if any. ``subproblems`` keeps per-identifier problems.
+    """
+
+    def __init__(
+        self,
+        type: str,
+        detail: str = "",
+        status: int | None = None,
+        url: str | None = None,
+        retry_after: float | None = None,
+        subproblems: tuple[dict[str, Any], ...] = (),
+    ):
+        self.type = type
+        self.detail = detail
+        self.status = status
+        self.url = url
+        self.retry_after = retry_after
+        self.subproblems = subproblems
+        code = type.rsplit(":", 1)[-1] if type else "unknown"
+        self.code = code
+        where = f" from {url}" if url else ""
+        http = f" (HTTP {status})" if status is not None else ""
+        super().__init__(f"ACME error {code}{http}{where}: {detail}")
+
+
+class AcmeProtocolError(SynapseAcmeError):
+    """The CA's answer is not what RFC 8555 promises (bad JSON, wrong content type, bad URL,
+    an order in an unexpected state, a certificate chain that does not parse or does not match).
+    """
+
+    def __init__(self, message: str, url: str | None = None, status: int | None = None):
+        self.url = url
+        self.status = status
+        where = f" ({url})" if url else ""
+        super().__init__(f"{message}{where}")
+
+
+class AcmeTransportError(SynapseAcmeError):
+    """The CA could not be reached (DNS, connection refused, TLS failure, timeout)."""
+
+    def __init__(self, message: str, url: str | None = None):
+        self.url = url
+        super().__init__(f"cannot reach the ACME server at {url}: {message}" if url else message)
+
+
+class ChallengeFailed(SynapseAcmeError):
+    """An authorization became invalid; ``error`` is the CA's problem for the challenge."""
+
+    def __init__(self, identifier: str, error: AcmeError | None):
+        self.identifier = identifier
+        self.error = error
+        why = str(error) if error is not None else "no problem document given"
+        super().__init__(f"challenge for {identifier} failed: {why}")
+
+
+class BundleError(SynapseAcmeError):
+    """A certificate bundle is unusable (key mismatch, chain out of order, names not covered,
+    not yet valid, expired). The previous bundle keeps serving."""
+
+
+class StoreError(SynapseAcmeError):
+    """The store could not read or write (permissions, disk full, corrupt entry)."""
