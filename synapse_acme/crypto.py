@@ -1,0 +1,241 @@
+"""Keys, CSRs and certificate parsing/validation (cryptography + acme.crypto_util).
+
+Everything here is pure and synchronous; time comes in as an argument (see :func:`now_from_clock`).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import itertools
+from collections.abc import Sequence
+
+from acme import crypto_util
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509.oid import ExtensionOID, NameOID
+from twisted.internet.interfaces import IReactorTime
+
+from synapse_acme.errors import BundleError
+from synapse_acme.model import CertificateBundle
+
+KEY_TYPES: tuple[str, ...] = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
+PLACEHOLDER_ORG = "synapse-acme placeholder (not a real certificate)"
+# Clocks of the CA and of this host disagree a little; a certificate dated a few minutes ahead is
+# normal right after issuance and must not be refused.
+DEFAULT_SKEW = datetime.timedelta(minutes=5)
+
+
+def generate_private_key_pem(key_type: str = "ecdsa-p256") -> bytes:
+    """A fresh private key of ``key_type`` (one of :data:`KEY_TYPES`) as unencrypted PKCS8 PEM."""
+    key: PrivateKeyTypes
+    if key_type == "ecdsa-p256":
+        key = ec.generate_private_key(ec.SECP256R1())
+    elif key_type == "ecdsa-p384":
+        key = ec.generate_private_key(ec.SECP384R1())
+    elif key_type.startswith("rsa-") and key_type in KEY_TYPES:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[4:]))
+    else:
+        raise ValueError(f"unknown key type {key_type!r}; expected one of {', '.join(KEY_TYPES)}")
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def load_private_key(key_pem: bytes) -> PrivateKeyTypes:
+    """Parse a PEM private key; BundleError (without the key's content) if it is not one."""
+    try:
+        return serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise BundleError(f"private key does not parse: {type(e).__name__}") from None
+
+
+def make_csr_pem(key_pem: bytes, names: Sequence[str]) -> bytes:
+    """A PEM CSR for ``names`` signed by ``key_pem`` (acme.crypto_util's, as certbot builds it)."""
+    return crypto_util.make_csr(key_pem, list(names))
+
+
+def parse_chain(chain_pem: bytes) -> list[x509.Certificate]:
+    """Every certificate of a PEM chain, leaf first; BundleError if none parses."""
+    try:
+        certs = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError as e:
+        raise BundleError(f"certificate chain does not parse: {e}") from None
+    if not certs:
+        raise BundleError("certificate chain is empty")
+    return certs
+
+
+def certificate_names(cert: x509.Certificate) -> list[str]:
+    """The certificate's SAN DNS names, lower-case (the CN is ignored, as browsers do)."""
+    try:
+        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+    except x509.ExtensionNotFound:
+        return []
+    return [n.lower() for n in san.value.get_values_for_type(x509.DNSName)]
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """RFC 6125 matching: exact, or ``*.a.b`` matching exactly one extra left-most label."""
+    pattern, name = pattern.lower(), name.lower()
+    if pattern == name:
+        return True
+    if pattern.startswith("*."):
+        head, _, tail = name.partition(".")
+        return bool(head) and head != "*" and tail == pattern[2:]
+    return False
+
+
+def not_before(cert: x509.Certificate) -> datetime.datetime:
+    return cert.not_valid_before_utc
+
+
+def not_after(cert: x509.Certificate) -> datetime.datetime:
+    return cert.not_valid_after_utc
+
+
+def _public_bytes(key: object) -> bytes:
+    return key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, Exception):  # InvalidSignature and unsupported algorithms alike
+        return False
+    return True
+
+
+def validate_bundle(
+    bundle: CertificateBundle,
+    names: Sequence[str] | None,
+    now: datetime.datetime,
+    skew: datetime.timedelta = DEFAULT_SKEW,
+    allow_expired: bool = False,
+) -> list[x509.Certificate]:
+    """Check a bundle is fit to serve; return its parsed chain or raise BundleError saying why.
+
+    Checks: the key parses and matches the leaf; each certificate is signed by the next one
+    (complete, in order); the leaf covers every name in ``names``; notBefore is not beyond
+    ``now + skew``; and, unless ``allow_expired``, notAfter is after ``now``.
+    """
+    chain = parse_chain(bundle.chain_pem)
+    leaf = chain[0]
+    key = load_private_key(bundle.key_pem)
+    if _public_bytes(key.public_key()) != _public_bytes(leaf.public_key()):
+        raise BundleError("private key does not match the certificate")
+    for child, parent in itertools.pairwise(chain):
+        if not _signed_by(child, parent):
+            raise BundleError(
+                f"chain out of order or incomplete: {child.subject.rfc4514_string()!r} "
+                f"is not signed by the next certificate {parent.subject.rfc4514_string()!r}"
+            )
+    if names:
+        have = certificate_names(leaf)
+        missing = [n for n in names if not any(name_matches(p, n) for p in have)]
+        if missing:
+            raise BundleError(
+                f"certificate does not cover {', '.join(missing)} (it covers {', '.join(have)})"
+            )
+    if not_before(leaf) > now + skew:
+        raise BundleError(f"certificate is not valid before {not_before(leaf).isoformat()}")
+    if not allow_expired and not_after(leaf) <= now:
+        raise BundleError(f"certificate expired at {not_after(leaf).isoformat()}")
+    return chain
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def ari_cert_id(cert: x509.Certificate) -> str:
+    """RFC 9773 CertID: base64url(AKI keyIdentifier) "." base64url(DER serial number octets)."""
+    try:
+        aki = cert.extensions.get_extension_for_oid(ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
+    except x509.ExtensionNotFound:
+        raise BundleError("certificate has no Authority Key Identifier; no ARI CertID") from None
+    key_id = aki.value.key_identifier
+    if key_id is None:
+        raise BundleError("certificate's Authority Key Identifier has no keyIdentifier")
+    serial = cert.serial_number
+    # DER INTEGER content octets: big-endian two's complement, minimal, positive.
+    length = serial.bit_length() // 8 + 1
+    return f"{_b64url(key_id)}.{_b64url(serial.to_bytes(length, 'big'))}"
+
+
+def make_placeholder_bundle(
+    names: Sequence[str],
+    now: datetime.datetime,
+    lifetime: datetime.timedelta = datetime.timedelta(days=7),
+    key_type: str = "ecdsa-p256",
+) -> CertificateBundle:
+    """A self-signed, clearly labelled stand-in so a homeserver can start before issuance."""
+    key_pem = generate_private_key_pem(key_type)
+    key = load_private_key(key_pem)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, names[0]),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, PLACEHOLDER_ORG),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        .sign(key, _hash_for(key))  # type: ignore[arg-type]
+    )
+    return CertificateBundle(
+        key_pem=key_pem,
+        chain_pem=cert.public_bytes(serialization.Encoding.PEM),
+        metadata={"names": list(names), "placeholder": True, "issued_at": now.isoformat()},
+    )
+
+
+def _hash_for(key: object) -> hashes.HashAlgorithm:
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def is_placeholder(cert: x509.Certificate) -> bool:
+    """True for certificates made by :func:`make_placeholder_bundle`."""
+    orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    return any(a.value == PLACEHOLDER_ORG for a in orgs)
+
+
+def now_from_clock(clock: IReactorTime) -> datetime.datetime:
+    """The clock's current time as an aware UTC datetime (the only way library code reads time)."""
+    return datetime.datetime.fromtimestamp(clock.seconds(), tz=datetime.timezone.utc)
+
+
+__all__ = [
+    "DEFAULT_SKEW",
+    "KEY_TYPES",
+    "ari_cert_id",
+    "certificate_names",
+    "generate_private_key_pem",
+    "is_placeholder",
+    "load_private_key",
+    "make_csr_pem",
+    "make_placeholder_bundle",
+    "name_matches",
+    "not_after",
+    "not_before",
+    "now_from_clock",
+    "parse_chain",
+    "validate_bundle",
+]
