@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import NameOID
 from twisted.internet.interfaces import IReactorTime
 
 from synapse_acme.errors import BundleError
@@ -73,7 +73,7 @@ def parse_chain(chain_pem: bytes) -> list[x509.Certificate]:
 def certificate_names(cert: x509.Certificate) -> list[str]:
     """The certificate's SAN DNS names, lower-case (the CN is ignored, as browsers do)."""
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return []
     return [n.lower() for n in san.value.get_values_for_type(x509.DNSName)]
@@ -159,7 +159,7 @@ def _b64url(data: bytes) -> str:
 def ari_cert_id(cert: x509.Certificate) -> str:
     """RFC 9773 CertID: base64url(AKI keyIdentifier) "." base64url(DER serial number octets)."""
     try:
-        aki = cert.extensions.get_extension_for_oid(ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
     except x509.ExtensionNotFound:
         raise BundleError("certificate has no Authority Key Identifier; no ARI CertID") from None
     key_id = aki.value.key_identifier
