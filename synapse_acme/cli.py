@@ -1,0 +1,300 @@
+"""The ``synapse-acme`` command line: generate-config, run, issue, renew, status.
+
+Exit codes: 0 success; 1 an issuance or renewal failed; 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+
+from synapse_acme import __version__, crypto, policy
+from synapse_acme.config import AcmeConfig, generate_config, read_config_file
+from synapse_acme.errors import ConfigError, SynapseAcmeError
+from synapse_acme.names import names_key
+
+logger = logging.getLogger("synapse_acme.cli")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.INFO if verbosity == 0 else logging.DEBUG if verbosity > 0 else logging.WARNING
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(path: str) -> AcmeConfig:
+    return read_config_file(path)
+
+
+def cmd_generate_config(args: argparse.Namespace) -> int:
+    text = generate_config()
+    if args.output:
+        with open(args.output, "x", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+
+    async def main(reactor: Any) -> None:
+        from synapse_acme.runtime import build_runtime
+
+        runtime = build_runtime(config, reactor, standalone_listener=not args.no_listener)
+        runtime.service.privilegedStartService()
+        runtime.service.startService()
+        reactor.addSystemEventTrigger("before", "shutdown", runtime.service.stopService)
+        logger.info(
+            "synapse-acme %s running for %s",
+            __version__,
+            "; ".join(", ".join(runtime.acme.managed(k).spec.names) for k in runtime.acme.keys),
+        )
+        await defer.Deferred()  # until SIGINT/SIGTERM stops the reactor
+
+    return _react(main)
+
+
+def _one_shot(args: argparse.Namespace, force: bool) -> int:
+    config = _load(args.config)
+    outcome: dict[str, int] = {"code": EXIT_OK}
+
+    async def main(reactor: Any) -> None:
+        from synapse_acme.runtime import build_runtime
+
+        runtime = build_runtime(config, reactor, standalone_listener=not args.no_listener)
+        runtime.service.privilegedStartService()
+        runtime.service.startService()
+        try:
+            if runtime.http01_listener is not None:
+                await runtime.http01_listener.when_listening()
+            await runtime.acme.when_loaded()
+            key = names_key(args.name) if args.name else None
+            if key is not None and key not in runtime.acme.keys:
+                raise ConfigError(
+                    "--name", "no configured certificate has exactly these names", args.name
+                )
+            results = await runtime.acme.renew(key, force=force)
+            if not results:
+                print("Nothing to do: every certificate is valid and not yet due for renewal.")
+            for k, result in results:
+                names = ", ".join(runtime.acme.managed(k).spec.names)
+                if isinstance(result, Failure):
+                    outcome["code"] = EXIT_FAILED
+                    print(f"FAILED  {names}: {result.getErrorMessage()}", file=sys.stderr)
+                else:
+                    m = runtime.acme.managed(k)
+                    where = os.path.join(config.storage, "certificates", k)
+                    print(
+                        f"OK      {names}: certificate in {where}"
+                        f", valid until {_fmt(m.not_after)}, renewal planned at {_fmt(m.renew_at)}"
+                    )
+        finally:
+            await runtime.service.stopService()
+
+    code = _react(main)
+    return code if code != EXIT_OK else outcome["code"]
+
+
+def cmd_issue(args: argparse.Namespace) -> int:
+    return _one_shot(args, force=False)
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    return _one_shot(args, force=args.force)
+
+
+def _react(main: Any) -> int:
+    result = {"code": EXIT_OK}
+
+    async def wrapped(reactor: Any) -> None:
+        try:
+            await main(reactor)
+        except ConfigError as e:
+            print(f"configuration error: {e}", file=sys.stderr)
+            result["code"] = EXIT_CONFIG
+        except SynapseAcmeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            result["code"] = EXIT_FAILED
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(wrapped(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return int(e.code) if isinstance(e.code, int) else EXIT_FAILED
+    return result["code"]
+
+
+def status_report(config: AcmeConfig, now: datetime.datetime) -> list[dict[str, Any]]:
+    """Per certificate, from the store and the last run's status file; needs no network."""
+    from synapse_acme.runtime import status_path
+    from synapse_acme.store import FileStore
+
+    store = FileStore(config.storage)
+    last: dict[str, dict[str, Any]] = {}
+    try:
+        with open(status_path(config), encoding="utf-8") as f:
+            last = {entry["key"]: entry for entry in json.load(f)}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    threshold = datetime.timedelta(days=config.reprovision_threshold)
+    out = []
+    for spec in config.certificate_specs():
+        key = names_key(spec.names)
+        entry: dict[str, Any] = {"key": key, "names": list(spec.names), "state": "missing"}
+        loaded: list[Any] = []
+        failure: list[Failure] = []
+        store.load(key).addCallbacks(loaded.append, failure.append)
+        if failure:
+            entry["state"] = "unreadable"
+            entry["error"] = failure[0].getErrorMessage()
+        elif loaded and loaded[0] is not None:
+            bundle = loaded[0]
+            chain = crypto.parse_chain(bundle.chain_pem)
+            nb, na = crypto.not_before(chain[0]), crypto.not_after(chain[0])
+            placeholder = bool(bundle.metadata.get("placeholder"))
+            renew_at = policy.renewal_time(nb, na, threshold=threshold, ari_window=None, rand=0.5)
+            entry.update(
+                state="placeholder" if placeholder else "expired" if na <= now else "valid",
+                serial=f"{chain[0].serial_number:x}",
+                issuer=chain[0].issuer.rfc4514_string(),
+                not_before=_fmt(nb),
+                not_after=_fmt(na),
+                renew_at=_fmt(renew_at) if not placeholder else "now",
+                path=os.path.join(config.storage, "certificates", key),
+            )
+        prev = last.get(key, {})
+        for field in (
+            "last_error",
+            "last_error_type",
+            "last_attempt",
+            "last_success",
+            "next_attempt",
+            "failures",
+            "renew_at",
+            "ari_window",
+        ):
+            if prev.get(field) is not None:
+                entry["last_run_" + field if field == "renew_at" else field] = prev[field]
+        out.append(entry)
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    now = datetime.datetime.now(datetime.timezone.utc)  # the CLI's edge: the only wall-clock read
+    report = status_report(config, now)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for e in report:
+            print(", ".join(e["names"]))
+            print(f"  state:        {e['state']}")
+            for label, field in (
+                ("not after", "not_after"),
+                ("renew at", "renew_at"),
+                ("serial", "serial"),
+                ("issuer", "issuer"),
+                ("stored in", "path"),
+                ("last success", "last_success"),
+                ("last attempt", "last_attempt"),
+                ("last error", "last_error"),
+                ("next attempt", "next_attempt"),
+            ):
+                if e.get(field) is not None:
+                    print(f"  {label + ':':<13} {e[field]}")
+    bad = any(e["state"] in ("missing", "expired", "unreadable") for e in report)
+    return EXIT_FAILED if bad else EXIT_OK
+
+
+def _fmt(value: datetime.datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="synapse-acme",
+        description="Automatic TLS certificates (ACME v2) for Matrix homeservers.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate-config", help="print a commented sample acme: block")
+    g.add_argument("-o", "--output", help="write to this new file instead of stdout")
+    g.set_defaults(func=cmd_generate_config)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "-c",
+            "--config",
+            required=True,
+            help="homeserver.yaml or a standalone YAML file with an acme: block",
+        )
+
+    r = sub.add_parser("run", help="answer challenges and keep certificates renewed (stays up)")
+    with_config(r)
+    r.add_argument(
+        "--no-listener",
+        action="store_true",
+        help="do not open the HTTP-01 listener (challenges served elsewhere)",
+    )
+    r.set_defaults(func=cmd_run)
+
+    for name, help_text in (
+        ("issue", "obtain missing certificates now, then exit"),
+        ("renew", "renew certificates that are due (or all with --force)"),
+    ):
+        sp = sub.add_parser(name, help=help_text)
+        with_config(sp)
+        sp.add_argument("--name", action="append", help="only the certificate with these names")
+        sp.add_argument(
+            "--no-listener",
+            action="store_true",
+            help="do not open the HTTP-01 listener (challenges served elsewhere)",
+        )
+        if name == "renew":
+            sp.add_argument("--force", action="store_true", help="renew even if not due")
+        sp.set_defaults(func=cmd_issue if name == "issue" else cmd_renew)
+
+    s = sub.add_parser("status", help="show each certificate's state (reads the store only)")
+    with_config(s)
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except SynapseAcmeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Wiring: turns an :class:`~synapse_acme.config.AcmeConfig` into running parts.
+
+The only place that knows which implementation goes with which contract; the standalone runner,
+the CLI's one-shot commands and the Synapse module all build through :func:`build_runtime`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import attrs
+from twisted.application.service import MultiService
+from twisted.internet.interfaces import IReactorCore, IReactorTime
+
+from synapse_acme import fsutil
+from synapse_acme.account import load_or_create_account_key
+from synapse_acme.client import AcmeClient
+from synapse_acme.config import AcmeConfig
+from synapse_acme.export import FileExporter
+from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder, make_site
+from synapse_acme.issuer import AcmeIssuer
+from synapse_acme.service import AcmeService
+from synapse_acme.store import FileStore
+from synapse_acme.tls import HotSwapTLS
+from synapse_acme.transport import JWSTransport, make_http_client
+
+logger = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+
+
+@attrs.define(eq=False)
+class Runtime:
+    """Everything :func:`build_runtime` made; start and stop it through ``service``."""
+
+    config: AcmeConfig
+    service: MultiService
+    acme: AcmeService
+    responder: HTTP01Responder
+    tls: HotSwapTLS
+    store: FileStore
+    exporter: FileExporter | None = None
+    http01_listener: HTTP01ListenerService | None = None
+
+
+def status_path(config: AcmeConfig) -> str:
+    return os.path.join(config.storage, STATUS_FILE)
+
+
+def _status_writer(config: AcmeConfig) -> Any:
+    path = status_path(config)
+
+    def write(status: list[dict[str, Any]]) -> None:
+        fsutil.atomic_write(path, json.dumps(status, indent=2).encode("utf-8"), 0o600)
+
+    return write
+
+
+def build_runtime(
+    config: AcmeConfig,
+    reactor: Any,
+    *,
+    standalone_listener: bool = True,
+    http_client: Any = None,
+) -> Runtime:
+    """Build the provisioning service and its collaborators for ``config``.
+
+    ``reactor`` provides time, TCP and DNS (``IReactorTime``, ``IReactorCore``...).
+    ``standalone_listener`` opens the HTTP-01 listener(s) of ``acme.port``/``acme.listen``;
+    an embedding host that mounts :meth:`HTTP01Responder.resource` itself passes False.
+    """
+    assert IReactorTime.providedBy(reactor) or hasattr(reactor, "seconds")
+    fsutil.ensure_private_dir(config.storage)
+    store = FileStore(config.storage)
+    for line in store.recover():
+        logger.warning("Store recovery: %s", line)
+    account_key = load_or_create_account_key(config.account_key_file)
+    http = http_client if http_client is not None else make_http_client(reactor, config.ca_bundle)
+    transport = JWSTransport(http, reactor, account_key, config.url)
+    client = AcmeClient(transport)
+    responder = HTTP01Responder()
+    issuer = AcmeIssuer(
+        client=client,
+        responders=[responder],
+        clock=reactor,
+        account_key=account_key,
+        contact=config.contact,
+        tos_agreed=config.terms_of_service_agreed,
+        eab=(config.eab.kid, config.eab.hmac_key) if config.eab is not None else None,
+        profile=config.profile,
+        poll_interval=config.poll_interval,
+        poll_timeout=config.poll_timeout,
+    )
+    specs = config.certificate_specs()
+    acme = AcmeService(
+        specs,
+        store,
+        issuer,
+        reactor,
+        threshold_days=config.reprovision_threshold,
+        check_interval=config.check_interval,
+        check_jitter=config.check_jitter,
+        on_status=_status_writer(config),
+    )
+    keys = acme.keys
+    tls = HotSwapTLS(
+        default_key=keys[0],
+        clock=reactor,
+        required_names={k: acme.managed(k).spec.names for k in keys},
+    )
+    acme.add_consumer(tls)
+    exporter = None
+    if config.tls_certificate_path and config.tls_private_key_path:
+        exporter = FileExporter(
+            key=keys[0],
+            cert_path=config.tls_certificate_path,
+            key_path=config.tls_private_key_path,
+            storage=config.storage,
+        )
+        acme.add_consumer(exporter)
+
+    root = MultiService()
+    listener = None
+    endpoints = config.http01_endpoints() if standalone_listener else []
+    if endpoints:
+        listener = HTTP01ListenerService(reactor, make_site(responder), endpoints)
+        listener.setServiceParent(root)
+    for endpoint in config.tls_listen:
+        from synapse_acme.tls import TLSListenerService
+
+        TLSListenerService(reactor, endpoint, tls).setServiceParent(root)
+    acme.setServiceParent(root)
+    return Runtime(
+        config=config,
+        service=root,
+        acme=acme,
+        responder=responder,
+        tls=tls,
+        store=store,
+        exporter=exporter,
+        http01_listener=listener,
+    )
+
+
+__all__ = ["IReactorCore", "Runtime", "build_runtime", "status_path"]

@@ -1,0 +1,476 @@
+"""The provisioning service: keeps every configured certificate issued, renewed and served.
+
+It owns no protocol and no storage format: it asks the :class:`~synapse_acme.interfaces.IIssuer`
+for certificates, the :class:`~synapse_acme.interfaces.ICertificateStore` to keep them, the
+:mod:`~synapse_acme.policy` when to renew and how long to back off, and tells every
+:class:`~synapse_acme.interfaces.ICertificateConsumer` when a certificate changes.
+
+Rules it keeps (FACTS.md, certmagic, txacme):
+- start serving what the store has at once (even expired or a placeholder, loudly logged) and
+  issue in the background; the host's start is never blocked or failed by the CA;
+- at most one order per certificate at a time: a second request joins the one in flight;
+- a failure keeps the previous certificate, is logged once per attempt with the ACME error type
+  and the next attempt time, and backs off per certificate (front-loaded table, Retry-After);
+- an issued certificate that cannot be saved is kept in memory and saved on the next attempt
+  instead of being ordered again (rate limits are precious);
+- the periodic check logs its own errors, so it never dies.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import random
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from synapse_acme import crypto, policy
+from synapse_acme.errors import AcmeError, BundleError, ChallengeFailed, SynapseAcmeError
+from synapse_acme.interfaces import ICertificateConsumer, ICertificateStore, IIssuer
+from synapse_acme.model import CertificateBundle, CertificateSpec, RenewalWindow
+from synapse_acme.names import canonical_names, names_key
+
+logger = logging.getLogger(__name__)
+
+# How often to ask the CA for a fresh ARI window when it gives no Retry-After (RFC 9773 suggests
+# clients poll about twice a day).
+ARI_DEFAULT_RECHECK = 6 * 3600.0
+
+
+def _error_type(failure: Failure | BaseException) -> str:
+    exc = failure.value if isinstance(failure, Failure) else failure
+    if isinstance(exc, AcmeError):
+        return exc.code
+    if isinstance(exc, ChallengeFailed) and exc.error is not None:
+        return exc.error.code
+    return type(exc).__name__
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    if isinstance(exc, AcmeError):
+        return exc.retry_after
+    if isinstance(exc, ChallengeFailed) and exc.error is not None:
+        return exc.error.retry_after
+    return None
+
+
+@attrs.define(eq=False)
+class ManagedCertificate:
+    """What the service knows about one configured certificate (mutable, service-private)."""
+
+    spec: CertificateSpec
+    key: str
+    bundle: CertificateBundle | None = None
+    not_before: datetime.datetime | None = None
+    not_after: datetime.datetime | None = None
+    renew_at: datetime.datetime | None = None
+    ari: RenewalWindow | None = None
+    ari_next_fetch: float = 0.0
+    failures: int = 0
+    next_attempt: float = 0.0  # clock seconds; 0 = no backoff in force
+    last_error: str | None = None
+    last_error_type: str | None = None
+    last_attempt: float | None = None
+    last_success: float | None = None
+    unsaved: CertificateBundle | None = attrs.field(default=None, repr=False)
+    in_flight: defer.Deferred[CertificateBundle] | None = None
+    waiters: list[defer.Deferred[CertificateBundle]] = attrs.Factory(list)
+    retry_call: IDelayedCall | None = None
+
+    @property
+    def placeholder(self) -> bool:
+        return bool(self.bundle is not None and self.bundle.metadata.get("placeholder"))
+
+
+class AcmeService(Service):
+    """A Twisted Service that drives issuance and renewal for a fixed set of certificates."""
+
+    def __init__(
+        self,
+        specs: Sequence[CertificateSpec],
+        store: ICertificateStore,
+        issuer: IIssuer,
+        clock: IReactorTime,
+        *,
+        threshold_days: float | None = 30,
+        check_interval: float = 600.0,
+        check_jitter: float = 0.1,
+        rand: random.Random | None = None,
+        key_generator: Callable[[str], bytes] = crypto.generate_private_key_pem,
+        on_status: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._issuer = issuer
+        self._clock = clock
+        self._threshold = (
+            datetime.timedelta(days=threshold_days) if threshold_days is not None else None
+        )
+        self._check_interval = check_interval
+        self._check_jitter = check_jitter
+        self._rand = rand if rand is not None else random.Random()
+        self._key_generator = key_generator
+        self._on_status = on_status
+        self._consumers: list[ICertificateConsumer] = []
+        self._managed: dict[str, ManagedCertificate] = {}
+        for spec in specs:
+            names = canonical_names(spec.names)
+            key = names_key(names)
+            if key in self._managed:
+                raise ValueError(f"certificate for {', '.join(names)} is configured twice")
+            self._managed[key] = ManagedCertificate(spec=attrs.evolve(spec, names=names), key=key)
+        self._tick_call: IDelayedCall | None = None
+        self._loading: defer.Deferred[None] | None = None
+        self._running_ticks: set[defer.Deferred[Any]] = set()
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def keys(self) -> list[str]:
+        """The store keys of the managed certificates, in configuration order."""
+        return list(self._managed)
+
+    def managed(self, key: str) -> ManagedCertificate:
+        return self._managed[key]
+
+    def key_for(self, names: Iterable[str]) -> str:
+        return names_key(names)
+
+    def current(self, key: str) -> CertificateBundle | None:
+        """The bundle being served for ``key`` now (possibly a placeholder or expired)."""
+        return self._managed[key].bundle
+
+    def add_consumer(self, consumer: ICertificateConsumer) -> None:
+        """Register ``consumer``; it is told at once about every certificate already held."""
+        self._consumers.append(consumer)
+        for m in self._managed.values():
+            if m.bundle is not None:
+                self._notify_one(consumer, m.key, m.bundle)
+
+    def when_loaded(self) -> defer.Deferred[None]:
+        """Deferred firing once the store has been read (after ``startService``)."""
+        if self._loading is None:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._loading.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
+
+    def renew(self, key: str | None = None, force: bool = False) -> defer.Deferred[Any]:
+        """Issue now: ``key`` or every certificate. Without ``force`` only those due (or missing).
+
+        Fires with a list of ``(key, CertificateBundle | Failure)``, one per certificate tried;
+        ``force`` ignores the renewal time and any backoff in force.
+        """
+        targets = [self._managed[key]] if key is not None else list(self._managed.values())
+        now = self._now()
+        chosen = [m for m in targets if force or self._due(m, now)]
+        ds = []
+        for m in chosen:
+            d = self._obtain(m)
+            d.addCallbacks(lambda b, k=m.key: (k, b), lambda f, k=m.key: (k, f))
+            ds.append(d)
+        return defer.gatherResults(ds)
+
+    def status(self) -> list[dict[str, Any]]:
+        """One JSON-serialisable dict per certificate: names, validity, next renewal, last error."""
+        now = self._clock.seconds()
+        out = []
+        for m in self._managed.values():
+            out.append(
+                {
+                    "key": m.key,
+                    "names": list(m.spec.names),
+                    "has_certificate": m.bundle is not None,
+                    "placeholder": m.placeholder,
+                    "not_before": _iso(m.not_before),
+                    "not_after": _iso(m.not_after),
+                    "renew_at": _iso(m.renew_at),
+                    "ari_window": (
+                        [_iso(m.ari.start), _iso(m.ari.end)] if m.ari is not None else None
+                    ),
+                    "failures": m.failures,
+                    "next_attempt": _iso_ts(m.next_attempt) if m.next_attempt > now else None,
+                    "last_error": m.last_error,
+                    "last_error_type": m.last_error_type,
+                    "last_attempt": _iso_ts(m.last_attempt),
+                    "last_success": _iso_ts(m.last_success),
+                    "issuing": m.in_flight is not None,
+                }
+            )
+        return out
+
+    # -- Service lifecycle ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._loading = defer.ensureDeferred(self._load_all())
+        self._loading.addErrback(self._log_unexpected, "loading certificates from the store")
+        self._loading.addBoth(lambda _: self._schedule_tick(0))
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Stop timers, cancel issuances in flight, and fire once nothing is running."""
+        super().stopService()
+        if self._tick_call is not None and self._tick_call.active():
+            self._tick_call.cancel()
+        self._tick_call = None
+        pending: list[defer.Deferred[Any]] = []
+        for m in self._managed.values():
+            if m.retry_call is not None and m.retry_call.active():
+                m.retry_call.cancel()
+            m.retry_call = None
+            if m.in_flight is not None:
+                quiet: defer.Deferred[Any] = defer.Deferred()
+                m.waiters.append(quiet)  # type: ignore[arg-type]
+                quiet.addErrback(lambda _: None)
+                pending.append(quiet)
+                m.in_flight.cancel()
+        pending.extend(self._running_ticks)
+        return defer.DeferredList(pending, consumeErrors=True).addCallback(lambda _: None)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _now(self) -> datetime.datetime:
+        return crypto.now_from_clock(self._clock)
+
+    async def _load_all(self) -> None:
+        for m in self._managed.values():
+            try:
+                bundle = await self._store.load(m.key)
+            except Exception as e:  # a corrupt entry must not stop the others
+                logger.error("Cannot read the stored certificate for %s: %s", _names(m), e)
+                continue
+            if bundle is None:
+                logger.info("No stored certificate for %s yet; it will be issued", _names(m))
+                continue
+            try:
+                self._adopt(m, bundle, allow_expired=True)
+            except BundleError as e:
+                logger.error("Stored certificate for %s is unusable: %s", _names(m), e)
+                continue
+            if m.not_after is not None and m.not_after <= self._now():
+                logger.warning(
+                    "Serving the EXPIRED certificate for %s (expired %s) until a new one is issued",
+                    _names(m),
+                    _iso(m.not_after),
+                )
+            elif m.placeholder:
+                logger.warning(
+                    "Serving a self-signed placeholder for %s until the real certificate is issued",
+                    _names(m),
+                )
+
+    def _adopt(
+        self, m: ManagedCertificate, bundle: CertificateBundle, allow_expired: bool = False
+    ) -> None:
+        """Make ``bundle`` the served certificate of ``m`` and tell the consumers."""
+        names = None if bundle.metadata.get("placeholder") else m.spec.names
+        chain = crypto.validate_bundle(bundle, names, self._now(), allow_expired=allow_expired)
+        m.bundle = bundle
+        m.not_before = crypto.not_before(chain[0])
+        m.not_after = crypto.not_after(chain[0])
+        m.ari = None
+        m.ari_next_fetch = 0.0
+        self._compute_renew_at(m)
+        for consumer in list(self._consumers):
+            self._notify_one(consumer, m.key, bundle)
+
+    def _notify_one(
+        self, consumer: ICertificateConsumer, key: str, bundle: CertificateBundle
+    ) -> None:
+        try:
+            consumer.certificate_changed(key, bundle)
+        except Exception:
+            logger.exception("Certificate consumer %r failed for %s", consumer, key)
+
+    def _compute_renew_at(self, m: ManagedCertificate) -> None:
+        if m.bundle is None or m.not_before is None or m.not_after is None or m.placeholder:
+            m.renew_at = None
+            return
+        window = (m.ari.start, m.ari.end) if m.ari is not None else None
+        m.renew_at = policy.renewal_time(
+            m.not_before,
+            m.not_after,
+            threshold=self._threshold,
+            ari_window=window,
+            rand=self._rand,
+        )
+
+    def _due(self, m: ManagedCertificate, now: datetime.datetime) -> bool:
+        if m.bundle is None or m.placeholder or m.renew_at is None or m.not_after is None:
+            return True
+        return policy.needs_renewal(now, m.renew_at, m.not_after)
+
+    def _schedule_tick(self, delay: float) -> None:
+        if not self.running:
+            return
+        if self._tick_call is not None and self._tick_call.active():
+            self._tick_call.cancel()
+        self._tick_call = self._clock.callLater(delay, self._tick)
+
+    def _tick(self) -> None:
+        """The periodic check. Never raises and always schedules the next one."""
+        self._tick_call = None
+        try:
+            d = defer.ensureDeferred(self._check_all())
+            self._running_ticks.add(d)
+            d.addErrback(self._log_unexpected, "the periodic certificate check")
+            d.addBoth(lambda _: self._running_ticks.discard(d))
+        finally:
+            self._schedule_tick(
+                policy.next_check_delay(self._check_interval, self._check_jitter, self._rand)
+            )
+
+    async def _check_all(self) -> None:
+        await self._refresh_ari()
+        now = self._now()
+        seconds = self._clock.seconds()
+        for m in self._managed.values():
+            if m.in_flight is not None or not self._due(m, now):
+                continue
+            if m.next_attempt > seconds:
+                continue  # backing off; a retry call is already scheduled
+            d = self._obtain(m)
+            d.addErrback(lambda _: None)  # already logged by _obtain
+
+    async def _refresh_ari(self) -> None:
+        """Fetch the CA's renewal window for certificates whose window is stale (RFC 9773)."""
+        for m in self._managed.values():
+            if m.bundle is None or m.placeholder or self._clock.seconds() < m.ari_next_fetch:
+                continue
+            bundle = m.bundle
+            try:
+                window = await self._issuer.renewal_info(bundle.chain_pem)
+            except Exception as e:
+                logger.info("Could not fetch the ARI renewal window for %s: %s", _names(m), e)
+                m.ari_next_fetch = self._clock.seconds() + ARI_DEFAULT_RECHECK
+                continue
+            if m.bundle is not bundle:
+                continue  # replaced meanwhile
+            recheck = ARI_DEFAULT_RECHECK
+            if window is not None:
+                m.ari = window
+                if window.retry_after:
+                    recheck = max(60.0, window.retry_after)
+                self._compute_renew_at(m)
+            m.ari_next_fetch = self._clock.seconds() + recheck
+
+    def _obtain(self, m: ManagedCertificate) -> defer.Deferred[CertificateBundle]:
+        """A Deferred for a new certificate for ``m``, joining the issuance in flight if any."""
+        waiter: defer.Deferred[CertificateBundle] = defer.Deferred(
+            lambda d: m.waiters.remove(d) if d in m.waiters else None
+        )
+        m.waiters.append(waiter)
+        if m.in_flight is None:
+            if m.retry_call is not None and m.retry_call.active():
+                m.retry_call.cancel()
+            m.retry_call = None
+            m.in_flight = defer.ensureDeferred(self._issue(m))
+            m.in_flight.addBoth(self._finished, m)
+        return waiter
+
+    def _finished(self, result: CertificateBundle | Failure, m: ManagedCertificate) -> None:
+        m.in_flight = None
+        waiters, m.waiters = m.waiters, []
+        for w in waiters:
+            if isinstance(result, Failure):
+                w.errback(result)
+            else:
+                w.callback(result)
+        if isinstance(result, Failure):
+            result.trap(Exception)  # consumed: every waiter got it, and it was logged
+        self._publish_status()
+
+    async def _issue(self, m: ManagedCertificate) -> CertificateBundle:
+        m.last_attempt = self._clock.seconds()
+        attempt = m.failures + 1
+        try:
+            if m.unsaved is not None:
+                bundle = m.unsaved
+                logger.info("Saving the certificate for %s issued earlier", _names(m))
+            else:
+                logger.info("Obtaining a certificate for %s (attempt %d)", _names(m), attempt)
+                replaces = None
+                if m.bundle is not None and not m.placeholder:
+                    replaces = m.bundle.metadata.get("ari_cert_id")
+                key_pem = self._key_generator(m.spec.key_type)
+                bundle = await self._issuer.issue(m.spec.names, key_pem, replaces)
+                crypto.validate_bundle(bundle, m.spec.names, self._now())
+                m.unsaved = bundle
+            await self._store.save(m.key, bundle)
+            m.unsaved = None
+        except defer.CancelledError:
+            logger.info("Issuance for %s cancelled", _names(m))
+            raise
+        except Exception as e:
+            self._record_failure(m, e, attempt)
+            raise
+        self._adopt(m, bundle)
+        m.failures = 0
+        m.next_attempt = 0.0
+        m.last_error = m.last_error_type = None
+        m.last_success = self._clock.seconds()
+        logger.info(
+            "Certificate for %s obtained; valid until %s, renewal planned at %s",
+            _names(m),
+            _iso(m.not_after),
+            _iso(m.renew_at),
+        )
+        return bundle
+
+    def _record_failure(self, m: ManagedCertificate, e: BaseException, attempt: int) -> None:
+        m.failures += 1
+        delay = policy.backoff_delay(m.failures, _retry_after(e), self._rand)
+        m.next_attempt = self._clock.seconds() + delay
+        m.last_error = str(e) if isinstance(e, SynapseAcmeError) else f"{type(e).__name__}: {e}"
+        m.last_error_type = _error_type(e)
+        what = "save" if m.unsaved is not None else "obtain"
+        logger.error(
+            "Failed to %s a certificate for %s (attempt %d, error type %s): %s; "
+            "still serving %s; next attempt at %s (in %.0f s)",
+            what,
+            _names(m),
+            attempt,
+            m.last_error_type,
+            m.last_error,
+            "the previous certificate" if m.bundle is not None else "no certificate",
+            _iso_ts(m.next_attempt),
+            delay,
+            exc_info=not isinstance(e, SynapseAcmeError),
+        )
+        if self.running:
+            m.retry_call = self._clock.callLater(delay, self._retry, m)
+
+    def _retry(self, m: ManagedCertificate) -> None:
+        m.retry_call = None
+        if m.unsaved is not None or (m.in_flight is None and self._due(m, self._now())):
+            self._obtain(m).addErrback(lambda _: None)
+
+    def _publish_status(self) -> None:
+        if self._on_status is None:
+            return
+        try:
+            self._on_status(self.status())
+        except Exception:
+            logger.exception("Could not publish the certificate status")
+
+    def _log_unexpected(self, failure: Failure, what: str) -> None:
+        logger.error("Unexpected error in %s", what, exc_info=failure.value)
+
+
+def _names(m: ManagedCertificate) -> str:
+    return ", ".join(m.spec.names)
+
+
+def _iso(value: datetime.datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+def _iso_ts(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return _iso(datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc))

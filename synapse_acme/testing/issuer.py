@@ -1,0 +1,85 @@
+"""An in-memory :class:`~synapse_acme.interfaces.IIssuer` for tests of what sits above the issuer.
+
+It mints certificates from a caller-supplied CA object (anything with ``issue_cert(names, key,
+not_before, not_after)`` and ``intermediate_pem``, e.g. ``tests/certs.py``'s ``TestCA``), so the
+service, stores and TLS code are exercised with real certificates but without any network.
+The real issuer is tested against the fake ACME server and against Pebble.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from synapse_acme import crypto
+from synapse_acme.interfaces import IIssuer
+from synapse_acme.model import CertificateBundle, RenewalWindow
+
+
+@implementer(IIssuer)
+@attrs.define(eq=False)
+class FakeIssuer:
+    """Issues at once (or when the test fires ``pending``), or fails as told.
+
+    ``calls`` records ``(names, replaces)`` for every ``issue``; ``hold = True`` makes each
+    issuance wait in ``pending`` until the test fires it with :meth:`release`.
+    """
+
+    ca: Any
+    clock: IReactorTime
+    lifetime: datetime.timedelta = datetime.timedelta(days=90)
+    calls: list[tuple[tuple[str, ...], str | None]] = attrs.Factory(list)
+    failures: list[BaseException] = attrs.Factory(list)
+    hold: bool = False
+    pending: list[tuple[defer.Deferred[CertificateBundle], CertificateBundle]] = attrs.Factory(list)
+    windows: dict[str, RenewalWindow] = attrs.Factory(dict)
+    renewal_info_calls: int = 0
+
+    def fail_next(self, *errors: BaseException) -> None:
+        """The next ``len(errors)`` issuances fail with these, in order."""
+        self.failures.extend(errors)
+
+    def issue(
+        self, names: Sequence[str], key_pem: bytes, replaces: str | None = None
+    ) -> defer.Deferred[CertificateBundle]:
+        self.calls.append((tuple(names), replaces))
+        if self.failures:
+            return defer.fail(self.failures.pop(0))
+        now = crypto.now_from_clock(self.clock)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        cert = self.ca.issue_cert(
+            list(names), key, now - datetime.timedelta(minutes=1), now + self.lifetime
+        )
+        chain = cert.public_bytes(serialization.Encoding.PEM) + self.ca.intermediate_pem
+        bundle = CertificateBundle(
+            key_pem=key_pem,
+            chain_pem=chain,
+            metadata={
+                "names": list(names),
+                "ari_cert_id": crypto.ari_cert_id(cert),
+                "issued_at": now.isoformat(),
+            },
+        )
+        if self.hold:
+            d: defer.Deferred[CertificateBundle] = defer.Deferred()
+            self.pending.append((d, bundle))
+            return d
+        return defer.succeed(bundle)
+
+    def release(self) -> None:
+        """Fire every held issuance."""
+        pending, self.pending = self.pending, []
+        for d, bundle in pending:
+            d.callback(bundle)
+
+    def renewal_info(self, chain_pem: bytes) -> defer.Deferred[RenewalWindow | None]:
+        self.renewal_info_calls += 1
+        leaf = crypto.parse_chain(chain_pem)[0]
+        return defer.succeed(self.windows.get(crypto.ari_cert_id(leaf)))
