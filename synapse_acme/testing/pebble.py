@@ -422,12 +422,12 @@ class PebbleCA:
         ``at`` is the verification time (default: now). Raises ``AssertionError`` explaining what
         is wrong.
         """
+        if b"-----BEGIN CERTIFICATE-----" not in chain_pem:
+            raise AssertionError(f"chain holds no certificate: {chain_pem[:60]!r}")
         try:
             certs = x509.load_pem_x509_certificates(chain_pem)
         except ValueError as e:
             raise AssertionError(f"chain is not PEM certificates: {e}") from e
-        if not certs:
-            raise AssertionError("chain holds no certificate")
         leaf, intermediates = certs[0], certs[1:]
         roots = [x509.load_pem_x509_certificate(pem) for pem in self.roots()]
         san = _san_dns_names(leaf)
