@@ -1,0 +1,204 @@
+"""Crash-safe, private file writes: the only place that turns bytes into files on disk.
+
+A reader must see either the old file or the new one, never half of either, even if the
+process dies or the disk fills mid-write. Keys are created 0600 from the first byte (not
+chmod-ed afterwards) and directories holding them are 0700.
+
+These calls block, which is fine for the tiny files involved; callers on the reactor wrap
+results in Deferreds (``defer.succeed`` / ``defer.maybeDeferred``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import stat
+
+from synapse_acme.errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+# Temporary files are ``.<name>.<random>.tmp`` next to their target, so a rename never
+# crosses a filesystem and leftovers after a crash are easy to recognise (see is_temp_name).
+_TMP_PREFIX = "."
+_TMP_SUFFIX = ".tmp"
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+def describe_os_error(e: OSError) -> str:
+    """``No space left on device (ENOSPC)``: the strerror plus the errno name operators grep for."""
+    name = errno.errorcode.get(e.errno, "") if e.errno is not None else ""
+    text = e.strerror or str(e)
+    return f"{text} ({name})" if name else text
+
+
+def temp_name_for(path: str) -> str:
+    """A fresh temporary path in the same directory as ``path``."""
+    head, tail = os.path.split(path)
+    return os.path.join(head, f"{_TMP_PREFIX}{tail}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
+
+
+def is_temp_name(name: str) -> bool:
+    """True for a leftover temporary file name made by :func:`temp_name_for`."""
+    if not (name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX)):
+        return False
+    stem = name[len(_TMP_PREFIX) : -len(_TMP_SUFFIX)]
+    _, _, token = stem.rpartition(".")
+    return len(token) == 12 and all(c in "0123456789abcdef" for c in token)
+
+
+def write_new_file(path: str, data: bytes, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Create ``path`` (must not exist; symlinks are not followed), write all of ``data``, fsync.
+
+    Raises ``OSError``; the caller decides what to clean up. The file is created with ``mode``
+    so a key is never readable by others, even for a moment.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, mode)
+    try:
+        # The umask may have removed bits from ``mode`` (e.g. 0644 -> 0640); set exactly.
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename/creation inside directory ``path`` durable (POSIX needs the dir fsync-ed)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        logger.warning("could not remove temporary file %s: %s", path, describe_os_error(e))
+
+
+def atomic_write(path: str, data: bytes, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Replace ``path`` with ``data`` atomically: temp file (O_EXCL, ``mode``), fsync, rename,
+    fsync the directory.
+
+    On failure the temporary file is removed, ``path`` keeps its old content, and StoreError
+    names the path and the OS error (``No space left on device (ENOSPC)``).
+    """
+    tmp = temp_name_for(path)
+    try:
+        write_new_file(tmp, data, mode)
+        os.rename(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise StoreError(f"cannot write {path}: {describe_os_error(e)}") from None
+    try:
+        fsync_dir(os.path.dirname(path) or ".")
+    except OSError as e:
+        # The data is in place; only its durability across a power cut is in doubt.
+        logger.warning("could not fsync the directory of %s: %s", path, describe_os_error(e))
+
+
+def create_exclusive(path: str, data: bytes, mode: int = PRIVATE_FILE_MODE) -> bool:
+    """Create ``path`` with ``data`` atomically unless it already exists.
+
+    Returns True if this call created it, False if another writer got there first (the
+    existing file is left untouched). Used for keys that must never be replaced by accident.
+    StoreError on any other failure.
+    """
+    tmp = temp_name_for(path)
+    try:
+        write_new_file(tmp, data, mode)
+        try:
+            # link() fails with EEXIST instead of replacing: first writer wins, atomically.
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            # Filesystem without hard links: fall back to an exclusive create of the target.
+            if os.path.lexists(path):
+                return False
+            os.rename(tmp, path)
+    except OSError as e:
+        raise StoreError(f"cannot write {path}: {describe_os_error(e)}") from None
+    finally:
+        _remove_quietly(tmp)
+    try:
+        fsync_dir(os.path.dirname(path) or ".")
+    except OSError as e:
+        logger.warning("could not fsync the directory of %s: %s", path, describe_os_error(e))
+    return True
+
+
+def check_mode(path: str, max_mode: int) -> list[str]:
+    """Warnings (empty if none) when ``path`` grants permissions beyond ``max_mode``.
+
+    A missing path gives no warning: whether it must exist is the caller's business.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        return [f"cannot check the permissions of {path}: {describe_os_error(e)}"]
+    mode = stat.S_IMODE(st.st_mode)
+    extra = mode & ~max_mode
+    if not extra:
+        return []
+    return [
+        f"{path} has mode {mode:04o}, looser than {max_mode:04o} "
+        f"(run: chmod {mode & max_mode:04o} {path})"
+    ]
+
+
+def ensure_private_dir(path: str, *, fix: bool = True) -> list[str]:
+    """Make sure directory ``path`` exists and is private (0700); returns what it warned about.
+
+    A new directory is created 0700 (missing parents with the default mode). An existing one
+    that is looser is tightened when ``fix`` is set (it holds our keys; nobody else should
+    read it), otherwise only reported. StoreError if it cannot be created.
+    """
+    warnings: list[str] = []
+    try:
+        os.makedirs(path, mode=PRIVATE_DIR_MODE, exist_ok=False)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise StoreError(
+                f"cannot use {path} as a directory: it exists and is not one"
+            ) from None
+    except OSError as e:
+        raise StoreError(f"cannot create directory {path}: {describe_os_error(e)}") from None
+    else:
+        try:
+            os.chmod(path, PRIVATE_DIR_MODE)  # makedirs' mode is filtered by the umask
+        except OSError as e:
+            warnings.append(f"cannot set mode 0700 on {path}: {describe_os_error(e)}")
+        for w in warnings:
+            logger.warning("%s", w)
+        return warnings
+    loose = check_mode(path, PRIVATE_DIR_MODE)
+    if loose and fix:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            os.chmod(path, PRIVATE_DIR_MODE)
+            warnings.append(f"{path} had mode {mode:04o}; tightened it to 0700")
+        except OSError as e:
+            warnings.extend(loose)
+            warnings.append(f"cannot set mode 0700 on {path}: {describe_os_error(e)}")
+    else:
+        warnings.extend(loose)
+    for w in warnings:
+        logger.warning("%s", w)
+    return warnings

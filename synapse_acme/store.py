@@ -1,0 +1,369 @@
+"""The file store: one private directory per certificate, replaced whole or not at all.
+
+Layout under the storage root::
+
+    certificates/<key>/fullchain.pem   leaf first, then intermediates
+    certificates/<key>/privkey.pem     0600
+    certificates/<key>/metadata.json   the bundle's metadata
+    certificates/<key>~new-<hex>/      a save in progress (or interrupted)
+    certificates/<key>~old-<hex>/      the bundle being replaced
+    certificates/<key>~del-<hex>/      a delete in progress
+
+A save writes the three files into a fresh ``~new-`` sibling, fsyncs, then swaps directories
+with two renames; :meth:`FileStore.recover` finishes or undoes whatever a crash left behind.
+Staging directories use ``~``, which a key can never contain, so ``a.example.new-1`` (a
+legal DNS name, hence a legal key) can never be mistaken for a leftover of ``a.example``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet import defer
+from zope.interface import implementer
+
+from synapse_acme import fsutil
+from synapse_acme.errors import StoreError
+from synapse_acme.interfaces import ICertificateStore
+from synapse_acme.model import CertificateBundle
+from synapse_acme.names import is_safe_key
+
+logger = logging.getLogger(__name__)
+
+CERTIFICATES_DIR = "certificates"
+CHAIN_FILE = "fullchain.pem"
+KEY_FILE = "privkey.pem"
+METADATA_FILE = "metadata.json"
+_FILES = (KEY_FILE, CHAIN_FILE, METADATA_FILE)
+_SEP = "~"  # never valid in a key (see names.is_safe_key)
+_NEW, _OLD, _DEL = "new", "old", "del"
+_T = TypeVar("_T")
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is usable as one path component, else StoreError.
+
+    Keys come from :func:`synapse_acme.names.names_key`; this is the second lock on the door,
+    so that no caller bug can make the store read or write outside its directory.
+    """
+    if not isinstance(key, str) or not is_safe_key(key):
+        raise StoreError(f"refusing unsafe store key {key!r}: expected [a-z0-9._-]+ without '..'")
+    return key
+
+
+def encode_metadata(metadata: Any) -> bytes:
+    """Metadata as stored (sorted, indented JSON); StoreError if it is not JSON-serialisable."""
+    try:
+        text = json.dumps(dict(metadata), sort_keys=True, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"certificate metadata is not JSON-serialisable: {e}") from None
+    return text.encode("utf-8") + b"\n"
+
+
+def decode_metadata(data: bytes, where: str) -> dict[str, Any]:
+    """Parse stored metadata; StoreError naming ``where`` if it is not a JSON object."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise StoreError(f"corrupt certificate metadata in {where}: {e}") from None
+    if not isinstance(value, dict):
+        raise StoreError(f"corrupt certificate metadata in {where}: not a JSON object")
+    return value
+
+
+def check_bundle(bundle: object) -> CertificateBundle:
+    """StoreError unless ``bundle`` is a CertificateBundle with non-empty bytes."""
+    if not isinstance(bundle, CertificateBundle):
+        raise StoreError(f"expected a CertificateBundle, got {type(bundle).__name__}")
+    for field in ("key_pem", "chain_pem"):
+        value = getattr(bundle, field)
+        if not isinstance(value, bytes) or not value:
+            raise StoreError(f"certificate bundle has an empty or non-bytes {field}")
+    return bundle
+
+
+def _as_deferred(f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+    """Run blocking-but-tiny file work now; any OSError becomes a StoreError failure."""
+    try:
+        return defer.succeed(f(*args))
+    except StoreError:
+        return defer.fail()
+    except OSError as e:
+        return defer.fail(StoreError(f"storage error: {fsutil.describe_os_error(e)}"))
+    except Exception:
+        return defer.fail()  # a bug, but still reported through the Deferred
+
+
+@implementer(ICertificateStore)
+@attrs.define
+class FileStore:
+    """Certificates on the local filesystem under ``root`` (see the module docstring).
+
+    ``auto_recover``: run :meth:`recover` before the first operation. Turn it off in a
+    short-lived tool that may run while the service is mid-save (recovery assumes no other
+    writer; cross-process locking is a separate contract).
+    """
+
+    root: str
+    auto_recover: bool = True
+    _recovered: bool = attrs.field(default=False, init=False)
+
+    @property
+    def certificates_dir(self) -> str:
+        return os.path.join(self.root, CERTIFICATES_DIR)
+
+    def path_for(self, key: str) -> str:
+        """The directory holding the bundle for ``key`` (StoreError for an unsafe key)."""
+        return os.path.join(self.certificates_dir, check_key(key))
+
+    # -- ICertificateStore -------------------------------------------------------------
+
+    def load(self, key: str) -> defer.Deferred[CertificateBundle | None]:
+        """Deferred firing with the bundle under ``key``, ``None`` if absent; StoreError naming
+        the file if the entry is corrupt (the caller keeps serving what it has)."""
+        return _as_deferred(self._load, key)
+
+    def save(self, key: str, bundle: CertificateBundle) -> defer.Deferred[None]:
+        """Deferred firing with ``None`` once ``bundle`` durably replaced what was under ``key``.
+        Fails with StoreError; the old bundle is then untouched."""
+        return _as_deferred(self._save, key, bundle)
+
+    def keys(self) -> defer.Deferred[list[str]]:
+        """Deferred firing with the sorted keys that have a certificate directory."""
+        return _as_deferred(self._keys)
+
+    def delete(self, key: str) -> defer.Deferred[None]:
+        """Deferred firing with ``None`` once ``key`` is gone (no error if it was absent)."""
+        return _as_deferred(self._delete, key)
+
+    # -- the blocking work ---------------------------------------------------------------
+
+    def _maybe_recover(self) -> None:
+        if self.auto_recover and not self._recovered:
+            self.recover()
+
+    def _load(self, key: str) -> CertificateBundle | None:
+        path = self.path_for(key)
+        self._maybe_recover()
+        if not os.path.lexists(path):
+            return None
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise StoreError(f"corrupt certificate entry {path}: not a directory")
+        contents: dict[str, bytes] = {}
+        for name in _FILES:
+            file_path = os.path.join(path, name)
+            try:
+                with open(file_path, "rb") as f:
+                    contents[name] = f.read()
+            except FileNotFoundError:
+                raise StoreError(f"corrupt certificate entry: {file_path} is missing") from None
+            except OSError as e:
+                raise StoreError(
+                    f"cannot read {file_path}: {fsutil.describe_os_error(e)}"
+                ) from None
+        for warning in fsutil.check_mode(os.path.join(path, KEY_FILE), fsutil.PRIVATE_FILE_MODE):
+            logger.warning("%s", warning)
+        metadata = decode_metadata(contents[METADATA_FILE], os.path.join(path, METADATA_FILE))
+        if not contents[KEY_FILE] or not contents[CHAIN_FILE]:
+            raise StoreError(f"corrupt certificate entry {path}: empty key or chain file")
+        return CertificateBundle(
+            key_pem=contents[KEY_FILE], chain_pem=contents[CHAIN_FILE], metadata=metadata
+        )
+
+    def _ensure_dirs(self) -> None:
+        fsutil.ensure_private_dir(self.root)
+        fsutil.ensure_private_dir(self.certificates_dir)
+
+    def _save(self, key: str, bundle: CertificateBundle) -> None:
+        final = self.path_for(key)
+        check_bundle(bundle)
+        metadata = encode_metadata(bundle.metadata)
+        self._maybe_recover()
+        self._ensure_dirs()
+        new = self._staging(key, _NEW)
+        try:
+            os.mkdir(new, fsutil.PRIVATE_DIR_MODE)
+            os.chmod(new, fsutil.PRIVATE_DIR_MODE)
+            fsutil.write_new_file(os.path.join(new, KEY_FILE), bundle.key_pem, 0o600)
+            fsutil.write_new_file(os.path.join(new, CHAIN_FILE), bundle.chain_pem, 0o644)
+            fsutil.write_new_file(os.path.join(new, METADATA_FILE), metadata, 0o644)
+            fsutil.fsync_dir(new)
+        except OSError as e:
+            _rmtree_quietly(new)
+            raise StoreError(
+                f"cannot save certificate {key!r} under {new}: {fsutil.describe_os_error(e)}"
+            ) from None
+        self._swap_in(key, new, final)
+
+    def _swap_in(self, key: str, new: str, final: str) -> None:
+        """Rename ``final`` to ``~old-``, then ``~new-`` to ``final``; undo the first on failure."""
+        old: str | None = None
+        try:
+            if os.path.lexists(final):
+                old = self._staging(key, _OLD)
+                os.rename(final, old)
+            os.rename(new, final)
+        except OSError as e:
+            if old is not None and not os.path.lexists(final):
+                try:
+                    os.rename(old, final)
+                    old = None
+                except OSError:
+                    pass  # recover() will restore it on the next start
+            _rmtree_quietly(new)
+            raise StoreError(
+                f"cannot replace certificate directory {final}: {fsutil.describe_os_error(e)}"
+            ) from None
+        try:
+            fsutil.fsync_dir(self.certificates_dir)
+        except OSError as e:
+            logger.warning("could not fsync %s: %s", self.certificates_dir, e)
+        if old is not None:
+            _rmtree_quietly(old)
+
+    def _staging(self, key: str, kind: str) -> str:
+        return os.path.join(self.certificates_dir, f"{key}{_SEP}{kind}-{secrets.token_hex(6)}")
+
+    def _keys(self) -> list[str]:
+        self._maybe_recover()
+        try:
+            names = os.listdir(self.certificates_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            n
+            for n in names
+            if is_safe_key(n)
+            and os.path.isdir(os.path.join(self.certificates_dir, n))
+            and not os.path.islink(os.path.join(self.certificates_dir, n))
+        )
+
+    def _delete(self, key: str) -> None:
+        path = self.path_for(key)
+        self._maybe_recover()
+        if not os.path.lexists(path):
+            return
+        doomed = self._staging(key, _DEL)
+        try:
+            os.rename(path, doomed)  # gone for readers in one step
+        except OSError as e:
+            raise StoreError(f"cannot delete {path}: {fsutil.describe_os_error(e)}") from None
+        _rmtree_quietly(doomed)
+
+    # -- crash recovery ----------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Finish or undo what an interrupted save/delete left behind; returns what it did.
+
+        For each key: a ``~del-`` leftover is removed. If ``<key>`` exists, ``~new-`` and
+        ``~old-`` leftovers are removed (the save never reported success, keeping the old
+        bundle is the "not at all" outcome). If ``<key>`` is missing (crash between the two
+        renames), the newest complete ``~new-`` becomes ``<key>``, else a complete ``~old-``
+        is put back; everything else is removed. Stray temporary files are removed too.
+        Must run when no other process is writing this store (startup).
+        """
+        self._recovered = True
+        actions: list[str] = []
+        for directory in (self.root, self.certificates_dir):
+            try:
+                entries = os.listdir(directory)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise StoreError(
+                    f"cannot list {directory}: {fsutil.describe_os_error(e)}"
+                ) from None
+            for name in entries:
+                if fsutil.is_temp_name(name):
+                    path = os.path.join(directory, name)
+                    if os.path.isfile(path) and not os.path.islink(path):
+                        _remove_file_quietly(path)
+                        actions.append(f"removed stray temporary file {path}")
+        try:
+            entries = os.listdir(self.certificates_dir)
+        except FileNotFoundError:
+            entries = []
+        leftovers: dict[str, dict[str, list[str]]] = {}
+        for name in entries:
+            key, sep, rest = name.partition(_SEP)
+            kind = rest.split("-", 1)[0]
+            path = os.path.join(self.certificates_dir, name)
+            if not sep or not is_safe_key(key) or kind not in (_NEW, _OLD, _DEL):
+                continue
+            if not os.path.isdir(path) or os.path.islink(path):
+                continue
+            leftovers.setdefault(key, {_NEW: [], _OLD: [], _DEL: []})[kind].append(path)
+        for key, kinds in sorted(leftovers.items()):
+            actions.extend(self._recover_key(key, kinds))
+        if actions:
+            for action in actions:
+                logger.warning("storage recovery: %s", action)
+            try:
+                fsutil.fsync_dir(self.certificates_dir)
+            except OSError:
+                pass
+        return actions
+
+    def _recover_key(self, key: str, kinds: dict[str, list[str]]) -> list[str]:
+        actions: list[str] = []
+        final = os.path.join(self.certificates_dir, key)
+        for path in kinds[_DEL]:
+            _rmtree_quietly(path)
+            actions.append(f"finished deleting {path}")
+        news = sorted(kinds[_NEW], key=_mtime, reverse=True)
+        olds = sorted(kinds[_OLD], key=_mtime, reverse=True)
+        if not os.path.lexists(final):
+            for candidate, what in [(p, "new") for p in news] + [(p, "previous") for p in olds]:
+                if _is_complete(candidate):
+                    os.rename(candidate, final)
+                    actions.append(f"restored the {what} bundle {candidate} as {final}")
+                    break
+        for path in news + olds:
+            if os.path.lexists(path):
+                _rmtree_quietly(path)
+                actions.append(f"removed interrupted save leftover {path}")
+        return actions
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _is_complete(path: str) -> bool:
+    """True if ``path`` holds all three files, non-empty, with parseable metadata."""
+    try:
+        for name in _FILES:
+            if os.path.getsize(os.path.join(path, name)) == 0:
+                return False
+        with open(os.path.join(path, METADATA_FILE), "rb") as f:
+            decode_metadata(f.read(), path)
+    except (OSError, StoreError):
+        return False
+    return True
+
+
+def _remove_file_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as e:
+        logger.warning("could not remove %s: %s", path, fsutil.describe_os_error(e))
+
+
+def _rmtree_quietly(path: str) -> None:
+    """Remove a staging directory; a failure only leaves work for the next recover()."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        logger.warning("could not remove %s: %s", path, fsutil.describe_os_error(e))

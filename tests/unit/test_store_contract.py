@@ -1,0 +1,411 @@
+"""One contract for every ICertificateStore (FileStore and the in-memory fake), plus the
+FileStore-only guarantees: file modes, crash leftovers, disk-full."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from synapse_acme import fsutil
+from synapse_acme.errors import StoreError
+from synapse_acme.interfaces import ICertificateStore
+from synapse_acme.model import CertificateBundle
+from synapse_acme.names import names_key
+from synapse_acme.store import FileStore
+from synapse_acme.testing.store import MemoryStore
+
+
+def result(d: defer.Deferred[Any]) -> Any:
+    """The value a synchronously-fired Deferred fired with (re-raising its failure)."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+def failure_of(d: defer.Deferred[Any], kind: type[BaseException]) -> BaseException:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    assert isinstance(out[0], Failure), f"expected a failure, got {out[0]!r}"
+    assert out[0].check(kind), f"expected {kind.__name__}, got {out[0].value!r}"
+    return out[0].value
+
+
+def bundle(n: int = 1, **meta: Any) -> CertificateBundle:
+    return CertificateBundle(
+        key_pem=f"-----BEGIN PRIVATE KEY-----\nkey{n}\n-----END PRIVATE KEY-----\n".encode(),
+        chain_pem=f"-----BEGIN CERTIFICATE-----\ncert{n}\n-----END CERTIFICATE-----\n".encode(),
+        metadata={"names": ["a.example"], "generation": n, **meta},
+    )
+
+
+@pytest.fixture(params=["file", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
+    if request.param == "file":
+        return FileStore(str(tmp_path / "storage"))
+    return MemoryStore()
+
+
+# -- contract ------------------------------------------------------------------------------
+
+
+def test_provides_interface(store: Any) -> None:
+    assert verifyObject(ICertificateStore, store)
+
+
+def test_load_missing_is_none(store: Any) -> None:
+    assert result(store.load("a.example")) is None
+    assert result(store.keys()) == []
+
+
+def test_save_then_load_round_trips(store: Any) -> None:
+    b = bundle(1, issued_at="2026-01-01T00:00:00+00:00", placeholder=False)
+    assert result(store.save("a.example", b)) is None
+    loaded = result(store.load("a.example"))
+    assert loaded == b
+    assert loaded.key_pem == b.key_pem and loaded.chain_pem == b.chain_pem
+    assert dict(loaded.metadata) == dict(b.metadata)
+
+
+def test_loaded_metadata_is_a_copy(store: Any) -> None:
+    result(store.save("a.example", bundle(1)))
+    first = result(store.load("a.example"))
+    first.metadata["generation"] = 99
+    assert result(store.load("a.example")).metadata["generation"] == 1
+
+
+def test_replace_keeps_only_the_new_bundle(store: Any) -> None:
+    result(store.save("a.example", bundle(1)))
+    result(store.save("a.example", bundle(2)))
+    assert result(store.load("a.example")) == bundle(2)
+    assert result(store.keys()) == ["a.example"]
+
+
+def test_keys_sorted_and_delete(store: Any) -> None:
+    wild = names_key(["*.b.example"])
+    multi = names_key(["c.example", "a.example"])
+    for k in ("z.example", wild, multi, "a.example"):
+        result(store.save(k, bundle(1)))
+    assert result(store.keys()) == sorted(["z.example", wild, multi, "a.example"])
+    assert result(store.delete("z.example")) is None
+    assert result(store.load("z.example")) is None
+    assert "z.example" not in result(store.keys())
+    # deleting something absent is not an error
+    assert result(store.delete("z.example")) is None
+    assert result(store.delete("never.example")) is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../x",
+        "a/b",
+        "..",
+        "",
+        ".",
+        "a\x00b",
+        "A.example",
+        "a..b",
+        "/etc",
+        "a\\b",
+        "x~new-1",
+        "a b",
+        "*.example",
+        "é.example",
+        "a" * 256,
+        None,
+        b"a.example",
+    ],
+)
+def test_unsafe_keys_are_refused_everywhere(store: Any, bad: Any) -> None:
+    failure_of(store.save(bad, bundle(1)), StoreError)
+    failure_of(store.load(bad), StoreError)
+    failure_of(store.delete(bad), StoreError)
+    assert result(store.keys()) == []
+
+
+def test_keys_from_names_key_are_accepted(store: Any) -> None:
+    for names in (
+        ["matrix.example.org"],
+        ["*.example.org"],
+        ["b.example", "a.example", "xn--bcher-kva.example"],
+    ):
+        k = names_key(names)
+        result(store.save(k, bundle(3)))
+        assert result(store.load(k)) == bundle(3)
+
+
+def test_non_json_metadata_is_refused_and_old_kept(store: Any) -> None:
+    result(store.save("a.example", bundle(1)))
+    bad = CertificateBundle(key_pem=b"k", chain_pem=b"c", metadata={"when": object()})
+    failure_of(store.save("a.example", bad), StoreError)
+    assert result(store.load("a.example")) == bundle(1)
+
+
+def test_empty_key_or_chain_is_refused(store: Any) -> None:
+    failure_of(store.save("a.example", CertificateBundle(key_pem=b"", chain_pem=b"c")), StoreError)
+    failure_of(store.save("a.example", CertificateBundle(key_pem=b"k", chain_pem=b"")), StoreError)
+    assert result(store.load("a.example")) is None
+
+
+def test_failed_save_leaves_old_bundle(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No partial state: a save that fails mid-way leaves exactly the previous bundle."""
+    result(store.save("a.example", bundle(1)))
+    if isinstance(store, MemoryStore):
+        store.fail_next_save()
+    else:
+        calls = {"n": 0}
+        real_write = os.write
+
+        def write_then_fail(fd: int, data: Any) -> int:
+            calls["n"] += 1
+            if calls["n"] == 2:  # the key is written, the chain is not
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", write_then_fail)
+    failure_of(store.save("a.example", bundle(2)), StoreError)
+    monkeypatch.undo()
+    assert result(store.load("a.example")) == bundle(1)
+    assert result(store.keys()) == ["a.example"]
+    # and the store still works afterwards
+    result(store.save("a.example", bundle(3)))
+    assert result(store.load("a.example")) == bundle(3)
+
+
+# -- MemoryStore specifics -----------------------------------------------------------------
+
+
+def test_memory_fail_next_save_custom_exception() -> None:
+    s = MemoryStore()
+    s.fail_next_save(RuntimeError("boom"))
+    failure_of(s.save("a.example", bundle(1)), RuntimeError)
+    result(s.save("a.example", bundle(1)))
+    assert s.saves == 1
+
+
+# -- FileStore specifics --------------------------------------------------------------------
+
+
+def _mode(path: Any) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_file_layout_and_modes(tmp_path: Any) -> None:
+    old_umask = os.umask(0o022)
+    try:
+        s = FileStore(str(tmp_path / "storage"))
+        result(s.save("a.example", bundle(1)))
+    finally:
+        os.umask(old_umask)
+    root = tmp_path / "storage"
+    d = root / "certificates" / "a.example"
+    assert _mode(root) == 0o700
+    assert _mode(root / "certificates") == 0o700
+    assert _mode(d) == 0o700
+    assert _mode(d / "privkey.pem") == 0o600
+    assert sorted(os.listdir(d)) == ["fullchain.pem", "metadata.json", "privkey.pem"]
+    assert (d / "fullchain.pem").read_bytes() == bundle(1).chain_pem
+    assert json.loads((d / "metadata.json").read_text())["generation"] == 1
+    # nothing but the entry itself is left in the certificates directory
+    assert os.listdir(root / "certificates") == ["a.example"]
+
+
+def test_existing_loose_root_is_tightened(tmp_path: Any) -> None:
+    root = tmp_path / "storage"
+    root.mkdir(mode=0o755)
+    os.chmod(root, 0o755)
+    result(FileStore(str(root)).save("a.example", bundle(1)))
+    assert _mode(root) == 0o700
+
+
+def test_corrupt_entries_fail_naming_the_path(tmp_path: Any) -> None:
+    s = FileStore(str(tmp_path))
+    result(s.save("a.example", bundle(1)))
+    result(s.save("b.example", bundle(1)))
+    meta = tmp_path / "certificates" / "a.example" / "metadata.json"
+    meta.write_text("{not json")
+    err = failure_of(s.load("a.example"), StoreError)
+    assert str(meta) in str(err)
+    chain = tmp_path / "certificates" / "b.example" / "fullchain.pem"
+    chain.unlink()
+    err = failure_of(s.load("b.example"), StoreError)
+    assert str(chain) in str(err)
+    # a JSON value that is not an object is corrupt too
+    meta.write_text("[1, 2]")
+    assert "not a JSON object" in str(failure_of(s.load("a.example"), StoreError))
+
+
+def test_key_never_appears_in_errors(tmp_path: Any) -> None:
+    s = FileStore(str(tmp_path))
+    b = bundle(1)
+    result(s.save("a.example", b))
+    (tmp_path / "certificates" / "a.example" / "metadata.json").write_text("nope")
+    err = failure_of(s.load("a.example"), StoreError)
+    assert b"key1" not in str(err).encode()
+
+
+def _make_entry(path: Any, n: int, complete: bool = True) -> None:
+    path.mkdir(mode=0o700)
+    b = bundle(n)
+    (path / "privkey.pem").write_bytes(b.key_pem)
+    (path / "fullchain.pem").write_bytes(b.chain_pem)
+    if complete:
+        (path / "metadata.json").write_text(json.dumps(dict(b.metadata)))
+
+
+def _leftover_store(tmp_path: Any) -> tuple[FileStore, Any]:
+    s = FileStore(str(tmp_path), auto_recover=False)
+    result(s.save("seed.example", bundle(0)))
+    return s, tmp_path / "certificates"
+
+
+def test_recover_promotes_complete_new_when_final_missing(tmp_path: Any) -> None:
+    """Crash between the two renames: old moved aside, new not yet in place."""
+    s, certs = _leftover_store(tmp_path)
+    _make_entry(certs / "a.example~old-aaaaaaaaaaaa", 1)
+    _make_entry(certs / "a.example~new-bbbbbbbbbbbb", 2)
+    actions = s.recover()
+    assert any("restored the new bundle" in a for a in actions)
+    assert result(s.load("a.example")) == bundle(2)
+    assert sorted(os.listdir(certs)) == ["a.example", "seed.example"]
+
+
+def test_recover_restores_old_when_new_incomplete(tmp_path: Any) -> None:
+    s, certs = _leftover_store(tmp_path)
+    _make_entry(certs / "a.example~old-aaaaaaaaaaaa", 1)
+    _make_entry(certs / "a.example~new-bbbbbbbbbbbb", 2, complete=False)
+    s.recover()
+    assert result(s.load("a.example")) == bundle(1)
+    assert sorted(os.listdir(certs)) == ["a.example", "seed.example"]
+
+
+def test_recover_removes_incomplete_new_without_final(tmp_path: Any) -> None:
+    """Crash while writing the very first bundle for a key: nothing is stored."""
+    s, certs = _leftover_store(tmp_path)
+    _make_entry(certs / "a.example~new-bbbbbbbbbbbb", 2, complete=False)
+    actions = s.recover()
+    assert actions
+    assert result(s.load("a.example")) is None
+    assert result(s.keys()) == ["seed.example"]
+
+
+def test_recover_keeps_final_and_drops_unfinished_save(tmp_path: Any) -> None:
+    """Crash before the first rename: the save never succeeded, the old bundle stays."""
+    s, certs = _leftover_store(tmp_path)
+    result(s.save("a.example", bundle(1)))
+    _make_entry(certs / "a.example~new-bbbbbbbbbbbb", 2)
+    _make_entry(certs / "a.example~old-cccccccccccc", 0)
+    _make_entry(certs / "a.example~del-dddddddddddd", 0)
+    s.recover()
+    assert result(s.load("a.example")) == bundle(1)
+    assert sorted(os.listdir(certs)) == ["a.example", "seed.example"]
+
+
+def test_recover_removes_stray_temp_files_only(tmp_path: Any) -> None:
+    s, certs = _leftover_store(tmp_path)
+    stray = tmp_path / ".exports.json.0123456789ab.tmp"
+    stray.write_bytes(b"x")
+    stray2 = certs / ".foo.abcdefabcdef.tmp"
+    stray2.write_bytes(b"x")
+    keep = tmp_path / "account.key"
+    keep.write_bytes(b"x")
+    unrelated = certs / "a.example~weird"
+    unrelated.mkdir()
+    actions = s.recover()
+    assert not stray.exists() and not stray2.exists()
+    assert keep.exists() and unrelated.exists()
+    assert len(actions) == 2
+
+
+def test_auto_recover_runs_once_before_first_use(tmp_path: Any) -> None:
+    certs = tmp_path / "certificates"
+    certs.mkdir(parents=True)
+    _make_entry(certs / "a.example~new-bbbbbbbbbbbb", 2)
+    s = FileStore(str(tmp_path))
+    assert result(s.keys()) == ["a.example"]
+    assert result(s.load("a.example")) == bundle(2)
+
+
+def test_recover_on_empty_root_is_noop(tmp_path: Any) -> None:
+    assert FileStore(str(tmp_path / "nothing")).recover() == []
+
+
+def test_enospc_on_fsync_keeps_old_bundle(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = FileStore(str(tmp_path))
+    result(s.save("a.example", bundle(1)))
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    err = failure_of(s.save("a.example", bundle(2)), StoreError)
+    monkeypatch.undo()
+    assert "ENOSPC" in str(err) and "No space left on device" in str(err)
+    assert "a.example" in str(err)
+    assert result(s.load("a.example")) == bundle(1)
+    assert os.listdir(tmp_path / "certificates") == ["a.example"]
+
+
+def test_rename_failure_puts_old_back(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = FileStore(str(tmp_path))
+    result(s.save("a.example", bundle(1)))
+    real_rename = os.rename
+    calls = {"n": 0}
+
+    def second_rename_fails(src: str, dst: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # old moved aside; moving new into place fails
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", second_rename_fails)
+    err = failure_of(s.save("a.example", bundle(2)), StoreError)
+    monkeypatch.undo()
+    assert "EROFS" in str(err)
+    assert result(s.load("a.example")) == bundle(1)
+    assert os.listdir(tmp_path / "certificates") == ["a.example"]
+
+
+def test_loose_key_file_mode_is_warned(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    s = FileStore(str(tmp_path))
+    result(s.save("a.example", bundle(1)))
+    os.chmod(tmp_path / "certificates" / "a.example" / "privkey.pem", 0o644)
+    with caplog.at_level("WARNING"):
+        assert result(s.load("a.example")) == bundle(1)
+    assert "looser than 0600" in caplog.text
+
+
+def test_symlinked_entry_is_not_followed(tmp_path: Any) -> None:
+    s = FileStore(str(tmp_path / "storage"))
+    result(s.save("a.example", bundle(1)))
+    elsewhere = tmp_path / "elsewhere"
+    _make_entry(elsewhere, 5)
+    os.symlink(elsewhere, tmp_path / "storage" / "certificates" / "evil.example")
+    assert result(s.keys()) == ["a.example"]
+    failure_of(s.load("evil.example"), StoreError)
+
+
+def test_file_store_unwritable_root_is_store_error(tmp_path: Any) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    s = FileStore(str(blocker))
+    err = failure_of(s.save("a.example", bundle(1)), StoreError)
+    assert str(blocker) in str(err)
+
+
+def test_fsutil_temp_names_are_recognised() -> None:
+    assert fsutil.is_temp_name(os.path.basename(fsutil.temp_name_for("/x/exports.json")))
+    assert not fsutil.is_temp_name(".hidden")
+    assert not fsutil.is_temp_name("a.example")
