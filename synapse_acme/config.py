@@ -1,0 +1,708 @@
+"""The ``acme:`` configuration block, parsed into one frozen :class:`AcmeConfig`.
+
+Synapse's old ``acme:`` keys keep their meaning, so an old homeserver.yaml block still reads.
+Every problem raises :class:`~synapse_acme.errors.ConfigError` naming the full key path and the
+bad value (never an EAB HMAC key), because an operator fixes a config file by key, not by traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import importlib.resources
+import ipaddress
+import logging
+import math
+import os
+import re
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+import yaml
+from cryptography import x509
+from twisted.internet.endpoints import quoteStringArgument
+
+from synapse_acme.crypto import KEY_TYPES
+from synapse_acme.errors import ConfigError
+from synapse_acme.model import CertificateSpec
+from synapse_acme.names import canonical_name
+
+logger = logging.getLogger(__name__)
+
+LETSENCRYPT_URL = "https://acme-v02.api.letsencrypt.org/directory"
+LETSENCRYPT_STAGING_URL = "https://acme-staging-v02.api.letsencrypt.org/directory"
+# Let's Encrypt switched ACME v1 off in 2021; Synapse's old default pointed there.
+_V1_HOSTS = {
+    "acme-v01.api.letsencrypt.org": LETSENCRYPT_URL,
+    "acme-staging.api.letsencrypt.org": LETSENCRYPT_STAGING_URL,
+}
+
+#: The class path of the Synapse module, as written under ``modules:`` in homeserver.yaml.
+MODULE_NAME = "synapse_acme.synapse.AcmeModule"
+
+# certmagic checks every 10 minutes; mod_md every 12 hours. Frequent checks cost nothing
+# when nothing is due, and catch revocations/ARI changes early.
+DEFAULT_CHECK_INTERVAL = 600.0
+DEFAULT_CHECK_JITTER = 0.1
+# Polling when the CA sends no Retry-After (Pebble never does): short, since it is cheap.
+DEFAULT_POLL_INTERVAL = 0.5
+DEFAULT_POLL_TIMEOUT = 300.0
+DEFAULT_REPROVISION_THRESHOLD = 30  # days; Synapse's old default, now only an upper bound
+
+# Obvious spellings people bring from certbot/lego; anything else must be a KEY_TYPES name.
+_KEY_TYPE_ALIASES = {
+    "ec256": "ecdsa-p256",
+    "p256": "ecdsa-p256",
+    "ecdsa": "ecdsa-p256",
+    "ec384": "ecdsa-p384",
+    "p384": "ecdsa-p384",
+    "rsa": "rsa-2048",
+    "rsa2048": "rsa-2048",
+    "rsa3072": "rsa-3072",
+    "rsa4096": "rsa-4096",
+}
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_EMAIL_LOCAL = re.compile(r"^[A-Za-z0-9!#$'*+/=^_`{|}~.-]+$")
+_B64URL = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
+_ENDPOINT_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_HTTP01_ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
+# The runner wraps tls_listen endpoints in TLS itself, so "ssl:" (which needs files) is refused.
+_TLS_ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
+_CA_BUNDLE_MAX_BYTES = 10 * 1024 * 1024
+
+
+@attrs.frozen
+class EabConfig:
+    """External Account Binding credentials (RFC 8555 §7.3.4), as the CA hands them out."""
+
+    kid: str
+    hmac_key: str = attrs.field(repr=False)  # base64url text; never printed
+
+    def hmac_key_bytes(self) -> bytes:
+        """The decoded MAC key (the config parser already checked it decodes)."""
+        return _b64url_decode(self.hmac_key)
+
+
+@attrs.frozen
+class AcmeConfig:
+    """Everything the ``acme:`` block can say, validated, with defaults filled in.
+
+    Paths are absolute when the config came from a file (resolved against its directory).
+    """
+
+    enabled: bool = False
+    url: str = LETSENCRYPT_URL
+    staging: bool = False
+    port: int = 80
+    bind_addresses: tuple[str, ...] = ("::", "0.0.0.0")
+    listen: tuple[str, ...] | None = None
+    reprovision_threshold: int = DEFAULT_REPROVISION_THRESHOLD
+    domain: str | None = None
+    domains: tuple[str, ...] = ()
+    certificates: tuple[CertificateSpec, ...] = ()
+    contact: tuple[str, ...] = ()
+    terms_of_service_agreed: bool = False
+    key_type: str = "ecdsa-p256"
+    storage: str = "./acme"
+    account_key_file: str = "./acme/account.key"
+    ca_bundle: str | None = None
+    eab: EabConfig | None = None
+    profile: str | None = None
+    tls_certificate_path: str | None = None
+    tls_private_key_path: str | None = None
+    check_interval: float = DEFAULT_CHECK_INTERVAL
+    check_jitter: float = DEFAULT_CHECK_JITTER
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    poll_timeout: float = DEFAULT_POLL_TIMEOUT
+    tls_listen: tuple[str, ...] = ()
+
+    def http01_endpoints(self) -> list[str]:
+        """Twisted server endpoint strings for the standalone HTTP-01 listener ([] for none)."""
+        if self.listen is not None:
+            return list(self.listen)
+        if self.port == 0:
+            return []
+        endpoints = []
+        for address in self.bind_addresses:
+            kind = "tcp6" if ipaddress.ip_address(address).version == 6 else "tcp"
+            endpoints.append(f"{kind}:port={self.port}:interface={quoteStringArgument(address)}")
+        return endpoints
+
+    def certificate_specs(self) -> list[CertificateSpec]:
+        """The certificates to manage: ``(domain, *domains)`` first, then ``certificates``."""
+        specs = []
+        if self.domain is not None:
+            specs.append(
+                CertificateSpec(names=(self.domain, *self.domains), key_type=self.key_type)
+            )
+        specs.extend(self.certificates)
+        return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# value readers: each takes the value and its full key path, returns the clean value or raises
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return type(value).__name__
+
+
+def _bool(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, "expected true or false", value)
+    return value
+
+
+def _int(value: Any, path: str, low: int, high: int | None, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(path, f"expected {what}", value)
+    if high is not None and value > high:
+        raise ConfigError(path, f"expected {what}", value)
+    return value
+
+
+def _duration(value: Any, path: str, *, allow_zero: bool = False) -> float:
+    """Seconds as a number, or text like ``'10m'`` (Synapse's duration style)."""
+    what = "expected a duration: seconds as a number, or text like '90s', '10m', '1h'"
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(path, what, value)
+    if seconds == 0 and not allow_zero:
+        raise ConfigError(path, what + " (greater than zero)", value)
+    return seconds
+
+
+def _str(value: Any, path: str, what: str = "a non-empty string") -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(path, f"expected {what}", value)
+    return value.strip()
+
+
+def _list(value: Any, path: str, what: str, *, allow_single: bool = False) -> list[Any]:
+    if allow_single and isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(path, f"expected a list of {what}", value)
+    return list(value)
+
+
+def _name(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(path, "expected a DNS name", value)
+    try:
+        return canonical_name(value)
+    except ValueError as e:
+        raise ConfigError(path, f"expected a DNS name ({e})", value) from None
+
+
+def _names(value: Any, path: str) -> list[str]:
+    return [_name(v, f"{path}[{i}]") for i, v in enumerate(_list(value, path, "DNS names"))]
+
+
+def _dedupe(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
+def _key_type(value: Any, path: str) -> str:
+    what = "a key type: " + ", ".join(KEY_TYPES)
+    if not isinstance(value, str):
+        raise ConfigError(path, f"expected {what}", value)
+    text = value.strip().lower()
+    text = _KEY_TYPE_ALIASES.get(text.replace("-", "").replace("_", ""), text)
+    if text not in KEY_TYPES:
+        raise ConfigError(path, f"expected {what}", value)
+    return text
+
+
+def _url(value: Any, path: str) -> str:
+    text = _str(value, path, "an http(s) URL of an ACME v2 directory")
+    try:
+        parts = urllib.parse.urlsplit(text)
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        raise ConfigError(path, "expected an http(s) URL of an ACME v2 directory", value) from None
+    if host in _V1_HOSTS:
+        raise ConfigError(
+            path,
+            "this is an ACME v1 directory, and Let's Encrypt switched ACME v1 off in 2021; "
+            f"use {_V1_HOSTS[host]}",
+            value,
+        )
+    if parts.scheme not in ("http", "https") or not host:
+        raise ConfigError(path, "expected an http(s) URL of an ACME v2 directory", value)
+    return text
+
+
+def _address(value: Any, path: str) -> str:
+    what = "an IP address to bind to, like '::' or '0.0.0.0'"
+    if not isinstance(value, str):
+        raise ConfigError(path, f"expected {what}", value)
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ConfigError(path, f"expected {what}", value) from None
+
+
+def _split_endpoint(text: str) -> list[str]:
+    """Split on unescaped colons, as Twisted's endpoint parser does (``\\:`` is a literal colon)."""
+    parts, current, escaped = [], [], False
+    for char in text:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _endpoint(value: Any, path: str, allowed: tuple[str, ...]) -> str:
+    """A Twisted server endpoint string; checks the type and, for TCP, the port.
+
+    Not parsed with ``serverFromString`` here: ``systemd:`` endpoints only resolve inside the
+    socket-activated process, and parsing needs a reactor.
+    """
+    what = "a Twisted server endpoint string like 'tcp:8009:interface=127.0.0.1' (types: "
+    what += ", ".join(allowed) + ")"
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(path, f"expected {what}", value)
+    text = value.strip()
+    parts = _split_endpoint(text)
+    kind = parts[0]
+    if len(parts) < 2 or not _ENDPOINT_TYPE.match(kind) or kind not in allowed:
+        raise ConfigError(path, f"expected {what}", value)
+    args = parts[1:]
+    if kind in ("tcp", "tcp6", "ssl"):
+        keywords = dict(a.split("=", 1) for a in args if "=" in a)
+        positional = [a for a in args if "=" not in a]
+        port_text = keywords.get("port", positional[0] if positional else None)
+        if port_text is None or not port_text.isdigit() or int(port_text) > 65535:
+            raise ConfigError(path, f"expected {what}, with a port 0-65535", value)
+    elif kind == "unix":
+        address = next((a for a in args if "=" not in a), None) or dict(
+            a.split("=", 1) for a in args if "=" in a
+        ).get("address")
+        if not address:
+            raise ConfigError(path, f"expected {what}, with a socket path", value)
+    elif kind == "systemd":
+        keywords = dict(a.split("=", 1) for a in args if "=" in a)
+        if not keywords.get("index", "").isdigit() or not keywords.get("domain"):
+            raise ConfigError(path, f"expected {what}, like 'systemd:domain=INET:index=0'", value)
+    return text
+
+
+def _endpoints(value: Any, path: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    items = _list(value, path, "Twisted endpoint strings", allow_single=True)
+    return tuple(_endpoint(v, f"{path}[{i}]", allowed) for i, v in enumerate(items))
+
+
+def _contact(value: Any, path: str) -> str:
+    what = "an email address or a mailto: URI (one address each)"
+    if not isinstance(value, str):
+        raise ConfigError(path, f"expected {what}", value)
+    text = value.strip()
+    if text.lower().startswith("mailto:"):
+        text = text[len("mailto:") :]
+    local, at, domain = text.rpartition("@")
+    if not at or not _EMAIL_LOCAL.match(local) or ".." in local:
+        raise ConfigError(path, f"expected {what}", value)
+    try:
+        domain = canonical_name(domain)
+    except ValueError:
+        raise ConfigError(path, f"expected {what}", value) from None
+    if domain.startswith("*.") or "." not in domain:
+        raise ConfigError(path, f"expected {what}", value)
+    return f"mailto:{local}@{domain}"
+
+
+def _file_path(value: Any, path: str, base_dir: str | None) -> str:
+    text = _str(value, path, "a file path")
+    if "\0" in text:
+        raise ConfigError(path, "expected a file path", value)
+    text = os.path.expanduser(text)
+    if base_dir is not None and not os.path.isabs(text):
+        text = os.path.normpath(os.path.join(base_dir, text))
+    return text
+
+
+def _ca_bundle(value: Any, path: str, base_dir: str | None) -> str:
+    file_path = _file_path(value, path, base_dir)
+    try:
+        if not os.path.isfile(file_path):
+            raise ConfigError(path, "expected a PEM file of CA certificates that exists", value)
+        with open(file_path, "rb") as f:
+            data = f.read(_CA_BUNDLE_MAX_BYTES)
+    except OSError as e:
+        raise ConfigError(path, f"cannot read the CA bundle ({e.strerror})", value) from None
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ConfigError(
+            path, "expected a PEM file with at least one certificate", value
+        ) from None
+    return file_path
+
+
+def _b64url_decode(text: str) -> bytes:
+    stripped = text.rstrip("=")
+    return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+
+
+def _eab(value: Any, path: str) -> EabConfig:
+    # Never echo anything under eab: a misplaced HMAC key must not reach a log.
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            path,
+            f"expected a mapping with kid and hmac_key, got {_type_name(value)}",
+            has_value=False,
+        )
+    _check_keys(value, path, ("kid", "hmac_key"))
+    for required in ("kid", "hmac_key"):
+        if required not in value:
+            raise ConfigError(
+                f"{path}.{required}",
+                "missing (the CA gives kid and hmac_key)",
+                None,
+                has_value=False,
+            )
+    kid = _str(value["kid"], f"{path}.kid", "the key identifier text the CA gave")
+    raw = value["hmac_key"]
+    bad = "expected base64url text (RFC 4648 §5) as the CA gave it"
+    if not isinstance(raw, str) or not _B64URL.match(raw.strip()):
+        raise ConfigError(f"{path}.hmac_key", bad, has_value=False)
+    try:
+        decoded = _b64url_decode(raw.strip())
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{path}.hmac_key", bad, has_value=False) from None
+    if not decoded:
+        raise ConfigError(f"{path}.hmac_key", bad + " (it decodes to nothing)", has_value=False)
+    return EabConfig(kid=kid, hmac_key=raw.strip())
+
+
+def _certificates(value: Any, path: str, key_type: str) -> tuple[CertificateSpec, ...]:
+    specs = []
+    for i, item in enumerate(_list(value, path, "mappings with domains (and key_type)")):
+        item_path = f"{path}[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(item_path, "expected a mapping with domains (and key_type)", item)
+        _check_keys(item, item_path, ("domains", "key_type"))
+        if "domains" not in item:
+            raise ConfigError(
+                f"{item_path}.domains", "missing: list the names of this certificate", None
+            )
+        names = _names(item["domains"], f"{item_path}.domains")
+        if not names:
+            raise ConfigError(
+                f"{item_path}.domains", "expected at least one DNS name", item["domains"]
+            )
+        item_key_type = key_type
+        if item.get("key_type") is not None:
+            item_key_type = _key_type(item["key_type"], f"{item_path}.key_type")
+        specs.append(CertificateSpec(names=_dedupe(names), key_type=item_key_type))
+    return tuple(specs)
+
+
+def _check_keys(block: Mapping[Any, Any], path: str, known: Iterable[str]) -> None:
+    """Refuse unknown keys (typo protection), suggesting the closest known one."""
+    known = sorted(known)
+    for key in block:
+        if isinstance(key, str) and key in known:
+            continue
+        hint = ""
+        if isinstance(key, str):
+            close = difflib.get_close_matches(key, known, n=1)
+            if close:
+                hint = f" (did you mean {close[0]!r}?)"
+        # The value is never echoed: a misplaced secret must not reach a log.
+        raise ConfigError(
+            f"{path}.{key}",
+            f"unknown key{hint}; known keys: {', '.join(known)}",
+            has_value=False,
+        )
+
+
+def _pair_from(
+    source: Mapping[Any, Any], prefix: str, base_dir: str | None
+) -> tuple[str | None, str | None]:
+    """Read tls_certificate_path / tls_private_key_path from one mapping: both or neither."""
+    cert_key, key_key = "tls_certificate_path", "tls_private_key_path"
+    cert = source.get(cert_key)
+    key = source.get(key_key)
+    cert_path = _file_path(cert, prefix + cert_key, base_dir) if cert is not None else None
+    key_path = _file_path(key, prefix + key_key, base_dir) if key is not None else None
+    if (cert_path is None) != (key_path is None):
+        missing = key_key if key_path is None else cert_key
+        raise ConfigError(
+            prefix + missing,
+            f"missing: set both {cert_key} and {key_key}, or neither",
+            None,
+            has_value=False,
+        )
+    return cert_path, key_path
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _fraction(value: Any, path: str) -> float:
+    what = "a fraction from 0 up to (not including) 1, like 0.1"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(path, f"expected {what}", value)
+    if not (math.isfinite(value) and 0 <= value < 1):
+        raise ConfigError(path, f"expected {what}", value)
+    return float(value)
+
+
+_FIELD_READERS: dict[str, Callable[[Any, str], Any]] = {
+    "enabled": _bool,
+    "staging": _bool,
+    "terms_of_service_agreed": _bool,
+    "port": lambda v, p: _int(v, p, 0, 65535, "an integer 1-65535 (or 0 for no listener)"),
+    "reprovision_threshold": lambda v, p: _int(v, p, 1, None, "a whole number of days above 0"),
+    "key_type": _key_type,
+    "check_jitter": _fraction,
+    "check_interval": _duration,
+    "poll_interval": _duration,
+    "poll_timeout": _duration,
+    "profile": lambda v, p: _str(v, p, "a profile name the CA offers, like 'tlsserver'"),
+}
+
+
+KNOWN_KEYS: tuple[str, ...] = tuple(sorted(f.name for f in attrs.fields(AcmeConfig)))
+
+
+def parse_acme_config(
+    block: Mapping[Any, Any] | None,
+    *,
+    server_name: str | None = None,
+    base_dir: str | None = None,
+    path: str = "acme",
+    defaults_from: Mapping[Any, Any] | None = None,
+) -> AcmeConfig:
+    """Validate an ``acme:`` block (as loaded from YAML) into an :class:`AcmeConfig`.
+
+    ``server_name`` is the homeserver's (the default ``domain``; a ``:port`` suffix is dropped);
+    ``base_dir`` is the config file's directory (relative paths resolve against it);
+    ``path`` prefixes key paths in errors; ``defaults_from`` is the surrounding homeserver
+    config, whose ``tls_certificate_path``/``tls_private_key_path`` are the defaults here.
+    """
+    if block is None:
+        block = {}
+    if not isinstance(block, Mapping):
+        raise ConfigError(
+            path, f"expected a mapping of acme settings, got {_type_name(block)}", has_value=False
+        )
+    _check_keys(block, path, KNOWN_KEYS)
+    present = {k: v for k, v in block.items() if v is not None}
+
+    def at(key: str) -> str:
+        return f"{path}.{key}"
+
+    values: dict[str, Any] = {}
+    for key, reader in _FIELD_READERS.items():
+        if key in present:
+            values[key] = reader(present[key], at(key))
+    key_type = values.get("key_type", "ecdsa-p256")
+
+    # url / staging
+    if "url" in present:
+        values["url"] = _url(present["url"], at("url"))
+        if values.get("staging") and values["url"] != LETSENCRYPT_STAGING_URL:
+            raise ConfigError(
+                at("staging"),
+                f"staging: true selects {LETSENCRYPT_STAGING_URL}, but url is also set; "
+                "remove one of them",
+                True,
+            )
+    elif values.get("staging"):
+        values["url"] = LETSENCRYPT_STAGING_URL
+
+    # listeners
+    if "bind_addresses" in present:
+        addresses = _list(
+            present["bind_addresses"], at("bind_addresses"), "IP addresses", allow_single=True
+        )
+        values["bind_addresses"] = _dedupe(
+            _address(v, f"{at('bind_addresses')}[{i}]") for i, v in enumerate(addresses)
+        )
+    if "listen" in present:
+        values["listen"] = _endpoints(present["listen"], at("listen"), _HTTP01_ENDPOINT_TYPES)
+        for other in ("port", "bind_addresses"):
+            if other in present:
+                raise ConfigError(
+                    at("listen"),
+                    f"listen replaces port and bind_addresses; remove {other} or listen",
+                    present["listen"],
+                )
+    if "tls_listen" in present:
+        values["tls_listen"] = _endpoints(
+            present["tls_listen"], at("tls_listen"), _TLS_ENDPOINT_TYPES
+        )
+
+    # names
+    domain: str | None = None
+    if "domain" in present:
+        domain = _name(present["domain"], at("domain"))
+    elif server_name is not None:
+        host = _server_name_host(server_name)
+        try:
+            domain = canonical_name(host)
+        except ValueError as e:
+            raise ConfigError(
+                at("domain"),
+                f"not set, and server_name cannot be used as a certificate name ({e}); set domain",
+                server_name,
+            ) from None
+    extra: list[str] = []
+    if "domains" in present:
+        items = _list(present["domains"], at("domains"), "DNS names", allow_single=True)
+        extra = [_name(v, f"{at('domains')}[{i}]") for i, v in enumerate(items)]
+    if domain is None and (values.get("enabled") or extra):
+        raise ConfigError(
+            at("domain"), "not set and there is no server_name to default to; set domain", None
+        )
+    values["domain"] = domain
+    values["domains"] = tuple(n for n in _dedupe(extra) if n != domain)
+    if "certificates" in present:
+        specs = _certificates(present["certificates"], at("certificates"), key_type)
+        seen = {frozenset((domain, *values["domains"]))} if domain is not None else set()
+        for i, spec in enumerate(specs):
+            if frozenset(spec.names) in seen:
+                raise ConfigError(
+                    f"{at('certificates')}[{i}].domains",
+                    "the same names as another certificate here; list each set once",
+                    list(spec.names),
+                )
+            seen.add(frozenset(spec.names))
+        values["certificates"] = specs
+
+    if "contact" in present:
+        contacts = _list(present["contact"], at("contact"), "email addresses", allow_single=True)
+        values["contact"] = _dedupe(
+            _contact(v, f"{at('contact')}[{i}]") for i, v in enumerate(contacts)
+        )
+
+    # files
+    storage = os.path.normpath(base_dir + "/acme") if base_dir is not None else "./acme"
+    if "storage" in present:
+        storage = _file_path(present["storage"], at("storage"), base_dir)
+    values["storage"] = storage
+    values["account_key_file"] = (
+        _file_path(present["account_key_file"], at("account_key_file"), base_dir)
+        if "account_key_file" in present
+        else os.path.join(storage, "account.key")
+    )
+    if "ca_bundle" in present:
+        values["ca_bundle"] = _ca_bundle(present["ca_bundle"], at("ca_bundle"), base_dir)
+    if "eab" in present:
+        values["eab"] = _eab(present["eab"], at("eab"))
+
+    cert_path, key_path = _pair_from(present, path + ".", base_dir)
+    if cert_path is None and defaults_from is not None:
+        cert_path, key_path = _pair_from(defaults_from, "", base_dir)
+    values["tls_certificate_path"] = cert_path
+    values["tls_private_key_path"] = key_path
+
+    interval = values.get("poll_interval", DEFAULT_POLL_INTERVAL)
+    if values.get("poll_timeout", DEFAULT_POLL_TIMEOUT) < interval:
+        raise ConfigError(
+            at("poll_timeout"),
+            f"expected at least poll_interval ({interval} s)",
+            present.get("poll_timeout"),
+        )
+
+    return AcmeConfig(**values)
+
+
+def _server_name_host(server_name: str) -> str:
+    """The host part of a Matrix server name (``example.org:8448`` -> ``example.org``)."""
+    text = str(server_name).strip()
+    if text.startswith("["):  # IPv6 literal, possibly with a port
+        return text[: text.find("]") + 1] if "]" in text else text
+    host, sep, port = text.rpartition(":")
+    return host if sep and port.isdigit() else text
+
+
+def read_config_file(path: str) -> AcmeConfig:
+    """Read ``acme:`` settings from a YAML file: a homeserver.yaml (top-level ``acme:`` block or
+    the module under ``modules:``) or a standalone file with just ``acme:`` (+ ``server_name``).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "config file not found", has_value=False) from None
+    except OSError as e:
+        raise ConfigError(
+            path, f"cannot read config file ({e.strerror})", has_value=False
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "config file is not UTF-8 text", has_value=False) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(path, f"not valid YAML: {e}", has_value=False) from None
+    if not isinstance(doc, Mapping):
+        raise ConfigError(
+            path, f"expected a YAML mapping at the top, got {_type_name(doc)}", has_value=False
+        )
+    base_dir = os.path.dirname(os.path.abspath(path))
+    server_name = doc.get("server_name")
+    if server_name is not None and not isinstance(server_name, str):
+        raise ConfigError("server_name", "expected a server name string", server_name)
+
+    modules = doc.get("modules")
+    if modules is not None:
+        if not isinstance(modules, list):
+            raise ConfigError(
+                "modules", f"expected a list, got {_type_name(modules)}", has_value=False
+            )
+        for i, entry in enumerate(modules):
+            if isinstance(entry, Mapping) and entry.get("module") == MODULE_NAME:
+                return parse_acme_config(
+                    entry.get("config"),
+                    server_name=server_name,
+                    base_dir=base_dir,
+                    path=f"modules[{i}].config",
+                    defaults_from=doc,
+                )
+    if "acme" in doc:
+        return parse_acme_config(
+            doc["acme"], server_name=server_name, base_dir=base_dir, path="acme", defaults_from=doc
+        )
+    raise ConfigError(
+        path,
+        f"found neither an acme: block nor {MODULE_NAME} under modules:",
+        has_value=False,
+    )
+
+
+def generate_config() -> str:
+    """The commented sample ``acme:`` block shipped with the package."""
+    return (
+        importlib.resources.files("synapse_acme")
+        .joinpath("sample_acme.yaml")
+        .read_text(encoding="utf-8")
+    )
