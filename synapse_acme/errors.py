@@ -96,3 +96,7 @@ class BundleError(SynapseAcmeError):
 
 class StoreError(SynapseAcmeError):
     """The store could not read or write (permissions, disk full, corrupt entry)."""
+
+
+class ListenError(SynapseAcmeError):
+    """None of a listener's endpoints could be bound (each endpoint and its error are named)."""
