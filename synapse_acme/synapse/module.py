@@ -1,0 +1,447 @@
+"""The Synapse module: automatic certificates inside a running homeserver.
+
+Why a module: Synapse's built-in ACME support (v1 only) was removed in 1.30, and Let's Encrypt
+switched ACME v1 off in 2021. As a module we answer HTTP-01 challenges on Synapse's own
+listeners, provision from the process that runs background tasks, and hot-swap the certificate
+of Synapse's TLS listeners without a restart. Everything that touches Synapse internals lives in
+:mod:`synapse_acme.synapse.glue`; this file uses only the public module API and the glue.
+
+Configure in homeserver.yaml::
+
+    modules:
+      - module: synapse_acme.synapse.AcmeModule
+        config:
+          contact: admin@example.org
+          terms_of_service_agreed: true
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from zope.interface import implementer
+
+from synapse_acme import crypto
+from synapse_acme.config import MODULE_NAME, AcmeConfig, parse_acme_config
+from synapse_acme.errors import BundleError, ConfigError
+from synapse_acme.interfaces import ICertificateConsumer
+from synapse_acme.model import CertificateBundle
+from synapse_acme.names import canonical_names, names_key
+from synapse_acme.synapse import glue
+
+logger = logging.getLogger(__name__)
+
+#: Where the challenge resource is mounted on every Synapse HTTP listener.
+CHALLENGE_PATH = "/.well-known/acme-challenge"
+#: A file an operator (or ``synapse-acme renew --force``) creates to force a renewal in the
+#: running homeserver; the provisioning process deletes it and renews at once.
+RENEW_REQUEST_FILE = "renew-request"
+#: How often the provisioning process looks for the renew-request file (one ``stat``).
+RENEW_REQUEST_POLL = 2.0
+#: How often processes that do not provision look for new certificate files (``stat`` only).
+FILE_POLL_INTERVAL = 10.0
+#: Lifetime of the self-signed placeholder written when no certificate exists yet.
+PLACEHOLDER_DAYS = 7
+#: Keys of the module config that the standalone ``acme:`` block does not have.
+_EXPLICIT_LISTENER_KEYS = ("port", "listen")
+
+
+@attrs.frozen
+class ModuleSettings:
+    """What :meth:`AcmeModule.parse_config` hands to :meth:`AcmeModule.__init__`."""
+
+    acme: AcmeConfig
+    source: str  # "modules" or "acme" (the old top-level block)
+    standalone_listener: bool  # the block asked for its own port/listen
+    placeholder_written: bool = False
+
+
+def _legacy_advice(index: int | None) -> str:
+    where = f"modules[{index}]" if index is not None else "your modules: entry"
+    return (
+        "the top-level 'acme:' block is the old built-in Synapse setting; Synapse itself ignores "
+        "it since 1.30. Move its keys under the module, then delete the top-level block:\n"
+        "    modules:\n"
+        f"      - module: {MODULE_NAME}\n"
+        "        config:\n"
+        "          <the keys of your acme: block, e.g. contact, terms_of_service_agreed, port>\n"
+        f"(this config was read from the top-level block because {where} has no config)"
+    )
+
+
+def _split_path(path: str, prefix: str) -> tuple[str, ...]:
+    rest = path[len(prefix) :].lstrip(".") if path.startswith(prefix) else path
+    return tuple(p for p in rest.split(".") if p)
+
+
+def _choose_block(
+    module_config: Mapping[str, Any], hs: glue.HomeserverSettings | None
+) -> tuple[Mapping[str, Any], str, str]:
+    """Pick the block to parse: the module's config, or the old top-level ``acme:`` block.
+
+    Returns ``(block, source, error_prefix)``. Never ignores a top-level block silently.
+    """
+    legacy = hs.top_level_acme if hs is not None else None
+    index = hs.module_index if hs is not None else None
+    if legacy is None:
+        # Listing the module is the opt-in: enabled defaults to true here.
+        return {"enabled": True, **module_config}, "modules", "config"
+    if not module_config:
+        logger.warning("synapse-acme: %s", _legacy_advice(index))
+        return dict(legacy), "acme", "acme"
+    if legacy.get("enabled") is False and set(legacy) <= {"enabled"}:
+        logger.warning(
+            "synapse-acme: ignoring the top-level 'acme: {enabled: false}' block (an old Synapse "
+            "default); the module config is used. Delete the top-level block."
+        )
+        return {"enabled": True, **module_config}, "modules", "config"
+    raise glue.synapse_config_error(
+        "both a top-level 'acme:' block and this module's config are set; move every key of the "
+        "top-level block into the module config (modules[].config) and delete the top-level "
+        "'acme:' block",
+        (),
+    )
+
+
+def write_placeholder(config: AcmeConfig, clock: IReactorTime) -> bool:
+    """Write a labelled self-signed pair if the TLS files are missing, so Synapse can start.
+
+    Uses the exporter's ownership record, so the real certificate may replace it later.
+    Returns True if a placeholder was written.
+    """
+    from synapse_acme.export import FileExporter
+
+    cert_path, key_path = config.tls_certificate_path, config.tls_private_key_path
+    specs = config.certificate_specs()
+    if not cert_path or not key_path or not specs:
+        return False
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        return False
+    names = canonical_names(specs[0].names)
+    exporter = FileExporter(
+        key=names_key(names), cert_path=cert_path, key_path=key_path, storage=config.storage
+    )
+    written = bool(exporter.write_placeholder_if_missing(names, crypto.now_from_clock(clock)))
+    if written:
+        logger.warning(
+            "synapse-acme: wrote a self-signed PLACEHOLDER certificate for %s to %s (valid %d "
+            "days) so Synapse can start; it is replaced as soon as the real one is issued",
+            ", ".join(names),
+            cert_path,
+            PLACEHOLDER_DAYS,
+        )
+    return written
+
+
+def _read_bundle(cert_path: str, key_path: str) -> CertificateBundle | None:
+    """The pair on disk as a bundle, or None if either file is missing/unreadable."""
+    try:
+        with open(cert_path, "rb") as f:
+            chain = f.read()
+        with open(key_path, "rb") as f:
+            key = f.read()
+    except OSError as e:
+        logger.warning("synapse-acme: cannot read the TLS files: %s", e)
+        return None
+    meta: dict[str, Any] = {}
+    try:
+        leaf = crypto.parse_chain(chain)[0]
+        if crypto.is_placeholder(leaf):
+            meta["placeholder"] = True
+    except BundleError:
+        pass
+    return CertificateBundle(key_pem=key, chain_pem=chain, metadata=meta)
+
+
+def _file_signature(*paths: str) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append(None)
+            continue
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+@implementer(ICertificateConsumer)
+@attrs.define(eq=False)
+class _ListenerKeeper:
+    """After each new certificate: make sure Synapse's TLS listeners serve it.
+
+    Normally the hot-swap creator is installed once and swaps by itself; this re-installs it if
+    it was not installable at startup or Synapse's SIGHUP handler replaced it. Without the
+    internals for that, it falls back to Synapse re-reading the files the exporter just wrote.
+    """
+
+    module: AcmeModule
+
+    def certificate_changed(self, key: str, bundle: CertificateBundle) -> None:
+        if key == self.module.key:
+            self.module.reactor.callLater(0, self.module.ensure_serving)
+
+
+class AcmeModule:
+    """Synapse module: ``modules: [{module: synapse_acme.synapse.AcmeModule, config: {...}}]``."""
+
+    @staticmethod
+    def parse_config(config: Mapping[str, Any] | None) -> ModuleSettings:
+        """Validate the config when Synapse loads it; write a placeholder pair if needed.
+
+        Errors become Synapse config errors naming the key. Runs before Synapse checks that
+        its TLS files exist, which is why the placeholder is written here.
+        """
+        if config is None:
+            config = {}
+        if not isinstance(config, Mapping):
+            raise glue.synapse_config_error("expected a mapping of acme settings", ())
+        hs = glue.find_homeserver_settings(MODULE_NAME)
+        block, source, prefix = _choose_block(config, hs)
+        defaults = None
+        if hs is not None:
+            defaults = {
+                "tls_certificate_path": hs.tls_certificate_path,
+                "tls_private_key_path": hs.tls_private_key_path,
+            }
+        try:
+            acme = parse_acme_config(
+                block,
+                server_name=hs.server_name if hs is not None else None,
+                base_dir=hs.config_dir if hs is not None else None,
+                path=prefix,
+                defaults_from=defaults,
+            )
+        except ConfigError as e:
+            raise glue.synapse_config_error(str(e), _split_path(e.path, prefix)) from None
+        if hs is not None and hs.tls_certificate_path and acme.tls_certificate_path:
+            if os.path.abspath(acme.tls_certificate_path) != hs.tls_certificate_path:
+                logger.warning(
+                    "synapse-acme: tls_certificate_path in the module config (%s) is not the "
+                    "file Synapse reads (%s); Synapse will not serve what synapse-acme writes "
+                    "after a restart",
+                    acme.tls_certificate_path,
+                    hs.tls_certificate_path,
+                )
+        written = False
+        if acme.enabled:
+            from twisted.internet import reactor
+
+            written = write_placeholder(acme, reactor)  # type: ignore[arg-type]
+        standalone = any(k in block for k in _EXPLICIT_LISTENER_KEYS)
+        return ModuleSettings(
+            acme=acme, source=source, standalone_listener=standalone, placeholder_written=written
+        )
+
+    def __init__(self, config: ModuleSettings, api: Any) -> None:
+        self.settings = config
+        self.api = api
+        self.runtime: Any = None
+        self.tls: Any = None
+        self.glue = glue.SynapseGlue.from_module_api(api)
+        self.reactor: Any = self.glue.reactor() if self.glue.hs is not None else None
+        if self.reactor is None:
+            from twisted.internet import reactor
+
+            self.reactor = reactor
+        acme = config.acme
+        specs = acme.certificate_specs()
+        self.key = names_key(canonical_names(specs[0].names)) if specs else ""
+        self._renew_poll: LoopingCall | None = None
+        self._file_poll: LoopingCall | None = None
+        self._file_sig: tuple[Any, ...] = ()
+        if not acme.enabled or not specs:
+            logger.info("synapse-acme: disabled (enabled: false); nothing to do")
+            return
+        for problem in self.glue.problems:
+            logger.error("synapse-acme: Synapse internals check: %s", problem)
+        self.provisioning = self.glue.runs_background_tasks(api)
+        if self.provisioning:
+            self._init_provisioning()
+        else:
+            self._init_follower()
+        self._install_tls()
+        self.glue.on_sighup(self._on_sighup)
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _init_provisioning(self) -> None:
+        from synapse_acme.runtime import build_runtime
+
+        acme = self.settings.acme
+        self.runtime = build_runtime(
+            acme, self.reactor, standalone_listener=self.settings.standalone_listener
+        )
+        self.tls = self.runtime.tls
+        self.api.register_web_resource(CHALLENGE_PATH, self.runtime.responder.resource())
+        self.runtime.acme.add_consumer(_ListenerKeeper(self))
+        self.reactor.callLater(0, self._start)
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._stop)
+        logger.info(
+            "synapse-acme: provisioning %s from this process (CA %s); challenges answered at %s "
+            "on every HTTP listener%s",
+            ", ".join(spec.names[0] for spec in acme.certificate_specs()),
+            acme.url,
+            CHALLENGE_PATH,
+            " and on " + ", ".join(acme.http01_endpoints())
+            if self.settings.standalone_listener
+            else "",
+        )
+
+    def _init_follower(self) -> None:
+        from synapse_acme.tls import HotSwapTLS
+
+        acme = self.settings.acme
+        names = canonical_names(acme.certificate_specs()[0].names)
+        self.tls = HotSwapTLS(
+            clock=self.reactor, default_key=self.key, required_names={self.key: names}
+        )
+        logger.info(
+            "synapse-acme: this process does not run background tasks, so it does not "
+            "provision; it serves the certificate files and reloads them when they change "
+            "(route %s to the process that runs background tasks)",
+            CHALLENGE_PATH,
+        )
+        if acme.tls_certificate_path and acme.tls_private_key_path:
+            self._file_sig = _file_signature(acme.tls_certificate_path, acme.tls_private_key_path)
+            self._file_poll = LoopingCall(self._check_files)
+            self._file_poll.clock = self.reactor
+            self._file_poll.start(FILE_POLL_INTERVAL, now=False).addErrback(
+                lambda f: logger.error("synapse-acme: file watch stopped: %s", f.value)
+            )
+
+    def _install_tls(self) -> None:
+        """Seed the hot-swap creator with the files Synapse just loaded, and install it."""
+        acme = self.settings.acme
+        if not self.glue.has_tls_listener() or self.tls is None:
+            return
+        cert_path, key_path = self.glue.tls_paths()
+        bundle = _read_bundle(cert_path, key_path) if cert_path and key_path else None
+        if bundle is not None:
+            try:
+                self.tls.set_bundle(self.key, bundle)
+            except BundleError as e:
+                logger.warning(
+                    "synapse-acme: the current TLS files are not usable for %s (%s); Synapse "
+                    "serves them itself until the first certificate is issued",
+                    self.key,
+                    e,
+                )
+        if not self.glue.can_install_creator:
+            logger.error(
+                "synapse-acme: cannot hot-swap Synapse's TLS listeners on this Synapse (%s); "
+                "FALLBACK: after each new certificate the files are rewritten and Synapse is "
+                "asked to re-read them (refresh_certificate)",
+                "; ".join(self.glue.problems),
+            )
+            return
+        if self.tls.current(self.key) is not None:
+            self.glue.install_creator(self.tls)
+            logger.info("synapse-acme: Synapse's TLS listeners use the hot-swapping certificate")
+        del acme
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        try:
+            self.runtime.service.startService()
+        except Exception:
+            logger.exception("synapse-acme: could not start provisioning; Synapse keeps running")
+            return
+        self._renew_poll = LoopingCall(self._check_renew_request)
+        self._renew_poll.clock = self.reactor
+        self._renew_poll.start(RENEW_REQUEST_POLL, now=True).addErrback(
+            lambda f: logger.error("synapse-acme: renew-request watch stopped: %s", f.value)
+        )
+
+    def _stop(self) -> Any:
+        for call in (self._renew_poll, self._file_poll):
+            if call is not None and call.running:
+                call.stop()
+        if self.runtime is not None and self.runtime.service.running:
+            return self.runtime.service.stopService()
+        return None
+
+    def renew_request_path(self) -> str:
+        """The file whose appearance forces a renewal (documented in docs/synapse.md)."""
+        return os.path.join(self.settings.acme.storage, RENEW_REQUEST_FILE)
+
+    def _check_renew_request(self) -> None:
+        path = self.renew_request_path()
+        if not os.path.exists(path):
+            return
+        try:
+            os.unlink(path)
+        except OSError as e:
+            logger.error("synapse-acme: cannot remove %s (%s); not renewing", path, e)
+            return
+        logger.info("synapse-acme: %s found: renewing every certificate now", path)
+        d = self.runtime.acme.renew(force=True)
+        d.addCallback(self._log_renewals)
+        d.addErrback(lambda f: logger.error("synapse-acme: forced renewal failed: %s", f.value))
+
+    @staticmethod
+    def _log_renewals(results: list[tuple[str, Any]]) -> None:
+        for key, outcome in results:
+            if isinstance(outcome, CertificateBundle):
+                logger.info("synapse-acme: forced renewal of %s succeeded", key)
+            else:
+                logger.error("synapse-acme: forced renewal of %s failed: %s", key, outcome.value)
+
+    def ensure_serving(self) -> None:
+        """Make Synapse's TLS listeners serve the newest certificate (see _ListenerKeeper)."""
+        if not self.glue.has_tls_listener() or self.tls is None:
+            return
+        if self.glue.can_install_creator:
+            if self.tls.current(self.key) is None:
+                return
+            replaced = self.glue.install_creator(self.tls)
+            if replaced:
+                logger.info(
+                    "synapse-acme: installed the hot-swapping certificate on %d TLS port(s)",
+                    replaced,
+                )
+        elif self.glue.can_refresh:
+            try:
+                self.glue.refresh_from_files()
+                logger.info("synapse-acme: Synapse re-read its certificate files (fallback)")
+            except Exception:
+                logger.exception("synapse-acme: refresh_certificate failed")
+
+    def _check_files(self) -> None:
+        """Follower processes: pick up files the provisioning process rewrote."""
+        acme = self.settings.acme
+        assert acme.tls_certificate_path and acme.tls_private_key_path
+        sig = _file_signature(acme.tls_certificate_path, acme.tls_private_key_path)
+        if sig == self._file_sig:
+            return
+        bundle = _read_bundle(acme.tls_certificate_path, acme.tls_private_key_path)
+        if bundle is None or self.tls is None:
+            return
+        try:
+            self.tls.set_bundle(self.key, bundle)
+        except BundleError as e:
+            # Possibly half-replaced (new cert, old key): try again next tick.
+            logger.debug("synapse-acme: certificate files not usable yet: %s", e)
+            return
+        self._file_sig = sig
+        logger.info("synapse-acme: picked up the new certificate files for %s", self.key)
+        self.ensure_serving()
+
+    def _on_sighup(self, *args: Any) -> None:
+        """After Synapse's own SIGHUP reload (which puts its file-based factory back)."""
+        acme = self.settings.acme
+        if self.tls is not None and acme.tls_certificate_path and acme.tls_private_key_path:
+            bundle = _read_bundle(acme.tls_certificate_path, acme.tls_private_key_path)
+            if bundle is not None:
+                try:
+                    self.tls.set_bundle(self.key, bundle)
+                except BundleError as e:
+                    logger.warning("synapse-acme: SIGHUP: files not usable (%s)", e)
+        self.ensure_serving()
