@@ -21,7 +21,7 @@ APT_PACKAGES=(pebble sslscan python3-venv openssl ca-certificates curl)
 # ------------------------------------------------------------------------------------------------
 
 # pip extras installed into .venv. The Synapse integration adds "synapse" here.
-EXTRAS="${SYNAPSE_ACME_EXTRAS:-dev}"
+EXTRAS="${SYNAPSE_ACME_EXTRAS:-dev,synapse}"
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
 
