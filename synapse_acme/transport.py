@@ -329,7 +329,9 @@ class JWSTransport:
         if expect is not None:
             headers.setRawHeaders(b"Accept", [f"{expect}, {PROBLEM_JSON}".encode("ascii")])
         d = Deferred.fromCoroutine(self._request_and_read(method, url, headers, body))
-        d.addTimeout(self.timeout, self.clock)
+        # Cancelling a request may fail it with ResponseNeverReceived(CancelledError) rather
+        # than CancelledError: mark timeouts explicitly so they are reported as such.
+        d.addTimeout(self.timeout, self.clock, onTimeoutCancel=_timed_out)
         try:
             status, raw_headers, content = await d
         except defer.TimeoutError:
@@ -424,6 +426,10 @@ class JWSTransport:
             resp.url,
             resp.status,
         )
+
+
+def _timed_out(result: object, timeout: float) -> object:
+    raise defer.TimeoutError(timeout)
 
 
 def _describe_failure(e: BaseException) -> str:
