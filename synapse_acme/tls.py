@@ -1,0 +1,383 @@
+"""The hot-swapping, SNI-selecting TLS connection creator.
+
+Every certificate gets one prebuilt :class:`OpenSSL.SSL.Context` when it is installed; the
+handshake path only looks a name up in an immutable in-memory snapshot (no disk I/O, no context
+building, no locks: everything runs on the reactor thread). Installing a certificate validates it
+first, builds its context, then replaces the whole snapshot in one assignment, so a connection
+keeps the snapshot it was created with and every later connection sees the new one.
+
+Use it wherever Twisted takes a TLS context factory::
+
+    tls = HotSwapTLS(clock=reactor, default_key="example.com")
+    tls.set_bundle("example.com", bundle)
+    reactor.listenSSL(8448, site, tls)                              # or
+    tls_server_endpoint(reactor, "tcp:8448", tls).listen(site)     # or
+    TLSMemoryBIOFactory(tls, False, site)
+
+and subscribe it to the provisioning service (it is an ``ICertificateConsumer``) so renewals
+reach every listener without a restart.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import attrs
+from cryptography import x509
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IReactorCore,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from synapse_acme import crypto
+from synapse_acme.errors import BundleError
+from synapse_acme.interfaces import ICertificateConsumer
+from synapse_acme.model import CertificateBundle
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALPN: tuple[bytes, ...] = (b"h2", b"http/1.1")
+
+# Mozilla "intermediate" TLS 1.2 suites (server-side TLS guidelines v5.7) without the DHE ones:
+# forward secret (ECDHE) and AEAD (GCM, ChaCha20-Poly1305) only, so no DH parameter file is
+# needed. TLS 1.3 suites are all ECDHE + AEAD; OpenSSL's default list for them is kept.
+INTERMEDIATE_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+# Identifies our session cache; any constant works, it only has to be set (OpenSSL refuses to
+# resume sessions without one when client certificates are ever involved).
+_SESSION_ID_CONTEXT = b"synapse-acme"
+
+
+def _alpn_selector(
+    protocols: tuple[bytes, ...],
+) -> Callable[[SSL.Connection, list[bytes]], bytes | object]:
+    """Our preference order wins; no overlap means "no ALPN", not a failed handshake."""
+
+    def select(conn: SSL.Connection, offered: list[bytes]) -> bytes | object:
+        for proto in protocols:
+            if proto in offered:
+                return proto
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    return select
+
+
+def _base_context(alpn: Sequence[bytes]) -> SSL.Context:
+    """A server context with the modern settings and no certificate yet."""
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(
+        SSL.OP_NO_COMPRESSION  # CRIME
+        | SSL.OP_NO_RENEGOTIATION  # client-initiated renegotiation is a DoS lever
+        | SSL.OP_SINGLE_ECDH_USE
+    )
+    ctx.set_cipher_list(INTERMEDIATE_CIPHERS.encode("ascii"))
+    # ECDHE groups: OpenSSL >= 1.1.0 negotiates them automatically (X25519, P-256, ...). Twisted's
+    # CertificateOptions pins P-256 with set_tmp_ecdh; we deliberately do not.
+    ctx.set_session_id(_SESSION_ID_CONTEXT)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    if alpn:
+        ctx.set_alpn_select_callback(_alpn_selector(tuple(alpn)))  # type: ignore[arg-type]
+    return ctx
+
+
+def build_context(
+    bundle: CertificateBundle,
+    alpn: Sequence[bytes] = DEFAULT_ALPN,
+    chain: Sequence[x509.Certificate] | None = None,
+) -> SSL.Context:
+    """A ready-to-serve context for ``bundle`` (full chain sent, key checked against the leaf).
+
+    ``chain`` is the already-parsed chain if the caller has it. Raises BundleError if OpenSSL
+    refuses the key or certificate. Does not check validity dates or names: see
+    :func:`synapse_acme.crypto.validate_bundle`.
+    """
+    certs = list(chain) if chain is not None else crypto.parse_chain(bundle.chain_pem)
+    key = crypto.load_private_key(bundle.key_pem)
+    ctx = _base_context(alpn)
+    try:
+        ctx.use_certificate(certs[0])
+        for extra in certs[1:]:
+            ctx.add_extra_chain_cert(extra)
+        ctx.use_privatekey(key)  # type: ignore[arg-type]
+        ctx.check_privatekey()
+    except SSL.Error as e:
+        raise BundleError(f"OpenSSL refuses the certificate or key: {e}") from None
+    return ctx
+
+
+def _normalise_sni(server_name: bytes | None) -> str | None:
+    if not server_name:
+        return None
+    try:
+        name = server_name.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return name.lower().rstrip(".") or None
+
+
+@attrs.frozen
+class _Entry:
+    """One installed certificate and its prebuilt context."""
+
+    key: str
+    bundle: CertificateBundle
+    context: SSL.Context
+    names: tuple[str, ...]  # the leaf's SAN DNS names
+    serial: int
+    not_after: datetime.datetime
+
+
+@attrs.frozen
+class _Snapshot:
+    """Immutable lookup tables; a new one replaces the old on every change."""
+
+    entries: Mapping[str, _Entry]  # key -> entry, in installation order
+    exact: Mapping[str, SSL.Context]
+    wildcard: Mapping[str, SSL.Context]  # "b.c" for a "*.b.c" SAN
+    default: _Entry | None
+    dispatch: SSL.Context  # every connection starts here; its SNI callback reads this snapshot
+
+    def lookup(self, name: str | None) -> SSL.Context | None:
+        """Exact name, then wildcard, else ``None`` (meaning: keep the default)."""
+        if name is None:
+            return None
+        ctx = self.exact.get(name)
+        if ctx is None:
+            _, dot, parent = name.partition(".")
+            if dot and parent:
+                ctx = self.wildcard.get(parent)
+        return ctx
+
+
+def _build_snapshot(
+    entries: Mapping[str, _Entry], default_key: str | None, alpn: Sequence[bytes]
+) -> _Snapshot:
+    # Where two certificates cover a name, the one valid longest wins (a fresh renewal beats a
+    # stale certificate still installed under another key); ties go to the earlier installed.
+    exact: dict[str, _Entry] = {}
+    wildcard: dict[str, _Entry] = {}
+    for entry in entries.values():
+        for name in entry.names:
+            table, label = (wildcard, name[2:]) if name.startswith("*.") else (exact, name)
+            held = table.get(label)
+            if held is None or entry.not_after > held.not_after:
+                table[label] = entry
+    default: _Entry | None = None
+    if default_key is not None:
+        default = entries.get(default_key)
+    if default is None and entries:
+        default = next(iter(entries.values()))
+    if default is not None:
+        dispatch = build_context(default.bundle, alpn)
+    else:
+        # Nothing to serve yet: handshakes fail cleanly ("no shared cipher") until a certificate
+        # is installed.
+        dispatch = _base_context(alpn)
+    snapshot = _Snapshot(
+        entries=dict(entries),
+        exact={k: e.context for k, e in exact.items()},
+        wildcard={k: e.context for k, e in wildcard.items()},
+        default=default,
+        dispatch=dispatch,
+    )
+    dispatch.set_tlsext_servername_callback(_sni_callback(snapshot))
+    return snapshot
+
+
+def _sni_callback(snapshot: _Snapshot) -> Callable[[SSL.Connection], None]:
+    def on_server_name(conn: SSL.Connection) -> None:
+        # Runs inside OpenSSL: an exception here would only be printed, so never raise.
+        try:
+            ctx = snapshot.lookup(_normalise_sni(conn.get_servername()))
+            if ctx is not None:
+                conn.set_context(ctx)
+        except Exception:
+            log.exception("TLS: selecting a certificate by SNI failed; serving the default")
+
+    return on_server_name
+
+
+@implementer(IOpenSSLServerConnectionCreator, ICertificateConsumer)
+@attrs.define(eq=False)
+class HotSwapTLS:
+    """Serves many certificates by SNI and replaces any of them atomically at run time.
+
+    ``default_key`` names the certificate for clients without SNI or with an unknown name;
+    without it (or until it is installed) the first installed certificate is the default.
+    ``required_names`` maps a key to the names its certificate must cover; without an entry,
+    the bundle's ``metadata["names"]`` are required (if present). ``skew`` tolerates a
+    certificate dated slightly in the future.
+    """
+
+    clock: IReactorTime
+    default_key: str | None = None
+    alpn: Sequence[bytes] = DEFAULT_ALPN
+    required_names: Mapping[str, Sequence[str]] | None = None
+    skew: datetime.timedelta = crypto.DEFAULT_SKEW
+    _snapshot: _Snapshot = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.alpn = tuple(self.alpn)
+        self._snapshot = _build_snapshot({}, self.default_key, self.alpn)
+
+    # -- IOpenSSLServerConnectionCreator ------------------------------------------------------
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        """A connection bound to the current snapshot: it keeps these certificates even if a
+        swap happens before its ClientHello arrives."""
+        return SSL.Connection(self._snapshot.dispatch, None)
+
+    # -- ICertificateConsumer -----------------------------------------------------------------
+
+    def certificate_changed(self, key: str, bundle: CertificateBundle) -> None:
+        """Install ``bundle`` for ``key``; a bad bundle is logged and the old one keeps serving."""
+        try:
+            self.set_bundle(key, bundle)
+        except BundleError as e:
+            current = self._snapshot.entries.get(key)
+            still = (
+                f"still serving serial {current.serial:x} (valid until "
+                f"{current.not_after.isoformat()})"
+                if current is not None
+                else "nothing is served for it yet"
+            )
+            log.error("TLS: refusing the new certificate for %s: %s; %s", key, e, still)
+        except Exception:
+            log.exception("TLS: unexpected error installing the certificate for %s", key)
+
+    # -- direct use ---------------------------------------------------------------------------
+
+    def set_bundle(
+        self, key: str, bundle: CertificateBundle, allow_expired: bool | None = None
+    ) -> None:
+        """Validate ``bundle``, build its context, and swap it in; BundleError if unusable.
+
+        Expired certificates are refused, except (by default) when nothing is served for
+        ``key`` yet: then serving the last known certificate beats serving none (logged loudly).
+        """
+        now = crypto.now_from_clock(self.clock)
+        old = self._snapshot
+        if allow_expired is None:
+            allow_expired = key not in old.entries
+        chain = crypto.validate_bundle(
+            bundle, self._names_for(key, bundle), now, skew=self.skew, allow_expired=allow_expired
+        )
+        leaf = chain[0]
+        entry = _Entry(
+            key=key,
+            bundle=bundle,
+            context=build_context(bundle, self.alpn, chain),
+            names=tuple(crypto.certificate_names(leaf)),
+            serial=leaf.serial_number,
+            not_after=crypto.not_after(leaf),
+        )
+        entries = dict(old.entries)
+        entries[key] = entry
+        self._snapshot = _build_snapshot(entries, self.default_key, self.alpn)
+        if entry.not_after <= now:
+            log.warning(
+                "TLS: serving an EXPIRED certificate for %s (expired %s) until a new one arrives",
+                key,
+                entry.not_after.isoformat(),
+            )
+        if bundle.metadata.get("placeholder"):
+            log.warning("TLS: serving a self-signed placeholder certificate for %s", key)
+        log.info(
+            "TLS: now serving certificate serial %x for %s (%s), valid until %s",
+            entry.serial,
+            key,
+            ", ".join(entry.names),
+            entry.not_after.isoformat(),
+        )
+
+    def remove(self, key: str) -> None:
+        """Stop serving the certificate under ``key`` (no error if there is none)."""
+        old = self._snapshot
+        if key in old.entries:
+            entries = {k: e for k, e in old.entries.items() if k != key}
+            self._snapshot = _build_snapshot(entries, self.default_key, self.alpn)
+            log.info("TLS: no longer serving the certificate for %s", key)
+
+    def keys(self) -> list[str]:
+        """The keys with an installed certificate, in installation order."""
+        return list(self._snapshot.entries)
+
+    def names(self) -> list[str]:
+        """Every name (``*.x`` for wildcards) some installed certificate answers, sorted."""
+        snap = self._snapshot
+        return sorted([*snap.exact, *(f"*.{w}" for w in snap.wildcard)])
+
+    def current(self, key: str) -> CertificateBundle | None:
+        """The bundle being served for ``key``, or ``None``."""
+        entry = self._snapshot.entries.get(key)
+        return entry.bundle if entry is not None else None
+
+    def default(self) -> str | None:
+        """The key of the certificate clients without SNI get, or ``None`` if nothing is served."""
+        entry = self._snapshot.default
+        return entry.key if entry is not None else None
+
+    def _names_for(self, key: str, bundle: CertificateBundle) -> Sequence[str] | None:
+        if self.required_names is not None and key in self.required_names:
+            return list(self.required_names[key])
+        names = bundle.metadata.get("names")
+        if isinstance(names, Iterable) and not isinstance(names, (str, bytes)):
+            return [str(n) for n in names]
+        return None
+
+
+@implementer(IStreamServerEndpoint)
+@attrs.frozen
+class TLSServerEndpoint:
+    """Runs TLS with ``creator`` over any stream server endpoint (tcp:, systemd:, unix:)."""
+
+    endpoint: IStreamServerEndpoint
+    creator: IOpenSSLServerConnectionCreator
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return self.endpoint.listen(TLSMemoryBIOFactory(self.creator, False, protocolFactory))
+
+
+def tls_server_endpoint(
+    reactor: IReactorCore, description: str, creator: IOpenSSLServerConnectionCreator
+) -> IStreamServerEndpoint:
+    """A TLS listener endpoint from a plain endpoint string, e.g. ``"tcp:8448:interface=::"``.
+
+    Use ``tcp:``/``systemd:``/``unix:`` descriptions; ``ssl:`` would add a second TLS layer.
+    """
+    if description.split(":", 1)[0].lower() in ("ssl", "tls"):
+        raise ValueError(
+            f"{description!r}: give a plain endpoint (tcp:...), TLS is added by the creator"
+        )
+    return TLSServerEndpoint(serverFromString(reactor, description), creator)
+
+
+__all__ = [
+    "DEFAULT_ALPN",
+    "INTERMEDIATE_CIPHERS",
+    "HotSwapTLS",
+    "TLSServerEndpoint",
+    "build_context",
+    "tls_server_endpoint",
+]

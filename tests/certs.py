@@ -1,0 +1,180 @@
+"""A tiny certificate authority for tests: a root, an intermediate, and leaves on demand.
+
+Tests need real chains (leaf -> intermediate -> root) with chosen names, validity and key
+types, without touching the network or a real CA. Everything is built in memory with
+``cryptography``::
+
+    ca = TestCA()
+    bundle = ca.issue(["a.example.test", "*.b.example.test"])
+    ca.root_pem          # trust this in a TLS client
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from synapse_acme.model import CertificateBundle
+
+_PEM = serialization.Encoding.PEM
+
+
+def make_key(key_type: str = "ecdsa-p256") -> CertificateIssuerPrivateKeyTypes:
+    """A private key of one of the project's key types (``ecdsa-p256``, ``rsa-2048``, ...)."""
+    if key_type == "ecdsa-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "ecdsa-p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type.startswith("rsa-"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[4:]))
+    raise ValueError(f"unknown key type {key_type!r}")
+
+
+def key_pem(key: CertificateIssuerPrivateKeyTypes) -> bytes:
+    """Unencrypted PKCS8 PEM of ``key``."""
+    return key.private_bytes(_PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "synapse-acme tests"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def _ca_cert(
+    subject: x509.Name,
+    key: CertificateIssuerPrivateKeyTypes,
+    issuer: x509.Name,
+    issuer_key: CertificateIssuerPrivateKeyTypes,
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
+) -> x509.Certificate:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),  # type: ignore[arg-type]
+            False,
+        )
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
+class TestCA:
+    """A root and an intermediate CA that issue leaf bundles (chain: leaf, intermediate).
+
+    ``now`` anchors the default validity windows; pass the time your test's clock shows.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, now: datetime.datetime | None = None, name: str = "Test") -> None:
+        self.now = now or datetime.datetime.now(datetime.timezone.utc)
+        start = self.now - datetime.timedelta(days=365)
+        end = self.now + datetime.timedelta(days=3650)
+        self.root_key = make_key("ecdsa-p256")
+        root_name = _name(f"{name} Root CA")
+        self.root = _ca_cert(root_name, self.root_key, root_name, self.root_key, start, end)
+        self.intermediate_key = make_key("ecdsa-p256")
+        self.intermediate = _ca_cert(
+            _name(f"{name} Intermediate CA"),
+            self.intermediate_key,
+            root_name,
+            self.root_key,
+            start,
+            end,
+        )
+
+    @property
+    def root_pem(self) -> bytes:
+        return self.root.public_bytes(_PEM)
+
+    @property
+    def intermediate_pem(self) -> bytes:
+        return self.intermediate.public_bytes(_PEM)
+
+    def issue_cert(
+        self,
+        names: Sequence[str],
+        key: CertificateIssuerPrivateKeyTypes,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+        serial: int | None = None,
+    ) -> x509.Certificate:
+        """A leaf for ``names`` (SANs; the first is the CN) over ``key``'s public key."""
+        nb = not_before if not_before is not None else self.now - datetime.timedelta(hours=1)
+        na = not_after if not_after is not None else self.now + datetime.timedelta(days=90)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(self.intermediate.subject)
+            .public_key(key.public_key())
+            .serial_number(serial if serial is not None else x509.random_serial_number())
+            .not_valid_before(nb)
+            .not_valid_after(na)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    self.intermediate_key.public_key()  # type: ignore[arg-type]
+                ),
+                False,
+            )
+            .sign(self.intermediate_key, hashes.SHA256())
+        )
+
+    def issue(
+        self,
+        names: Sequence[str],
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+        key_type: str = "ecdsa-p256",
+        serial: int | None = None,
+    ) -> CertificateBundle:
+        """A bundle (key, leaf + intermediate) for ``names``.
+
+        Defaults: valid from an hour before ``self.now`` for 90 days, a fresh ECDSA P-256 key.
+        """
+        key = make_key(key_type)
+        leaf = self.issue_cert(names, key, not_before, not_after, serial)
+        return CertificateBundle(
+            key_pem=key_pem(key),
+            chain_pem=leaf.public_bytes(_PEM) + self.intermediate_pem,
+            metadata={"names": list(names)},
+        )
+
+
+def leaf_serial(bundle: CertificateBundle) -> int:
+    """The serial number of a bundle's leaf (to tell certificates apart in assertions)."""
+    return x509.load_pem_x509_certificates(bundle.chain_pem)[0].serial_number

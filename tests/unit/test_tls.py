@@ -1,0 +1,512 @@
+"""HotSwapTLS: SNI selection, ALPN, atomic swaps and refusal of bad bundles, all in memory.
+
+Handshakes run over pyOpenSSL memory BIO pairs (and once through Twisted's TLSMemoryBIOFactory
+with ``twisted.test.iosim``), driven synchronously; time comes from a ``Clock``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime
+import logging
+import os
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
+from OpenSSL.crypto import X509
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test.iosim import connectedServerAndClient
+from zope.interface.verify import verifyObject
+
+from synapse_acme import tls as tls_module
+from synapse_acme.errors import BundleError
+from synapse_acme.interfaces import ICertificateConsumer
+from synapse_acme.model import CertificateBundle
+from synapse_acme.tls import HotSwapTLS, build_context, tls_server_endpoint
+from tests.certs import TestCA, leaf_serial
+
+NOW = datetime.datetime(2026, 11, 23, 12, 0, tzinfo=datetime.timezone.utc)
+DAY = datetime.timedelta(days=1)
+
+
+@pytest.fixture(scope="module")
+def ca() -> TestCA:
+    return TestCA(now=NOW)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    c = Clock()
+    c.advance(NOW.timestamp())
+    return c
+
+
+@pytest.fixture
+def tls(clock: Clock) -> HotSwapTLS:
+    return HotSwapTLS(clock=clock, default_key="main")
+
+
+class Result:
+    def __init__(self, client: SSL.Connection) -> None:
+        cert = client.get_peer_certificate(as_cryptography=True)
+        assert cert is not None
+        self.serial = cert.serial_number
+        self.alpn = client.get_alpn_proto_negotiated()
+        self.chain = client.get_peer_cert_chain(as_cryptography=True) or []
+        self.version = client.get_protocol_version_name()
+        self.cipher = client.get_cipher_name()
+
+
+def client_context(ca: TestCA, max_version: int | None = None) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.get_cert_store().add_cert(X509.from_cryptography(ca.root))  # type: ignore[union-attr]
+    ctx.set_verify(SSL.VERIFY_PEER, lambda *a: bool(a[-1]))
+    if max_version is not None:
+        ctx.set_max_proto_version(max_version)
+    return ctx
+
+
+def pump(server: SSL.Connection, client: SSL.Connection) -> None:
+    """Move bytes between two memory-BIO connections until both finished the handshake."""
+    done = {"s": False, "c": False}
+    for _ in range(50):
+        for tag, conn in (("c", client), ("s", server)):
+            if not done[tag]:
+                try:
+                    conn.do_handshake()
+                    done[tag] = True
+                except SSL.WantReadError:
+                    pass
+        for src, dst in ((client, server), (server, client)):
+            try:
+                data = src.bio_read(65536)
+            except SSL.WantReadError:
+                continue
+            dst.bio_write(data)
+        if done["s"] and done["c"]:
+            return
+    raise AssertionError("handshake did not finish")
+
+
+def handshake(
+    tls: HotSwapTLS,
+    ca: TestCA,
+    sni: bytes | None,
+    alpn: list[bytes] | None = None,
+    server: SSL.Connection | None = None,
+    max_version: int | None = None,
+) -> Result:
+    if server is None:
+        server = tls.serverConnectionForTLS(None)
+    server.set_accept_state()
+    client = SSL.Connection(client_context(ca, max_version), None)
+    client.set_connect_state()
+    if sni is not None:
+        client.set_tlsext_host_name(sni)
+    if alpn:
+        client.set_alpn_protos(alpn)
+    pump(server, client)
+    return Result(client)
+
+
+# -- the contract ------------------------------------------------------------------------------
+
+
+def test_provides_interfaces(tls: HotSwapTLS) -> None:
+    assert verifyObject(IOpenSSLServerConnectionCreator, tls)
+    assert verifyObject(ICertificateConsumer, tls)
+
+
+# -- SNI selection -----------------------------------------------------------------------------
+
+
+def test_sni_exact_wildcard_default(tls: HotSwapTLS, ca: TestCA) -> None:
+    main = ca.issue(["example.test"])
+    wild = ca.issue(["*.wild.example.test"])
+    exact = ca.issue(["a.wild.example.test"])
+    tls.set_bundle("main", main)
+    tls.set_bundle("wild", wild)
+    tls.set_bundle("exact", exact)
+
+    assert handshake(tls, ca, b"example.test").serial == leaf_serial(main)
+    # exact beats wildcard
+    assert handshake(tls, ca, b"a.wild.example.test").serial == leaf_serial(exact)
+    assert handshake(tls, ca, b"b.wild.example.test").serial == leaf_serial(wild)
+    # SNI is case-insensitive
+    assert handshake(tls, ca, b"B.Wild.Example.Test").serial == leaf_serial(wild)
+    # wildcard covers exactly one label: deeper names and the bare parent get the default
+    assert handshake(tls, ca, b"x.b.wild.example.test").serial == leaf_serial(main)
+    assert handshake(tls, ca, b"wild.example.test").serial == leaf_serial(main)
+    # unknown name and no SNI at all: default
+    assert handshake(tls, ca, b"unknown.test").serial == leaf_serial(main)
+    assert handshake(tls, ca, None).serial == leaf_serial(main)
+    assert tls.names() == ["*.wild.example.test", "a.wild.example.test", "example.test"]
+    assert tls.keys() == ["main", "wild", "exact"]
+    assert tls.default() == "main"
+
+
+def test_default_is_first_installed_until_configured_default_arrives(
+    tls: HotSwapTLS, ca: TestCA
+) -> None:
+    other = ca.issue(["other.test"])
+    tls.set_bundle("other", other)
+    assert tls.default() == "other"
+    assert handshake(tls, ca, None).serial == leaf_serial(other)
+    main = ca.issue(["example.test"])
+    tls.set_bundle("main", main)
+    assert tls.default() == "main"
+    assert handshake(tls, ca, None).serial == leaf_serial(main)
+    assert handshake(tls, ca, b"other.test").serial == leaf_serial(other)
+
+
+def test_no_certificate_fails_handshake_cleanly(tls: HotSwapTLS, ca: TestCA) -> None:
+    with pytest.raises(SSL.Error):
+        handshake(tls, ca, b"example.test")
+
+
+def test_full_chain_is_sent_and_verifies(tls: HotSwapTLS, ca: TestCA) -> None:
+    tls.set_bundle("main", ca.issue(["example.test"]))
+    tls.set_bundle("b", ca.issue(["b.test"]))
+    for sni in (b"example.test", b"b.test", None):  # also after the SNI context switch
+        result = handshake(tls, ca, sni)
+        assert [c.subject for c in result.chain] == [
+            result.chain[0].subject,
+            ca.intermediate.subject,
+        ]
+
+
+# -- ALPN --------------------------------------------------------------------------------------
+
+
+def test_alpn_survives_sni_switch(tls: HotSwapTLS, ca: TestCA) -> None:
+    tls.set_bundle("main", ca.issue(["example.test"]))
+    tls.set_bundle("other", ca.issue(["other.test"]))
+    # other.test is not the default: the connection switches context in the SNI callback
+    assert handshake(tls, ca, b"other.test", [b"h2", b"http/1.1"]).alpn == b"h2"
+    assert handshake(tls, ca, b"other.test", [b"http/1.1"]).alpn == b"http/1.1"
+    assert handshake(tls, ca, b"example.test", [b"http/1.1", b"h2"]).alpn == b"h2"
+    # no overlap: the handshake still succeeds, without a protocol
+    assert handshake(tls, ca, b"other.test", [b"spdy/3"]).alpn == b""
+
+
+def test_alpn_configurable(clock: Clock, ca: TestCA) -> None:
+    tls = HotSwapTLS(clock=clock, alpn=[b"http/1.1"])
+    tls.set_bundle("main", ca.issue(["example.test"]))
+    assert handshake(tls, ca, b"example.test", [b"h2", b"http/1.1"]).alpn == b"http/1.1"
+
+
+# -- protocol settings -------------------------------------------------------------------------
+
+
+def test_tls13_and_tls12_aead_only(tls: HotSwapTLS, ca: TestCA) -> None:
+    tls.set_bundle("main", ca.issue(["example.test"]))
+    r13 = handshake(tls, ca, b"example.test")
+    assert r13.version == "TLSv1.3"
+    r12 = handshake(tls, ca, b"example.test", max_version=SSL.TLS1_2_VERSION)
+    assert r12.version == "TLSv1.2"
+    assert r12.cipher is not None
+    assert r12.cipher.startswith("ECDHE-") and ("GCM" in r12.cipher or "CHACHA20" in r12.cipher)
+
+
+def test_tls11_refused(tls: HotSwapTLS, ca: TestCA) -> None:
+    tls.set_bundle("main", ca.issue(["example.test"]))
+    with pytest.raises(SSL.Error):
+        handshake(tls, ca, b"example.test", max_version=SSL.TLS1_1_VERSION)
+
+
+def test_rsa_certificate(tls: HotSwapTLS, ca: TestCA) -> None:
+    bundle = ca.issue(["example.test"], key_type="rsa-2048")
+    tls.set_bundle("main", bundle)
+    r12 = handshake(tls, ca, b"example.test", max_version=SSL.TLS1_2_VERSION)
+    assert r12.serial == leaf_serial(bundle)
+    assert r12.cipher is not None and r12.cipher.startswith("ECDHE-RSA-")
+
+
+# -- swapping ----------------------------------------------------------------------------------
+
+
+def test_swap_new_connections_get_new_cert_old_keep_theirs(tls: HotSwapTLS, ca: TestCA) -> None:
+    old = ca.issue(["example.test"])
+    other_old = ca.issue(["other.test"])
+    tls.set_bundle("main", old)
+    tls.set_bundle("other", other_old)
+    before_main = tls.serverConnectionForTLS(None)  # accepted, ClientHello not yet received
+    before_other = tls.serverConnectionForTLS(None)
+
+    new = ca.issue(["example.test"])
+    other_new = ca.issue(["other.test"])
+    tls.certificate_changed("main", new)
+    tls.certificate_changed("other", other_new)
+    assert tls.current("main") is new
+
+    assert handshake(tls, ca, b"example.test", server=before_main).serial == leaf_serial(old)
+    assert handshake(tls, ca, b"other.test", server=before_other).serial == leaf_serial(other_old)
+    assert handshake(tls, ca, b"example.test").serial == leaf_serial(new)
+    assert handshake(tls, ca, b"other.test").serial == leaf_serial(other_new)
+    assert handshake(tls, ca, None).serial == leaf_serial(new)
+
+
+def test_established_connection_survives_swap(tls: HotSwapTLS, ca: TestCA) -> None:
+    tls.set_bundle("main", ca.issue(["example.test"]))
+    server = tls.serverConnectionForTLS(None)
+    server.set_accept_state()
+    client = SSL.Connection(client_context(ca), None)
+    client.set_connect_state()
+    client.set_tlsext_host_name(b"example.test")
+    pump(server, client)
+    tls.set_bundle("main", ca.issue(["example.test"]))
+    client.send(b"ping")
+    server.bio_write(client.bio_read(65536))
+    assert server.recv(100) == b"ping"
+
+
+def test_remove(tls: HotSwapTLS, ca: TestCA) -> None:
+    main, other = ca.issue(["example.test"]), ca.issue(["other.test"])
+    tls.set_bundle("main", main)
+    tls.set_bundle("other", other)
+    tls.remove("other")
+    tls.remove("never-there")
+    assert tls.current("other") is None
+    assert handshake(tls, ca, b"other.test").serial == leaf_serial(main)
+
+
+def test_overlapping_names_longest_valid_wins(tls: HotSwapTLS, ca: TestCA) -> None:
+    short = ca.issue(["shared.test"], not_after=NOW + 10 * DAY)
+    long = ca.issue(["shared.test"], not_after=NOW + 80 * DAY)
+    tls.set_bundle("main", ca.issue(["example.test"]))
+    tls.set_bundle("long", long)
+    tls.set_bundle("short", short)
+    assert handshake(tls, ca, b"shared.test").serial == leaf_serial(long)
+
+
+# -- no I/O in the handshake path --------------------------------------------------------------
+
+
+def test_no_disk_io_or_context_building_during_handshakes(
+    tls: HotSwapTLS, ca: TestCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls.set_bundle("main", ca.issue(["example.test"]))
+    tls.set_bundle("wild", ca.issue(["*.example.test"]))
+    client_ctxs = [client_context(ca) for _ in range(3)]
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"I/O or context building in the handshake path: {args!r}")
+
+    serials = []
+    with monkeypatch.context() as patched:
+        patched.setattr(builtins, "open", refuse)
+        patched.setattr(os, "stat", refuse)
+        patched.setattr(os, "open", refuse)
+        patched.setattr(tls_module, "build_context", refuse)
+        patched.setattr(tls_module, "_base_context", refuse)
+        for ctx, sni in zip(client_ctxs, (b"example.test", b"a.example.test", None), strict=True):
+            server = tls.serverConnectionForTLS(None)
+            server.set_accept_state()
+            client = SSL.Connection(ctx, None)
+            client.set_connect_state()
+            if sni:
+                client.set_tlsext_host_name(sni)
+            pump(server, client)
+            cert = client.get_peer_certificate(as_cryptography=True)
+            serials.append(cert.serial_number if cert is not None else None)
+    main, wild = (leaf_serial(tls.current(k)) for k in ("main", "wild"))  # type: ignore[arg-type]
+    assert serials == [main, wild, main]
+
+
+# -- bad bundles are never swapped in ----------------------------------------------------------
+
+
+def _mismatched_key(ca: TestCA) -> CertificateBundle:
+    a, b = ca.issue(["example.test"]), ca.issue(["example.test"])
+    return CertificateBundle(key_pem=b.key_pem, chain_pem=a.chain_pem, metadata=a.metadata)
+
+
+def _out_of_order(ca: TestCA) -> CertificateBundle:
+    good = ca.issue(["example.test"])
+    leaf, inter = x509.load_pem_x509_certificates(good.chain_pem)
+    pem = serialization.Encoding.PEM
+    return CertificateBundle(
+        key_pem=good.key_pem,
+        chain_pem=leaf.public_bytes(pem) + ca.root_pem + inter.public_bytes(pem),
+        metadata=good.metadata,
+    )
+
+
+def _wrong_intermediate(ca: TestCA) -> CertificateBundle:
+    good = ca.issue(["example.test"])
+    leaf = x509.load_pem_x509_certificates(good.chain_pem)[0]
+    pem = serialization.Encoding.PEM
+    return CertificateBundle(
+        key_pem=good.key_pem,
+        chain_pem=leaf.public_bytes(pem) + TestCA(now=NOW, name="Other").intermediate_pem,
+    )
+
+
+BAD = {
+    "key mismatch": (_mismatched_key, "does not match"),
+    "wrong names": (lambda ca: ca.issue(["evil.test"]), "does not cover"),
+    "not yet valid": (
+        lambda ca: ca.issue(["example.test"], not_before=NOW + DAY, not_after=NOW + 90 * DAY),
+        "not valid before",
+    ),
+    "expired": (
+        lambda ca: ca.issue(["example.test"], not_before=NOW - 90 * DAY, not_after=NOW - DAY),
+        "expired",
+    ),
+    "chain out of order": (_out_of_order, "out of order"),
+    "wrong intermediate": (_wrong_intermediate, "out of order or incomplete"),
+    "garbage": (
+        lambda ca: CertificateBundle(key_pem=b"nope", chain_pem=b"not a pem"),
+        "does not parse",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_bundle_never_swapped_in(
+    case: str, clock: Clock, ca: TestCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    tls = HotSwapTLS(clock=clock, default_key="main", required_names={"main": ["example.test"]})
+    good = ca.issue(["example.test"])
+    tls.set_bundle("main", good)
+    make, why = BAD[case]
+    bad = make(ca)
+
+    with pytest.raises(BundleError, match=why):
+        tls.set_bundle("main", bad)
+    with caplog.at_level(logging.ERROR, logger="synapse_acme.tls"):
+        tls.certificate_changed("main", bad)  # the consumer path logs instead of raising
+    assert tls.current("main") is good
+    assert handshake(tls, ca, b"example.test").serial == leaf_serial(good)
+    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "refusing the new certificate for main" in record.getMessage()
+    assert why in record.getMessage()
+    assert "still serving serial" in record.getMessage()
+    assert b"PRIVATE KEY" not in record.getMessage().encode()
+
+
+def test_skew_tolerated(tls: HotSwapTLS, ca: TestCA) -> None:
+    fresh = ca.issue(["example.test"], not_before=NOW + datetime.timedelta(minutes=2))
+    tls.set_bundle("main", fresh)
+    assert tls.current("main") is fresh
+
+
+def test_metadata_names_required_without_config(tls: HotSwapTLS, ca: TestCA) -> None:
+    bundle = ca.issue(["example.test"])
+    lying = CertificateBundle(
+        key_pem=bundle.key_pem,
+        chain_pem=bundle.chain_pem,
+        metadata={"names": ["example.test", "www.example.test"]},
+    )
+    with pytest.raises(BundleError, match=r"www\.example\.test"):
+        tls.set_bundle("main", lying)
+
+
+def test_expired_accepted_only_when_nothing_served(
+    tls: HotSwapTLS, ca: TestCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    expired = ca.issue(["example.test"], not_before=NOW - 90 * DAY, not_after=NOW - DAY)
+    with caplog.at_level(logging.WARNING, logger="synapse_acme.tls"):
+        tls.certificate_changed("main", expired)
+    assert tls.current("main") is expired
+    assert any("EXPIRED" in r.getMessage() for r in caplog.records)
+    good = ca.issue(["example.test"])
+    tls.set_bundle("main", good)
+    with pytest.raises(BundleError, match="expired"):
+        tls.set_bundle("main", expired)
+    assert tls.current("main") is good
+
+
+def test_validity_uses_the_clock(tls: HotSwapTLS, ca: TestCA, clock: Clock) -> None:
+    tls.set_bundle("main", ca.issue(["example.test"]))
+    later = ca.issue(["example.test"], not_before=NOW + 2 * DAY, not_after=NOW + 30 * DAY)
+    with pytest.raises(BundleError):
+        tls.set_bundle("main", later)
+    clock.advance(3 * DAY.total_seconds())
+    tls.set_bundle("main", later)
+    assert tls.current("main") is later
+
+
+def test_build_context_refuses_mismatch(ca: TestCA) -> None:
+    with pytest.raises(BundleError):
+        build_context(_mismatched_key(ca))
+
+
+# -- through Twisted -------------------------------------------------------------------------
+
+
+class _Recorder(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+        self.peer: x509.Certificate | None = None
+        self.alpn: bytes | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.peer is None:
+            self._record()
+
+    def _record(self) -> None:
+        peer = self.transport.getPeerCertificate()  # type: ignore[attr-defined]
+        self.peer = peer.to_cryptography()
+        self.alpn = self.transport.negotiatedProtocol  # type: ignore[attr-defined]
+
+
+class _Hello(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.write(b"hello")  # type: ignore[union-attr]
+
+
+def twisted_handshake(tls: HotSwapTLS, ca: TestCA, hostname: str) -> _Recorder:
+    client_options = optionsForClientTLS(
+        hostname,
+        trustRoot=Certificate.loadPEM(ca.root_pem),
+        acceptableProtocols=[b"h2", b"http/1.1"],
+    )
+    recorder = _Recorder()
+    io_clock = Clock()  # TLSMemoryBIOFactory coalesces writes with callLater(0)
+    server_factory = TLSMemoryBIOFactory(tls, False, Factory.forProtocol(_Hello), clock=io_clock)
+    client_factory = TLSMemoryBIOFactory(
+        client_options, True, Factory.forProtocol(lambda: recorder), clock=io_clock
+    )
+    _client, _server, pump_ = connectedServerAndClient(
+        lambda: server_factory.buildProtocol(None),
+        lambda: client_factory.buildProtocol(None),
+        clock=io_clock,
+    )
+    for _ in range(20):
+        pump_.pump()
+    return recorder
+
+
+def test_through_twisted_tls_memory_bio(tls: HotSwapTLS, ca: TestCA) -> None:
+    main, other = ca.issue(["example.test"]), ca.issue(["other.test"])
+    tls.set_bundle("main", main)
+    tls.set_bundle("other", other)
+    got = twisted_handshake(tls, ca, "other.test")
+    assert got.received == b"hello"
+    assert got.peer is not None and got.peer.serial_number == leaf_serial(other)
+    assert got.alpn == b"h2"
+    renewed = ca.issue(["other.test"])
+    tls.certificate_changed("other", renewed)
+    got = twisted_handshake(tls, ca, "other.test")
+    assert got.peer is not None and got.peer.serial_number == leaf_serial(renewed)
+
+
+def test_tls_server_endpoint_wraps_plain_endpoints(tls: HotSwapTLS) -> None:
+    from twisted.internet.testing import MemoryReactor
+
+    reactor = MemoryReactor()
+    endpoint = tls_server_endpoint(reactor, "tcp:8448:interface=127.0.0.1", tls)
+    endpoint.listen(Factory.forProtocol(Protocol))
+    [(port, factory, _backlog, interface)] = reactor.tcpServers
+    assert (port, interface) == (8448, "127.0.0.1")
+    assert isinstance(factory, TLSMemoryBIOFactory)
+    with pytest.raises(ValueError):
+        tls_server_endpoint(reactor, "ssl:8448", tls)
