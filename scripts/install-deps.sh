@@ -84,9 +84,13 @@ install_venv() {
         say "creating $VENV with $("$PYTHON" --version 2>&1)"
         "$PYTHON" -m venv "$VENV"
     fi
-    say "pip install -e '.[$EXTRAS]' into $VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+    say "pip install -e '.[$EXTRAS]' into $VENV (log: $VENV/pip-install.log)"
+    if ! { "$VENV/bin/python" -m pip install --upgrade pip \
+        && "$VENV/bin/python" -m pip install -e ".[$EXTRAS]"; } >"$VENV/pip-install.log" 2>&1; then
+        tail -n 40 "$VENV/pip-install.log" >&2
+        say "pip install failed (full log: $VENV/pip-install.log)"
+        exit 1
+    fi
     echo "$want" >"$stamp"
 }
 
