@@ -219,3 +219,30 @@ def test_serve_command_prints_json_and_exits_cleanly_on_sigterm(tmp_path: Path) 
     port = int(info["directory_url"].rsplit(":", 1)[1].split("/")[0])
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_start_retries_when_a_picked_port_was_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from synapse_acme.testing import pebble as harness
+
+    real_free_port = harness.free_port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        calls: list[int] = []
+
+        def first_one_taken(*args: object) -> int:
+            calls.append(1)
+            return taken if len(calls) == 1 else real_free_port(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(harness, "free_port", first_one_taken)
+        ca = PebbleCA(str(tmp_path), http_port=5002)
+        try:
+            ca.start()
+            assert ca.api_port != taken
+            assert "address already in use" in (tmp_path / "pebble.log").read_text()
+            assert "newOrder" in ca.directory()
+        finally:
+            ca.stop()
