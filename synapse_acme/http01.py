@@ -1,0 +1,271 @@
+"""The HTTP-01 challenge responder: a live token map, the resource that serves it, and a listener.
+
+The same resource serves the standalone listener and every Synapse HTTP listener (mounted at
+``/.well-known/acme-challenge``), so it reads the responder's map on each request instead of
+being rebuilt per challenge. It never raises: a bug costs one 500, never a dead listener.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.address import IPv6Address
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.python.failure import Failure
+from twisted.web import pages
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+from zope.interface import implementer
+
+from synapse_acme.errors import ListenError
+from synapse_acme.interfaces import IResponder
+
+logger = logging.getLogger(__name__)
+
+# RFC 8555 §8.3: the token is base64url; real CAs send 43 characters. 256 bounds the work
+# done for junk requests while leaving room for any CA.
+_TOKEN = re.compile(rb"[A-Za-z0-9_-]{1,256}")
+_ALLOWED_METHODS = (b"GET", b"HEAD")
+
+
+def _valid_token(token: str) -> bool:
+    return isinstance(token, str) and _TOKEN.fullmatch(token.encode("ascii", "replace")) is not None
+
+
+@implementer(IResponder)
+@attrs.define
+class HTTP01Responder:
+    """Answers ``http-01`` challenges from an in-memory map ``token -> key authorization``.
+
+    The issuer calls :meth:`start_responding` before telling the CA to validate and
+    :meth:`stop_responding` afterwards; the resource from :meth:`resource` reads the map live.
+    """
+
+    challenge_type = "http-01"
+    _tokens: dict[str, bytes] = attrs.field(factory=dict, init=False)
+
+    def start_responding(self, identifier: str, token: str, key_authorization: str) -> None:
+        """Serve ``key_authorization`` at ``/.well-known/acme-challenge/<token>`` from now on.
+
+        Raises ValueError for a token no HTTP-01 resource could serve (not base64url), so an
+        issuance fails with a clear reason instead of a validation timeout.
+        """
+        if not _valid_token(token):
+            raise ValueError(f"HTTP-01 token is not base64url (1-256 characters): {token!r}")
+        self._tokens[token] = key_authorization.encode("ascii")
+        logger.debug("Answering the HTTP-01 challenge for %s (token %s)", identifier, token)
+
+    def stop_responding(self, identifier: str, token: str) -> None:
+        """Stop serving ``token``; an unknown token is not an error."""
+        if self._tokens.pop(token, None) is not None:
+            logger.debug("Stopped answering the HTTP-01 challenge for %s", identifier)
+
+    def tokens(self) -> Mapping[str, bytes]:
+        """A read-only live view of the tokens being answered (values: the response bodies)."""
+        return types.MappingProxyType(self._tokens)
+
+    def resource(self) -> IResource:
+        """The resource to mount as the ``acme-challenge`` child of ``.well-known``."""
+        return _ChallengeResource(self.tokens())
+
+
+class _ChallengeResource(Resource):
+    """``GET|HEAD /<token>`` -> the key authorization; anything else 404 or 405."""
+
+    isLeaf = True
+
+    def __init__(self, tokens: Mapping[str, bytes]) -> None:
+        super().__init__()
+        self._tokens = tokens
+
+    def render(self, request: Any) -> bytes:
+        try:
+            return self._render(request)
+        except Exception:
+            logger.exception("Bug answering an HTTP-01 request")
+            try:
+                request.setResponseCode(500)
+                request.setHeader(b"content-type", b"text/plain")
+            except Exception:
+                pass
+            return b"" if getattr(request, "method", None) == b"HEAD" else b"internal error\n"
+
+    def _render(self, request: Request) -> bytes:
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-type", b"text/plain")
+        if request.method not in _ALLOWED_METHODS:
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b", ".join(_ALLOWED_METHODS))
+            return b"method not allowed\n"
+        segments = list(request.postpath or [])
+        if len(segments) == 2 and segments[1] == b"":  # tolerate /<token>/
+            segments.pop()
+        body = None
+        if len(segments) == 1 and _TOKEN.fullmatch(segments[0]):
+            body = self._tokens.get(segments[0].decode("ascii"))
+        elif segments:
+            logger.debug("HTTP-01 request for a malformed token: %r", segments[:2])
+        if body is None:
+            request.setResponseCode(404)
+            body = b"not found\n"
+        else:
+            logger.debug("Answered an HTTP-01 challenge request")
+        if request.method == b"HEAD":
+            # Say the length a GET would get, without a body (and without Twisted's HEAD warning).
+            request.setHeader(b"content-length", b"%d" % len(body))
+            return b""
+        return body
+
+
+class _NotFound(Resource):
+    """A directory level that 404s everything except its explicit children."""
+
+    def getChild(self, path: bytes, request: Any) -> IResource:
+        return pages.notFound()
+
+    def render(self, request: Any) -> Any:
+        return pages.notFound().render(request)
+
+
+class _QuietSite(Site):
+    """A Site that logs requests at DEBUG: scanners hit port 80 all day."""
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        logger.debug(
+            "%s %r -> %s",
+            getattr(request, "method", b"?").decode("ascii", "replace"),
+            getattr(request, "uri", b""),
+            getattr(request, "code", "?"),
+        )
+
+
+def make_site(responder: HTTP01Responder) -> Site:
+    """A Site answering only ``/.well-known/acme-challenge/<token>``; everything else is 404."""
+    well_known = _NotFound()
+    well_known.putChild(b"acme-challenge", responder.resource())
+    root = _NotFound()
+    root.putChild(b".well-known", well_known)
+    return _QuietSite(root)
+
+
+def _is_dual_stack_overlap(failure: Failure, bound: Sequence[IListeningPort]) -> bool:
+    """True for EADDRINUSE on an IPv4 wildcard whose port a bound ``::`` socket already takes."""
+    err = failure.value
+    if not isinstance(err, CannotListenError) or err.interface not in ("", "0.0.0.0"):
+        return False
+    if getattr(err.socketError, "errno", None) != errno.EADDRINUSE:
+        return False
+    for port in bound:
+        host = port.getHost()
+        if isinstance(host, IPv6Address) and host.host == "::" and host.port == err.port:
+            return True
+    return False
+
+
+class HTTP01ListenerService(service.Service):
+    """Binds the HTTP-01 site on several endpoints, tolerating all but total failure.
+
+    Binding happens in ``privilegedStartService`` (port 80 before privileges drop). A host
+    without IPv6 fails ``::`` and keeps ``0.0.0.0``; on Linux ``::`` is dual-stack and the
+    ``0.0.0.0`` bind fails with EADDRINUSE, which is expected.
+    """
+
+    def __init__(self, reactor: Any, site: Site, endpoints: Sequence[str]) -> None:
+        self._reactor = reactor
+        self._site = site
+        self.endpoints: list[str] = list(endpoints)
+        #: The bound ports, in endpoint order (``getHost().port`` gives the number for port 0).
+        self.ports: list[IListeningPort] = []
+        self._binding: defer.Deferred[None] | None = None
+        self._outcome: list[IListeningPort] | Failure | None = None
+        self._waiters: list[defer.Deferred[list[IListeningPort]]] = []
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self._binding is None:
+            self._binding = defer.ensureDeferred(self._bind_all())
+
+    def startService(self) -> None:
+        super().startService()
+        if self._binding is None:  # not started through a parent's privilegedStartService
+            self._binding = defer.ensureDeferred(self._bind_all())
+
+    def when_listening(self) -> defer.Deferred[list[IListeningPort]]:
+        """Deferred firing with the bound ports once binding is done, or failing with
+        ListenError if no endpoint could be bound."""
+        d: defer.Deferred[list[IListeningPort]] = defer.Deferred()
+        if self._outcome is None:
+            self._waiters.append(d)
+        elif isinstance(self._outcome, Failure):
+            d.errback(self._outcome)
+        else:
+            d.callback(list(self._outcome))
+        return d
+
+    async def _bind_all(self) -> None:
+        errors: list[tuple[str, Failure]] = []
+        for description in self.endpoints:
+            try:
+                endpoint = serverFromString(self._reactor, description)
+                port = await endpoint.listen(self._site)
+            except defer.CancelledError:
+                self._settle(Failure(ListenError("stopped before the listener was bound")))
+                return
+            except Exception:
+                failure = Failure()
+                if _is_dual_stack_overlap(failure, self.ports):
+                    logger.info(
+                        "HTTP-01 listener %s not bound: covered by the IPv6 dual-stack socket",
+                        description,
+                    )
+                else:
+                    errors.append((description, failure))
+                continue
+            self.ports.append(port)
+            logger.info("HTTP-01 challenge listener on %s (%s)", description, port.getHost())
+        if self.endpoints and not self.ports:
+            detail = "; ".join(f"{d}: {f.getErrorMessage()}" for d, f in errors)
+            error = ListenError(f"could not bind any HTTP-01 challenge listener ({detail})")
+            logger.error("%s", error)
+            self._settle(Failure(error))
+            return
+        for description, failure in errors:
+            logger.warning(
+                "HTTP-01 listener %s not bound (%s); the others serve challenges",
+                description,
+                failure.getErrorMessage(),
+            )
+        self._settle(list(self.ports))
+
+    def _settle(self, outcome: list[IListeningPort] | Failure) -> None:
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(list(outcome))
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Deferred firing once every bound port has stopped listening."""
+        super().stopService()
+        binding, self._binding = self._binding, None
+        if binding is not None and not binding.called:
+            binding.cancel()
+        ports, self.ports = self.ports, []
+        self._outcome = None
+        stops = [defer.maybeDeferred(port.stopListening) for port in ports]
+        done = defer.DeferredList(stops, consumeErrors=True)
+        return done.addCallback(lambda _: None)
