@@ -1,5 +1,8 @@
 """A tiny certificate authority for tests: a root, an intermediate, and leaves on demand.
 
+Also: one-call in-memory TLS handshakes against a server connection creator
+(:func:`handshake`), so tests can say which certificate a client saw for an SNI name.
+
 Tests need real chains (leaf -> intermediate -> root) with chosen names, validity and key
 types, without touching the network or a real CA. Everything is built in memory with
 ``cryptography``::
@@ -13,12 +16,15 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
+from OpenSSL.crypto import X509
 
 from synapse_acme.model import CertificateBundle
 
@@ -178,3 +184,77 @@ class TestCA:
 def leaf_serial(bundle: CertificateBundle) -> int:
     """The serial number of a bundle's leaf (to tell certificates apart in assertions)."""
     return x509.load_pem_x509_certificates(bundle.chain_pem)[0].serial_number
+
+
+# -- in-memory TLS handshakes --------------------------------------------------------------------
+
+
+class HandshakeResult:
+    """What a client saw in a handshake: leaf serial, ALPN, chain, version, cipher."""
+
+    def __init__(self, client: SSL.Connection) -> None:
+        cert = client.get_peer_certificate(as_cryptography=True)
+        assert cert is not None
+        self.serial: int = cert.serial_number
+        self.alpn: bytes = client.get_alpn_proto_negotiated()
+        self.chain: list[x509.Certificate] = client.get_peer_cert_chain(as_cryptography=True) or []
+        self.version: str = client.get_protocol_version_name()
+        self.cipher: str | None = client.get_cipher_name()
+
+
+def client_context(ca: TestCA, max_version: int | None = None) -> SSL.Context:
+    """A pyOpenSSL client context trusting only ``ca``'s root, verifying the peer."""
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.get_cert_store().add_cert(X509.from_cryptography(ca.root))  # type: ignore[union-attr]
+    ctx.set_verify(SSL.VERIFY_PEER, lambda *a: bool(a[-1]))
+    if max_version is not None:
+        ctx.set_max_proto_version(max_version)
+    return ctx
+
+
+def pump(server: SSL.Connection, client: SSL.Connection) -> None:
+    """Move bytes between two memory-BIO connections until both finished the handshake."""
+    done = {"s": False, "c": False}
+    for _ in range(50):
+        for tag, conn in (("c", client), ("s", server)):
+            if not done[tag]:
+                try:
+                    conn.do_handshake()
+                    done[tag] = True
+                except SSL.WantReadError:
+                    pass
+        for src, dst in ((client, server), (server, client)):
+            try:
+                data = src.bio_read(65536)
+            except SSL.WantReadError:
+                continue
+            dst.bio_write(data)
+        if done["s"] and done["c"]:
+            return
+    raise AssertionError("handshake did not finish")
+
+
+def handshake(
+    creator: Any,
+    ca: TestCA,
+    sni: bytes | None,
+    alpn: list[bytes] | None = None,
+    server: SSL.Connection | None = None,
+    max_version: int | None = None,
+) -> HandshakeResult:
+    """One complete in-memory handshake against an ``IOpenSSLServerConnectionCreator``.
+
+    ``server`` lets a test create the server side early (e.g. before a certificate swap).
+    Raises ``OpenSSL.SSL.Error`` if the handshake fails.
+    """
+    if server is None:
+        server = creator.serverConnectionForTLS(None)
+    server.set_accept_state()
+    client = SSL.Connection(client_context(ca, max_version), None)
+    client.set_connect_state()
+    if sni is not None:
+        client.set_tlsext_host_name(sni)
+    if alpn:
+        client.set_alpn_protos(alpn)
+    pump(server, client)
+    return HandshakeResult(client)

@@ -15,7 +15,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
-from OpenSSL.crypto import X509
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
@@ -29,7 +28,7 @@ from synapse_acme.errors import BundleError
 from synapse_acme.interfaces import ICertificateConsumer
 from synapse_acme.model import CertificateBundle
 from synapse_acme.tls import HotSwapTLS, build_context, tls_server_endpoint
-from tests.certs import TestCA, leaf_serial
+from tests.certs import TestCA, client_context, handshake, leaf_serial, pump
 
 NOW = datetime.datetime(2026, 11, 23, 12, 0, tzinfo=datetime.timezone.utc)
 DAY = datetime.timedelta(days=1)
@@ -50,69 +49,6 @@ def clock() -> Clock:
 @pytest.fixture
 def tls(clock: Clock) -> HotSwapTLS:
     return HotSwapTLS(clock=clock, default_key="main")
-
-
-class Result:
-    def __init__(self, client: SSL.Connection) -> None:
-        cert = client.get_peer_certificate(as_cryptography=True)
-        assert cert is not None
-        self.serial = cert.serial_number
-        self.alpn = client.get_alpn_proto_negotiated()
-        self.chain = client.get_peer_cert_chain(as_cryptography=True) or []
-        self.version = client.get_protocol_version_name()
-        self.cipher = client.get_cipher_name()
-
-
-def client_context(ca: TestCA, max_version: int | None = None) -> SSL.Context:
-    ctx = SSL.Context(SSL.TLS_METHOD)
-    ctx.get_cert_store().add_cert(X509.from_cryptography(ca.root))  # type: ignore[union-attr]
-    ctx.set_verify(SSL.VERIFY_PEER, lambda *a: bool(a[-1]))
-    if max_version is not None:
-        ctx.set_max_proto_version(max_version)
-    return ctx
-
-
-def pump(server: SSL.Connection, client: SSL.Connection) -> None:
-    """Move bytes between two memory-BIO connections until both finished the handshake."""
-    done = {"s": False, "c": False}
-    for _ in range(50):
-        for tag, conn in (("c", client), ("s", server)):
-            if not done[tag]:
-                try:
-                    conn.do_handshake()
-                    done[tag] = True
-                except SSL.WantReadError:
-                    pass
-        for src, dst in ((client, server), (server, client)):
-            try:
-                data = src.bio_read(65536)
-            except SSL.WantReadError:
-                continue
-            dst.bio_write(data)
-        if done["s"] and done["c"]:
-            return
-    raise AssertionError("handshake did not finish")
-
-
-def handshake(
-    tls: HotSwapTLS,
-    ca: TestCA,
-    sni: bytes | None,
-    alpn: list[bytes] | None = None,
-    server: SSL.Connection | None = None,
-    max_version: int | None = None,
-) -> Result:
-    if server is None:
-        server = tls.serverConnectionForTLS(None)
-    server.set_accept_state()
-    client = SSL.Connection(client_context(ca, max_version), None)
-    client.set_connect_state()
-    if sni is not None:
-        client.set_tlsext_host_name(sni)
-    if alpn:
-        client.set_alpn_protos(alpn)
-    pump(server, client)
-    return Result(client)
 
 
 # -- the contract ------------------------------------------------------------------------------
