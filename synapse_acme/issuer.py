@@ -193,11 +193,12 @@ class AcmeIssuer:
         _response, key_authorization = chall.response_and_validation(self.account_key)
         await defer.maybeDeferred(responder.start_responding, ident, token, key_authorization)
         try:
-            await self.client.answer_challenge(challb.uri)
+            answered = await self.client.answer_challenge(challb.uri)
             authz = await self._poll(
                 lambda: self.client.get_authorization(url),
                 {messages.STATUS_PENDING},
                 f"authorization for {ident}",
+                answered.retry_after,
             )
         finally:
             try:
@@ -239,11 +240,11 @@ class AcmeIssuer:
         fetch: Callable[[], Deferred[Fetched[Any]]],
         waiting: set[messages.Status],
         what: str,
+        retry_after: float | None = None,
     ) -> Fetched[Any]:
         """Fetch until the status leaves ``waiting``, honouring Retry-After, for at most
         ``poll_timeout`` seconds of clock time."""
         deadline = self.clock.seconds() + self.poll_timeout
-        retry_after: float | None = None
         waits = 0
         while True:
             remaining = deadline - self.clock.seconds()
@@ -254,7 +255,7 @@ class AcmeIssuer:
                 return item
             if remaining <= 0:
                 raise AcmeProtocolError(
-                    f"{what} still {item.body.status} after {self.poll_timeout:g} s", item.url
+                    f"{what} still {item.body.status.name} after {self.poll_timeout:g} s", item.url
                 )
             retry_after = item.retry_after
 
@@ -288,7 +289,7 @@ class AcmeIssuer:
             remaining = deadline - self.clock.seconds()
             if remaining <= 0:
                 raise AcmeProtocolError(
-                    f"order still {status} after {self.poll_timeout:g} s", order.url
+                    f"order still {status.name} after {self.poll_timeout:g} s", order.url
                 )
             await self._sleep(min(self._delay(current.retry_after, waits), remaining))
             waits += 1

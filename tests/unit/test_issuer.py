@@ -1,0 +1,313 @@
+"""AcmeIssuer end to end against the fake RFC 8555 server, driven by a Clock (no real time)."""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+from typing import Any
+
+import attrs
+import josepy as jose
+import pytest
+from acme import messages
+from cryptography.hazmat.primitives.asymmetric import ec
+from treq.testing import StubTreq
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from synapse_acme import crypto
+from synapse_acme.client import AcmeClient
+from synapse_acme.errors import AcmeError, AcmeProtocolError, ChallengeFailed
+from synapse_acme.interfaces import IIssuer, IResponder
+from synapse_acme.issuer import AcmeIssuer
+from synapse_acme.model import CertificateBundle
+from synapse_acme.testing.acme_server import FakeAcmeServer
+from synapse_acme.transport import JWSTransport
+
+START = 1_800_000_000.0
+
+
+def result_of(d: defer.Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    if isinstance(out[0], defer.Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+@implementer(IResponder)
+@attrs.define
+class RecordingResponder:
+    """Serves key authorizations from a dict, like the real HTTP-01 resource, and logs calls."""
+
+    challenge_type: str = "http-01"
+    live: dict[str, str] = attrs.field(factory=dict)
+    calls: list[tuple[str, str, str]] = attrs.field(factory=list)
+
+    def start_responding(self, identifier: str, token: str, key_authorization: str) -> None:
+        self.calls.append(("start", identifier, token))
+        self.live[token] = key_authorization
+
+    def stop_responding(self, identifier: str, token: str) -> None:
+        self.calls.append(("stop", identifier, token))
+        self.live.pop(token, None)
+
+
+class World:
+    def __init__(self, issuer_kw: dict[str, Any] | None = None, **server_kw: Any) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.responder = RecordingResponder()
+        # The CA checks that the answer is being served at the moment it validates.
+        server_kw.setdefault("validate", self.validate)
+        self.server = FakeAcmeServer(self.clock, **server_kw)
+        self.stub = StubTreq(self.server.resource)
+        self.key = jose.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
+        transport = JWSTransport(
+            self.stub,  # type: ignore[arg-type]
+            self.clock,
+            self.key,
+            self.server.directory_url,
+        )
+        self.issuer = AcmeIssuer(
+            client=AcmeClient(transport),
+            responders=[self.responder],
+            clock=self.clock,
+            account_key=self.key,
+            contact=("mailto:admin@example.test",),
+            tos_agreed=True,
+            **(issuer_kw or {}),
+        )
+
+    def validate(self, identifier: str, token: str, key_authorization: str) -> Any:
+        if self.responder.live.get(token) == key_authorization:
+            return True
+        return messages.Error.with_code("unauthorized", detail=f"wrong answer for {identifier}")
+
+    def run(self, d: defer.Deferred[Any], step: float = 0.05, limit: float = 600.0) -> Any:
+        end = self.clock.seconds() + limit
+        while True:
+            self.stub.flush()
+            if d.called or self.clock.seconds() > end:
+                break
+            self.clock.advance(step)
+        return result_of(d)
+
+    def issue(self, names: list[str], replaces: str | None = None) -> CertificateBundle:
+        key_pem = crypto.generate_private_key_pem()
+        bundle: CertificateBundle = self.run(self.issuer.issue(names, key_pem, replaces))
+        assert bundle.key_pem == key_pem
+        return bundle
+
+    def kinds(self, kind: str) -> list[float]:
+        return [r.time for r in self.server.requests if r.kind == kind]
+
+
+def test_issuer_provides_iissuer() -> None:
+    assert verifyObject(IIssuer, World().issuer)
+
+
+def test_full_issuance() -> None:
+    w = World()
+    bundle = w.issue(["A.example.test", "b.example.test"])
+    chain = crypto.parse_chain(bundle.chain_pem)
+    assert crypto.certificate_names(chain[0]) == ["a.example.test", "b.example.test"]
+    assert bundle.chain_pem.endswith(w.server.intermediate_pem)
+    now = datetime.datetime.fromtimestamp(w.clock.seconds(), tz=datetime.timezone.utc)
+    crypto.validate_bundle(bundle, ["a.example.test", "b.example.test"], now)
+    md = bundle.metadata
+    assert md["names"] == ["a.example.test", "b.example.test"]
+    assert md["issuer_directory"] == w.server.directory_url
+    assert md["order_url"] in w.server.orders
+    assert md["ari_cert_id"] in w.server.issued
+    assert md["certificate_url"] == w.server.issued[md["ari_cert_id"]].url
+    assert datetime.datetime.fromisoformat(md["issued_at"]) == now
+    # Every answer was withdrawn, and started before the CA looked at it.
+    assert w.responder.live == {}
+    assert [c[0] for c in w.responder.calls].count("start") == 2
+    assert [c[0] for c in w.responder.calls].count("stop") == 2
+    # Pebble-speed CA: issuance finishes in well under a second of clock time.
+    assert w.clock.seconds() - START < 2.0
+
+
+def test_account_registered_once_for_concurrent_issuances() -> None:
+    w = World()
+    key_pem = crypto.generate_private_key_pem()
+    d1 = w.issuer.issue(["a.example.test"], key_pem)
+    d2 = w.issuer.issue(["b.example.test"], key_pem)
+    b1, b2 = w.run(d1), w.run(d2)
+    assert crypto.certificate_names(crypto.parse_chain(b1.chain_pem)[0]) == ["a.example.test"]
+    assert crypto.certificate_names(crypto.parse_chain(b2.chain_pem)[0]) == ["b.example.test"]
+    assert len(w.kinds("newAccount")) == 1
+    assert len(w.server.accounts) == 1
+
+
+def test_invalid_authorization_is_challenge_failed_with_problem() -> None:
+    w = World(
+        validate=lambda ident, token, ka: messages.Error.with_code(
+            "connection", detail=f"could not connect to {ident}"
+        )
+    )
+    with pytest.raises(ChallengeFailed) as err:
+        w.issue(["a.example.test"])
+    assert err.value.identifier == "a.example.test"
+    assert err.value.error is not None
+    assert err.value.error.code == "connection"
+    assert "could not connect" in err.value.error.detail
+    assert w.responder.live == {}
+
+
+def test_retry_after_is_honoured_when_polling() -> None:
+    w = World(retry_after=7.0, authz_delay_polls=2, finalize_delay_polls=2)
+    w.issue(["a.example.test"])
+    polls = w.kinds("authz")
+    # The first look, the answer (whose Retry-After counts too), then polls spaced by it.
+    gaps = [b - a for a, b in itertools.pairwise(polls)]
+    assert len(gaps) >= 2 and all(g >= 7.0 for g in gaps), gaps
+    orders = w.kinds("order")
+    order_gaps = [b - a for a, b in itertools.pairwise(orders)]
+    assert order_gaps and all(g >= 7.0 for g in order_gaps[1:]), order_gaps
+
+
+def test_poll_interval_used_without_retry_after() -> None:
+    w = World(issuer_kw={"poll_interval": 2.0}, authz_delay_polls=3)
+    w.issue(["a.example.test"])
+    polls = w.kinds("authz")
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(polls)]
+    # a short first poll (Pebble validates in milliseconds), then poll_interval
+    assert gaps[0] < 0.1 and all(g >= 2.0 for g in gaps[1:]), gaps
+
+
+def test_bad_nonce_storm_is_survived() -> None:
+    w = World()
+    w.server.faults.reject_nonce_next(8)
+    w.issue(["a.example.test"])
+    assert w.server.faults.pending() == 0
+
+
+def test_already_replaced_retries_without_replaces() -> None:
+    w = World()
+    first = w.issue(["a.example.test"])
+    cert_id = first.metadata["ari_cert_id"]
+    second = w.issue(["a.example.test"], replaces=cert_id)
+    assert w.server.orders[second.metadata["order_url"]].replaces == cert_id
+    third = w.issue(["a.example.test"], replaces=cert_id)  # 409 alreadyReplaced, then plain
+    assert w.server.orders[third.metadata["order_url"]].replaces is None
+    assert any(r.kind == "newOrder" and r.status == 409 for r in w.server.requests)
+
+
+def test_account_forgotten_by_the_ca_is_registered_again() -> None:
+    w = World()
+    w.issue(["a.example.test"])
+    w.server.accounts.clear()
+    w.issue(["a.example.test"])
+    assert len(w.kinds("newAccount")) == 2
+
+
+def test_rate_limit_surfaces_with_retry_after() -> None:
+    w = World()
+    w.server.faults.rate_limit("newOrder", retry_after=3600.0)
+    with pytest.raises(AcmeError) as err:
+        w.issue(["a.example.test"])
+    assert (err.value.code, err.value.status, err.value.retry_after) == ("rateLimited", 429, 3600)
+
+
+def test_order_not_ready_at_finalize_is_retried() -> None:
+    w = World()
+    w.server.faults.fail_next("finalize", 403, "orderNotReady")
+    bundle = w.issue(["a.example.test"])
+    assert bundle.metadata["ari_cert_id"] in w.server.issued
+    assert len(w.kinds("finalize")) == 2
+
+
+def test_server_error_at_finalize_is_acme_error() -> None:
+    w = World()
+    w.server.faults.fail_next("finalize", 500, "serverInternal")
+    with pytest.raises(AcmeError) as err:
+        w.issue(["a.example.test"])
+    assert err.value.code == "serverInternal" and err.value.status == 500
+
+
+def test_wrong_key_certificate_is_refused() -> None:
+    w = World()
+    w.server.faults.wrong_key_certificate_next()
+    with pytest.raises(AcmeProtocolError, match="does not match"):
+        w.issue(["a.example.test"])
+
+
+def test_wrong_names_certificate_is_refused() -> None:
+    w = World()
+    w.server.faults.wrong_names_certificate_next()
+    with pytest.raises(AcmeProtocolError, match=r"does not cover a\.example\.test"):
+        w.issue(["a.example.test"])
+
+
+def test_preferred_chain_picks_the_alternate() -> None:
+    w = World(issuer_kw={"preferred_chain": "Fake ACME Alternate Root X2"})
+    bundle = w.issue(["a.example.test"])
+    assert bundle.chain_pem.endswith(w.server.alternate_intermediate_pem)
+
+
+def test_unknown_preferred_chain_falls_back_to_default() -> None:
+    w = World(issuer_kw={"preferred_chain": "No Such Root"})
+    bundle = w.issue(["a.example.test"])
+    assert bundle.chain_pem.endswith(w.server.intermediate_pem)
+
+
+def test_no_usable_challenge_is_protocol_error() -> None:
+    w = World(challenge_types=("dns-01",))
+    with pytest.raises(AcmeProtocolError, match="offers dns-01, we answer http-01"):
+        w.issue(["a.example.test"])
+    assert w.responder.calls == []
+
+
+def test_validation_that_never_finishes_times_out_and_withdraws() -> None:
+    w = World(issuer_kw={"poll_timeout": 30.0}, validate=lambda *a: defer.Deferred())
+    with pytest.raises(AcmeProtocolError, match="still pending after 30 s"):
+        w.issue(["a.example.test"])
+    assert w.responder.live == {}
+    assert w.clock.seconds() - START < 40
+
+
+def test_cancel_withdraws_answers() -> None:
+    w = World(validate=lambda *a: defer.Deferred())
+    d = w.issuer.issue(["a.example.test", "b.example.test"], crypto.generate_private_key_pem())
+    for _ in range(20):
+        w.stub.flush()
+        w.clock.advance(0.1)
+    assert len(w.responder.live) == 2
+    d.cancel()
+    w.stub.flush()
+    with pytest.raises(defer.CancelledError):
+        result_of(d)
+    assert w.responder.live == {}
+
+
+def test_profile_is_requested_and_recorded() -> None:
+    w = World(issuer_kw={"profile": "shortlived"}, profiles={"shortlived": 6 * 86400})
+    bundle = w.issue(["a.example.test"])
+    leaf = crypto.parse_chain(bundle.chain_pem)[0]
+    assert crypto.not_after(leaf) - crypto.not_before(leaf) <= datetime.timedelta(days=6, hours=1)
+    assert bundle.metadata["profile"] == "shortlived"
+
+
+def test_renewal_info_for_issued_certificate() -> None:
+    w = World()
+    bundle = w.issue(["a.example.test"])
+    window = w.run(w.issuer.renewal_info(bundle.chain_pem))
+    leaf = crypto.parse_chain(bundle.chain_pem)[0]
+    assert crypto.not_before(leaf) < window.start < window.end < crypto.not_after(leaf)
+    assert window.retry_after == w.server.ari_retry_after
+
+
+def test_renewal_info_none_without_ari_or_for_placeholder() -> None:
+    w = World(ari=False)
+    bundle = w.issue(["a.example.test"])
+    assert w.run(w.issuer.renewal_info(bundle.chain_pem)) is None
+    w2 = World()
+    now = datetime.datetime.fromtimestamp(START, tz=datetime.timezone.utc)
+    placeholder = crypto.make_placeholder_bundle(["a.example.test"], now)
+    assert w2.run(w2.issuer.renewal_info(placeholder.chain_pem)) is None
