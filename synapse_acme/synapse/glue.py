@@ -282,9 +282,17 @@ class SynapseGlue:
         register = self._register_sighup
         if register is None:
             return False
-        params = list(inspect.signature(register).parameters)
-        if params and params[0] == "hs":
-            register(self.hs, callback)
-        else:  # older releases: register_sighup(func, *args)
-            register(callback)
+        try:
+            params = list(inspect.signature(register).parameters)
+            if params and params[0] == "hs":
+                register(self.hs, callback)
+            else:  # older releases: register_sighup(func, *args)
+                register(callback)
+        except Exception as e:
+            logger.error(
+                "synapse-acme: cannot hook SIGHUP (%s); after a SIGHUP, Synapse "
+                "serves its files until the next certificate arrives",
+                e,
+            )
+            return False
         return True

@@ -115,14 +115,14 @@ def write_placeholder(config: AcmeConfig, clock: IReactorTime) -> bool:
     Uses the exporter's ownership record, so the real certificate may replace it later.
     Returns True if a placeholder was written.
     """
-    from synapse_acme.export import FileExporter
-
     cert_path, key_path = config.tls_certificate_path, config.tls_private_key_path
     specs = config.certificate_specs()
     if not cert_path or not key_path or not specs:
         return False
     if os.path.exists(cert_path) and os.path.exists(key_path):
         return False
+    from synapse_acme.export import FileExporter
+
     names = canonical_names(specs[0].names)
     exporter = FileExporter(
         key=names_key(names), cert_path=cert_path, key_path=key_path, storage=config.storage

@@ -9,7 +9,6 @@ clients (pyOpenSSL / http.client), never a reactor.
 from __future__ import annotations
 
 import http.client
-import os
 import pathlib
 import signal
 import socket
@@ -113,8 +112,14 @@ class Synapse:
             )
         )
         keys = subprocess.run(
-            [sys.executable, "-m", "synapse.app.homeserver", "-c", str(self.config_path)]
-            + ["--generate-keys"],
+            [
+                sys.executable,
+                "-m",
+                "synapse.app.homeserver",
+                "-c",
+                str(self.config_path),
+                "--generate-keys",
+            ],
             cwd=workdir,
             capture_output=True,
             timeout=120,
