@@ -11,8 +11,8 @@ from typing import Any
 
 import attrs
 import pytest
-from synapse.config._base import ConfigError as SynapseConfigError
 from synapse.app import _base
+from synapse.config._base import ConfigError as SynapseConfigError
 from synapse.config.modules import ModulesConfig
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
@@ -356,7 +356,7 @@ def test_unusable_files_keep_synapse_factory_until_first_certificate(
 def test_sighup_puts_the_creator_back(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mod, api, reactor, built = make_module(tmp_path, monkeypatch)
+    _mod, api, _reactor, built = make_module(tmp_path, monkeypatch)
     ((rt, _),) = built
     api._hs.tls_server_context_factory = object()  # what Synapse's refresh_certificate does
     ((callback, _, _),) = _base._instance_id_to_sighup_callbacks_map[api._hs.get_instance_id()]
