@@ -1,4 +1,4 @@
-"""The fake ACME server, driven by hand-signed requests (acme.jws / acme.messages), not the project client.
+"""The fake ACME server, driven by hand-signed acme.jws/acme.messages requests (not our client).
 
 Everything runs synchronously: StubTreq + flush(), and a Clock for time.
 """
@@ -43,6 +43,12 @@ class Resp:
 
     def headers_named(self, name: str) -> list[str]:
         return [v.decode() for v in self.headers.getRawHeaders(name.encode(), [])]
+
+    @property
+    def location(self) -> str:
+        value = self.header("Location")
+        assert value, "no Location header"
+        return value
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -90,8 +96,8 @@ class Client:
         return out[0]
 
     def request(self, method: str, url: str, **kw: Any) -> Resp:
-        resp = self._sync(self.treq.request(method, url, **kw))
-        body = self._sync(self.treq.content(resp))
+        resp = self._sync(self.treq.request(method, url, **kw))  # type: ignore[attr-defined]
+        body = self._sync(self.treq.content(resp))  # type: ignore[attr-defined]
         r = Resp(resp.code, resp.headers, body)
         nonce = r.header("Replay-Nonce")
         if nonce:
@@ -146,7 +152,7 @@ class Client:
         payload.update(extra)
         r = self.post(self.dir["newAccount"], payload, use_jwk=True)
         if r.code in (200, 201):
-            self.kid = r.header("Location")
+            self.kid = r.location
         return r
 
     def new_order(self, names: list[str], **extra: Any) -> Resp:
@@ -175,7 +181,7 @@ class Client:
         """Run the whole flow; returns (final order, certificate response)."""
         r = self.new_order(names, **order_extra)
         assert r.code == 201, r.body
-        order_url = r.header("Location")
+        order_url = r.location
         assert order_url
         self.answer_all(r.json())
         order, _ = self.poll(order_url, "ready")
@@ -240,7 +246,7 @@ def test_directory_shape(clock: Clock) -> None:
 
 
 def test_new_nonce_head_and_get(clock: Clock) -> None:
-    server, client = make(clock)
+    _server, client = make(clock)
     head = client.request("HEAD", client.dir["newNonce"])
     get = client.get(client.dir["newNonce"])
     assert (head.code, get.code) == (200, 204)
@@ -253,7 +259,7 @@ def test_new_nonce_head_and_get(clock: Clock) -> None:
 
 
 def test_nonce_reuse_and_unknown_nonce_are_bad_nonce(clock: Clock) -> None:
-    server, client = make(clock)
+    _server, client = make(clock)
     nonce = client.fresh_nonce()
     first = client.post(
         client.dir["newAccount"], {"termsOfServiceAgreed": True}, use_jwk=True, nonce=nonce
@@ -286,7 +292,7 @@ def test_bad_signature_is_rejected(clock: Clock) -> None:
 
 
 def test_signature_by_other_key_than_kid_is_rejected(clock: Clock) -> None:
-    server, client = make(clock)
+    _server, client = make(clock)
     client.register()
     r = client.new_order(["a.example.test"])
     assert r.code == 201
@@ -297,14 +303,14 @@ def test_signature_by_other_key_than_kid_is_rejected(clock: Clock) -> None:
 
 
 def test_url_header_must_match(clock: Clock) -> None:
-    server, client = make(clock)
+    _server, client = make(clock)
     body = client.sign(client.dir["newOrder"], {}, use_jwk=True)
     r = client.post(client.dir["newAccount"], body=body)
     assert r.code == 403 and r.problem == "unauthorized"
 
 
 def test_kid_and_jwk_rules(clock: Clock) -> None:
-    server, client = make(clock)
+    _server, client = make(clock)
     # jwk on an account-bound resource
     r = client.post(client.dir["newOrder"], {"identifiers": []}, use_jwk=True)
     assert r.problem == "malformed" and "jwk" in r.json()["detail"]
@@ -318,7 +324,7 @@ def test_kid_and_jwk_rules(clock: Clock) -> None:
 
 
 def test_disallowed_algorithms(clock: Clock) -> None:
-    server, client = make(clock)
+    _server, client = make(clock)
     url = client.dir["newAccount"]
     nonce = client.fresh_nonce()
     protected = {"alg": "HS256", "nonce": nonce, "url": url, "kid": "x"}
@@ -333,7 +339,7 @@ def test_disallowed_algorithms(clock: Clock) -> None:
 
 
 def test_wrong_content_type_and_garbage_body(clock: Clock) -> None:
-    server, client = make(clock)
+    _server, client = make(clock)
     r = client.request(
         "POST",
         client.dir["newAccount"],
@@ -361,7 +367,7 @@ def test_new_account_existing_and_only_return_existing(clock: Clock) -> None:
     server, client = make(clock, terms_of_service="https://acme.test/tos")
     r = client.register()
     assert r.code == 201
-    url = r.header("Location")
+    url = r.location
     assert url in server.accounts and r.json()["status"] == "valid"
     assert r.json()["orders"] == url + "/orders"
     again = client.register()
@@ -411,12 +417,12 @@ def test_eab_required_and_verified(clock: Clock) -> None:
     )
     r = client.register(externalAccountBinding=good)
     assert r.code == 201, r.body
-    assert server.accounts[r.header("Location")].eab_kid == "kid-1"
+    assert server.accounts[r.location].eab_kid == "kid-1"
     assert json.dumps(r.json()).find(hmac_key.decode()) == -1
 
 
 def test_key_change(clock: Clock) -> None:
-    server, client = make(clock)
+    _server, client = make(clock)
     client.register()
     new_key = ec_key()
     url = client.dir["keyChange"]
@@ -449,7 +455,7 @@ def test_full_issuance_chain_verifies(clock: Clock) -> None:
     names = ["a.example.test", "b.example.test"]
     r = client.new_order(names)
     assert r.code == 201
-    order_url = r.header("Location")
+    order_url = r.location
     order = r.json()
     assert order["status"] == "pending" and r.header("Retry-After") == "3"
     assert [i["value"] for i in order["identifiers"]] == names
@@ -462,7 +468,7 @@ def test_full_issuance_chain_verifies(clock: Clock) -> None:
     assert [a["status"] for a in answered] == ["processing", "processing"]
     # validate() ran once per challenge with the RFC 8555 key authorization
     assert sorted(s[0] for s in seen) == names
-    for identifier, token, key_authz in seen:
+    for _identifier, token, key_authz in seen:
         chall = challenges.HTTP01(token=jose.b64.b64decode(token))
         assert key_authz == chall.key_authorization(client.key)
 
@@ -515,12 +521,12 @@ def test_full_issuance_chain_verifies(clock: Clock) -> None:
 
 
 def test_zero_delay_polls_settle_immediately(clock: Clock) -> None:
-    server, client = make(clock, authz_delay_polls=0, finalize_delay_polls=0)
+    _server, client = make(clock, authz_delay_polls=0, finalize_delay_polls=0)
     client.register()
     r = client.new_order(["now.example.test"])
     answered = client.answer_all(r.json())
     assert answered[0]["status"] == "valid"
-    ready = client.post(r.header("Location")).json()
+    ready = client.post(r.location).json()
     assert ready["status"] == "ready"
     csr = _load_csr(crypto_util.make_csr(key_pem(), ["now.example.test"]))
     fin = client.post(ready["finalize"], {"csr": jose.encode_csr(csr)})
@@ -539,7 +545,7 @@ def test_wildcard_gets_dns01_only(clock: Clock) -> None:
     c2.register()
     r = c2.new_order(["*.w.example.test"])
     c2.answer_all(r.json(), typ="dns-01")
-    ready, _ = c2.poll(r.header("Location"), "ready")
+    ready, _ = c2.poll(r.location, "ready")
     csr = _load_csr(crypto_util.make_csr(key_pem(), ["*.w.example.test"]))
     assert c2.post(ready.json()["finalize"], {"csr": jose.encode_csr(csr)}).code == 200
 
@@ -554,10 +560,10 @@ def test_failed_validation_invalidates_authz_and_order(clock: Clock) -> None:
         calls.append(identifier)
         return False
 
-    server, client = make(clock, validate=validate, authz_delay_polls=0)
+    _server, client = make(clock, validate=validate, authz_delay_polls=0)
     client.register()
     r = client.new_order(["bad.example.test"])
-    order_url = r.header("Location")
+    order_url = r.location
     authz_url = r.json()["authorizations"][0]
     authz = client.post(authz_url).json()
     chall = next(c for c in authz["challenges"] if c["type"] == "http-01")
@@ -574,7 +580,7 @@ def test_failed_validation_invalidates_authz_and_order(clock: Clock) -> None:
 
 def test_validate_can_return_a_problem_and_a_deferred(clock: Clock) -> None:
     pending: Deferred[Any] = Deferred()
-    server, client = make(clock, validate=lambda i, t, k: pending, authz_delay_polls=0)
+    _server, client = make(clock, validate=lambda i, t, k: pending, authz_delay_polls=0)
     client.register()
     r = client.new_order(["slow.example.test"])
     authz_url = r.json()["authorizations"][0]
@@ -589,7 +595,7 @@ def test_validate_can_return_a_problem_and_a_deferred(clock: Clock) -> None:
 
 
 def test_finalize_rules(clock: Clock) -> None:
-    server, client = make(clock)
+    _server, client = make(clock)
     client.register()
     r = client.new_order(["a.example.test", "b.example.test"])
     order = r.json()
@@ -597,7 +603,7 @@ def test_finalize_rules(clock: Clock) -> None:
     early = client.post(order["finalize"], {"csr": jose.encode_csr(good_csr)})
     assert early.code == 403 and early.problem == "orderNotReady"
     client.answer_all(order)
-    client.poll(r.header("Location"), "ready")
+    client.poll(r.location, "ready")
     short = _load_csr(crypto_util.make_csr(key_pem(), ["a.example.test"]))
     assert client.post(order["finalize"], {"csr": jose.encode_csr(short)}).problem == "badCSR"
     extra = _load_csr(
@@ -619,7 +625,7 @@ def test_finalize_rules(clock: Clock) -> None:
 
 
 def test_identifier_rules(clock: Clock) -> None:
-    server, client = make(clock, blocked_names={"blocked.example.test"})
+    _server, client = make(clock, blocked_names={"blocked.example.test"})
     client.register()
     r = client.post(client.dir["newOrder"], {"identifiers": [{"type": "ip", "value": "192.0.2.1"}]})
     assert r.code == 400 and r.problem == "rejectedIdentifier"
@@ -640,17 +646,17 @@ def test_other_accounts_resources_are_forbidden(clock: Clock) -> None:
     r = alice.new_order(["a.example.test"])
     bob = Client(server)
     bob.register()
-    assert bob.post(r.header("Location")).problem == "unauthorized"
+    assert bob.post(r.location).problem == "unauthorized"
     assert bob.post(r.json()["authorizations"][0]).problem == "unauthorized"
     assert bob.post("https://acme.test/order/9999").code == 404
 
 
 def test_order_expires_with_the_clock(clock: Clock) -> None:
-    server, client = make(clock)
+    _server, client = make(clock)
     client.register()
     r = client.new_order(["late.example.test"])
     clock.advance(8 * 86400)
-    order = client.post(r.header("Location")).json()
+    order = client.post(r.location).json()
     assert order["status"] == "invalid"
 
 
@@ -658,7 +664,7 @@ def test_order_expires_with_the_clock(clock: Clock) -> None:
 
 
 def test_profiles_set_lifetime(clock: Clock) -> None:
-    server, client = make(clock, profiles={"classic": 90 * 86400, "shortlived": 6 * 86400})
+    _server, client = make(clock, profiles={"classic": 90 * 86400, "shortlived": 6 * 86400})
     client.register()
     order, cert = client.issue(["short.example.test"], profile="shortlived")
     assert order["profile"] == "shortlived"
@@ -692,7 +698,7 @@ def test_ari_window_replaces_and_already_replaced(clock: Clock) -> None:
     assert r.code == 400 and r.problem == "malformed"
     r = client.new_order(["ari.example.test"], replaces=cert_id)
     assert r.code == 201 and r.json()["replaces"] == cert_id
-    assert server.replaced[cert_id] == r.header("Location")
+    assert server.replaced[cert_id] == r.location
     again = client.new_order(["ari.example.test"], replaces=cert_id)
     assert again.code == 409 and again.problem == "alreadyReplaced"
     # without replaces the same order is fine (the client's documented fallback)
