@@ -1,0 +1,182 @@
+"""fsutil: atomic, private writes and permission checks."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from synapse_acme import fsutil
+from synapse_acme.errors import StoreError
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_atomic_write_creates_and_replaces(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    fsutil.atomic_write(str(p), b"one")
+    assert p.read_bytes() == b"one" and _mode(p) == 0o600
+    fsutil.atomic_write(str(p), b"two", 0o644)
+    assert p.read_bytes() == b"two" and _mode(p) == 0o644
+    assert os.listdir(tmp_path) == ["f"]
+
+
+def test_atomic_write_mode_is_exact_despite_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        fsutil.atomic_write(str(tmp_path / "c"), b"x", 0o644)
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "c") == 0o644
+
+
+def test_key_file_is_never_world_readable_even_briefly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+    real_open = os.open
+
+    def spy(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        if flags & os.O_CREAT:
+            seen.append(mode)
+            assert flags & os.O_EXCL
+        return real_open(path, flags, mode, **kw)
+
+    monkeypatch.setattr(os, "open", spy)
+    fsutil.atomic_write(str(tmp_path / "k"), b"secret")
+    assert seen == [0o600]
+
+
+def test_partial_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+
+    def one_byte(fd: int, data: Any) -> int:
+        return real_write(fd, bytes(data[:1]))
+
+    monkeypatch.setattr(os, "write", one_byte)
+    fsutil.atomic_write(str(tmp_path / "f"), b"hello world")
+    monkeypatch.undo()
+    assert (tmp_path / "f").read_bytes() == b"hello world"
+
+
+@pytest.mark.parametrize(
+    ("target", "code", "text"),
+    [
+        ("write", errno.ENOSPC, "No space left on device (ENOSPC)"),
+        ("fsync", errno.ENOSPC, "No space left on device (ENOSPC)"),
+        ("rename", errno.EROFS, "Read-only file system (EROFS)"),
+        ("write", errno.EIO, "(EIO)"),
+    ],
+)
+def test_atomic_write_failure_keeps_old_and_names_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, code: int, text: str
+) -> None:
+    p = tmp_path / "f"
+    fsutil.atomic_write(str(p), b"old")
+
+    def fail(*args: Any) -> Any:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, target, fail)
+    with pytest.raises(StoreError) as e:
+        fsutil.atomic_write(str(p), b"new")
+    monkeypatch.undo()
+    assert str(p) in str(e.value) and text in str(e.value)
+    assert p.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f"]  # temp file removed
+
+
+def test_atomic_write_into_missing_dir(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="ENOENT"):
+        fsutil.atomic_write(str(tmp_path / "nope" / "f"), b"x")
+
+
+def test_create_exclusive(tmp_path: Path) -> None:
+    p = tmp_path / "k"
+    assert fsutil.create_exclusive(str(p), b"first") is True
+    assert fsutil.create_exclusive(str(p), b"second") is False
+    assert p.read_bytes() == b"first" and _mode(p) == 0o600
+    assert os.listdir(tmp_path) == ["k"]
+
+
+def test_create_exclusive_without_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(src: str, dst: str) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", no_links)
+    p = tmp_path / "k"
+    assert fsutil.create_exclusive(str(p), b"first") is True
+    assert fsutil.create_exclusive(str(p), b"second") is False
+    assert p.read_bytes() == b"first"
+    assert os.listdir(tmp_path) == ["k"]
+
+
+def test_create_exclusive_failure_is_store_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", no_space)
+    with pytest.raises(StoreError, match="ENOSPC"):
+        fsutil.create_exclusive(str(tmp_path / "k"), b"x")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_mode(tmp_path: Path) -> None:
+    p = tmp_path / "k"
+    p.write_bytes(b"x")
+    os.chmod(p, 0o600)
+    assert fsutil.check_mode(str(p), 0o600) == []
+    os.chmod(p, 0o400)
+    assert fsutil.check_mode(str(p), 0o600) == []  # stricter is fine
+    os.chmod(p, 0o644)
+    [warning] = fsutil.check_mode(str(p), 0o600)
+    assert str(p) in warning and "0644" in warning and "chmod 0600" in warning
+    assert fsutil.check_mode(str(tmp_path / "missing"), 0o600) == []
+
+
+def test_ensure_private_dir_creates_0700(tmp_path: Path) -> None:
+    d = tmp_path / "a" / "b"
+    old = os.umask(0o022)
+    try:
+        assert fsutil.ensure_private_dir(str(d)) == []
+    finally:
+        os.umask(old)
+    assert d.is_dir() and _mode(d) == 0o700
+    assert fsutil.ensure_private_dir(str(d)) == []  # idempotent
+
+
+def test_ensure_private_dir_fixes_or_reports_loose_dir(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    [report] = fsutil.ensure_private_dir(str(d), fix=False)
+    assert "0755" in report and _mode(d) == 0o755
+    [fixed] = fsutil.ensure_private_dir(str(d))
+    assert "tightened" in fixed and _mode(d) == 0o700
+
+
+def test_ensure_private_dir_refuses_a_file(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_text("x")
+    with pytest.raises(StoreError, match="not one"):
+        fsutil.ensure_private_dir(str(f))
+    with pytest.raises(StoreError, match="cannot create directory"):
+        fsutil.ensure_private_dir(str(f / "sub"))
+
+
+def test_describe_os_error() -> None:
+    assert fsutil.describe_os_error(OSError(errno.EACCES, "Permission denied")) == (
+        "Permission denied (EACCES)"
+    )
+    assert fsutil.describe_os_error(OSError("weird")) == "weird"
