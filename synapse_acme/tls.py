@@ -27,17 +27,21 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import attrs
 from cryptography import x509
 from OpenSSL import SSL
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
+    IProtocolNegotiationFactory,
     IReactorCore,
     IReactorTime,
     IStreamServerEndpoint,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from synapse_acme import crypto
@@ -71,10 +75,23 @@ _SESSION_ID_CONTEXT = b"synapse-acme"
 def _alpn_selector(
     protocols: tuple[bytes, ...],
 ) -> Callable[[SSL.Connection, list[bytes]], bytes | object]:
-    """Our preference order wins; no overlap means "no ALPN", not a failed handshake."""
+    """Our preference order wins; no overlap means "no ALPN", not a failed handshake.
+
+    If the wrapped protocol factory says what it speaks (``IProtocolNegotiationFactory``, as
+    ``twisted.web.server.Site`` does: ``h2`` only when the ``h2`` library is installed), only
+    protocols in both lists are chosen, so a client is never talked into HTTP/2 that the
+    server cannot speak.
+    """
 
     def select(conn: SSL.Connection, offered: list[bytes]) -> bytes | object:
-        for proto in protocols:
+        allowed = protocols
+        tls_protocol = conn.get_app_data()  # set by TLSMemoryBIOFactory
+        wrapped = getattr(getattr(tls_protocol, "factory", None), "wrappedFactory", None)
+        negotiation = IProtocolNegotiationFactory(wrapped, None)
+        if negotiation is not None:
+            speakable = set(negotiation.acceptableProtocols())
+            allowed = tuple(p for p in protocols if p in speakable)
+        for proto in allowed:
             if proto in offered:
                 return proto
         return SSL.NO_OVERLAPPING_PROTOCOLS
@@ -373,10 +390,46 @@ def tls_server_endpoint(
     return TLSServerEndpoint(serverFromString(reactor, description), creator)
 
 
+def _default_site() -> Site:
+    """A one-line page, so a bare ``synapse-acme run`` TLS listener can be checked by hand."""
+    return Site(_Hello())
+
+
+class _Hello(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"synapse-acme: TLS is being served\n"
+
+
+class TLSListenerService(StreamServerEndpointService):
+    """A TLS listener with ``creator`` on a plain endpoint description (``tcp:8448``).
+
+    Binds in ``privilegedStartService`` (so port 443 can be bound before dropping privileges)
+    and raises if binding fails. Without ``factory`` it serves a one-line page.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorCore,
+        description: str,
+        creator: IOpenSSLServerConnectionCreator,
+        factory: IProtocolFactory | None = None,
+    ) -> None:
+        super().__init__(
+            tls_server_endpoint(reactor, description, creator),
+            factory if factory is not None else _default_site(),
+        )
+        self.description = description
+        self._raiseSynchronously = True
+
+
 __all__ = [
     "DEFAULT_ALPN",
     "INTERMEDIATE_CIPHERS",
     "HotSwapTLS",
+    "TLSListenerService",
     "TLSServerEndpoint",
     "build_context",
     "tls_server_endpoint",

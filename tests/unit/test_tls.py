@@ -15,19 +15,22 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolNegotiationFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
+from twisted.web.server import Site
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from synapse_acme import tls as tls_module
 from synapse_acme.errors import BundleError
 from synapse_acme.interfaces import ICertificateConsumer
 from synapse_acme.model import CertificateBundle
-from synapse_acme.tls import HotSwapTLS, build_context, tls_server_endpoint
+from synapse_acme.tls import HotSwapTLS, TLSListenerService, build_context, tls_server_endpoint
 from tests.certs import TestCA, client_context, handshake, leaf_serial, pump
 
 NOW = datetime.datetime(2026, 11, 23, 12, 0, tzinfo=datetime.timezone.utc)
@@ -399,7 +402,9 @@ class _Hello(Protocol):
         self.transport.write(b"hello")  # type: ignore[union-attr]
 
 
-def twisted_handshake(tls: HotSwapTLS, ca: TestCA, hostname: str) -> _Recorder:
+def twisted_handshake(
+    tls: HotSwapTLS, ca: TestCA, hostname: str, server_app: Factory | None = None
+) -> _Recorder:
     client_options = optionsForClientTLS(
         hostname,
         trustRoot=Certificate.loadPEM(ca.root_pem),
@@ -407,7 +412,9 @@ def twisted_handshake(tls: HotSwapTLS, ca: TestCA, hostname: str) -> _Recorder:
     )
     recorder = _Recorder()
     io_clock = Clock()  # TLSMemoryBIOFactory coalesces writes with callLater(0)
-    server_factory = TLSMemoryBIOFactory(tls, False, Factory.forProtocol(_Hello), clock=io_clock)
+    server_factory = TLSMemoryBIOFactory(
+        tls, False, server_app or Factory.forProtocol(_Hello), clock=io_clock
+    )
     client_factory = TLSMemoryBIOFactory(
         client_options, True, Factory.forProtocol(lambda: recorder), clock=io_clock
     )
@@ -436,8 +443,6 @@ def test_through_twisted_tls_memory_bio(tls: HotSwapTLS, ca: TestCA) -> None:
 
 
 def test_tls_server_endpoint_wraps_plain_endpoints(tls: HotSwapTLS) -> None:
-    from twisted.internet.testing import MemoryReactor
-
     reactor = MemoryReactor()
     endpoint = tls_server_endpoint(reactor, "tcp:8448:interface=127.0.0.1", tls)
     endpoint.listen(Factory.forProtocol(Protocol))
@@ -446,3 +451,32 @@ def test_tls_server_endpoint_wraps_plain_endpoints(tls: HotSwapTLS) -> None:
     assert isinstance(factory, TLSMemoryBIOFactory)
     with pytest.raises(ValueError):
         tls_server_endpoint(reactor, "ssl:8448", tls)
+
+
+@implementer(IProtocolNegotiationFactory)
+class _Http11OnlyFactory(Factory):
+    protocol = _Hello
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
+
+
+def test_alpn_never_picks_what_the_wrapped_factory_cannot_speak(
+    tls: HotSwapTLS, ca: TestCA
+) -> None:
+    """A Site without the h2 library only speaks http/1.1: h2 must not be negotiated."""
+    tls.set_bundle("main", ca.issue(["example.test"]))
+    tls.set_bundle("other", ca.issue(["other.test"]))
+    got = twisted_handshake(tls, ca, "other.test", _Http11OnlyFactory())
+    assert got.received == b"hello"
+    assert got.alpn == b"http/1.1"
+
+
+def test_listener_service_binds_tls_on_start(tls: HotSwapTLS) -> None:
+    reactor = MemoryReactor()
+    service = TLSListenerService(reactor, "tcp:0:interface=127.0.0.1", tls)
+    service.privilegedStartService()
+    [(port, factory, _backlog, interface)] = reactor.tcpServers
+    assert (port, interface) == (0, "127.0.0.1")
+    assert isinstance(factory, TLSMemoryBIOFactory)
+    assert isinstance(factory.wrappedFactory, Site)
