@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from typing import Any
@@ -26,6 +27,18 @@ from synapse_acme.client import AcmeClient
 from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.issuer import AcmeIssuer
 from synapse_acme.transport import JWSTransport, make_http_client
+
+
+class _BadNonceCounter(logging.Handler):
+    """Counts the transport's badNonce retries, so a test can see the storm was real."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "badNonce" in record.getMessage():
+            self.count += 1
 
 
 def _outcome(names: list[str], result: Any, seconds: float) -> dict[str, Any]:
@@ -82,9 +95,15 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             result = Failure()
         return _outcome(names, result, time.monotonic() - start)
 
+    counter = _BadNonceCounter()
+    transport_log = logging.getLogger("synapse_acme.transport")
+    transport_log.setLevel(logging.DEBUG)
+    transport_log.addHandler(counter)
+
     groups = [g.split(",") for g in args.names]
     outcomes = await defer.gatherResults([defer.Deferred.fromCoroutine(one(g)) for g in groups])
     for outcome in outcomes:
+        outcome["bad_nonce_retries"] = counter.count  # for the whole run
         print(json.dumps(outcome), flush=True)
     await port.stopListening()
 
