@@ -39,6 +39,10 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _abspath(path: str) -> str:
+    return os.path.abspath(path)
+
+
 def _read(path: str) -> bytes | None:
     """The file's bytes, ``None`` if it does not exist (StoreError if unreadable)."""
     try:
@@ -62,9 +66,9 @@ class FileExporter:
     """
 
     key: str
-    cert_path: str = attrs.field(converter=os.path.abspath)
-    key_path: str = attrs.field(converter=os.path.abspath)
-    storage: str = attrs.field(converter=os.path.abspath)
+    cert_path: str = attrs.field(converter=_abspath)
+    key_path: str = attrs.field(converter=_abspath)
+    storage: str = attrs.field(converter=_abspath)
     on_export: Callable[[str, CertificateBundle], object] | None = None
     _warned: set[str] = attrs.field(factory=set, init=False)
 
