@@ -646,6 +646,13 @@ class FakeAcmeServer:
         except _Problem as problem:
             status = problem.status
             return self._problem_response(request, problem)
+        except Exception:
+            # A bug in the fake must still look like a CA's 500, not a Twisted HTML page.
+            logger.exception("fake ACME server failed on %s %s", method, url)
+            status = 500
+            return self._problem_response(
+                request, _Problem(500, "serverInternal", "the fake ACME server crashed")
+            )
         finally:
             logger.debug("%s %s -> %s", method, url, status)
             self.requests.append(RequestRecord(self.clock.seconds(), method, kind, url, status))
@@ -1572,6 +1579,50 @@ class FakeAcmeServer:
         return self._json(request, 200, info.to_json())
 
 
+def http01_validator(
+    http_client: Any, port: int = 80, address: str = "127.0.0.1"
+) -> Callable[[str, str, str], Deferred[Any]]:
+    """A ``validate`` callable that checks HTTP-01 the way a CA does, over real (or stub) HTTP.
+
+    It fetches ``http://<address>:<port>/.well-known/acme-challenge/<token>`` with
+    ``Host: <identifier>`` through ``http_client`` (``treq``, a ``treq.HTTPClient`` or a
+    ``StubTreq``) and fires with ``True`` if the body is the key authorization, else with the
+    problem a CA would report (``incorrectResponse`` / ``unauthorized`` / ``connection``).
+    Use it with ``challenge_types=("http-01",)``: it does not know about other types.
+    """
+
+    def validate(identifier: str, token: str, key_authz: str) -> Deferred[Any]:
+        url = f"http://{address}:{port}/.well-known/acme-challenge/{token}"
+        d: Deferred[Any] = http_client.get(url, headers={b"Host": [identifier.encode("ascii")]})
+
+        def got_response(response: Any) -> Any:
+            if response.code != 200:
+                return messages.Error.with_code(
+                    "unauthorized",
+                    detail=f"{url} (Host {identifier}) answered HTTP {response.code}",
+                )
+            return response.content().addCallback(check_body)
+
+        def check_body(body: bytes) -> Any:
+            if body.strip() == key_authz.encode("ascii"):
+                return True
+            return messages.Error.with_code(
+                "incorrectResponse",
+                detail=f"{url} (Host {identifier}) served {body[:80]!r}, not the key authorization",
+            )
+
+        def failed(failure: Failure) -> messages.Error:
+            return messages.Error.with_code(
+                "connection", detail=f"cannot fetch {url}: {failure.getErrorMessage()}"
+            )
+
+        d.addCallback(got_response)
+        d.addErrback(failed)
+        return d
+
+    return validate
+
+
 @attrs.frozen
 class _SignedRequest:
     header: dict[str, Any]
@@ -1610,3 +1661,101 @@ class _AcmeResource(Resource):
 
     def render(self, request: Request) -> bytes:  # type: ignore[override]
         return self._server._render(request)
+
+
+# --------------------------------------------------------------------------------------------
+# Running the fake as a process (for subprocess integration tests that need ARI or profiles)
+
+
+def _parse_args(argv: list[str]) -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m synapse_acme.testing.acme_server",
+        description="Serve the fake ACME server over real HTTP(S) until killed.",
+    )
+    parser.add_argument(
+        "--listen",
+        default="tcp:14001:interface=127.0.0.1",
+        help="Twisted server endpoint string (tcp:..., ssl:...)",
+    )
+    parser.add_argument("--base-url", default="http://127.0.0.1:14001")
+    parser.add_argument(
+        "--http01-port",
+        type=int,
+        default=None,
+        help="validate http-01 by fetching from 127.0.0.1:<port>; "
+        "without it every challenge passes",
+    )
+    parser.add_argument("--no-ari", action="store_true")
+    parser.add_argument("--cert-lifetime", type=float, default=90 * 86400.0)
+    parser.add_argument("--profile", action="append", default=[], metavar="NAME=SECONDS")
+    parser.add_argument("--eab", action="append", default=[], metavar="KID=BASE64URL_HMAC")
+    parser.add_argument("--terms-of-service", default=None)
+    parser.add_argument("--retry-after", type=float, default=None)
+    parser.add_argument("--authz-delay-polls", type=int, default=1)
+    parser.add_argument("--finalize-delay-polls", type=int, default=1)
+    parser.add_argument(
+        "--ca-out", default=None, help="directory to write root.pem and intermediate.pem into"
+    )
+    return parser.parse_args(argv)
+
+
+def main(reactor: Any, *argv: str) -> Deferred[None]:
+    """``twisted.internet.task.react`` entry point: serve until the process is killed.
+
+    Prints ``ready <directory url>`` on stdout once listening.
+    """
+    import sys
+
+    from twisted.internet.endpoints import serverFromString
+    from twisted.web.server import Site
+
+    args = _parse_args(list(argv))
+    validate = None
+    types: tuple[str, ...] = ("http-01", "dns-01")
+    if args.http01_port is not None:
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent
+
+        validate = http01_validator(HTTPClient(Agent(reactor)), port=args.http01_port)
+        types = ("http-01",)
+    profiles = {k: int(v) for k, v in (p.split("=", 1) for p in args.profile)} or None
+    eab = {k: _unb64(v) for k, v in (e.split("=", 1) for e in args.eab)} if args.eab else None
+    server = FakeAcmeServer(
+        reactor,
+        args.base_url,
+        validate=validate,
+        require_eab=eab,
+        terms_of_service=args.terms_of_service,
+        profiles=profiles,
+        ari=not args.no_ari,
+        cert_lifetime=args.cert_lifetime,
+        authz_delay_polls=args.authz_delay_polls,
+        finalize_delay_polls=args.finalize_delay_polls,
+        retry_after=args.retry_after,
+        challenge_types=types,
+    )
+    if args.ca_out:
+        with open(os.path.join(args.ca_out, "root.pem"), "wb") as f:
+            f.write(server.root_pem)
+        with open(os.path.join(args.ca_out, "intermediate.pem"), "wb") as f:
+            f.write(server.intermediate_pem)
+    done: Deferred[None] = Deferred()
+    listening = serverFromString(reactor, args.listen).listen(Site(server.resource))
+
+    def ready(port: Any) -> Deferred[None]:
+        sys.stdout.write(f"ready {server.directory_url}\n")
+        sys.stdout.flush()
+        return done
+
+    listening.addCallback(ready)
+    return listening
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through a subprocess test
+    import sys
+
+    from twisted.internet.task import react
+
+    react(main, sys.argv[1:])

@@ -23,8 +23,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
 
-from synapse_acme.testing.acme_server import FakeAcmeServer, ari_cert_id
+from synapse_acme.testing.acme_server import FakeAcmeServer, ari_cert_id, http01_validator
 
 START = 1_800_000_000.0
 UTC = datetime.timezone.utc
@@ -855,3 +856,122 @@ def test_request_log_records_kinds_and_times(clock: Clock) -> None:
     assert kinds[0] == "directory" and kinds[-1] == "newOrder"
     assert server.requests[-1].time == START + 5
     assert server.requests[-1].status == 201
+
+
+# ---- the HTTP-01 validator helper -------------------------------------------------------------
+
+
+class _Tokens(Resource):
+    isLeaf = True
+
+    def __init__(self, tokens: dict[str, bytes]):
+        super().__init__()
+        self.tokens = tokens
+        self.hosts: list[bytes | None] = []
+
+    def render_GET(self, request: Any) -> bytes:
+        self.hosts.append(request.getHeader(b"host"))
+        token = request.path.decode().rsplit("/", 1)[-1]
+        if token not in self.tokens:
+            request.setResponseCode(404)
+            return b"no"
+        return self.tokens[token]
+
+
+def test_http01_validator_fetches_with_host_header(clock: Clock) -> None:
+    tokens: dict[str, bytes] = {}
+    site = _Tokens(tokens)
+    web = StubTreq(site)
+
+    def respond(identifier: str, token: str, key_authz: str) -> Deferred[Any]:
+        tokens[token] = key_authz.encode() + b"\n"
+        d: Deferred[Any] = http01_validator(web, port=5002)(identifier, token, key_authz)
+        web.flush()
+        return d
+
+    _server, client = make(clock, validate=respond, challenge_types=("http-01",))
+    client.register()
+    _, cert = client.issue(["h.example.test"])
+    assert len(_chain(cert.body)) == 2
+    assert site.hosts == [b"h.example.test"]
+
+    # a wrong body and a 404 both fail the challenge with a CA-like problem
+    validator = http01_validator(web, port=5002)
+    results: list[Any] = []
+    tokens["t1"] = b"wrong"
+    validator("x.example.test", "t1", "right").addCallback(results.append)
+    validator("x.example.test", "missing", "right").addCallback(results.append)
+    web.flush()
+    assert [r.code for r in results] == ["incorrectResponse", "unauthorized"]
+
+
+# ---- the fake as a real process ---------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_runs_as_a_process_over_real_http(tmp_path: Any) -> None:
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "synapse_acme.testing.acme_server",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--base-url",
+            base,
+            "--ca-out",
+            str(tmp_path),
+            "--profile",
+            "shortlived=518400",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert line == f"ready {base}/directory\n", proc.stderr.read() if proc.stderr else line
+        with urllib.request.urlopen(f"{base}/directory", timeout=10) as r:
+            directory = json.loads(r.read())
+            assert r.headers["Replay-Nonce"]
+        assert directory["renewalInfo"] == f"{base}/renewal-info"
+        assert "shortlived" in directory["meta"]["profiles"]
+        req = urllib.request.Request(directory["newNonce"], method="HEAD")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            nonce = r.headers["Replay-Nonce"]
+        key = ec_key()
+        body = (
+            acme_jws.JWS.sign(
+                json.dumps({"termsOfServiceAgreed": True}).encode(),
+                key=key,
+                alg=jose.ES256,
+                nonce=jose.b64.b64decode(nonce),
+                url=directory["newAccount"],
+            )
+            .json_dumps()
+            .encode()
+        )
+        req = urllib.request.Request(
+            directory["newAccount"],
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/jose+json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 201
+            assert r.headers["Location"].startswith(f"{base}/acct/")
+        root = x509.load_pem_x509_certificate((tmp_path / "root.pem").read_bytes())
+        inter = x509.load_pem_x509_certificate((tmp_path / "intermediate.pem").read_bytes())
+        inter.verify_directly_issued_by(root)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
