@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
 from typing import Any
 
@@ -409,3 +410,86 @@ def test_fsutil_temp_names_are_recognised() -> None:
     assert fsutil.is_temp_name(os.path.basename(fsutil.temp_name_for("/x/exports.json")))
     assert not fsutil.is_temp_name(".hidden")
     assert not fsutil.is_temp_name("a.example")
+
+
+class _Crash(BaseException):
+    """Process death: not an Exception, so no cleanup handler runs."""
+
+
+_CRASH_POINTS = [
+    (os, "open"),
+    (os, "write"),
+    (os, "fsync"),
+    (os, "fchmod"),
+    (os, "chmod"),
+    (os, "mkdir"),
+    (os, "rename"),
+    (os, "close"),
+]
+
+
+def _crash_at(monkeypatch: pytest.MonkeyPatch, n: int) -> dict[str, int]:
+    """Make the n-th filesystem call (of the kinds above) kill the 'process'."""
+    counter = {"calls": 0}
+    for module, name in _CRASH_POINTS:
+        real = getattr(module, name)
+
+        def wrapper(*args: Any, _real: Any = real, **kw: Any) -> Any:
+            counter["calls"] += 1
+            if counter["calls"] == n:
+                raise _Crash()
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(module, name, wrapper)
+    return counter
+
+
+@pytest.mark.parametrize("first_save", [True, False])
+def test_crash_at_every_step_of_a_save_leaves_old_or_new(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, first_save: bool
+) -> None:
+    """Kill the save at each filesystem call in turn; after restart+recover the store holds
+    exactly the old bundle or exactly the new one, and no leftovers."""
+    n = 0
+    while True:
+        n += 1
+        root = tmp_path / f"run{n}"
+        if not first_save:
+            result(FileStore(str(root)).save("a.example", bundle(1)))
+        counter = _crash_at(monkeypatch, n)
+        crashed = False
+        try:
+            result(FileStore(str(root), auto_recover=False).save("a.example", bundle(2)))
+        except _Crash:
+            crashed = True
+        monkeypatch.undo()
+        restarted = FileStore(str(root))
+        loaded = result(restarted.load("a.example"))
+        allowed = [bundle(2)] if not crashed else [bundle(2), None if first_save else bundle(1)]
+        assert loaded in allowed, (n, loaded)
+        certs = root / "certificates"
+        leftovers = [e for e in os.listdir(certs) if e != "a.example"] if certs.exists() else []
+        assert leftovers == [], (n, leftovers)
+        if not crashed:
+            assert counter["calls"] < n
+            break
+    assert n > 10  # the save really went through many steps
+
+
+def test_crash_during_delete_completes_on_recover(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = FileStore(str(tmp_path))
+    result(s.save("a.example", bundle(1)))
+    real_rmtree = shutil.rmtree
+
+    def crash(*args: Any, **kw: Any) -> None:
+        raise _Crash()
+
+    monkeypatch.setattr(shutil, "rmtree", crash)
+    with pytest.raises(_Crash):
+        result(s.delete("a.example"))
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    restarted = FileStore(str(tmp_path))
+    assert result(restarted.load("a.example")) is None
+    assert os.listdir(tmp_path / "certificates") == []
