@@ -311,3 +311,20 @@ def test_renewal_info_none_without_ari_or_for_placeholder() -> None:
     now = datetime.datetime.fromtimestamp(START, tz=datetime.timezone.utc)
     placeholder = crypto.make_placeholder_bundle(["a.example.test"], now)
     assert w2.run(w2.issuer.renewal_info(placeholder.chain_pem)) is None
+
+
+def test_missing_replay_nonce_headers_fall_back_to_new_nonce() -> None:
+    w = World()
+    w.server.faults.drop_nonce_header_next(4)
+    w.issue(["a.example.test"])
+    assert w.server.faults.pending() == 0
+    assert len(w.kinds("newNonce")) >= 2
+
+
+def test_proxy_html_instead_of_order_is_protocol_error() -> None:
+    w = World()
+    w.server.faults.garbage_next("order")
+    with pytest.raises(AcmeProtocolError, match="expected content type application/json") as err:
+        w.issue(["a.example.test"])
+    assert err.value.url is not None and "/order/" in err.value.url
+    assert w.responder.live == {}
