@@ -8,6 +8,11 @@ answering with RFC 7807 problem documents. Time comes only from the injected clo
 
 Faults are planned through :attr:`FakeAcmeServer.faults`; each planned fault fires once (or the
 number of times asked) and is then gone, so a test can say "the next finalize fails with 503".
+
+For subprocess tests it also runs as a process over real HTTP(S):
+``python -m synapse_acme.testing.acme_server --listen tcp:14001:interface=127.0.0.1
+--base-url http://127.0.0.1:14001 [--http01-port 5002] [--profile shortlived=518400] ...``
+prints ``ready <directory url>`` once listening.
 """
 
 from __future__ import annotations
