@@ -49,6 +49,8 @@ PEM_CHAIN = "application/pem-certificate-chain"
 # acmez retries badNonce up to 10 times; certbot once. Pebble rejects 5% of good nonces by
 # default (and any share we ask for in tests), so a generous limit keeps issuance reliable.
 MAX_BAD_NONCE_RETRIES = 10
+# A newNonce answer without a nonce is a CA (or proxy) hiccup; a few tries, then a clear error.
+_NEW_NONCE_ATTEMPTS = 3
 # One request, connect to last body byte. Let's Encrypt answers in well under a second; a CA
 # that has not answered in 45 s (certbot's default) is not going to.
 DEFAULT_REQUEST_TIMEOUT = 45.0
@@ -297,12 +299,14 @@ class JWSTransport:
                 log.debug("badNonce from %s; retrying with a fresh nonce (%d)", url, attempt)
 
     async def _take_nonce(self) -> bytes:
-        if not self._nonces:
+        attempts = 0
+        while not self._nonces:
             url = (await self.directory())["newNonce"]
+            if attempts >= _NEW_NONCE_ATTEMPTS:
+                raise AcmeProtocolError("newNonce gave no usable Replay-Nonce header", url)
+            attempts += 1
             # Every response feeds the pool (see _send); this HEAD exists only for that.
             await self._checked("HEAD", url, None, None)
-            if not self._nonces:
-                raise AcmeProtocolError("newNonce gave no usable Replay-Nonce header", url)
         return jose.decode_b64jose(self._nonces.pop())
 
     def _remember_nonce(self, headers: Mapping[str, tuple[str, ...]], url: str) -> None:

@@ -315,10 +315,19 @@ def test_renewal_info_none_without_ari_or_for_placeholder() -> None:
 
 def test_missing_replay_nonce_headers_fall_back_to_new_nonce() -> None:
     w = World()
-    w.server.faults.drop_nonce_header_next(4)
+    # directory, then two newNonce answers without a nonce; the third one has it.
+    w.server.faults.drop_nonce_header_next(3)
     w.issue(["a.example.test"])
     assert w.server.faults.pending() == 0
-    assert len(w.kinds("newNonce")) >= 2
+    assert len(w.kinds("newNonce")) == 3
+
+
+def test_new_nonce_never_giving_a_nonce_is_protocol_error() -> None:
+    w = World()
+    w.server.faults.drop_nonce_header_next(100)
+    with pytest.raises(AcmeProtocolError, match="newNonce gave no usable Replay-Nonce"):
+        w.issue(["a.example.test"])
+    assert len(w.kinds("newNonce")) == 3
 
 
 def test_proxy_html_instead_of_order_is_protocol_error() -> None:
