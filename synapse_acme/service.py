@@ -157,7 +157,12 @@ class AcmeService(Service):
         if self._loading is None:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
-        self._loading.addBoth(lambda r: (d.callback(None), r)[1])
+
+        def fire(result: object) -> object:
+            d.callback(None)
+            return result
+
+        self._loading.addBoth(fire)
         return d
 
     def renew(self, key: str | None = None, force: bool = False) -> defer.Deferred[Any]:

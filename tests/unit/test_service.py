@@ -1,0 +1,318 @@
+"""The provisioning service, driven by a Clock, an in-memory store and a fake issuer."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from synapse_acme import crypto, policy
+from synapse_acme.errors import AcmeError, AcmeTransportError, StoreError
+from synapse_acme.interfaces import ICertificateConsumer
+from synapse_acme.model import CertificateBundle, CertificateSpec, RenewalWindow
+from synapse_acme.names import names_key
+from synapse_acme.service import AcmeService
+from synapse_acme.testing.issuer import FakeIssuer
+from synapse_acme.testing.store import MemoryStore
+from tests.certs import TestCA, leaf_serial
+
+START = datetime.datetime(2026, 11, 1, 12, 0, tzinfo=datetime.timezone.utc)
+NAMES = ("matrix.example.test", "example.test")
+KEY = names_key(NAMES)
+DAY = 86400.0
+
+
+@implementer(ICertificateConsumer)
+class Recorder:
+    def __init__(self) -> None:
+        self.changes: list[tuple[str, CertificateBundle]] = []
+
+    def certificate_changed(self, key: str, bundle: CertificateBundle) -> None:
+        self.changes.append((key, bundle))
+
+
+def _sync(d: defer.Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "Deferred did not fire synchronously"
+    return out[0]
+
+
+class World:
+    def __init__(self, specs: tuple[tuple[str, ...], ...] = (NAMES,), **kw: Any) -> None:
+        self.clock = Clock()
+        self.clock.advance(START.timestamp())
+        self.ca = TestCA(now=START)
+        self.store = MemoryStore()
+        self.issuer = FakeIssuer(ca=self.ca, clock=self.clock)
+        self.consumer = Recorder()
+        self.statuses: list[list[dict[str, Any]]] = []
+        kw.setdefault("check_interval", 600.0)
+        kw.setdefault("check_jitter", 0.0)
+        self.service = AcmeService(
+            [CertificateSpec(names=n) for n in specs],
+            self.store,
+            self.issuer,
+            self.clock,
+            on_status=self.statuses.append,
+            **kw,
+        )
+        self.service.add_consumer(self.consumer)
+
+    def start(self) -> None:
+        self.service.startService()
+        self.clock.advance(0)
+
+    def now(self) -> datetime.datetime:
+        return crypto.now_from_clock(self.clock)
+
+    def stored(self, key: str = KEY) -> CertificateBundle | None:
+        return _sync(self.store.load(key))
+
+
+def test_first_start_issues_in_background_and_tells_consumers() -> None:
+    w = World()
+    w.service.startService()
+    # Nothing is issued synchronously inside startService: the host's start is never blocked.
+    assert w.issuer.calls == []
+    w.clock.advance(0)
+    assert w.issuer.calls == [(NAMES, None)]
+    stored = w.stored()
+    assert stored is not None
+    assert [k for k, _ in w.consumer.changes] == [KEY]
+    assert w.consumer.changes[0][1] == stored
+    crypto.validate_bundle(stored, NAMES, w.now())
+    status = w.service.status()[0]
+    assert status["names"] == list(NAMES)
+    assert status["failures"] == 0 and status["last_error"] is None
+    # 90-day certificate, no ARI: renewal with a third of the lifetime left (30 days), which
+    # reprovision_threshold (30 days) caps to exactly 30 days before notAfter.
+    assert status["renew_at"] == "2026-12-31T12:00:00Z"
+    assert w.statuses and w.statuses[-1][0]["last_success"] is not None
+
+
+def test_stored_certificate_is_served_at_once_without_issuing() -> None:
+    w = World()
+    bundle = w.ca.issue(list(NAMES))
+    _sync(w.store.save(KEY, bundle))
+    w.start()
+    assert w.consumer.changes == [(KEY, bundle)]
+    assert w.issuer.calls == []
+    assert w.service.current(KEY) == bundle
+
+
+def test_expired_stored_certificate_is_served_and_replaced(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    w = World()
+    old = w.ca.issue(
+        list(NAMES),
+        not_before=START - datetime.timedelta(days=100),
+        not_after=START - datetime.timedelta(days=1),
+    )
+    _sync(w.store.save(KEY, old))
+    with caplog.at_level(logging.WARNING):
+        w.start()
+    assert "EXPIRED" in caplog.text
+    assert w.consumer.changes[0] == (KEY, old)
+    assert len(w.issuer.calls) == 1
+    assert w.service.current(KEY) != old
+
+
+def test_placeholder_is_served_then_replaced() -> None:
+    w = World()
+    placeholder = crypto.make_placeholder_bundle(list(NAMES), START)
+    _sync(w.store.save(KEY, placeholder))
+    w.start()
+    assert w.consumer.changes[0] == (KEY, placeholder)
+    current = w.service.current(KEY)
+    assert current is not None and not current.metadata.get("placeholder")
+    assert len(w.consumer.changes) == 2
+
+
+def test_failure_keeps_old_certificate_logs_type_and_backs_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    w = World()
+    old = w.ca.issue(
+        list(NAMES),
+        not_before=START - datetime.timedelta(days=80),
+        not_after=START + datetime.timedelta(days=10),
+    )
+    _sync(w.store.save(KEY, old))
+    limited = AcmeError(
+        "urn:ietf:params:acme:error:rateLimited", "too many certificates", 429, retry_after=7200
+    )
+    w.issuer.fail_next(limited)
+    with caplog.at_level(logging.ERROR):
+        w.start()
+    assert len(w.issuer.calls) == 1
+    assert w.service.current(KEY) == old
+    assert w.stored() == old
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "rateLimited" in errors[0] and "next attempt at" in errors[0]
+    status = w.service.status()[0]
+    assert status["last_error_type"] == "rateLimited"
+    assert status["failures"] == 1
+    # Retry-After (2 h) wins over the first backoff step; no attempt before it.
+    w.clock.advance(7199)
+    assert len(w.issuer.calls) == 1
+    w.clock.advance(2)
+    assert len(w.issuer.calls) == 2
+    assert w.service.current(KEY) != old
+    assert w.service.status()[0]["failures"] == 0
+
+
+def test_ca_down_for_a_day_follows_backoff_table_then_recovers() -> None:
+    w = World()
+    old = w.ca.issue(
+        list(NAMES),
+        not_before=START - datetime.timedelta(days=80),
+        not_after=START + datetime.timedelta(days=10),
+    )
+    _sync(w.store.save(KEY, old))
+    down = [AcmeTransportError("connection refused", "https://ca.test/dir")] * 1000
+    w.issuer.fail_next(*down)
+    w.start()
+    # Simulate a day in one-minute steps; the certificate served never changes.
+    for _ in range(int(DAY // 60)):
+        w.clock.advance(60)
+        assert w.service.current(KEY) == old
+    attempts = len(w.issuer.calls)
+    # Expected from the table alone (jitter is small): walk the schedule over a day.
+    expected, t, n = 1, 0.0, 0
+    while True:
+        n += 1
+        t += policy.backoff_delay(n, None, 0.5)
+        if t > DAY:
+            break
+        expected += 1
+    assert abs(attempts - expected) <= 2, (attempts, expected)
+    assert attempts < 60  # front-loaded, then hours: no tight loop
+    # The CA comes back: the next attempt succeeds.
+    w.issuer.failures.clear()
+    w.clock.advance(policy.BACKOFF_SCHEDULE[-1] * 1.5)
+    assert w.service.current(KEY) != old
+    assert w.service.status()[0]["failures"] == 0
+
+
+def test_concurrent_requests_share_one_order() -> None:
+    w = World()
+    w.issuer.hold = True
+    w.start()
+    assert len(w.issuer.calls) == 1
+    d1 = w.service.renew(KEY, force=True)
+    d2 = w.service.renew(KEY, force=True)
+    w.clock.advance(600)  # a periodic check while the order is in flight
+    assert len(w.issuer.calls) == 1
+    w.issuer.release()
+    r1, r2 = _sync(d1), _sync(d2)
+    assert r1[0][1] == r2[0][1] == w.service.current(KEY)
+
+
+def test_waiter_can_cancel_without_stopping_the_issuance() -> None:
+    w = World()
+    w.issuer.hold = True
+    w.start()
+    d = w.service.renew(KEY, force=True)
+    d.cancel()
+    [(key, result)] = _sync(d)
+    assert key == KEY and result.check(defer.CancelledError)
+    # The shared issuance goes on for the other waiters (here: the startup check).
+    w.issuer.release()
+    assert len(w.issuer.calls) == 1
+    assert w.service.current(KEY) is not None
+
+
+def test_renews_in_window_with_replaces_and_new_key() -> None:
+    w = World()
+    w.start()
+    first = w.service.current(KEY)
+    assert first is not None
+    w.clock.advance(59 * DAY)
+    assert len(w.issuer.calls) == 1
+    w.clock.advance(2 * DAY)
+    assert len(w.issuer.calls) == 2
+    second = w.service.current(KEY)
+    assert second is not None and leaf_serial(second) != leaf_serial(first)
+    assert w.issuer.calls[1][1] == first.metadata["ari_cert_id"]
+    assert second.key_pem != first.key_pem
+    assert w.stored() == second
+
+
+def test_short_lived_certificate_is_not_renewed_every_check() -> None:
+    # A 6-day certificate with reprovision_threshold 30 days must not be re-issued each tick.
+    w = World(threshold_days=30)
+    w.issuer.lifetime = datetime.timedelta(days=6)
+    w.start()
+    w.clock.pump([600.0] * int(2.9 * DAY / 600))
+    assert len(w.issuer.calls) == 1
+    w.clock.pump([600.0] * int(0.2 * DAY / 600))
+    assert len(w.issuer.calls) == 2
+
+
+def test_ari_window_drives_renewal() -> None:
+    w = World()
+    w.start()
+    first = w.service.current(KEY)
+    assert first is not None
+    cert_id = first.metadata["ari_cert_id"]
+    start = START + datetime.timedelta(days=5)
+    w.issuer.windows[cert_id] = RenewalWindow(start, start + datetime.timedelta(hours=1))
+    w.clock.advance(600)  # the next check fetches the window
+    renew_at = w.service.managed(KEY).renew_at
+    assert renew_at is not None and start <= renew_at <= start + datetime.timedelta(hours=1)
+    w.clock.pump([600.0] * int(5 * DAY / 600 + 12))
+    assert len(w.issuer.calls) == 2
+    assert w.issuer.calls[1][1] == cert_id
+
+
+def test_issued_certificate_that_cannot_be_saved_is_saved_later_not_reordered() -> None:
+    w = World()
+    w.store.fail_next_save(StoreError("no space left on device"))
+    w.start()
+    assert len(w.issuer.calls) == 1
+    assert w.stored() is None
+    assert w.service.status()[0]["last_error"] is not None
+    w.clock.advance(policy.backoff_delay(1, None, 0.5) * 1.2)
+    assert len(w.issuer.calls) == 1  # not ordered again
+    assert w.stored() is not None
+    assert w.service.current(KEY) == w.stored()
+
+
+def test_three_certificates_are_independent() -> None:
+    specs = (("a.example.test",), ("b.example.test",), ("c.example.test", "d.example.test"))
+    w = World(specs=specs)
+    w.issuer.fail_next(AcmeError("urn:ietf:params:acme:error:rejectedIdentifier", "no", 400))
+    w.start()
+    assert len(w.issuer.calls) == 3
+    got = {k for k, _ in w.consumer.changes}
+    assert got == {names_key(s) for s in specs[1:]}
+    assert w.service.status()[0]["last_error_type"] == "rejectedIdentifier"
+
+
+def test_stop_cancels_in_flight_and_goes_quiet() -> None:
+    w = World()
+    w.issuer.hold = True
+    w.start()
+    d = w.service.stopService()
+    assert _sync(d) is None
+    assert w.clock.getDelayedCalls() == []
+
+
+def test_tick_survives_unexpected_errors(caplog: pytest.LogCaptureFixture) -> None:
+    w = World()
+    w.issuer.fail_next(RuntimeError("boom"))
+    with caplog.at_level(logging.ERROR):
+        w.start()
+    assert "boom" in caplog.text
+    # The periodic check is still scheduled and the retry happens.
+    assert w.clock.getDelayedCalls()
+    w.clock.advance(policy.backoff_delay(1, None, 0.5) * 1.2)
+    assert w.service.current(KEY) is not None
