@@ -13,6 +13,7 @@ import pathlib
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -42,6 +43,10 @@ def fetch_chain(port: int, sni: str = SERVER_NAME) -> list[x509.Certificate]:
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     ctx.set_verify(SSL.VERIFY_NONE, lambda *a: True)
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    # pyOpenSSL wants a blocking socket (a Python timeout makes it non-blocking: WantReadError);
+    # the kernel-level receive timeout still bounds a stalled server.
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 5, 0))
     try:
         conn = SSL.Connection(ctx, sock)
         conn.set_tlsext_host_name(sni.encode())
@@ -98,7 +103,9 @@ class Synapse:
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "tls").mkdir(mode=0o700, exist_ok=True)
-        (workdir / "log.yaml").write_text((HERE / "log.yaml").read_text())
+        (workdir / "log.yaml").write_text(
+            (HERE / "log.yaml").read_text().replace("{app_log}", str(workdir / "app.log"))
+        )
         indented = "\n".join("      " + line for line in module_config.strip().splitlines())
         self.config_path.write_text(
             (HERE / "homeserver.yaml.tmpl")
@@ -139,10 +146,14 @@ class Synapse:
         return self.dir / "acme"
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        """Synapse's log (file handler) followed by its stdout/stderr."""
+        text = []
+        for path in (self.dir / "app.log", self.log_path):
+            try:
+                text.append(path.read_text(errors="replace"))
+            except OSError:
+                pass
+        return "\n".join(text)
 
     def start(self) -> int:
         logf = open(self.log_path, "ab")
@@ -283,6 +294,25 @@ def test_synapse_issues_and_hot_swaps_without_restart(
             lambda: serial(disk_leaf(hs)) == serial(second), 10, "files on disk updated", hs.log
         )
         assert not (hs.storage / "renew-request").exists()
+
+        # SIGHUP: Synapse's own handler re-reads the files and puts its own TLS factory back;
+        # the module re-installs the hot-swapping one after it, so renewals keep arriving.
+        hs.proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: "Context factories updated" in hs.log(), 10, "Synapse's SIGHUP reload", hs.log
+        )
+        assert serial(verified_leaf(pebble_ca, fetch_chain(hs.tls_port))) == serial(second)
+        (hs.storage / "renew-request").write_text("")
+
+        def renewed_again() -> x509.Certificate | None:
+            leaf = verified_leaf(pebble_ca, fetch_chain(hs.tls_port))
+            return leaf if serial(leaf) not in (serial(first), serial(second)) else None
+
+        second = wait_for(renewed_again, ISSUE_TIMEOUT, "a renewal after SIGHUP", hs.log)
+        assert hs.proc.pid == pid and hs.proc.poll() is None
+        wait_for(
+            lambda: serial(disk_leaf(hs)) == serial(second), 10, "files on disk updated", hs.log
+        )
     finally:
         stop.set()
         poller.join(timeout=10)
