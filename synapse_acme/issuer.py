@@ -86,7 +86,7 @@ class AcmeIssuer:
     ) -> Deferred[CertificateBundle]:
         """See :meth:`IIssuer.issue`. Cancelling the Deferred stops polling and withdraws
         every challenge answer."""
-        return Deferred.fromCoroutine(self._issue(canonical_names(names), key_pem, replaces))
+        return Deferred.fromCoroutine(self._issue(tuple(names), key_pem, replaces))
 
     def renewal_info(self, chain_pem: bytes) -> Deferred[RenewalWindow | None]:
         """See :meth:`IIssuer.renewal_info`. ``None`` also for a certificate that cannot have
@@ -111,6 +111,7 @@ class AcmeIssuer:
     async def _issue(
         self, names: tuple[str, ...], key_pem: bytes, replaces: str | None
     ) -> CertificateBundle:
+        names = canonical_names(names)  # a bad name fails the Deferred, it does not raise
         for attempt in (1, 2):
             await self._ensure_account()
             try:

@@ -337,3 +337,11 @@ def test_proxy_html_instead_of_order_is_protocol_error() -> None:
         w.issue(["a.example.test"])
     assert err.value.url is not None and "/order/" in err.value.url
     assert w.responder.live == {}
+
+
+def test_invalid_name_fails_the_deferred() -> None:
+    w = World()
+    d = w.issuer.issue(["not a name!"], crypto.generate_private_key_pem())
+    with pytest.raises(ValueError, match="not a valid DNS name"):
+        w.run(d)
+    assert w.kinds("newOrder") == []
