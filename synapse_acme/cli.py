@@ -148,7 +148,8 @@ def status_report(config: AcmeConfig, now: datetime.datetime) -> list[dict[str, 
     from synapse_acme.runtime import status_path
     from synapse_acme.store import FileStore
 
-    store = FileStore(config.storage)
+    # Read-only: the service may be saving right now, so no crash recovery from here.
+    store = FileStore(config.storage, auto_recover=False)
     last: dict[str, dict[str, Any]] = {}
     try:
         with open(status_path(config), encoding="utf-8") as f:

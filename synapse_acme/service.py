@@ -308,7 +308,7 @@ class AcmeService(Service):
     def _due(self, m: ManagedCertificate, now: datetime.datetime) -> bool:
         if m.bundle is None or m.placeholder or m.renew_at is None or m.not_after is None:
             return True
-        return policy.needs_renewal(now, m.renew_at, m.not_after)
+        return policy.needs_renewal(now, m.renew_at, m.not_after, not_before=m.not_before)
 
     def _schedule_tick(self, delay: float) -> None:
         if not self.running:
