@@ -215,7 +215,10 @@ def _name(value: Any, path: str) -> str:
 
 
 def _names(value: Any, path: str) -> list[str]:
-    return [_name(v, f"{path}[{i}]") for i, v in enumerate(_list(value, path, "DNS names"))]
+    return [
+        _name(v, f"{path}[{i}]")
+        for i, v in enumerate(_list(value, path, "DNS names", allow_single=True))
+    ]
 
 
 def _dedupe(names: Iterable[str]) -> tuple[str, ...]:

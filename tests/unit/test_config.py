@@ -1,0 +1,670 @@
+"""The acme: block parser: defaults, every key's errors, file forms, the sample and its docs."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pathlib
+import re
+from typing import Any
+
+import attrs
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from synapse_acme.config import (
+    KNOWN_KEYS,
+    LETSENCRYPT_STAGING_URL,
+    LETSENCRYPT_URL,
+    AcmeConfig,
+    EabConfig,
+    generate_config,
+    parse_acme_config,
+    read_config_file,
+)
+from synapse_acme.errors import ConfigError
+from synapse_acme.model import CertificateSpec
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "sample_config" / "acme.yaml"
+HMAC = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"
+
+
+def _ca_pem() -> str:
+    """A throwaway self-signed CA certificate, as a CA bundle would hold."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test ca")])
+    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _error(block: Any, **kwargs: Any) -> str:
+    kwargs.setdefault("server_name", "example.org")
+    with pytest.raises(ConfigError) as info:
+        parse_acme_config(block, **kwargs)
+    return str(info.value)
+
+
+# -- defaults --------------------------------------------------------------------------------
+
+
+def test_defaults_for_an_empty_block() -> None:
+    config = parse_acme_config({}, server_name="Example.ORG:8448")
+    assert config == AcmeConfig(domain="example.org")
+    assert config.enabled is False
+    assert config.url == LETSENCRYPT_URL
+    assert config.port == 80
+    assert config.bind_addresses == ("::", "0.0.0.0")
+    assert config.reprovision_threshold == 30
+    assert config.storage == "./acme"
+    assert config.account_key_file == os.path.join("./acme", "account.key")
+    assert config.check_interval == 600 and config.check_jitter == 0.1
+    assert config.poll_interval == 0.5 and config.poll_timeout == 300
+    assert config.http01_endpoints() == [
+        r"tcp6:port=80:interface=\:\:",
+        "tcp:port=80:interface=0.0.0.0",
+    ]
+
+
+def test_none_block_is_disabled_and_needs_no_domain() -> None:
+    config = parse_acme_config(None)
+    assert config.enabled is False and config.domain is None
+    assert config.certificate_specs() == []
+
+
+def test_old_synapse_block_still_reads(tmp_path: pathlib.Path) -> None:
+    old = {
+        "enabled": True,
+        "url": LETSENCRYPT_URL,
+        "port": 8009,
+        "bind_addresses": ["127.0.0.1"],
+        "reprovision_threshold": 30,
+        "domain": "matrix.example.com",
+        "account_key_file": "/data/acme_account.key",
+    }
+    config = parse_acme_config(old, server_name="example.com", base_dir=str(tmp_path))
+    assert config.http01_endpoints() == ["tcp:port=8009:interface=127.0.0.1"]
+    assert config.domain == "matrix.example.com"
+    assert config.account_key_file == "/data/acme_account.key"
+    assert config.storage == str(tmp_path / "acme")
+
+
+def test_full_block(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "ca.pem").write_text(_ca_pem())
+    block = {
+        "enabled": True,
+        "staging": True,
+        "domain": "Example.com.",
+        "domains": ["matrix.example.com", "EXAMPLE.com", "bücher.example"],
+        "certificates": [{"domains": ["a.example.com"], "key_type": "rsa"}, {"domains": "b.x.y"}],
+        "contact": ["ops@example.com", "mailto:Admin@EXAMPLE.com"],
+        "terms_of_service_agreed": True,
+        "key_type": "EC384",
+        "storage": "state",
+        "account_key_file": "~/acct.key",
+        "ca_bundle": "ca.pem",
+        "eab": {"kid": "kid-1", "hmac_key": HMAC},
+        "profile": "shortlived",
+        "tls_certificate_path": "tls/cert.pem",
+        "tls_private_key_path": "/abs/key.pem",
+        "check_interval": "1h",
+        "check_jitter": 0,
+        "poll_interval": "250ms",
+        "poll_timeout": 60,
+        "listen": ["tcp:8009:interface=127.0.0.1", "systemd:domain=INET:index=0"],
+        "tls_listen": "tcp:8448",
+    }
+    config = parse_acme_config(block, base_dir=str(tmp_path))
+    assert config.url == LETSENCRYPT_STAGING_URL
+    assert config.domain == "example.com"
+    assert config.domains == ("matrix.example.com", "xn--bcher-kva.example")
+    assert config.contact == ("mailto:ops@example.com", "mailto:Admin@example.com")
+    assert config.key_type == "ecdsa-p384"
+    assert config.storage == str(tmp_path / "state")
+    assert config.account_key_file == os.path.expanduser("~/acct.key")
+    assert config.ca_bundle == str(tmp_path / "ca.pem")
+    assert config.eab == EabConfig(kid="kid-1", hmac_key=HMAC)
+    assert HMAC not in repr(config)
+    assert config.eab is not None and len(config.eab.hmac_key_bytes()) == 48
+    assert config.tls_certificate_path == str(tmp_path / "tls" / "cert.pem")
+    assert config.tls_private_key_path == "/abs/key.pem"
+    assert (config.check_interval, config.check_jitter) == (3600, 0)
+    assert (config.poll_interval, config.poll_timeout) == (0.25, 60)
+    assert config.http01_endpoints() == list(block["listen"])
+    assert config.tls_listen == ("tcp:8448",)
+    assert config.certificate_specs() == [
+        CertificateSpec(
+            ("example.com", "matrix.example.com", "xn--bcher-kva.example"), "ecdsa-p384"
+        ),
+        CertificateSpec(("a.example.com",), "rsa-2048"),
+        CertificateSpec(("b.x.y",), "ecdsa-p384"),
+    ]
+
+
+def test_port_zero_and_empty_listen_mean_no_listener() -> None:
+    assert parse_acme_config({"port": 0}, server_name="a.b").http01_endpoints() == []
+    assert parse_acme_config({"listen": []}, server_name="a.b").http01_endpoints() == []
+    assert parse_acme_config({"bind_addresses": []}, server_name="a.b").http01_endpoints() == []
+
+
+def test_ipv6_bind_address_is_escaped_for_twisted() -> None:
+    config = parse_acme_config({"bind_addresses": "::1", "port": 8009}, server_name="a.b")
+    assert config.http01_endpoints() == [r"tcp6:port=8009:interface=\:\:1"]
+
+
+def test_null_values_mean_default() -> None:
+    assert parse_acme_config({"port": None, "url": None}, server_name="a.b").port == 80
+
+
+def test_tls_paths_default_from_homeserver(tmp_path: pathlib.Path) -> None:
+    hs = {"tls_certificate_path": "/etc/hs/cert.pem", "tls_private_key_path": "key.pem"}
+    config = parse_acme_config({}, server_name="a.b", base_dir=str(tmp_path), defaults_from=hs)
+    assert config.tls_certificate_path == "/etc/hs/cert.pem"
+    assert config.tls_private_key_path == str(tmp_path / "key.pem")
+    own = {"tls_certificate_path": "c", "tls_private_key_path": "k"}
+    config = parse_acme_config(own, server_name="a.b", base_dir="/x", defaults_from=hs)
+    assert (config.tls_certificate_path, config.tls_private_key_path) == ("/x/c", "/x/k")
+
+
+# -- every key's bad values ------------------------------------------------------------------
+
+KNOWN = ", ".join(KNOWN_KEYS)
+ENDPOINT = (
+    "expected a Twisted server endpoint string like 'tcp:8009:interface=127.0.0.1' "
+    "(types: tcp, tcp6, ssl, unix, systemd)"
+)
+TLS_ENDPOINT = ENDPOINT.replace("tcp6, ssl, unix", "tcp6, unix")
+DURATION = "expected a duration: seconds as a number, or text like '90s', '10m', '1h'"
+KEY_TYPE = "expected a key type: ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096"
+EMAIL = "expected an email address or a mailto: URI (one address each)"
+V1 = "this is an ACME v1 directory, and Let's Encrypt switched ACME v1 off in 2021; use "
+
+BAD = [
+    ({"enabled": "yes"}, "acme.enabled: expected true or false, got 'yes'"),
+    ({"enabled": 1}, "acme.enabled: expected true or false, got 1"),
+    ({"staging": "true"}, "acme.staging: expected true or false, got 'true'"),
+    ({"terms_of_service_agreed": 0}, "acme.terms_of_service_agreed: expected true or false, got 0"),
+    ({"url": 5}, "acme.url: expected an http(s) URL of an ACME v2 directory, got 5"),
+    (
+        {"url": "ftp://ca.example/dir"},
+        "acme.url: expected an http(s) URL of an ACME v2 directory, got 'ftp://ca.example/dir'",
+    ),
+    (
+        {"url": "not a url"},
+        "acme.url: expected an http(s) URL of an ACME v2 directory, got 'not a url'",
+    ),
+    (
+        {"url": "https://[::1/dir"},
+        "acme.url: expected an http(s) URL of an ACME v2 directory, got 'https://[::1/dir'",
+    ),
+    (
+        {"url": "https://acme-v01.api.letsencrypt.org/directory"},
+        f"acme.url: {V1}{LETSENCRYPT_URL}, got 'https://acme-v01.api.letsencrypt.org/directory'",
+    ),
+    (
+        {"url": "https://acme-staging.api.letsencrypt.org/directory"},
+        f"acme.url: {V1}{LETSENCRYPT_STAGING_URL}, got 'https://acme-staging.api.letsencrypt.org/directory'",
+    ),
+    (
+        {"staging": True, "url": LETSENCRYPT_URL},
+        f"acme.staging: staging: true selects {LETSENCRYPT_STAGING_URL}, but "
+        "url is also set; remove one of them, got True",
+    ),
+    (
+        {"port": "eighty"},
+        "acme.port: expected an integer 1-65535 (or 0 for no listener), got 'eighty'",
+    ),
+    ({"port": 65536}, "acme.port: expected an integer 1-65535 (or 0 for no listener), got 65536"),
+    ({"port": -1}, "acme.port: expected an integer 1-65535 (or 0 for no listener), got -1"),
+    ({"port": True}, "acme.port: expected an integer 1-65535 (or 0 for no listener), got True"),
+    ({"port": 80.0}, "acme.port: expected an integer 1-65535 (or 0 for no listener), got 80.0"),
+    ({"bind_addresses": 5}, "acme.bind_addresses: expected a list of IP addresses, got 5"),
+    (
+        {"bind_addresses": ["::", "localhost"]},
+        "acme.bind_addresses[1]: expected an IP address to bind to, like '::' "
+        "or '0.0.0.0', got 'localhost'",
+    ),
+    (
+        {"listen": {"a": 1}},
+        "acme.listen: expected a list of Twisted endpoint strings, got {'a': 1}",
+    ),
+    ({"listen": ["tcp:8009", 8009]}, f"acme.listen[1]: {ENDPOINT}, got 8009"),
+    ({"listen": ["8009"]}, f"acme.listen[0]: {ENDPOINT}, got '8009'"),
+    ({"listen": ["le:/srv:tcp:443"]}, f"acme.listen[0]: {ENDPOINT}, got 'le:/srv:tcp:443'"),
+    (
+        {"listen": ["tcp:eighty"]},
+        f"acme.listen[0]: {ENDPOINT}, with a port 0-65535, got 'tcp:eighty'",
+    ),
+    (
+        {"listen": ["tcp6:port=70000"]},
+        f"acme.listen[0]: {ENDPOINT}, with a port 0-65535, got 'tcp6:port=70000'",
+    ),
+    ({"listen": ["unix:"]}, f"acme.listen[0]: {ENDPOINT}, with a socket path, got 'unix:'"),
+    (
+        {"listen": ["systemd:index=0"]},
+        f"acme.listen[0]: {ENDPOINT}, like 'systemd:domain=INET:index=0', got 'systemd:index=0'",
+    ),
+    (
+        {"listen": ["tcp:8009"], "port": 8009},
+        "acme.listen: listen replaces port and bind_addresses; remove port or "
+        "listen, got ['tcp:8009']",
+    ),
+    (
+        {"listen": ["tcp:8009"], "bind_addresses": ["::"]},
+        "acme.listen: listen replaces port and bind_addresses; remove "
+        "bind_addresses or listen, got ['tcp:8009']",
+    ),
+    ({"tls_listen": ["ssl:8448"]}, f"acme.tls_listen[0]: {TLS_ENDPOINT}, got 'ssl:8448'"),
+    (
+        {"reprovision_threshold": 0},
+        "acme.reprovision_threshold: expected a whole number of days above 0, got 0",
+    ),
+    (
+        {"reprovision_threshold": "30d"},
+        "acme.reprovision_threshold: expected a whole number of days above 0, got '30d'",
+    ),
+    (
+        {"domain": "exa mple.com"},
+        "acme.domain: expected a DNS name (not a valid DNS name: 'exa "
+        "mple.com' (bad label 'exa mple')), got 'exa mple.com'",
+    ),
+    (
+        {"domain": "192.0.2.1"},
+        "acme.domain: expected a DNS name (IP addresses are not supported, "
+        "only DNS names: '192.0.2.1'), got '192.0.2.1'",
+    ),
+    ({"domain": ["a.b"]}, "acme.domain: expected a DNS name, got ['a.b']"),
+    ({"domains": ["a.example", "b..example", "c.example"]}, "acme.domains[1]: expected a DNS name"),
+    ({"domains": {"a": "b"}}, "acme.domains: expected a list of DNS names, got {'a': 'b'}"),
+    (
+        {"certificates": {"domains": ["a.b"]}},
+        "acme.certificates: expected a list of mappings with domains (and "
+        "key_type), got {'domains': ['a.b']}",
+    ),
+    (
+        {"certificates": ["a.b"]},
+        "acme.certificates[0]: expected a mapping with domains (and key_type), got 'a.b'",
+    ),
+    (
+        {"certificates": [{"key_type": "rsa"}]},
+        "acme.certificates[0].domains: missing: list the names of this certificate, got None",
+    ),
+    (
+        {"certificates": [{"domains": []}]},
+        "acme.certificates[0].domains: expected at least one DNS name, got []",
+    ),
+    (
+        {"certificates": [{"domains": ["a.b", "-x.b"]}]},
+        "acme.certificates[0].domains[1]: expected a DNS name",
+    ),
+    (
+        {"certificates": [{"domains": ["a.b"], "key_type": "dsa"}]},
+        f"acme.certificates[0].key_type: {KEY_TYPE}, got 'dsa'",
+    ),
+    (
+        {"certificates": [{"domains": ["a.b"], "keytype": "rsa"}]},
+        "acme.certificates[0].keytype: unknown key (did you mean 'key_type'?); "
+        "known keys: domains, key_type",
+    ),
+    (
+        {"certificates": [{"domains": ["example.org"]}]},
+        "acme.certificates[0].domains: the same names as another certificate "
+        "here; list each set once, got ['example.org']",
+    ),
+    ({"contact": 5}, "acme.contact: expected a list of email addresses, got 5"),
+    ({"contact": ["ops@example.com", "nobody"]}, f"acme.contact[1]: {EMAIL}, got 'nobody'"),
+    ({"contact": ["a@b@c.example"]}, f"acme.contact[0]: {EMAIL}, got 'a@b@c.example'"),
+    ({"contact": ["a,b@c.example"]}, f"acme.contact[0]: {EMAIL}, got 'a,b@c.example'"),
+    (
+        {"contact": ["mailto:ops@localhost"]},
+        f"acme.contact[0]: {EMAIL}, got 'mailto:ops@localhost'",
+    ),
+    (
+        {"contact": ["ops@example.com?subject=x"]},
+        f"acme.contact[0]: {EMAIL}, got 'ops@example.com?subject=x'",
+    ),
+    ({"key_type": "rsa-1024"}, f"acme.key_type: {KEY_TYPE}, got 'rsa-1024'"),
+    ({"key_type": 256}, f"acme.key_type: {KEY_TYPE}, got 256"),
+    ({"storage": ""}, "acme.storage: expected a file path, got ''"),
+    ({"storage": 7}, "acme.storage: expected a file path, got 7"),
+    ({"account_key_file": ["a"]}, "acme.account_key_file: expected a file path, got ['a']"),
+    (
+        {"ca_bundle": "/nonexistent/ca.pem"},
+        "acme.ca_bundle: expected a PEM file of CA certificates that exists, "
+        "got '/nonexistent/ca.pem'",
+    ),
+    ({"eab": "kid:secret"}, "acme.eab: expected a mapping with kid and hmac_key, got str"),
+    ({"eab": {"kid": "k"}}, "acme.eab.hmac_key: missing (the CA gives kid and hmac_key)"),
+    ({"eab": {"hmac_key": HMAC}}, "acme.eab.kid: missing (the CA gives kid and hmac_key)"),
+    (
+        {"eab": {"kid": "", "hmac_key": HMAC}},
+        "acme.eab.kid: expected the key identifier text the CA gave, got ''",
+    ),
+    (
+        {"eab": {"kid": "k", "hmac_key": "not base64url!"}},
+        "acme.eab.hmac_key: expected base64url text (RFC 4648 §5) as the CA gave it",
+    ),
+    (
+        {"eab": {"kid": "k", "hmac_key": "a+b/c="}},
+        "acme.eab.hmac_key: expected base64url text (RFC 4648 §5) as the CA gave it",
+    ),
+    (
+        {"eab": {"kid": "k", "hmac_key": "A"}},
+        "acme.eab.hmac_key: expected base64url text (RFC 4648 §5) as the CA gave it",
+    ),
+    (
+        {"eab": {"kid": "k", "hmac_key": 12345}},
+        "acme.eab.hmac_key: expected base64url text (RFC 4648 §5) as the CA gave it",
+    ),
+    (
+        {"eab": {"kid": "k", "hmac_key": HMAC, "hmac": HMAC}},
+        "acme.eab.hmac: unknown key (did you mean 'hmac_key'?); known keys: hmac_key, kid",
+    ),
+    (
+        {"profile": ""},
+        "acme.profile: expected a profile name the CA offers, like 'tlsserver', got ''",
+    ),
+    (
+        {"profile": ["a"]},
+        "acme.profile: expected a profile name the CA offers, like 'tlsserver', got ['a']",
+    ),
+    (
+        {"tls_certificate_path": "c.pem"},
+        "acme.tls_private_key_path: missing: set both tls_certificate_path and "
+        "tls_private_key_path, or neither",
+    ),
+    (
+        {"tls_private_key_path": "k.pem"},
+        "acme.tls_certificate_path: missing: set both tls_certificate_path and "
+        "tls_private_key_path, or neither",
+    ),
+    ({"check_interval": "soon"}, f"acme.check_interval: {DURATION}, got 'soon'"),
+    ({"check_interval": 0}, f"acme.check_interval: {DURATION} (greater than zero), got 0"),
+    ({"check_interval": float("inf")}, f"acme.check_interval: {DURATION}, got inf"),
+    ({"poll_interval": -1}, f"acme.poll_interval: {DURATION}, got -1"),
+    ({"poll_timeout": True}, f"acme.poll_timeout: {DURATION}, got True"),
+    (
+        {"poll_timeout": 1, "poll_interval": 2},
+        "acme.poll_timeout: expected at least poll_interval (2.0 s), got 1",
+    ),
+    (
+        {"check_jitter": 1},
+        "acme.check_jitter: expected a fraction from 0 up to (not including) 1, like 0.1, got 1",
+    ),
+    (
+        {"check_jitter": "10%"},
+        "acme.check_jitter: expected a fraction from 0 up to (not including) "
+        "1, like 0.1, got '10%'",
+    ),
+    (
+        {"check_jitter": float("nan")},
+        "acme.check_jitter: expected a fraction from 0 up to (not including) 1, like 0.1, got nan",
+    ),
+    ({"prot": 80}, f"acme.prot: unknown key (did you mean 'port'?); known keys: {KNOWN}"),
+    ({"zzz": "secret"}, f"acme.zzz: unknown key; known keys: {KNOWN}"),
+    ({1: 2}, f"acme.1: unknown key; known keys: {KNOWN}"),
+    (["enabled"], "acme: expected a mapping of acme settings, got a list"),
+]
+
+
+@pytest.mark.parametrize(
+    ("block", "message"), BAD, ids=[m.split(":")[0] + f"-{i}" for i, (_, m) in enumerate(BAD)]
+)
+def test_bad_values_name_key_and_value(block: Any, message: str) -> None:
+    text = _error(block)
+    assert text == message or (text.startswith(message) and message.endswith("DNS name"))
+
+
+def test_errors_use_the_given_path_prefix() -> None:
+    text = _error({"port": "x"}, path="modules[0].config")
+    assert text.startswith("modules[0].config.port: expected an integer")
+
+
+def test_hmac_key_never_appears_in_errors() -> None:
+    secret = "c2VjcmV0LXNlY3JldC1zZWNyZXQ!"
+    for block in (
+        {"eab": {"kid": "k", "hmac_key": secret}},
+        {"eab": secret},
+        {"eab": [secret]},
+        {"hmac_key": secret},
+        {"eab": {"kid": "k", "hmac_key": HMAC, "other": secret}},
+    ):
+        with pytest.raises(ConfigError) as info:
+            parse_acme_config(block, server_name="a.b")
+        assert secret not in str(info.value)
+        assert secret not in repr(info.value.value)
+
+
+def test_domain_required_when_enabled_without_server_name() -> None:
+    assert _error({"enabled": True}, server_name=None) == (
+        "acme.domain: not set and there is no server_name to default to; set domain, got None"
+    )
+    assert _error({"domains": ["a.b"]}, server_name=None).startswith("acme.domain: not set")
+
+
+def test_unusable_server_name_is_reported_on_domain() -> None:
+    text = _error({"enabled": True}, server_name="[::1]:8448")
+    assert text.startswith("acme.domain: not set, and server_name cannot be used")
+    assert text.endswith("got '[::1]:8448'")
+
+
+def test_ca_bundle_must_hold_a_certificate(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "empty.pem").write_text("no certificate here\n")
+    text = _error({"ca_bundle": "empty.pem"}, base_dir=str(tmp_path))
+    assert text == (
+        "acme.ca_bundle: expected a PEM file with at least one certificate, got 'empty.pem'"
+    )
+    (tmp_path / "dir.pem").mkdir()
+    assert "that exists" in _error({"ca_bundle": "dir.pem"}, base_dir=str(tmp_path))
+
+
+def test_partial_homeserver_tls_paths_named_at_top_level() -> None:
+    text = _error({}, defaults_from={"tls_certificate_path": "/c.pem"})
+    assert text.startswith("tls_private_key_path: missing: set both")
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def _write(tmp_path: pathlib.Path, text: str, name: str = "homeserver.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_read_homeserver_with_top_level_block(tmp_path: pathlib.Path) -> None:
+    path = _write(
+        tmp_path,
+        "server_name: hs.example.com\n"
+        "tls_certificate_path: hs.tls.crt\n"
+        "tls_private_key_path: hs.tls.key\n"
+        "acme:\n  enabled: true\n  port: 8009\n",
+    )
+    config = read_config_file(path)
+    assert config.enabled and config.port == 8009 and config.domain == "hs.example.com"
+    assert config.tls_certificate_path == str(tmp_path / "hs.tls.crt")
+    assert config.storage == str(tmp_path / "acme")
+
+
+def test_read_homeserver_with_module(tmp_path: pathlib.Path) -> None:
+    text = (
+        "server_name: hs.example.com\n"
+        "modules:\n"
+        "  - module: other.Module\n    config: {}\n"
+        "  - module: synapse_acme.synapse.AcmeModule\n"
+        "    config:\n      enabled: true\n      port: eighty\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        read_config_file(_write(tmp_path, text))
+    assert str(info.value).startswith("modules[1].config.port: expected an integer 1-65535")
+    config = read_config_file(_write(tmp_path, text.replace("eighty", "0")))
+    assert config.enabled and config.http01_endpoints() == [] and config.domain == "hs.example.com"
+
+
+def test_read_standalone_file(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path, "acme:\n  enabled: true\n  domain: a.example.test\n", "acme.yaml")
+    assert read_config_file(path).domain == "a.example.test"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("acme: [unclosed\n", "not valid YAML"),
+        ("- a\n- b\n", "expected a YAML mapping at the top, got a list"),
+        ("", "expected a YAML mapping at the top, got nothing (null)"),
+        ("server_name: a.b\n", "found neither an acme: block nor synapse_acme.synapse.AcmeModule"),
+        ("modules: {a: b}\n", "expected a list, got a mapping"),
+        ("server_name: [a]\nacme: {}\n", "expected a server name string"),
+    ],
+)
+def test_bad_files(tmp_path: pathlib.Path, text: str, message: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        read_config_file(path)
+    assert message in str(info.value)
+
+
+def test_missing_and_binary_files_are_named(tmp_path: pathlib.Path) -> None:
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=re.escape(f"{missing}: config file not found")):
+        read_config_file(missing)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match=re.escape(str(binary))):
+        read_config_file(str(binary))
+
+
+# -- the sample and the docs -----------------------------------------------------------------
+
+
+def test_packaged_sample_equals_sample_file() -> None:
+    packaged = ROOT / "synapse_acme" / "sample_acme.yaml"
+    assert packaged.read_text() == SAMPLE.read_text()
+    assert generate_config() == SAMPLE.read_text()
+
+
+def test_sample_parses_as_file_and_block() -> None:
+    block = yaml.safe_load(generate_config())["acme"]
+    assert parse_acme_config(block, server_name="example.com").domain == "example.com"
+    assert read_config_file(str(SAMPLE)).enabled is False
+
+
+def _uncommented_sample_keys() -> dict[str, Any]:
+    """Each `#key: value` line of the sample at block level, parsed as YAML."""
+    values: dict[str, Any] = {}
+    for line in SAMPLE.read_text().splitlines():
+        match = re.match(r"^  #([a-z_]+): (.*)$", line)
+        if match:
+            values[match.group(1)] = yaml.safe_load(match.group(2) or "null")
+    return values
+
+
+def test_sample_defaults_are_the_real_defaults() -> None:
+    shown = _uncommented_sample_keys()
+    defaults = parse_acme_config({}, server_name="example.com")
+    for key, value in shown.items():
+        if key in ("domain", "storage", "account_key_file"):
+            continue  # examples / relative to the file
+        assert parse_acme_config({key: value}, server_name="example.com") == defaults, key
+
+
+def test_every_field_is_in_the_sample_and_documented() -> None:
+    sample = SAMPLE.read_text()
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    for field in attrs.fields(AcmeConfig):
+        assert re.search(rf"^  #?{field.name}:", sample, re.M), f"{field.name} not in sample"
+        assert f"`{field.name}`" in docs, f"{field.name} not in docs/configuration.md"
+
+
+def test_module_snippet_parses(tmp_path: pathlib.Path) -> None:
+    snippet = (ROOT / "sample_config" / "homeserver-module.yaml").read_text()
+    path = _write(tmp_path, "server_name: example.com\n" + snippet)
+    config = read_config_file(path)
+    assert config.enabled and config.url == LETSENCRYPT_STAGING_URL and config.port == 0
+
+
+# -- fuzz ------------------------------------------------------------------------------------
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "::",
+            "0.0.0.0",
+            "tcp:8009",
+            "a.example.com",
+            "*.example.com",
+            "ops@a.example",
+            "10m",
+            "rsa",
+            "https://ca.example/dir",
+            LETSENCRYPT_URL,
+            HMAC,
+            "~",
+            ".",
+            "/",
+        ]
+    ),
+)
+# Flat on purpose: nested recursive strategies made generation (not parsing) take 15 s.
+_inner_keys = st.sampled_from(["domains", "key_type", "kid", "hmac_key", "x"])
+_values = st.one_of(
+    _scalars,
+    st.lists(_scalars, max_size=3),
+    st.dictionaries(_inner_keys, st.one_of(_scalars, st.lists(_scalars, max_size=2)), max_size=3),
+    st.lists(
+        st.dictionaries(
+            _inner_keys, st.one_of(_scalars, st.lists(_scalars, max_size=2)), max_size=2
+        ),
+        max_size=2,
+    ),
+)
+_keys = st.one_of(st.sampled_from(KNOWN_KEYS), st.text(max_size=10), st.integers())
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    block=st.one_of(st.dictionaries(_keys, _values, max_size=5), _scalars),
+    server_name=st.one_of(st.none(), st.text(max_size=20), st.just("example.org:8448")),
+    defaults_from=st.one_of(
+        st.none(),
+        st.dictionaries(
+            st.sampled_from(["tls_certificate_path", "tls_private_key_path"]), _scalars
+        ),
+    ),
+)
+def test_fuzz_only_config_or_config_error(block: Any, server_name: Any, defaults_from: Any) -> None:
+    try:
+        config = parse_acme_config(
+            block,
+            server_name=server_name,
+            base_dir="/nonexistent-base",
+            defaults_from=defaults_from,
+        )
+    except ConfigError as e:
+        assert str(e).startswith(("acme", "tls_"))
+    else:
+        assert isinstance(config, AcmeConfig)
+        config.http01_endpoints()
+        config.certificate_specs()
