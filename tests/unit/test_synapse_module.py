@@ -289,7 +289,9 @@ def make_module(
 
     monkeypatch.setattr("synapse_acme.runtime.build_runtime", fake_build)
     hs = FakeHS(reactor, cert, key, bg=bg)
-    monkeypatch.setattr(_base, "_instance_id_to_sighup_callbacks_map", {})
+    hooks: list[Any] = []
+    monkeypatch.setattr(_base, "register_sighup", lambda hs, func, *a, **k: hooks.append(func))
+    hs.sighup_hooks = hooks  # type: ignore[attr-defined]
     api = FakeApi(hs)
     settings = module_mod.ModuleSettings(acme=acme, source="modules", standalone_listener=False)
     return AcmeModule(settings, api), api, reactor, built
@@ -359,7 +361,7 @@ def test_sighup_puts_the_creator_back(
     _mod, api, _reactor, built = make_module(tmp_path, monkeypatch)
     ((rt, _),) = built
     api._hs.tls_server_context_factory = object()  # what Synapse's refresh_certificate does
-    ((callback, _, _),) = _base._instance_id_to_sighup_callbacks_map[api._hs.get_instance_id()]
+    (callback,) = api._hs.sighup_hooks
     callback()  # as Synapse's SIGHUP handler would, after its own refresh_certificate
     assert api._hs.tls_server_context_factory is rt.tls
 
@@ -393,3 +395,14 @@ def test_disabled_module_does_nothing(tmp_path: pathlib.Path) -> None:
     )
     AcmeModule(settings, api)
     assert api.resources == {} and reactor.getDelayedCalls() == []
+
+
+def test_sighup_hook_with_the_older_register_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    hooks: list[Any] = []
+
+    def old_register(func: Any, *args: Any, **kwargs: Any) -> None:  # Synapse < 1.14x
+        hooks.append(func)
+
+    monkeypatch.setattr(_base, "register_sighup", old_register)
+    g = glue.SynapseGlue.from_module_api(FakeApi(FakeHS(MemoryReactorClock(), "c", "k")))
+    assert g.on_sighup(print) and hooks == [print]
