@@ -1,0 +1,111 @@
+"""The HTTP-01 listener on real sockets, with a real reactor in a subprocess (the suite's rule)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+_SCRIPT = textwrap.dedent(
+    r"""
+    import json, logging, socket, sys
+    import urllib.error, urllib.request
+    from twisted.internet import defer, task, threads
+    from synapse_acme.errors import ListenError
+    from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder, make_site
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+    MODE = sys.argv[1]
+
+    def fetch(url):
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return [resp.status, resp.read().decode()]
+        except urllib.error.HTTPError as e:
+            return [e.code, ""]
+
+    def free_port():
+        s = socket.socket(socket.AF_INET6)
+        s.bind(("::", 0))
+        port = s.getsockname()[1]
+        s.close()
+        return port
+
+    async def main(reactor):
+        port = free_port()
+        endpoints = [rf"tcp6:port={port}:interface=\:\:", f"tcp:port={port}:interface=0.0.0.0"]
+        responder = HTTP01Responder()
+        responder.start_responding("a.example.test", "tok_1", "tok_1.thumb")
+        blockers = []
+        if MODE == "occupied":
+            for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+                s = socket.socket(family)
+                try:
+                    s.bind((host, port))
+                    s.listen()
+                    blockers.append(s)
+                except OSError:
+                    s.close()  # dual-stack: the first socket already took IPv4 too
+        svc = HTTP01ListenerService(reactor, make_site(responder), endpoints)
+        svc.privilegedStartService()
+        svc.startService()
+        out = {}
+        try:
+            ports = await svc.when_listening()
+        except ListenError as e:
+            out["error"] = str(e)
+            await svc.stopService()
+            print(json.dumps(out))
+            return
+        out["bound"] = [p.getHost().host for p in ports]
+        # A plain HTTP client in a thread (treq's URL handling rejects IPv6 literals).
+        for host in ("127.0.0.1", "[::1]"):
+            url = f"http://{host}:{port}/.well-known/acme-challenge/tok_1"
+            out[host] = await threads.deferToThread(fetch, url)
+        out["other"] = await threads.deferToThread(fetch, f"http://127.0.0.1:{port}/anything")
+        await svc.stopService()
+        s = socket.socket(socket.AF_INET6)
+        # REUSEADDR skips TIME_WAIT leftovers; on Linux it still refuses a live listener.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("::", port))  # the port is really free again
+        s.listen()
+        s.close()
+        out["freed"] = True
+        print(json.dumps(out))
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    """
+)
+
+
+def _run(mode: str) -> tuple[dict[str, object], str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def test_dual_stack_listener_serves_ipv4_and_ipv6() -> None:
+    out, log = _run("free")
+    assert out["127.0.0.1"] == [200, "tok_1.thumb"]
+    assert out["[::1]"] == [200, "tok_1.thumb"]
+    assert out["other"] == [404, ""]
+    assert out["freed"] is True
+    # Linux default (bindv6only=0): '::' takes IPv4 too; 0.0.0.0 is reported at INFO, not WARNING.
+    assert out["bound"] == ["::"]
+    assert "covered by the IPv6 dual-stack socket" in log
+    assert "WARNING" not in log
+
+
+def test_nothing_bindable_fails_naming_each_endpoint() -> None:
+    out, log = _run("occupied")
+    error = str(out["error"])
+    assert error.startswith("could not bind any HTTP-01 challenge listener")
+    assert r"tcp6:port=" in error and "interface=0.0.0.0" in error
+    assert "ERROR could not bind any HTTP-01 challenge listener" in log
