@@ -1,0 +1,248 @@
+"""The whole product against real Pebble: the ``synapse-acme`` CLI and the running service.
+
+Every test runs the real command line in a subprocess (real reactor, real sockets, real CA) and
+checks what an operator would: exit code, the stored chain verifying to Pebble's root, names,
+key match, file modes, and, for ``run``, renewals that happen by themselves.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import os
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+
+from synapse_acme import crypto
+from synapse_acme.model import CertificateBundle
+from synapse_acme.names import names_key
+from synapse_acme.testing.pebble import PebbleCA, free_port
+
+CLI = [sys.executable, "-m", "synapse_acme"]
+
+
+def write_config(tmp: Path, ca: PebbleCA, names: Sequence[str], **extra: Any) -> Path:
+    block: dict[str, Any] = {
+        "enabled": True,
+        "url": ca.directory_url,
+        "ca_bundle": ca.ca_bundle,
+        "port": ca.http_port,
+        "bind_addresses": ["127.0.0.1"],
+        "domain": names[0],
+        "domains": list(names[1:]),
+        "storage": str(tmp / "store"),
+        "terms_of_service_agreed": True,
+        "contact": ["admin@example.test"],
+        "poll_interval": 0.05,
+    }
+    block.update(extra)
+    path = tmp / "acme.yaml"
+    path.write_text(yaml.safe_dump({"acme": block}))
+    return path
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def stored(tmp: Path, names: Sequence[str]) -> tuple[Path, CertificateBundle]:
+    d = tmp / "store" / "certificates" / names_key(names)
+    bundle = CertificateBundle(
+        key_pem=(d / "privkey.pem").read_bytes(),
+        chain_pem=(d / "fullchain.pem").read_bytes(),
+        metadata=json.loads((d / "metadata.json").read_text()),
+    )
+    return d, bundle
+
+
+def check_issued(ca: PebbleCA, tmp: Path, names: Sequence[str]) -> x509.Certificate:
+    """The stored bundle verifies to Pebble's root, covers ``names``, matches its key; modes."""
+    d, bundle = stored(tmp, names)
+    ca.verify_chain(bundle.chain_pem, names)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    chain = crypto.validate_bundle(bundle, names, now)
+    assert sorted(crypto.certificate_names(chain[0])) == sorted(names)
+    assert stat.S_IMODE(os.stat(d / "privkey.pem").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp / "store").st_mode) == 0o700
+    return chain[0]
+
+
+def test_issue_one_name(pebble: PebbleCA, tmp_path: Path) -> None:
+    names = ["one.example.test"]
+    cfg = write_config(tmp_path, pebble, names)
+    r = cli("issue", "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "OK      one.example.test" in r.stdout
+    check_issued(pebble, tmp_path, names)
+    # Private keys never reach the log.
+    key_pem = stored(tmp_path, names)[1].key_pem
+    body = b"".join(key_pem.splitlines()[1:-1]).decode()
+    assert body[:40] not in r.stderr + r.stdout
+    status = cli("status", "-c", str(cfg), "--json")
+    assert status.returncode == 0, status.stderr
+    [entry] = json.loads(status.stdout)
+    assert entry["state"] == "valid" and entry["names"] == names
+    assert entry["last_success"] is not None and entry.get("last_error") is None
+    # A second `issue` has nothing to do and keeps the certificate.
+    before = stored(tmp_path, names)[1].chain_pem
+    again = cli("issue", "-c", str(cfg))
+    assert again.returncode == 0 and "Nothing to do" in again.stdout
+    assert stored(tmp_path, names)[1].chain_pem == before
+
+
+def test_issue_ten_sans(pebble: PebbleCA, tmp_path: Path) -> None:
+    names = [f"n{i}.ten.example.test" for i in range(10)]
+    cfg = write_config(tmp_path, pebble, names)
+    r = cli("issue", "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    leaf = check_issued(pebble, tmp_path, names)
+    assert len(crypto.certificate_names(leaf)) == 10
+
+
+def test_three_certificates_concurrently_and_forced_renewal(
+    pebble: PebbleCA, tmp_path: Path
+) -> None:
+    first = ["a.three.example.test"]
+    others = [["b.three.example.test"], ["c.three.example.test", "www.c.three.example.test"]]
+    cfg = write_config(
+        tmp_path,
+        pebble,
+        first,
+        certificates=[{"domains": n} for n in others],
+        key_type="rsa-2048",
+    )
+    r = cli("issue", "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    leaves = {}
+    for names in [first, *others]:
+        leaves[tuple(names)] = check_issued(pebble, tmp_path, names)
+    # The three orders ran side by side: each was placed before any certificate was issued.
+    order_lines = [i for i, line in enumerate(r.stderr.splitlines()) if "order https" in line]
+    issued_lines = [
+        i for i, line in enumerate(r.stderr.splitlines()) if "certificate issued" in line
+    ]
+    assert len(order_lines) == 3 and len(issued_lines) == 3
+    assert max(order_lines) < min(issued_lines), r.stderr
+    # Without --force, nothing is due; with --force, every certificate is replaced by a new one.
+    assert "Nothing to do" in cli("renew", "-c", str(cfg)).stdout
+    old_key = stored(tmp_path, first)[1].key_pem
+    r = cli("renew", "-c", str(cfg), "--force", "--name", first[0])
+    assert r.returncode == 0, r.stderr
+    new_leaf = check_issued(pebble, tmp_path, first)
+    assert new_leaf.serial_number != leaves[tuple(first)].serial_number
+    assert stored(tmp_path, first)[1].key_pem != old_key
+    # The other two were not touched.
+    assert check_issued(pebble, tmp_path, others[0]).serial_number == (
+        leaves[tuple(others[0])].serial_number
+    )
+
+
+def test_bad_nonce_storm(pebble_factory: Callable[..., PebbleCA], tmp_path: Path) -> None:
+    ca = pebble_factory(env={"PEBBLE_WFE_NONCEREJECT": "50"})
+    first = ["s0.storm.example.test"]
+    rest = [[f"s{i}.storm.example.test"] for i in range(1, 5)]
+    cfg = write_config(tmp_path, ca, first, certificates=[{"domains": n} for n in rest])
+    r = cli("-v", "issue", "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    for names in [first, *rest]:
+        check_issued(ca, tmp_path, names)
+    assert "badNonce" in r.stderr  # the storm happened and was ridden out
+
+
+def test_ca_problem_is_reported_with_its_type(
+    pebble_factory: Callable[..., PebbleCA], tmp_path: Path
+) -> None:
+    ca = pebble_factory(blocklist=["blocked.example.test"])
+    cfg = write_config(tmp_path, ca, ["blocked.example.test"])
+    r = cli("issue", "-c", str(cfg))
+    assert r.returncode == 1
+    assert "rejectedIdentifier" in r.stderr
+    assert not (tmp_path / "store" / "certificates" / "blocked.example.test").exists()
+    status = json.loads(cli("status", "-c", str(cfg), "--json").stdout)
+    assert status[0]["state"] == "missing"
+    assert status[0]["last_error_type"] == "rejectedIdentifier"
+
+
+def test_config_error_names_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "acme.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"acme": {"enabled": True, "domain": "x.example.test", "port": "eighty"}})
+    )
+    r = cli("issue", "-c", str(cfg))
+    assert r.returncode == 2
+    assert "acme.port" in r.stderr and "'eighty'" in r.stderr
+
+
+def _served_serial(port: int) -> int | None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            with ctx.wrap_socket(sock, server_hostname="live.example.test") as tls:
+                der = tls.getpeercert(binary_form=True)
+    except OSError:
+        return None
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_running_service_renews_short_certificates_by_itself(
+    pebble_factory: Callable[..., PebbleCA], tmp_path: Path
+) -> None:
+    """Pebble issues 30-second certificates; `synapse-acme run` renews them twice on its own,
+    each new one reaching the store and the TLS listener before the old one expires."""
+    ca = pebble_factory(validity=30)
+    names = ["live.example.test"]
+    tls_port = free_port()
+    cfg = write_config(
+        tmp_path, ca, names, check_interval=1, tls_listen=[f"tcp:{tls_port}:interface=127.0.0.1"]
+    )
+    proc = subprocess.Popen(
+        [*CLI, "run", "-c", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: dict[int, tuple[datetime.datetime, float]] = {}  # serial -> (notAfter, first seen)
+    served: set[int] = set()
+    try:
+        deadline = time.monotonic() + 70
+        while time.monotonic() < deadline and len(seen) < 3:
+            try:
+                _, bundle = stored(tmp_path, names)
+                leaf = crypto.parse_chain(bundle.chain_pem)[0]
+                if leaf.serial_number not in seen:
+                    seen[leaf.serial_number] = (crypto.not_after(leaf), time.time())
+                    ca.verify_chain(bundle.chain_pem, names)
+            except (FileNotFoundError, ValueError, json.JSONDecodeError):
+                pass
+            serial = _served_serial(tls_port)
+            if serial is not None:
+                served.add(serial)
+            time.sleep(0.2)
+        assert proc.poll() is None, "synapse-acme run exited"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert len(seen) >= 3, f"saw only {len(seen)} certificates; log:\n{out[-3000:]}"
+    ordered = sorted(seen.items(), key=lambda kv: kv[1][1])
+    for (_, (old_not_after, _)), (_, (_, new_seen)) in itertools.pairwise(ordered):
+        assert new_seen < old_not_after.timestamp(), "renewal arrived after the old one expired"
+    # The hot-swapping listener served the renewed certificates without a restart.
+    assert len(served & set(seen)) >= 2, (served, set(seen))
+    assert proc.returncode is not None
