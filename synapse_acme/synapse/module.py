@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.python import runtime
 from zope.interface import implementer
 
 from synapse_acme import crypto
@@ -171,6 +172,14 @@ def _file_signature(*paths: str) -> tuple[Any, ...]:
     return tuple(out)
 
 
+class _ConfigTimeClock:
+    """Twisted's own time source, for the placeholder's validity at config time: importing
+    ``twisted.internet.reactor`` there would install a reactor before Synapse picks one."""
+
+    def seconds(self) -> float:
+        return runtime.seconds()
+
+
 @implementer(ICertificateConsumer)
 @attrs.define(eq=False)
 class _ListenerKeeper:
@@ -231,9 +240,7 @@ class AcmeModule:
                 )
         written = False
         if acme.enabled:
-            from twisted.internet import reactor
-
-            written = write_placeholder(acme, reactor)  # type: ignore[arg-type]
+            written = write_placeholder(acme, _ConfigTimeClock())  # type: ignore[arg-type]
         standalone = any(k in block for k in _EXPLICIT_LISTENER_KEYS)
         return ModuleSettings(
             acme=acme, source=source, standalone_listener=standalone, placeholder_written=written

@@ -406,3 +406,26 @@ def test_sighup_hook_with_the_older_register_signature(monkeypatch: pytest.Monke
     monkeypatch.setattr(_base, "register_sighup", old_register)
     g = glue.SynapseGlue.from_module_api(FakeApi(FakeHS(MemoryReactorClock(), "c", "k")))
     assert g.on_sighup(print) and hooks == [print]
+
+
+def test_parse_config_writes_a_placeholder_once(tmp_path: pathlib.Path) -> None:
+    cert, key = tmp_path / "tls" / "fullchain.pem", tmp_path / "tls" / "privkey.pem"
+    config = hs_config(
+        {"storage": str(tmp_path / "acme")},
+        tls_certificate_path=str(cert),
+        tls_private_key_path=str(key),
+        listeners=[{"port": 8448, "tls": True, "type": "http"}],
+    )
+    ((_, settings),) = read_modules(config).loaded_modules
+    assert settings.placeholder_written
+    leaf = crypto.parse_chain(cert.read_bytes())[0]
+    assert crypto.is_placeholder(leaf) and crypto.certificate_names(leaf) == [NAME]
+    assert key.stat().st_mode & 0o777 == 0o600
+    crypto.validate_bundle(
+        CertificateBundle(key_pem=key.read_bytes(), chain_pem=cert.read_bytes()),
+        [NAME],
+        crypto.not_before(leaf),
+    )
+    before = cert.read_bytes()
+    ((_, again),) = read_modules(config).loaded_modules
+    assert not again.placeholder_written and cert.read_bytes() == before
