@@ -641,11 +641,57 @@ _values = st.one_of(
     ),
 )
 _keys = st.one_of(st.sampled_from(KNOWN_KEYS), st.text(max_size=10), st.integers())
+# Plausible values per key, so that the fuzzer also walks the success paths and mixes
+# of good and bad keys, not only "unknown key".
+_GOOD: dict[str, list[Any]] = {
+    "enabled": [True, False],
+    "url": [LETSENCRYPT_URL, "https://ca.example/dir", "http://127.0.0.1:14000/dir"],
+    "staging": [True, False],
+    "port": [0, 80, 8009, 65535],
+    "bind_addresses": [["::"], "0.0.0.0", [], ["::1", "127.0.0.1"]],
+    "listen": [[], ["tcp:8009"], ["systemd:domain=INET:index=0"], "unix:/run/a.sock"],
+    "reprovision_threshold": [1, 30],
+    "domain": ["a.example.com", "xn--bcher-kva.example", "Bücher.example."],
+    "domains": [[], ["b.example.com"], "*.example.com", ["a.example.com", "a.example.com"]],
+    "certificates": [
+        [],
+        [{"domains": ["c.example"]}],
+        [{"domains": "d.example", "key_type": "rsa"}],
+    ],
+    "contact": ["ops@example.com", [], ["mailto:a@b.example"]],
+    "terms_of_service_agreed": [True],
+    "key_type": ["ec256", "rsa-4096", "ECDSA-P384"],
+    "storage": ["state", "/var/lib/acme", "~/acme"],
+    "account_key_file": ["acct.key"],
+    "ca_bundle": ["/nonexistent.pem"],
+    "eab": [{"kid": "k", "hmac_key": HMAC}],
+    "profile": ["shortlived"],
+    "tls_certificate_path": ["c.pem"],
+    "tls_private_key_path": ["k.pem"],
+    "check_interval": [1, "10m", 0.5],
+    "check_jitter": [0, 0.5],
+    "poll_interval": [0.1, "1s"],
+    "poll_timeout": [10, "5m"],
+    "tls_listen": [[], ["tcp:8448"], "tcp6:8448"],
+}
+
+
+@st.composite
+def _blocks(draw: Any) -> Any:
+    block: dict[Any, Any] = {}
+    for key in draw(st.lists(st.sampled_from(KNOWN_KEYS), max_size=8, unique=True)):
+        good = st.sampled_from(_GOOD[key])
+        block[key] = draw(st.one_of(good, good, good, _values))
+    if draw(st.integers(0, 9)) == 0:
+        block[draw(_keys)] = draw(_values)
+    return block
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    block=st.one_of(st.dictionaries(_keys, _values, max_size=5), _scalars),
+    block=st.one_of(
+        _blocks(), _blocks(), _blocks(), st.dictionaries(_keys, _values, max_size=4), _scalars
+    ),
     server_name=st.one_of(st.none(), st.text(max_size=20), st.just("example.org:8448")),
     defaults_from=st.one_of(
         st.none(),
