@@ -30,7 +30,9 @@ chmod 700 "$STATE"
 HTTP_PORT="$("$PY" -c 'from synapse_acme.testing.pebble import free_port; print(free_port())')"
 
 say "Starting a private Pebble ACME CA (validator dials 127.0.0.1:$HTTP_PORT for HTTP-01)"
+# --validity: 90-day certificates, like Let's Encrypt's classic profile (Pebble's default is 5 years).
 "$PY" -m synapse_acme.testing.pebble serve --workdir "$STATE/pebble" --http-port "$HTTP_PORT" \
+    --validity $((90 * 86400)) \
     >"$STATE/pebble.json" 2>"$STATE/pebble-serve.log" &
 PEBBLE_PID=$!
 cleanup() {
