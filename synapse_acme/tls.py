@@ -67,6 +67,12 @@ INTERMEDIATE_CIPHERS = ":".join(
     ]
 )
 
+# Key exchange groups, Mozilla "intermediate": X25519, P-256, P-384 (and the post-quantum hybrid
+# where this OpenSSL has it). OpenSSL's default list would also offer x448, P-521 and the
+# finite-field ffdhe groups in TLS 1.3.
+GROUPS_PREFERRED = b"X25519MLKEM768:X25519:P-256:P-384"
+GROUPS_FALLBACK = b"X25519:P-256:P-384"
+
 # Identifies our session cache; any constant works, it only has to be set (OpenSSL refuses to
 # resume sessions without one when client certificates are ever involved).
 _SESSION_ID_CONTEXT = b"synapse-acme"
@@ -99,6 +105,29 @@ def _alpn_selector(
     return select
 
 
+def _set_groups(ctx: SSL.Context) -> None:
+    """Limit key exchange to the ECDHE groups above (ECDH auto-selection is on by default).
+
+    pyOpenSSL has no public call for this; its cffi binding does. Twisted's CertificateOptions
+    pins P-256 alone with set_tmp_ecdh; we deliberately do not. Without the binding, OpenSSL's
+    defaults (all forward secret) stay.
+    """
+    try:
+        from OpenSSL._util import lib
+
+        set_list = lib.SSL_CTX_set1_curves_list
+        raw = ctx._context  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):
+        log.debug("TLS: cannot set key exchange groups; keeping OpenSSL's defaults")
+        return
+    if set_list(raw, GROUPS_PREFERRED) == 1:
+        return
+    lib.ERR_clear_error()  # a refused list leaves an error queued that would surface later
+    if set_list(raw, GROUPS_FALLBACK) != 1:
+        lib.ERR_clear_error()
+        log.warning("TLS: OpenSSL refused the key exchange groups; keeping its defaults")
+
+
 def _base_context(alpn: Sequence[bytes]) -> SSL.Context:
     """A server context with the modern settings and no certificate yet."""
     ctx = SSL.Context(SSL.TLS_METHOD)
@@ -109,8 +138,7 @@ def _base_context(alpn: Sequence[bytes]) -> SSL.Context:
         | SSL.OP_SINGLE_ECDH_USE
     )
     ctx.set_cipher_list(INTERMEDIATE_CIPHERS.encode("ascii"))
-    # ECDHE groups: OpenSSL >= 1.1.0 negotiates them automatically (X25519, P-256, ...). Twisted's
-    # CertificateOptions pins P-256 with set_tmp_ecdh; we deliberately do not.
+    _set_groups(ctx)
     ctx.set_session_id(_SESSION_ID_CONTEXT)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
     if alpn:
