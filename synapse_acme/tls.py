@@ -321,8 +321,42 @@ class HotSwapTLS:
         Expired certificates are refused, except (by default) when nothing is served for
         ``key`` yet: then serving the last known certificate beats serving none (logged loudly).
         """
-        now = crypto.now_from_clock(self.clock)
         old = self._snapshot
+        entry = self._prepare(key, bundle, allow_expired, old)
+        entries = dict(old.entries)
+        entries[key] = entry
+        self._snapshot = _build_snapshot(entries, self.default_key, self.alpn)
+        self._log_installed(entry)
+
+    def set_bundles(self, bundles: Mapping[str, CertificateBundle]) -> dict[str, BundleError]:
+        """Install many bundles with one swap (startup: everything in the store at once).
+
+        Each bundle is checked as by :meth:`set_bundle`; bad ones are logged, left out (the old
+        certificate for that key stays) and returned as ``{key: error}``.
+        """
+        old = self._snapshot
+        entries = dict(old.entries)
+        refused: dict[str, BundleError] = {}
+        installed = []
+        for key, bundle in bundles.items():
+            try:
+                entry = self._prepare(key, bundle, None, old)
+            except BundleError as e:
+                refused[key] = e
+                log.error("TLS: refusing the certificate for %s: %s", key, e)
+                continue
+            entries[key] = entry
+            installed.append(entry)
+        if installed:
+            self._snapshot = _build_snapshot(entries, self.default_key, self.alpn)
+        for entry in installed:
+            self._log_installed(entry)
+        return refused
+
+    def _prepare(
+        self, key: str, bundle: CertificateBundle, allow_expired: bool | None, old: _Snapshot
+    ) -> _Entry:
+        now = crypto.now_from_clock(self.clock)
         if allow_expired is None:
             allow_expired = key not in old.entries
         chain = crypto.validate_bundle(
@@ -337,21 +371,21 @@ class HotSwapTLS:
             serial=leaf.serial_number,
             not_after=crypto.not_after(leaf),
         )
-        entries = dict(old.entries)
-        entries[key] = entry
-        self._snapshot = _build_snapshot(entries, self.default_key, self.alpn)
         if entry.not_after <= now:
             log.warning(
                 "TLS: serving an EXPIRED certificate for %s (expired %s) until a new one arrives",
                 key,
                 entry.not_after.isoformat(),
             )
-        if bundle.metadata.get("placeholder"):
-            log.warning("TLS: serving a self-signed placeholder certificate for %s", key)
+        return entry
+
+    def _log_installed(self, entry: _Entry) -> None:
+        if entry.bundle.metadata.get("placeholder"):
+            log.warning("TLS: serving a self-signed placeholder certificate for %s", entry.key)
         log.info(
             "TLS: now serving certificate serial %x for %s (%s), valid until %s",
             entry.serial,
-            key,
+            entry.key,
             ", ".join(entry.names),
             entry.not_after.isoformat(),
         )

@@ -480,3 +480,17 @@ def test_listener_service_binds_tls_on_start(tls: HotSwapTLS) -> None:
     assert (port, interface) == (0, "127.0.0.1")
     assert isinstance(factory, TLSMemoryBIOFactory)
     assert isinstance(factory.wrappedFactory, Site)
+
+
+def test_set_bundles_one_swap_bad_ones_left_out(tls: HotSwapTLS, ca: TestCA) -> None:
+    good = {f"k{i}": ca.issue([f"n{i}.test"]) for i in range(3)}
+    bad = _mismatched_key(ca)
+    before = tls.serverConnectionForTLS(None)
+    refused = tls.set_bundles({**good, "bad": bad})
+    assert list(refused) == ["bad"]
+    assert "does not match" in str(refused["bad"])
+    assert tls.keys() == ["k0", "k1", "k2"]
+    for i in range(3):
+        assert handshake(tls, ca, f"n{i}.test".encode()).serial == leaf_serial(good[f"k{i}"])
+    with pytest.raises(SSL.Error):  # created before the swap: still nothing to serve
+        handshake(tls, ca, b"n0.test", server=before)
