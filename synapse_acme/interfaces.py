@@ -27,7 +27,7 @@ class ICertificateStore(Interface):
         """Deferred firing with a sorted list of the keys that hold a bundle."""
 
     def delete(key):  # type: ignore[no-untyped-def]
-        """Deferred firing with ``None`` once the bundle under ``key`` is gone (no error if absent)."""
+        """Deferred firing with ``None`` once ``key``'s bundle is gone (no error if absent)."""
 
 
 class IResponder(Interface):
