@@ -102,8 +102,8 @@ def load_or_create_account_key(path: str, key_type: str = DEFAULT_ACCOUNT_KEY_TY
     """The account key stored at ``path``; created (``key_type``, 0600, atomically) if absent.
 
     An existing key of any supported type is used as is (``key_type`` only applies to new keys).
-    A looser mode than 0600 is logged as a warning. Two processes starting at once end up with
-    the same key: creation never replaces an existing file. Blocking I/O on a tiny file.
+    A looser mode than 0600 is tightened to 0600 with a warning. Two processes starting at once
+    end up with the same key: creation never replaces an existing file. Blocking I/O on a tiny file.
     """
     if not os.path.lexists(path):
         parent = os.path.dirname(os.path.abspath(path))
@@ -116,4 +116,13 @@ def load_or_create_account_key(path: str, key_type: str = DEFAULT_ACCOUNT_KEY_TY
         # another process created it between our check and our write: use theirs
     for warning in fsutil.check_mode(path, fsutil.PRIVATE_FILE_MODE):
         logger.warning("account key: %s", warning)
+        if os.path.isfile(path) and not os.path.islink(path):
+            # A looser key (restored from a backup, copied by hand) is tightened, loudly.
+            try:
+                os.chmod(path, fsutil.PRIVATE_FILE_MODE)
+                logger.warning("account key: tightened %s to 0600", path)
+            except OSError as e:
+                logger.warning(
+                    "account key: cannot set mode 0600 on %s: %s", path, fsutil.describe_os_error(e)
+                )
     return parse_account_key(_read_key_file(path), path)

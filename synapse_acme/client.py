@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 
 from synapse_acme.errors import AcmeProtocolError, ConfigError
 from synapse_acme.model import RenewalWindow
-from synapse_acme.transport import JSON, PEM_CHAIN, AcmeResponse, JWSTransport
+from synapse_acme.transport import JSON, PEM_CHAIN, AcmeResponse, JWSTransport, check_url
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,28 @@ class _EmptyObject(jose.JSONObjectWithFields):
 
 def _parse(cls: Any, resp: AcmeResponse) -> Any:
     try:
-        return cls.from_json(resp.json)
-    except (jose.DeserializationError, TypeError, ValueError, KeyError) as e:
+        obj = cls.from_json(resp.json)
+    except (jose.DeserializationError, TypeError, ValueError, KeyError, AttributeError) as e:
         raise AcmeProtocolError(
             f"the {cls.__name__} object does not parse: {e}", resp.url, resp.status
         ) from None
+    _check_urls(obj, resp.url)
+    return obj
+
+
+def _check_urls(obj: Any, where: str) -> None:
+    """Every URL an order or authorization points us to must be an http(s) URL (we will POST
+    our signed requests there)."""
+    if isinstance(obj, messages.Order):
+        if obj.finalize is not None:
+            check_url(obj.finalize, "the order's finalize URL", where)
+        if obj.certificate is not None:
+            check_url(obj.certificate, "the order's certificate URL", where)
+        for authz in obj.authorizations or ():
+            check_url(authz, "an authorization URL", where)
+    elif isinstance(obj, messages.Authorization):
+        for challb in obj.challenges or ():
+            check_url(challb.uri, "a challenge URL", where)
 
 
 @attrs.define
@@ -126,6 +143,7 @@ class AcmeClient:
         url = resp.location
         if not url:
             raise AcmeProtocolError("newAccount answer has no Location", resp.url, resp.status)
+        check_url(url, "the account URL (Location)", resp.url)
         log.info("%s ACME account %s", "created" if resp.status == 201 else "using existing", url)
         self.account_url = url
         return url
@@ -160,6 +178,7 @@ class AcmeClient:
         url = resp.location
         if not url:
             raise AcmeProtocolError("newOrder answer has no Location", resp.url, resp.status)
+        check_url(url, "the order URL (Location)", resp.url)
         body = _parse(messages.Order, resp)
         if not body.finalize or body.authorizations is None:
             raise AcmeProtocolError("order lacks finalize or authorizations", url, resp.status)
@@ -212,7 +231,10 @@ class AcmeClient:
         resp = await self.transport.post(url, None, kid=self._kid(), expect=PEM_CHAIN)
         if b"-----BEGIN CERTIFICATE-----" not in resp.body:
             raise AcmeProtocolError("the certificate chain holds no PEM certificate", url)
-        return resp.body, resp.links("alternate")
+        alternates = resp.links("alternate")
+        for alt in alternates:
+            check_url(alt, "an alternate chain URL", url)
+        return resp.body, alternates
 
     # -- ARI (RFC 9773) ---------------------------------------------------------------------
 

@@ -163,6 +163,27 @@ def check_mode(path: str, max_mode: int) -> list[str]:
     ]
 
 
+def ensure_private_file(path: str, *, fix: bool = True) -> list[str]:
+    """Warnings about a key file looser than 0600, tightening it to 0600 when ``fix`` is set.
+
+    Each warning is also logged. A file we cannot chmod (owned by someone else) is reported.
+    """
+    loose = check_mode(path, PRIVATE_FILE_MODE)
+    if not loose or not fix:
+        for w in loose:
+            logger.warning("%s", w)
+        return loose
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        os.chmod(path, PRIVATE_FILE_MODE)
+        warnings = [f"{path} had mode {mode:04o}; tightened it to 0600 (it holds a private key)"]
+    except OSError as e:
+        warnings = [*loose, f"cannot set mode 0600 on {path}: {describe_os_error(e)}"]
+    for w in warnings:
+        logger.warning("%s", w)
+    return warnings
+
+
 def ensure_private_dir(path: str, *, fix: bool = True) -> list[str]:
     """Make sure directory ``path`` exists and is private (0700); returns what it warned about.
 

@@ -270,6 +270,7 @@ class FileStore:
         Must run when no other process is writing this store (startup).
         """
         self._recovered = True
+        self.check_permissions()
         actions: list[str] = []
         for directory in (self.root, self.certificates_dir):
             try:
@@ -310,6 +311,32 @@ class FileStore:
             except OSError:
                 pass
         return actions
+
+    def check_permissions(self) -> list[str]:
+        """Tighten the store to 0700 directories and 0600 key files; returns the warnings.
+
+        Runs at start (from :meth:`recover`): a store restored from a backup, copied with
+        ``cp -r`` or created under a loose umask must not keep private keys readable by other
+        users. Each fix is logged as a warning naming the path and the old mode; a path we
+        cannot fix (not our file) is reported instead.
+        """
+        warnings: list[str] = []
+        for directory in (self.root, self.certificates_dir):
+            if os.path.isdir(directory) and not os.path.islink(directory):
+                warnings.extend(fsutil.ensure_private_dir(directory))
+        try:
+            entries = os.listdir(self.certificates_dir)
+        except OSError:
+            entries = []
+        for name in sorted(entries):
+            path = os.path.join(self.certificates_dir, name)
+            if not os.path.isdir(path) or os.path.islink(path):
+                continue
+            warnings.extend(fsutil.ensure_private_dir(path))
+            key_path = os.path.join(path, KEY_FILE)
+            if os.path.isfile(key_path) and not os.path.islink(key_path):
+                warnings.extend(fsutil.ensure_private_file(key_path))
+        return warnings
 
     def _recover_key(self, key: str, kinds: dict[str, list[str]]) -> list[str]:
         actions: list[str] = []

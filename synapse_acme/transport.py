@@ -12,12 +12,14 @@ import email.utils
 import json
 import logging
 import re
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import attrs
 import josepy as jose
+import treq
 from acme import jws, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -26,7 +28,7 @@ from treq.client import HTTPClient
 from twisted.internet import defer, error
 from twisted.internet import ssl as tssl
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
@@ -55,8 +57,16 @@ _NEW_NONCE_ATTEMPTS = 3
 # that has not answered in 45 s (certbot's default) is not going to.
 DEFAULT_REQUEST_TIMEOUT = 45.0
 DEFAULT_CONNECT_TIMEOUT = 30.0
-# Bodies are small JSON objects or a PEM chain; anything larger is not an ACME answer.
+# Bodies are small JSON objects or a PEM chain (a few KiB; an order for 100 names ~20 KiB);
+# anything larger is not an ACME answer, and reading it whole would let a broken or hostile
+# server (or a proxy) fill our memory.
+MAX_RESPONSE_BYTES = 1024 * 1024
 _MAX_ERROR_SNIPPET = 200
+# A global cap on request starts to one CA (one transport) in any 60 s of clock time. Let's
+# Encrypt allows 20 requests/s per IP on its API; 300/min (5/s on average) never slows a normal
+# issuance (about a dozen requests) yet keeps a bug or a storm of certificates from hammering the
+# CA. Requests over the cap wait in order; none is dropped.
+MAX_REQUESTS_PER_MINUTE = 300
 
 _TRANSPORT_FAILURES = (
     error.ConnectError,  # includes ConnectionRefused, DNSLookupError, TCPTimedOut
@@ -107,6 +117,103 @@ def make_http_client(
     pool.cachedConnectionTimeout = 60
     agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=pool)
     return HTTPClient(agent)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+@attrs.define
+class RequestRateLimiter:
+    """At most ``limit`` request starts in any ``period`` seconds of ``clock`` time.
+
+    Requests over the cap are queued in arrival order and released as the window slides: the
+    cap delays, it never drops. Cancelling a queued Deferred takes it out of the queue.
+    """
+
+    clock: IReactorTime
+    limit: int = MAX_REQUESTS_PER_MINUTE
+    period: float = 60.0
+    _starts: deque[float] = attrs.field(init=False, factory=deque)
+    _waiting: deque[Deferred[None]] = attrs.field(init=False, factory=deque)
+    _timer: IDelayedCall | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if self.limit < 1 or self.period <= 0:
+            raise ValueError(f"rate limit must be >= 1 per > 0 s, got {self.limit}/{self.period}")
+
+    @property
+    def queued(self) -> int:
+        """How many requests are waiting for room under the cap."""
+        return len(self._waiting)
+
+    def acquire(self) -> Deferred[None]:
+        """Deferred firing with ``None`` when the caller may start its request."""
+        if not self._waiting and self._room():
+            self._starts.append(self.clock.seconds())
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred(self._cancel)
+        if not self._waiting:
+            log.warning(
+                "more than %d requests to the CA within %g s; queueing the rest",
+                self.limit,
+                self.period,
+            )
+        self._waiting.append(d)
+        self._arm()
+        return d
+
+    def _cancel(self, d: Deferred[None]) -> None:
+        try:
+            self._waiting.remove(d)
+        except ValueError:
+            pass
+
+    def _room(self) -> bool:
+        horizon = self.clock.seconds() - self.period
+        while self._starts and self._starts[0] <= horizon:
+            self._starts.popleft()
+        return len(self._starts) < self.limit
+
+    def _arm(self) -> None:
+        if not self._waiting or (self._timer is not None and self._timer.active()):
+            return
+        delay = self._starts[0] + self.period - self.clock.seconds() if self._starts else 0.0
+        self._timer = self.clock.callLater(max(0.0, delay), self._release)
+
+    def _release(self) -> None:
+        self._timer = None
+        while self._waiting and self._room():
+            d = self._waiting.popleft()
+            self._starts.append(self.clock.seconds())
+            d.callback(None)
+        self._arm()
+
+
+def check_url(value: object, what: str, where: str | None = None) -> str:
+    """``value`` if it is an absolute http(s) URL with a host, else AcmeProtocolError.
+
+    Every URL the CA hands us (directory entries, Location, finalize, authorizations,
+    challenges, certificate, alternates) passes here before we request it, so a broken or
+    hostile answer becomes a typed error instead of a request to ``file:`` or ``javascript:``.
+    """
+    if not isinstance(value, str) or not value or len(value) > 2048:
+        raise AcmeProtocolError(f"{what} is not a URL: {_short(value)}", where)
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise AcmeProtocolError(f"{what} holds whitespace or control characters", where)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise AcmeProtocolError(f"{what} is not a URL: {_short(value)}", where) from None
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise AcmeProtocolError(f"{what} is not an http(s) URL: {_short(value)}", where)
+    return value
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def jws_algorithm(key: jose.JWK) -> jose.JWASignature:
@@ -224,6 +331,8 @@ class JWSTransport:
     directory_url: str
     user_agent: str = f"synapse-acme/{__version__}"
     timeout: float = DEFAULT_REQUEST_TIMEOUT
+    max_requests_per_minute: int = MAX_REQUESTS_PER_MINUTE
+    _limiter: RequestRateLimiter = attrs.field(init=False, repr=False)
     _alg: jose.JWASignature = attrs.field(init=False, repr=False)
     _nonces: list[str] = attrs.field(init=False, factory=list, repr=False)
     _directory: messages.Directory | None = attrs.field(init=False, default=None, repr=False)
@@ -233,6 +342,12 @@ class JWSTransport:
 
     def __attrs_post_init__(self) -> None:
         self._alg = jws_algorithm(self.key)
+        self._limiter = RequestRateLimiter(self.clock, self.max_requests_per_minute)
+
+    @property
+    def limiter(self) -> RequestRateLimiter:
+        """The per-CA request cap this transport's requests queue behind."""
+        return self._limiter
 
     # -- public API -------------------------------------------------------------------------
 
@@ -271,6 +386,10 @@ class JWSTransport:
         for field in ("newNonce", "newAccount", "newOrder"):
             if not isinstance(resp.json.get(field), str):
                 raise AcmeProtocolError(f"the directory has no {field} URL", self.directory_url)
+            check_url(resp.json[field], f"the directory's {field}", self.directory_url)
+        for field in ("renewalInfo", "revokeCert", "keyChange"):
+            if field in resp.json:
+                check_url(resp.json[field], f"the directory's {field}", self.directory_url)
         try:
             directory = messages.Directory.from_json(dict(resp.json))
         except (jose.DeserializationError, TypeError, ValueError) as e:
@@ -332,6 +451,8 @@ class JWSTransport:
             headers.setRawHeaders(b"Content-Type", [JOSE_JSON.encode("ascii")])
         if expect is not None:
             headers.setRawHeaders(b"Accept", [f"{expect}, {PROBLEM_JSON}".encode("ascii")])
+        check_url(url, "the request URL")
+        await self._limiter.acquire()  # queued (not dropped) over the per-CA cap
         d = Deferred.fromCoroutine(self._request_and_read(method, url, headers, body))
         # Cancelling a request may fail it with ResponseNeverReceived(CancelledError) rather
         # than CancelledError: mark timeouts explicitly so they are reported as such.
@@ -340,6 +461,10 @@ class JWSTransport:
             status, raw_headers, content = await d
         except defer.TimeoutError:
             raise AcmeTransportError(f"no answer within {self.timeout:g} s", url) from None
+        except _BodyTooLarge:
+            raise AcmeProtocolError(
+                f"the answer is larger than {MAX_RESPONSE_BYTES} bytes", url
+            ) from None
         except _TRANSPORT_FAILURES as e:
             raise AcmeTransportError(_describe_failure(e), url) from None
         self._remember_nonce(raw_headers, url)
@@ -356,8 +481,19 @@ class JWSTransport:
         response = await self.http.request(
             method, url, headers=headers, data=body, allow_redirects=False
         )
-        content = b"" if method == "HEAD" else await response.content()
-        return response.code, _headers_dict(response.headers), content
+        chunks: list[bytes] = []
+        if method != "HEAD":
+            size = 0
+
+            def collect(data: bytes) -> None:
+                nonlocal size
+                size += len(data)
+                if size > MAX_RESPONSE_BYTES:
+                    raise _BodyTooLarge()  # treq closes the connection
+                chunks.append(data)
+
+            await treq.collect(response, collect)
+        return response.code, _headers_dict(response.headers), b"".join(chunks)
 
     def _check(self, resp: AcmeResponse, expect: str | None) -> AcmeResponse:
         ctype = resp.content_type
@@ -449,10 +585,14 @@ __all__ = [
     "JOSE_JSON",
     "JSON",
     "MAX_BAD_NONCE_RETRIES",
+    "MAX_REQUESTS_PER_MINUTE",
+    "MAX_RESPONSE_BYTES",
     "PEM_CHAIN",
     "PROBLEM_JSON",
     "AcmeResponse",
     "JWSTransport",
+    "RequestRateLimiter",
+    "check_url",
     "jws_algorithm",
     "make_http_client",
     "parse_links",
