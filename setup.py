@@ -31,11 +31,10 @@ setup(
         "dev": [
             "pytest>=8",
             "hypothesis>=6.100",
-            "ruff>=0.6",
-            "mypy>=1.10,<2.5",
+            "ruff>=0.17,<0.18",
+            "mypy>=2.4,<2.5",
             "mypy-zope>=1.0.17",
             "types-PyYAML",
-            "types-pyOpenSSL",
         ],
     },
     entry_points={"console_scripts": ["synapse-acme = synapse_acme.cli:main"]},
