@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from synapse_acme import __version__, crypto, policy
 from synapse_acme.config import AcmeConfig, generate_config, read_config_file
 from synapse_acme.errors import ConfigError, SynapseAcmeError
+from synapse_acme.model import CertificateBundle
 from synapse_acme.names import names_key
 
 logger = logging.getLogger("synapse_acme.cli")
@@ -63,11 +64,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         runtime.service.privilegedStartService()
         runtime.service.startService()
         reactor.addSystemEventTrigger("before", "shutdown", runtime.service.stopService)
-        logger.info(
-            "synapse-acme %s running for %s",
-            __version__,
-            "; ".join(", ".join(runtime.acme.managed(k).spec.names) for k in runtime.acme.keys),
-        )
+        if runtime.acme is not None:
+            acme = runtime.acme
+            what = "; ".join(", ".join(acme.managed(k).spec.names) for k in acme.keys)
+            logger.info("synapse-acme %s running for %s", __version__, what)
+        if runtime.watcher is not None:
+            from synapse_acme.watch import install_sighup
+
+            watcher = runtime.watcher
+            install_sighup(reactor, lambda: watcher.check(force=True))
+            logger.info(
+                "synapse-acme %s watching %s and %s (external_certificates); SIGHUP reloads now",
+                __version__,
+                config.tls_certificate_path,
+                config.tls_private_key_path,
+            )
         await defer.Deferred()  # until SIGINT/SIGTERM stops the reactor
 
     return _react(main)
@@ -75,33 +86,42 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _one_shot(args: argparse.Namespace, force: bool) -> int:
     config = _load(args.config)
+    if config.external_certificates:
+        raise ConfigError(
+            "acme.external_certificates",
+            "is true: another tool issues these certificates, so there is nothing to "
+            f"{args.command} here (use `synapse-acme run` to serve and hot-swap them)",
+            True,
+        )
     outcome: dict[str, int] = {"code": EXIT_OK}
 
     async def main(reactor: Any) -> None:
         from synapse_acme.runtime import build_runtime
 
         runtime = build_runtime(config, reactor, standalone_listener=not args.no_listener)
+        acme = runtime.acme
+        assert acme is not None  # not external_certificates, checked above
         runtime.service.privilegedStartService()
         runtime.service.startService()
         try:
             if runtime.http01_listener is not None:
                 await runtime.http01_listener.when_listening()
-            await runtime.acme.when_loaded()
+            await acme.when_loaded()
             key = names_key(args.name) if args.name else None
-            if key is not None and key not in runtime.acme.keys:
+            if key is not None and key not in acme.keys:
                 raise ConfigError(
                     "--name", "no configured certificate has exactly these names", args.name
                 )
-            results = await runtime.acme.renew(key, force=force)
+            results = await acme.renew(key, force=force)
             if not results:
                 print("Nothing to do: every certificate is valid and not yet due for renewal.")
             for k, result in results:
-                names = ", ".join(runtime.acme.managed(k).spec.names)
+                names = ", ".join(acme.managed(k).spec.names)
                 if isinstance(result, Failure):
                     outcome["code"] = EXIT_FAILED
                     print(f"FAILED  {names}: {result.getErrorMessage()}", file=sys.stderr)
                 else:
-                    m = runtime.acme.managed(k)
+                    m = acme.managed(k)
                     where = os.path.join(config.storage, "certificates", k)
                     print(
                         f"OK      {names}: certificate in {where}"
@@ -163,7 +183,12 @@ def status_report(config: AcmeConfig, now: datetime.datetime) -> list[dict[str, 
         entry: dict[str, Any] = {"key": key, "names": list(spec.names), "state": "missing"}
         loaded: list[Any] = []
         failure: list[Failure] = []
-        store.load(key).addCallbacks(loaded.append, failure.append)
+        source = (
+            defer.maybeDeferred(_read_external, config)
+            if config.external_certificates
+            else store.load(key)
+        )
+        source.addCallbacks(loaded.append, failure.append)
         if failure:
             entry["state"] = "unreadable"
             entry["error"] = failure[0].getErrorMessage()
@@ -182,6 +207,8 @@ def status_report(config: AcmeConfig, now: datetime.datetime) -> list[dict[str, 
                 renew_at=_fmt(renew_at) if not placeholder else "now",
                 path=os.path.join(config.storage, "certificates", key),
             )
+            if config.external_certificates:
+                entry.update(renew_at="by another tool", path=config.tls_certificate_path)
         prev = last.get(key, {})
         for field in (
             "last_error",
@@ -197,6 +224,19 @@ def status_report(config: AcmeConfig, now: datetime.datetime) -> list[dict[str, 
                 entry["last_run_" + field if field == "renew_at" else field] = prev[field]
         out.append(entry)
     return out
+
+
+def _read_external(config: AcmeConfig) -> CertificateBundle | None:
+    """The externally managed pair, or None if a file is missing."""
+    assert config.tls_certificate_path and config.tls_private_key_path
+    try:
+        with open(config.tls_certificate_path, "rb") as f:
+            chain = f.read()
+        with open(config.tls_private_key_path, "rb") as f:
+            key = f.read()
+    except FileNotFoundError:
+        return None
+    return CertificateBundle(key_pem=key, chain_pem=chain)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -49,6 +49,8 @@ DEFAULT_CHECK_INTERVAL = 600.0
 DEFAULT_CHECK_JITTER = 0.1
 # Polling when the CA sends no Retry-After (Pebble never does): short, since it is cheap.
 DEFAULT_POLL_INTERVAL = 0.5
+# Externally managed files (certbot): one stat per file per check; certbot renews at most daily.
+DEFAULT_WATCH_INTERVAL = 5.0
 DEFAULT_POLL_TIMEOUT = 300.0
 DEFAULT_REPROVISION_THRESHOLD = 30  # days; Synapse's old default, now only an upper bound
 
@@ -120,6 +122,8 @@ class AcmeConfig:
     poll_interval: float = DEFAULT_POLL_INTERVAL
     poll_timeout: float = DEFAULT_POLL_TIMEOUT
     tls_listen: tuple[str, ...] = ()
+    external_certificates: bool = False
+    watch_interval: float = DEFAULT_WATCH_INTERVAL
 
     def http01_endpoints(self) -> list[str]:
         """Twisted server endpoint strings for the standalone HTTP-01 listener ([] for none)."""
@@ -483,6 +487,8 @@ def _fraction(value: Any, path: str) -> float:
 _FIELD_READERS: dict[str, Callable[[Any, str], Any]] = {
     "enabled": _bool,
     "staging": _bool,
+    "external_certificates": _bool,
+    "watch_interval": _duration,
     "terms_of_service_agreed": _bool,
     "port": lambda v, p: _int(v, p, 0, 65535, "an integer 1-65535 (or 0 for no listener)"),
     "reprovision_threshold": lambda v, p: _int(v, p, 1, None, "a whole number of days above 0"),
@@ -629,6 +635,14 @@ def parse_acme_config(
         cert_path, key_path = _pair_from(defaults_from, "", base_dir)
     values["tls_certificate_path"] = cert_path
     values["tls_private_key_path"] = key_path
+
+    if values.get("external_certificates") and not (cert_path and key_path):
+        raise ConfigError(
+            at("external_certificates"),
+            "true needs tls_certificate_path and tls_private_key_path (the files another tool "
+            "such as certbot keeps up to date)",
+            True,
+        )
 
     interval = values.get("poll_interval", DEFAULT_POLL_INTERVAL)
     if values.get("poll_timeout", DEFAULT_POLL_TIMEOUT) < interval:

@@ -22,10 +22,12 @@ from synapse_acme.config import AcmeConfig
 from synapse_acme.export import FileExporter
 from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder, make_site
 from synapse_acme.issuer import AcmeIssuer
+from synapse_acme.names import names_key
 from synapse_acme.service import AcmeService
 from synapse_acme.store import FileStore
-from synapse_acme.tls import HotSwapTLS
+from synapse_acme.tls import HotSwapTLS, TLSListenerService
 from synapse_acme.transport import JWSTransport, make_http_client
+from synapse_acme.watch import FileWatcher
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +40,13 @@ class Runtime:
 
     config: AcmeConfig
     service: MultiService
-    acme: AcmeService
+    acme: AcmeService | None  # None with external_certificates: another tool issues
     responder: HTTP01Responder
     tls: HotSwapTLS
-    store: FileStore
+    store: FileStore | None
     exporter: FileExporter | None = None
     http01_listener: HTTP01ListenerService | None = None
+    watcher: FileWatcher | None = None
 
 
 def status_path(config: AcmeConfig) -> str:
@@ -73,6 +76,8 @@ def build_runtime(
     an embedding host that mounts :meth:`HTTP01Responder.resource` itself passes False.
     """
     assert IReactorTime.providedBy(reactor) or hasattr(reactor, "seconds")
+    if config.external_certificates:
+        return _build_external(config, reactor)
     fsutil.ensure_private_dir(config.storage)
     store = FileStore(config.storage)
     for line in store.recover():
@@ -128,10 +133,7 @@ def build_runtime(
     if endpoints:
         listener = HTTP01ListenerService(reactor, make_site(responder), endpoints)
         listener.setServiceParent(root)
-    for endpoint in config.tls_listen:
-        from synapse_acme.tls import TLSListenerService
-
-        TLSListenerService(reactor, endpoint, tls).setServiceParent(root)
+    _add_tls_listeners(config, reactor, tls, root)
     acme.setServiceParent(root)
     return Runtime(
         config=config,
@@ -142,6 +144,41 @@ def build_runtime(
         store=store,
         exporter=exporter,
         http01_listener=listener,
+    )
+
+
+def _add_tls_listeners(
+    config: AcmeConfig, reactor: Any, tls: HotSwapTLS, root: MultiService
+) -> None:
+    for endpoint in config.tls_listen:
+        TLSListenerService(reactor, endpoint, tls).setServiceParent(root)
+
+
+def _build_external(config: AcmeConfig, reactor: Any) -> Runtime:
+    """Certificates kept by another tool (certbot): watch the two files and hot-swap them."""
+    assert config.tls_certificate_path and config.tls_private_key_path  # config.py checks
+    spec = config.certificate_specs()[0]
+    key = names_key(spec.names)
+    tls = HotSwapTLS(default_key=key, clock=reactor, required_names={key: spec.names})
+    root = MultiService()
+    watcher = FileWatcher(
+        cert_path=config.tls_certificate_path,
+        key_path=config.tls_private_key_path,
+        key=key,
+        consumer=tls,
+        clock=reactor,
+        interval=config.watch_interval,
+    )
+    watcher.setServiceParent(root)
+    _add_tls_listeners(config, reactor, tls, root)
+    return Runtime(
+        config=config,
+        service=root,
+        acme=None,
+        responder=HTTP01Responder(),
+        tls=tls,
+        store=None,
+        watcher=watcher,
     )
 
 

@@ -45,8 +45,6 @@ CHALLENGE_PATH = "/.well-known/acme-challenge"
 RENEW_REQUEST_FILE = "renew-request"
 #: How often the provisioning process looks for the renew-request file (one ``stat``).
 RENEW_REQUEST_POLL = 2.0
-#: How often processes that do not provision look for new certificate files (``stat`` only).
-FILE_POLL_INTERVAL = 10.0
 #: Lifetime of the self-signed placeholder written when no certificate exists yet.
 PLACEHOLDER_DAYS = 7
 #: Keys of the module config that the standalone ``acme:`` block does not have.
@@ -160,18 +158,6 @@ def _read_bundle(cert_path: str, key_path: str) -> CertificateBundle | None:
     return CertificateBundle(key_pem=key, chain_pem=chain, metadata=meta)
 
 
-def _file_signature(*paths: str) -> tuple[Any, ...]:
-    out: list[Any] = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            out.append(None)
-            continue
-        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(out)
-
-
 class _ConfigTimeClock:
     """Twisted's own time source, for the placeholder's validity at config time: importing
     ``twisted.internet.reactor`` there would install a reactor before Synapse picks one."""
@@ -195,6 +181,22 @@ class _ListenerKeeper:
     def certificate_changed(self, key: str, bundle: CertificateBundle) -> None:
         if key == self.module.key:
             self.module.reactor.callLater(0, self.module.ensure_serving)
+
+
+@implementer(ICertificateConsumer)
+@attrs.define(eq=False)
+class _FollowerConsumer:
+    """Processes that do not provision: each new, matching file pair the watcher sees goes to
+    the hot-swap creator, which is then (re)installed on Synapse's listeners if needed."""
+
+    module: AcmeModule
+
+    def certificate_changed(self, key: str, bundle: CertificateBundle) -> None:
+        if self.module.tls is None:
+            return
+        self.module.tls.certificate_changed(key, bundle)
+        logger.info("synapse-acme: picked up the new certificate files for %s", key)
+        self.module.ensure_serving()
 
 
 class AcmeModule:
@@ -239,7 +241,7 @@ class AcmeModule:
                     hs.tls_certificate_path,
                 )
         written = False
-        if acme.enabled:
+        if acme.enabled and not acme.external_certificates:
             written = write_placeholder(acme, _ConfigTimeClock())  # type: ignore[arg-type]
         standalone = any(k in block for k in _EXPLICIT_LISTENER_KEYS)
         return ModuleSettings(
@@ -261,14 +263,14 @@ class AcmeModule:
         specs = acme.certificate_specs()
         self.key = names_key(canonical_names(specs[0].names)) if specs else ""
         self._renew_poll: LoopingCall | None = None
-        self._file_poll: LoopingCall | None = None
-        self._file_sig: tuple[Any, ...] = ()
+        self._watcher: Any = None
         if not acme.enabled or not specs:
             logger.info("synapse-acme: disabled (enabled: false); nothing to do")
             return
         for problem in self.glue.problems:
             logger.error("synapse-acme: Synapse internals check: %s", problem)
-        self.provisioning = self.glue.runs_background_tasks(api)
+        # With external_certificates another tool (certbot) issues: every process only watches.
+        self.provisioning = self.glue.runs_background_tasks(api) and not acme.external_certificates
         if self.provisioning:
             self._init_provisioning()
         else:
@@ -316,12 +318,17 @@ class AcmeModule:
             CHALLENGE_PATH,
         )
         if acme.tls_certificate_path and acme.tls_private_key_path:
-            self._file_sig = _file_signature(acme.tls_certificate_path, acme.tls_private_key_path)
-            self._file_poll = LoopingCall(self._check_files)
-            self._file_poll.clock = self.reactor
-            self._file_poll.start(FILE_POLL_INTERVAL, now=False).addErrback(
-                lambda f: logger.error("synapse-acme: file watch stopped: %s", f.value)
+            from synapse_acme.watch import FileWatcher
+
+            self._watcher = FileWatcher(
+                cert_path=acme.tls_certificate_path,
+                key_path=acme.tls_private_key_path,
+                key=self.key,
+                consumer=_FollowerConsumer(self),
+                clock=self.reactor,
+                interval=acme.watch_interval,
             )
+            self.reactor.callLater(0, self._watcher.startService)
 
     def _install_tls(self) -> None:
         """Seed the hot-swap creator with the files Synapse just loaded, and install it."""
@@ -368,9 +375,10 @@ class AcmeModule:
         )
 
     def _stop(self) -> Any:
-        for call in (self._renew_poll, self._file_poll):
-            if call is not None and call.running:
-                call.stop()
+        if self._renew_poll is not None and self._renew_poll.running:
+            self._renew_poll.stop()
+        if self._watcher is not None and self._watcher.running:
+            self._watcher.stopService()
         if self.runtime is not None and self.runtime.service.running:
             return self.runtime.service.stopService()
         return None
@@ -420,26 +428,6 @@ class AcmeModule:
                 logger.info("synapse-acme: Synapse re-read its certificate files (fallback)")
             except Exception:
                 logger.exception("synapse-acme: refresh_certificate failed")
-
-    def _check_files(self) -> None:
-        """Follower processes: pick up files the provisioning process rewrote."""
-        acme = self.settings.acme
-        assert acme.tls_certificate_path and acme.tls_private_key_path
-        sig = _file_signature(acme.tls_certificate_path, acme.tls_private_key_path)
-        if sig == self._file_sig:
-            return
-        bundle = _read_bundle(acme.tls_certificate_path, acme.tls_private_key_path)
-        if bundle is None or self.tls is None:
-            return
-        try:
-            self.tls.set_bundle(self.key, bundle)
-        except BundleError as e:
-            # Possibly half-replaced (new cert, old key): try again next tick.
-            logger.debug("synapse-acme: certificate files not usable yet: %s", e)
-            return
-        self._file_sig = sig
-        logger.info("synapse-acme: picked up the new certificate files for %s", self.key)
-        self.ensure_serving()
 
     def _on_sighup(self, *args: Any) -> None:
         """After Synapse's own SIGHUP reload (which puts its file-based factory back)."""

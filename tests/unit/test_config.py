@@ -673,6 +673,8 @@ _GOOD: dict[str, list[Any]] = {
     "poll_interval": [0.1, "1s"],
     "poll_timeout": [10, "5m"],
     "tls_listen": [[], ["tcp:8448"], "tcp6:8448"],
+    "external_certificates": [True, False],
+    "watch_interval": [5, "1m"],
 }
 
 
@@ -714,3 +716,19 @@ def test_fuzz_only_config_or_config_error(block: Any, server_name: Any, defaults
         assert isinstance(config, AcmeConfig)
         config.http01_endpoints()
         config.certificate_specs()
+
+
+def test_external_certificates_needs_both_paths() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_acme_config({"domain": "a.example.com", "external_certificates": True})
+    assert str(e.value).startswith("acme.external_certificates: true needs tls_certificate_path")
+    config = parse_acme_config(
+        {
+            "domain": "a.example.com",
+            "external_certificates": True,
+            "tls_certificate_path": "/etc/letsencrypt/live/a/fullchain.pem",
+            "tls_private_key_path": "/etc/letsencrypt/live/a/privkey.pem",
+            "watch_interval": "2s",
+        }
+    )
+    assert config.external_certificates and config.watch_interval == 2.0

@@ -264,7 +264,12 @@ class FakeRuntime:
 
 
 def make_module(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, *, bg: bool = True, files: bool = True
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    bg: bool = True,
+    files: bool = True,
+    external: bool = False,
 ) -> tuple[AcmeModule, FakeApi, MemoryReactorClock, list[Any]]:
     reactor = MemoryReactorClock()
     reactor.advance(crypto.now_from_clock(_Wall()).timestamp())
@@ -276,7 +281,7 @@ def make_module(
     from synapse_acme.config import parse_acme_config
 
     acme = parse_acme_config(
-        {"enabled": True, "storage": str(tmp_path / "acme")},
+        {"enabled": True, "storage": str(tmp_path / "acme"), "external_certificates": external},
         server_name=NAME,
         defaults_from={"tls_certificate_path": cert, "tls_private_key_path": key},
     )
@@ -374,11 +379,29 @@ def test_follower_process_reloads_changed_files(
     first = mod.tls.current(mod.key)
     assert first is not None and api._hs.tls_server_context_factory is mod.tls
     new = crypto.make_placeholder_bundle([NAME], crypto.now_from_clock(reactor))
+    reactor.advance(0)  # the watcher starts after Synapse's start
+    interval = mod.settings.acme.watch_interval
     pathlib.Path(tmp_path / "privkey.pem").write_bytes(new.key_pem)
-    reactor.advance(module_mod.FILE_POLL_INTERVAL)  # half-replaced: key only
+    reactor.advance(interval)  # half-replaced: key only
     assert mod.tls.current(mod.key).chain_pem == first.chain_pem
     pathlib.Path(tmp_path / "fullchain.pem").write_bytes(new.chain_pem)
-    reactor.advance(module_mod.FILE_POLL_INTERVAL)
+    reactor.advance(interval)
+    assert mod.tls.current(mod.key).chain_pem == new.chain_pem
+
+
+def test_external_certificates_only_watch_even_on_the_background_process(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """certbot keeps the files: no ACME, no challenge resource; a renewal by certbot (a plain
+    rewrite of both files) is served without a restart or SIGHUP."""
+    mod, api, reactor, built = make_module(tmp_path, monkeypatch, bg=True, external=True)
+    assert built == [] and api.resources == {}
+    assert api._hs.tls_server_context_factory is mod.tls
+    reactor.advance(0)
+    new = crypto.make_placeholder_bundle([NAME], crypto.now_from_clock(reactor))
+    pathlib.Path(tmp_path / "fullchain.pem").write_bytes(new.chain_pem)
+    pathlib.Path(tmp_path / "privkey.pem").write_bytes(new.key_pem)
+    reactor.advance(mod.settings.acme.watch_interval)
     assert mod.tls.current(mod.key).chain_pem == new.chain_pem
 
 
