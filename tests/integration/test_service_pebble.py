@@ -220,6 +220,7 @@ def test_running_service_renews_short_certificates_by_itself(
     )
     seen: dict[int, tuple[datetime.datetime, float]] = {}  # serial -> (notAfter, first seen)
     served: set[int] = set()
+    handshakes = failed_handshakes = 0
     try:
         deadline = time.monotonic() + 70
         while time.monotonic() < deadline and len(seen) < 3:
@@ -234,6 +235,9 @@ def test_running_service_renews_short_certificates_by_itself(
             serial = _served_serial(tls_port)
             if serial is not None:
                 served.add(serial)
+                handshakes += 1
+            elif served:
+                failed_handshakes += 1  # the listener was up: this one failed
             time.sleep(0.2)
         assert proc.poll() is None, "synapse-acme run exited"
     finally:
@@ -245,4 +249,6 @@ def test_running_service_renews_short_certificates_by_itself(
         assert new_seen < old_not_after.timestamp(), "renewal arrived after the old one expired"
     # The hot-swapping listener served the renewed certificates without a restart.
     assert len(served & set(seen)) >= 2, (served, set(seen))
+    assert failed_handshakes == 0, f"{failed_handshakes} of {handshakes} handshakes failed"
+    assert handshakes > 50
     assert proc.returncode is not None
