@@ -56,12 +56,35 @@ def cmd_generate_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    run_as = None
+    if args.user is not None:
+        from synapse_acme import privileges
+
+        run_as = privileges.resolve(args.user, args.group)
+        if privileges.needs_switch(run_as):
+            privileges.prepare_storage(config.storage, run_as)
+        else:
+            run_as = None
+    elif args.group is not None:
+        raise ConfigError("--group", "only valid with --user", args.group)
 
     async def main(reactor: Any) -> None:
         from synapse_acme.runtime import build_runtime
 
-        runtime = build_runtime(config, reactor, standalone_listener=not args.no_listener)
-        runtime.service.privilegedStartService()
+        if run_as is None:
+            runtime = build_runtime(config, reactor, standalone_listener=not args.no_listener)
+            runtime.service.privilegedStartService()
+        else:
+            # Build as the user (its files), bind as root, then drop root for good.
+            from synapse_acme import privileges
+
+            runtime = privileges.as_user(
+                run_as, build_runtime, config, reactor, standalone_listener=not args.no_listener
+            )
+            runtime.service.privilegedStartService()
+            if runtime.http01_listener is not None:
+                await runtime.http01_listener.when_listening()
+            privileges.drop(run_as)
         runtime.service.startService()
         reactor.addSystemEventTrigger("before", "shutdown", runtime.service.stopService)
         if runtime.acme is not None:
@@ -299,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not open the HTTP-01 listener (challenges served elsewhere)",
     )
+    r.add_argument(
+        "--user",
+        help="started as root: bind the listeners (port 80), then run as this user",
+    )
+    r.add_argument("--group", help="with --user: this group instead of the user's own")
     r.set_defaults(func=cmd_run)
 
     for name, help_text in (

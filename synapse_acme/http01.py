@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
+import socket
 import types
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,9 +20,9 @@ import attrs
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.address import IPv6Address
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.python.failure import Failure
 from twisted.web import pages
 from twisted.web.resource import IResource, Resource
@@ -160,6 +162,50 @@ def make_site(responder: HTTP01Responder) -> Site:
     return _QuietSite(root)
 
 
+_NO_SYSTEMD_SOCKET = (
+    "no listening socket inherited for {description!r}: this process was not started with "
+    "LISTEN_FDS/LISTEN_PID for it, or without LISTEN_FDNAMES, which Twisted requires "
+    "(systemd socket units set it; systemd-socket-activate needs --fdname=NAME)"
+)
+
+
+def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """``serverFromString``, with clear errors and the real address family for ``systemd:``.
+
+    Twisted adopts an inherited socket with the family the string names; ``ListenStream=80``
+    gives an IPv6 socket, and ``domain=INET`` would then report nonsense addresses, so the
+    family is taken from the socket itself. A missing socket is a ListenError saying why.
+    """
+    try:
+        endpoint = serverFromString(reactor, description)
+    except (IndexError, KeyError) as e:
+        if description.strip().startswith("systemd:"):
+            raise ListenError(_NO_SYSTEMD_SOCKET.format(description=description)) from e
+        raise
+    if isinstance(endpoint, AdoptedStreamServerEndpoint):
+        endpoint = _with_real_family(reactor, endpoint, description)
+    return endpoint
+
+
+def _with_real_family(
+    reactor: Any, endpoint: AdoptedStreamServerEndpoint, description: str
+) -> AdoptedStreamServerEndpoint:
+    fileno = endpoint.fileno
+    try:
+        # A dup so that closing the probe leaves the inherited descriptor alone.
+        with socket.socket(fileno=os.dup(fileno)) as probe:
+            family = probe.family
+            listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as e:
+        raise ListenError(f"{description}: inherited descriptor {fileno} is not a socket") from e
+    if not listening:
+        raise ListenError(f"{description}: inherited socket {fileno} is not listening")
+    if family != endpoint.addressFamily:
+        logger.info("%s: the inherited socket is %s; using that family", description, family.name)
+        endpoint = AdoptedStreamServerEndpoint(reactor, fileno, family)
+    return endpoint
+
+
 def _is_dual_stack_overlap(failure: Failure, bound: Sequence[IListeningPort]) -> bool:
     """True for EADDRINUSE on an IPv4 wildcard whose port a bound ``::`` socket already takes."""
     err = failure.value
@@ -218,7 +264,7 @@ class HTTP01ListenerService(service.Service):
         errors: list[tuple[str, Failure]] = []
         for description in self.endpoints:
             try:
-                endpoint = serverFromString(self._reactor, description)
+                endpoint = server_endpoint(self._reactor, description)
                 port = await endpoint.listen(self._site)
             except defer.CancelledError:
                 self._settle(Failure(ListenError("stopped before the listener was bound")))
