@@ -27,7 +27,7 @@ setup(
         "attrs>=23.1",
     ],
     extras_require={
-        "synapse": ["matrix-synapse>=1.120"],
+        "synapse": ["matrix-synapse>=1.120,<1.164"],
         "dev": [
             "pytest>=8",
             "hypothesis>=6.100",
