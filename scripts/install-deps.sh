@@ -15,9 +15,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # ---- Debian packages the test suite and the demo run. Add new ones HERE (one place). --------------
 #   pebble      : real ACME test CA (+ pebble-challtestsrv DNS stub)      -> synapse_acme.testing.pebble
 #   sslscan     : inspects the TLS listeners from outside                  -> tls integration tests
+#   wrk         : HTTP load generator                                      -> bench smoke test
 #   python3-venv: `python3 -m venv` on Debian
 #   openssl, ca-certificates, curl: demo output and sanity checks
-APT_PACKAGES=(pebble sslscan python3-venv openssl ca-certificates curl)
+APT_PACKAGES=(pebble sslscan python3-venv openssl ca-certificates curl wrk)
 # ------------------------------------------------------------------------------------------------
 
 # pip extras installed into .venv. The Synapse integration adds "synapse" here.

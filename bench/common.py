@@ -1,0 +1,229 @@
+"""Shared pieces of the benchmark harness: timing, statistics, machine facts, Pebble, processes.
+
+Everything here is blocking (subprocess, time.perf_counter): the harness is a driver that runs
+the measured programs as child processes; it never runs a reactor itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+PY = sys.executable
+CERTBOT_VENV = os.environ.get("BENCH_CERTBOT_VENV", os.path.join(BENCH, ".venv-certbot"))
+CERTBOT = os.path.join(CERTBOT_VENV, "bin", "certbot")
+CERTBOT_PY = os.path.join(CERTBOT_VENV, "bin", "python")
+
+#: Pebble settings for every run: no random validation sleep (FACTS.md), no rejected nonces and
+#: no authorization reuse, so each client does the same protocol work on every run.
+PEBBLE_ENV = {"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"}
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def summary(values: Sequence[float]) -> dict[str, Any]:
+    """Median, min, max and count: what every table cell shows."""
+    if not values:
+        return {"median": None, "min": None, "max": None, "n": 0, "values": []}
+    return {
+        "median": median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "values": [round(v, 4) for v in values],
+    }
+
+
+def timed_run(
+    cmd: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 900,
+    cwd: str | None = None,
+) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """Run ``cmd`` to completion; (wall seconds, result). Raises if it fails."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        list(cmd),
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd[:6])}... exited {proc.returncode}:\n{proc.stdout[-1500:]}\n"
+            f"{proc.stderr[-3000:]}"
+        )
+    return elapsed, proc
+
+
+def timed_parallel(
+    cmds: Sequence[Sequence[str]],
+    *,
+    parallel: int,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 900,
+) -> float:
+    """Run ``cmds`` with at most ``parallel`` at once (like ``xargs -P``); wall seconds."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    pending = list(cmds)
+    running: list[tuple[subprocess.Popen[bytes], Sequence[str], Any]] = []
+    deadline = time.monotonic() + timeout
+    t0 = time.perf_counter()
+    failures: list[str] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            cmd = pending.pop(0)
+            log = open(os.devnull, "wb")
+            err = subprocess.PIPE
+            running.append(
+                (
+                    subprocess.Popen(
+                        list(cmd), stdout=log, stderr=err, env=full_env, stdin=subprocess.DEVNULL
+                    ),
+                    cmd,
+                    log,
+                )
+            )
+        still = []
+        for proc, cmd, log in running:
+            if proc.poll() is None:
+                still.append((proc, cmd, log))
+                continue
+            stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            if proc.stderr:
+                proc.stderr.close()
+            log.close()
+            if proc.returncode != 0:
+                failures.append(f"{' '.join(cmd[:4])}... exited {proc.returncode}: {stderr[-800:]}")
+        running = still
+        if time.monotonic() > deadline:
+            for proc, _, _ in running:
+                proc.kill()
+            raise RuntimeError(f"parallel run exceeded {timeout} s")
+        time.sleep(0.005)
+    elapsed = time.perf_counter() - t0
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(cmds)} failed; first: {failures[0]}")
+    return elapsed
+
+
+def _version(cmd: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"not available ({e.__class__.__name__})"
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0].strip() if text else "?"
+
+
+def _dpkg_version(pkg: str) -> str:
+    return _version(["dpkg-query", "-W", "-f=${Version}", pkg])
+
+
+def machine_info() -> dict[str, Any]:
+    """Cores, CPU model, OS, and the version of every program measured."""
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) // 1024} MiB"
+                break
+    load = "?"
+    with contextlib.suppress(OSError):
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    import synapse_acme
+
+    versions = {
+        "synapse-acme": synapse_acme.__version__,
+        "python": platform.python_version(),
+        "pebble (Debian)": _dpkg_version("pebble"),
+        "certbot (PyPI)": _version([CERTBOT, "--version"]) if os.path.exists(CERTBOT) else "-",
+        "lego (Debian)": _version(["lego", "--version"]) if shutil.which("lego") else "-",
+        "nginx (Debian)": _version(["nginx", "-v"]) if shutil.which("nginx") else "-",
+        "wrk (Debian)": _dpkg_version("wrk") if shutil.which("wrk") else "-",
+    }
+    with contextlib.suppress(Exception):
+        import twisted
+
+        versions["twisted"] = twisted.__version__
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "memory": mem,
+        "os": platform.platform(),
+        "kernel": platform.release(),
+        "load_at_start": load,
+        "versions": versions,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+@contextlib.contextmanager
+def pebble(workdir: str, http_port: int) -> Iterator[Any]:
+    """One private Pebble for a whole group of measurements (PEBBLE_ENV)."""
+    from synapse_acme.testing.pebble import PebbleCA
+
+    ca = PebbleCA(workdir, http_port=http_port, env=PEBBLE_ENV)
+    ca.start()
+    try:
+        yield ca
+    finally:
+        ca.stop()
+
+
+def free_port() -> int:
+    from synapse_acme.testing.pebble import free_port as fp
+
+    return fp()
+
+
+def wait_http(port: int, path: str = "/", timeout: float = 15.0) -> None:
+    """Block until something answers HTTP on 127.0.0.1:port (any status)."""
+    import http.client
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", path)
+            conn.getresponse().read()
+            conn.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing answered on 127.0.0.1:{port}") from None
+            time.sleep(0.05)
+
+
+def dump_json(path: str, data: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)

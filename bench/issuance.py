@@ -1,0 +1,395 @@
+"""Issuance against one Pebble: synapse-acme (CLI, service, floor) vs certbot and lego.
+
+Every client runs as its documentation recommends (certbot ``certonly --standalone`` /
+``--webroot``; lego ``run --http`` / ``--http.webroot``), with a fresh state directory per run
+(so each run registers its account, as a first install does). Runs are interleaved
+round-robin (run 1 of every client, then run 2, ...), so a noisy moment hits all clients alike
+and ratios are computed pair by pair (run i of A / run i of B, then the median).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import yaml
+
+from bench.common import CERTBOT, PY, ROOT, summary, timed_parallel, timed_run, wait_http
+
+Groups = list[list[str]]
+
+
+@attrs.define
+class Client:
+    """One way to get ``groups`` (lists of names, one list per certificate) issued."""
+
+    name: str
+    kind: str  # "project" | "floor" | "certbot" | "lego"
+    needs_nginx: bool
+    run: Callable[[Groups, str], float]  # (groups, fresh workdir) -> seconds
+    command: str  # what the report shows
+
+
+@attrs.define
+class Scenario:
+    key: str
+    title: str
+    certs: int
+    names_per_cert: int
+    clients: list[str]
+
+
+class Issuance:
+    """Owns the Pebble handle, the HTTP-01 port, and nginx for the webroot clients."""
+
+    def __init__(self, ca: Any, http_port: int, workdir: str, parallel: int) -> None:
+        self.ca = ca
+        self.port = http_port
+        self.workdir = workdir
+        self.parallel = parallel
+        self.webroot = os.path.join(workdir, "webroot")
+        os.makedirs(os.path.join(self.webroot, ".well-known", "acme-challenge"), exist_ok=True)
+        self._nginx: subprocess.Popen[bytes] | None = None
+        self.clients = {c.name: c for c in self._clients()}
+
+    # -- nginx for webroot ------------------------------------------------------------------
+
+    def nginx(self, on: bool) -> None:
+        if on and self._nginx is None:
+            self._nginx = start_nginx(self.workdir, self.port, self.webroot)
+        elif not on and self._nginx is not None:
+            self._nginx.terminate()
+            self._nginx.wait(10)
+            self._nginx = None
+
+    # -- clients ----------------------------------------------------------------------------
+
+    def _config(self, work: str, groups: Groups, name: str = "acme.yaml") -> str:
+        block: dict[str, Any] = {
+            "enabled": True,
+            "url": self.ca.directory_url,
+            "ca_bundle": self.ca.ca_bundle,
+            "port": self.port,
+            "bind_addresses": ["127.0.0.1"],
+            "domain": groups[0][0],
+            "domains": groups[0][1:],
+            "storage": os.path.join(work, "store"),
+            "terms_of_service_agreed": True,
+            "contact": ["admin@example.test"],
+        }
+        if len(groups) > 1:
+            block["certificates"] = [{"domains": g} for g in groups[1:]]
+        path = os.path.join(work, name)
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump({"acme": block}, f)
+        return path
+
+    def _project_seq(self, groups: Groups, work: str) -> float:
+        total = 0.0
+        for i, g in enumerate(groups):
+            cfg = self._config(work, [g], f"acme{i}.yaml")
+            t, _ = timed_run([PY, "-m", "synapse_acme", "issue", "-c", cfg])
+            total += t
+        return total
+
+    def _project_one_config(self, groups: Groups, work: str) -> float:
+        cfg = self._config(work, groups)
+        t, _ = timed_run([PY, "-m", "synapse_acme", "issue", "-c", cfg])
+        return t
+
+    def _project_service(self, groups: Groups, work: str) -> float:
+        cfg = self._config(work, groups)
+        _, proc = timed_run(
+            [PY, os.path.join(ROOT, "bench", "inproc.py"), "service", "--config", cfg]
+        )
+        return float(json.loads(proc.stdout.strip().splitlines()[-1])["seconds"])
+
+    def _floor(self, groups: Groups, work: str) -> float:
+        cmd = [
+            PY,
+            os.path.join(ROOT, "bench", "inproc.py"),
+            "floor",
+            "--directory",
+            self.ca.directory_url,
+            "--ca-bundle",
+            self.ca.ca_bundle,
+            "--http-port",
+            str(self.port),
+        ]
+        for g in groups:
+            cmd += ["--names", ",".join(g)]
+        _, proc = timed_run(cmd)
+        return float(json.loads(proc.stdout.strip().splitlines()[-1])["seconds"])
+
+    def certbot_cmd(self, g: list[str], work: str, webroot: bool) -> list[str]:
+        cmd = [
+            CERTBOT,
+            "certonly",
+            "--non-interactive",
+            "--agree-tos",
+            "-m",
+            "admin@example.test",
+            "--server",
+            self.ca.directory_url,
+            "--config-dir",
+            os.path.join(work, "config"),
+            "--work-dir",
+            os.path.join(work, "work"),
+            "--logs-dir",
+            os.path.join(work, "logs"),
+        ]
+        if webroot:
+            cmd += ["--webroot", "-w", self.webroot]
+        else:
+            cmd += ["--standalone", "--http-01-port", str(self.port)]
+            cmd += ["--http-01-address", "127.0.0.1"]
+        for name in g:
+            cmd += ["-d", name]
+        return cmd
+
+    def _certbot_env(self) -> dict[str, str]:
+        return {"REQUESTS_CA_BUNDLE": self.ca.ca_bundle}
+
+    def _certbot_seq(self, webroot: bool) -> Callable[[Groups, str], float]:
+        def run(groups: Groups, work: str) -> float:
+            total = 0.0
+            for g in groups:
+                t, _ = timed_run(self.certbot_cmd(g, work, webroot), env=self._certbot_env())
+                total += t
+            return total
+
+        return run
+
+    def _certbot_parallel(self, groups: Groups, work: str) -> float:
+        # certbot locks its directories: one set per process, sharing the nginx webroot.
+        cmds = [
+            self.certbot_cmd(g, os.path.join(work, f"p{i}"), webroot=True)
+            for i, g in enumerate(groups)
+        ]
+        return timed_parallel(cmds, parallel=self.parallel, env=self._certbot_env())
+
+    def lego_cmd(self, g: list[str], work: str, webroot: bool) -> list[str]:
+        cmd = [
+            "lego",
+            "--accept-tos",
+            "--email",
+            "admin@example.test",
+            "--server",
+            self.ca.directory_url,
+            "--path",
+            os.path.join(work, "lego"),
+            "--http",
+        ]
+        if webroot:
+            cmd += ["--http.webroot", self.webroot]
+        else:
+            cmd += ["--http.port", f"127.0.0.1:{self.port}"]
+        for name in g:
+            cmd += ["--domains", name]
+        return [*cmd, "run"]
+
+    def _lego_env(self) -> dict[str, str]:
+        return {"LEGO_CA_CERTIFICATES": self.ca.ca_bundle}
+
+    def _lego_seq(self, groups: Groups, work: str) -> float:
+        total = 0.0
+        for g in groups:
+            t, _ = timed_run(self.lego_cmd(g, work, webroot=False), env=self._lego_env())
+            total += t
+        return total
+
+    def _lego_parallel(self, groups: Groups, work: str) -> float:
+        cmds = [
+            self.lego_cmd(g, os.path.join(work, f"p{i}"), webroot=True)
+            for i, g in enumerate(groups)
+        ]
+        return timed_parallel(cmds, parallel=self.parallel, env=self._lego_env())
+
+    def _clients(self) -> list[Client]:
+        p = self.port
+        return [
+            Client(
+                "synapse-acme CLI, one process per cert",
+                "project",
+                False,
+                self._project_seq,
+                "python -m synapse_acme issue -c acme.yaml   (once per certificate)",
+            ),
+            Client(
+                "synapse-acme CLI, one config",
+                "project",
+                False,
+                self._project_one_config,
+                "python -m synapse_acme issue -c acme.yaml   (all certificates under "
+                "`certificates:`, issued concurrently)",
+            ),
+            Client(
+                "synapse-acme service (in-process)",
+                "project",
+                False,
+                self._project_service,
+                "python bench/inproc.py service --config acme.yaml   (timed around "
+                "AcmeService.renew(force=True) in a running process)",
+            ),
+            Client(
+                "floor (minimal client)",
+                "floor",
+                False,
+                self._floor,
+                "python bench/inproc.py floor ...   (bare protocol requests, zero poll delay)",
+            ),
+            Client(
+                "certbot standalone, sequential",
+                "certbot",
+                False,
+                self._certbot_seq(webroot=False),
+                f"certbot certonly --non-interactive --agree-tos -m M --server DIR "
+                f"--standalone --http-01-port {p} --http-01-address 127.0.0.1 -d NAME "
+                "--config-dir/--work-dir/--logs-dir D",
+            ),
+            Client(
+                "certbot webroot, sequential",
+                "certbot",
+                True,
+                self._certbot_seq(webroot=True),
+                "certbot certonly ... --webroot -w WEBROOT -d NAME   (nginx serves WEBROOT)",
+            ),
+            Client(
+                f"certbot webroot, {self.parallel} processes in parallel",
+                "certbot",
+                True,
+                self._certbot_parallel,
+                f"certbot certonly ... --webroot -w WEBROOT -d NAME   (xargs -P {self.parallel}"
+                " style, own --config-dir each; standalone cannot share the port)",
+            ),
+            Client(
+                "lego http, sequential",
+                "lego",
+                False,
+                self._lego_seq,
+                f"lego --accept-tos --email M --server DIR --path D --http --http.port "
+                f"127.0.0.1:{p} --domains NAME run",
+            ),
+            Client(
+                f"lego webroot, {self.parallel} processes in parallel",
+                "lego",
+                True,
+                self._lego_parallel,
+                "lego ... --http --http.webroot WEBROOT --domains NAME run   "
+                f"(xargs -P {self.parallel} style, own --path each)",
+            ),
+        ]
+
+    # -- measuring ----------------------------------------------------------------------------
+
+    def measure(
+        self, scenario: Scenario, runs: int, cell_budget: float, log: Callable[[str], None]
+    ) -> dict[str, Any]:
+        """Round-robin runs of every client of ``scenario``; a client whose runs exceed
+        ``cell_budget`` seconds in total stops early (its ``n`` says how many runs)."""
+        times: dict[str, list[float]] = {c: [] for c in scenario.clients}
+        spent: dict[str, float] = dict.fromkeys(scenario.clients, 0.0)
+        errors: dict[str, str] = {}
+        for run in range(runs):
+            for name in scenario.clients:
+                if name in errors or (run > 0 and spent[name] > cell_budget):
+                    continue
+                client = self.clients[name]
+                groups = [
+                    [
+                        f"{'w' if n else 'c'}{n}.{i}.r{run}.{scenario.key}.{client.kind}"
+                        f"{abs(hash(name)) % 1000}.example.test"
+                        for n in range(scenario.names_per_cert)
+                    ]
+                    for i in range(scenario.certs)
+                ]
+                work = os.path.join(self.workdir, "runs", scenario.key, f"{run}-{abs(hash(name))}")
+                os.makedirs(work, exist_ok=True)
+                self.nginx(client.needs_nginx)
+                t0 = time.perf_counter()
+                try:
+                    seconds = client.run(groups, work)
+                except Exception as e:  # reported in the table, never hidden
+                    errors[name] = str(e)[:2000]
+                    log(f"  {scenario.key} / {name}: FAILED {str(e)[:300]}")
+                    continue
+                finally:
+                    spent[name] += time.perf_counter() - t0
+                    shutil.rmtree(work, ignore_errors=True)
+                times[name].append(seconds)
+                log(f"  {scenario.key} / {name} run {run + 1}: {seconds:.3f} s")
+        self.nginx(False)
+        return {
+            "key": scenario.key,
+            "title": scenario.title,
+            "certs": scenario.certs,
+            "names_per_cert": scenario.names_per_cert,
+            "results": {n: summary(v) for n, v in times.items()},
+            "errors": errors,
+        }
+
+    def close(self) -> None:
+        self.nginx(False)
+
+
+def pair_ratio(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Median of run-by-run ratios a[i]/b[i] over the runs both have."""
+    pairs = [x / y for x, y in zip(a, b, strict=False) if y]
+    if not pairs:
+        return None
+    pairs.sort()
+    mid = len(pairs) // 2
+    return pairs[mid] if len(pairs) % 2 else (pairs[mid - 1] + pairs[mid]) / 2
+
+
+def start_nginx(workdir: str, port: int, root: str) -> subprocess.Popen[bytes]:
+    """nginx serving ``root`` as static files on 127.0.0.1:port, in the foreground."""
+    prefix = os.path.join(workdir, f"nginx-{port}")
+    os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
+    conf = os.path.join(prefix, "nginx.conf")
+    user = "user root;" if os.geteuid() == 0 else ""
+    with open(conf, "w", encoding="utf-8") as f:
+        f.write(
+            f"""{user}
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    default_type text/plain;
+    keepalive_requests 100000;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+    }}
+}}
+"""
+        )
+    proc = subprocess.Popen(
+        ["nginx", "-p", prefix, "-c", conf],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=open(os.path.join(prefix, "logs", "stderr.log"), "wb"),
+    )
+    try:
+        wait_http(port)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc
+
+
+__all__ = ["Client", "Issuance", "Scenario", "pair_ratio", "start_nginx"]

@@ -1,0 +1,75 @@
+"""Smoke run of the benchmark harness (bench/run.py) with tiny sizes: it must work end to end.
+
+No timing assertions: the figures of a loaded CI machine mean nothing. The peers (certbot,
+lego, nginx) are installed only by scripts/bench.sh, so this runs synapse-acme's own paths
+(CLI, in-process service, floor client against a real Pebble; the responder under real wrk;
+the TLS and renewal-check benchmarks) and checks the report is written with every section.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--profile",
+            "smoke",
+            "--peers",
+            "none",
+            "--out-dir",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "results.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+
+    assert [sc["key"] for sc in res["issuance"]] == ["one-1", "one-n", "seq-2", "conc-2"]
+    for sc in res["issuance"]:
+        assert sc["errors"] == {}, sc["errors"]
+        for client, cell in sc["results"].items():
+            assert cell["n"] == 1 and cell["median"] > 0, (sc["key"], client, cell)
+    assert set(res["issuance"][0]["results"]) == {
+        "synapse-acme CLI, one process per cert",
+        "synapse-acme service (in-process)",
+        "floor (minimal client)",
+    }
+
+    ours = res["responder"]["results"]["synapse-acme"]
+    for conns in ("1", "4"):
+        assert ours[conns]["rps"]["median"] > 0
+        assert ours[conns]["errors"] == 0 and ours[conns]["socket_errors"] == 0
+
+    assert [row["certs"] for row in res["tls"]["rows"]] == [1, 10]
+    assert res["tls"]["swap"]["failures"] == 0 and res["tls"]["swap"]["swaps"] > 0
+    sizes = [(r["store"], r["size"]) for r in res["renewal"]["rows"]]
+    assert sizes == [("memory", 10), ("memory", 50), ("file", 10), ("file", 50)]
+    assert all(r["renewal_info_calls"] == r["size"] for r in res["renewal"]["rows"])
+
+    report = (tmp_path / "docs" / "BENCHMARKS.md").read_text()
+    for heading in (
+        "## Machine and versions",
+        "## Goals",
+        "## 1. Issuance against Pebble",
+        "## 2. HTTP-01 challenge responder under load",
+        "## 3. TLS: HotSwapTLS with many certificates",
+        "## 4. Renewal check cost",
+    ):
+        assert heading in report
+    assert f"{res['machine']['cores']} cores" in report
