@@ -365,8 +365,14 @@ def test_request_cap_queues_never_drops() -> None:
     server = FakeAcmeServer(clock)
     stub = StubTreq(server.resource)
     key = jose.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
-    transport = JWSTransport(stub, clock, key, server.directory_url)  # type: ignore[arg-type]
-    assert transport.max_requests_per_minute == 300
+    assert JWSTransport.__attrs_attrs__.max_requests_per_minute.default == 600
+    transport = JWSTransport(
+        stub,  # type: ignore[arg-type]
+        clock,
+        key,
+        server.directory_url,
+        max_requests_per_minute=300,
+    )
     results: list[Any] = []
     for _ in range(1000):
         transport.get(server.directory_url).addBoth(results.append)

@@ -1,0 +1,405 @@
+"""Fault matrix against the real Pebble CA, through the real CLI in subprocesses.
+
+Rows 1 (badNonce storm), 4 (kill -9 at 20 points), 7 (flood while validating) and 8 (secrets in
+logs, file modes) of docs/RELIABILITY.md. Missing binaries (pebble, wrk) make these tests FAIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import random
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import josepy as jose
+import yaml
+
+from synapse_acme import crypto
+from synapse_acme.account import parse_account_key
+from synapse_acme.model import CertificateBundle
+from synapse_acme.names import names_key
+from synapse_acme.store import FileStore
+from synapse_acme.testing.pebble import PebbleCA
+
+CLI = [sys.executable, "-m", "synapse_acme"]
+CRASH_RUN = str(Path(__file__).with_name("crash_run.py"))
+ROOT = str(Path(__file__).resolve().parents[2])
+FIGURES: dict[str, Any] = {}
+
+
+def write_config(tmp: Path, ca: PebbleCA, names: Sequence[str], **extra: Any) -> Path:
+    block: dict[str, Any] = {
+        "enabled": True,
+        "url": ca.directory_url,
+        "ca_bundle": ca.ca_bundle,
+        "port": ca.http_port,
+        "bind_addresses": ["127.0.0.1"],
+        "domain": names[0],
+        "domains": list(names[1:]),
+        "storage": str(tmp / "store"),
+        "terms_of_service_agreed": True,
+        "contact": ["admin@example.test"],
+        "poll_interval": 0.05,
+    }
+    block.update(extra)
+    path = tmp / "acme.yaml"
+    path.write_text(yaml.safe_dump({"acme": block}))
+    return path
+
+
+def run(args: Sequence[str], timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run(
+        list(args), capture_output=True, text=True, timeout=timeout, check=False, env=env, **kw
+    )
+
+
+def load_bundle(store: Path, names: Sequence[str]) -> CertificateBundle:
+    d = store / "certificates" / names_key(names)
+    return CertificateBundle(
+        key_pem=(d / "privkey.pem").read_bytes(),
+        chain_pem=(d / "fullchain.pem").read_bytes(),
+        metadata=json.loads((d / "metadata.json").read_text()),
+    )
+
+
+def check_valid(ca: PebbleCA, store: Path, names: Sequence[str]) -> CertificateBundle:
+    bundle = load_bundle(store, names)
+    ca.verify_chain(bundle.chain_pem, names)
+    crypto.validate_bundle(bundle, names, datetime.datetime.now(datetime.timezone.utc))
+    return bundle
+
+
+# -- 1. badNonce on half of all requests ---
+
+
+def test_nonce_reject_50_percent_twenty_issuances(
+    pebble_factory: Callable[..., PebbleCA], tmp_path: Path
+) -> None:
+    ca = pebble_factory(env={"PEBBLE_WFE_NONCEREJECT": "50"})
+    names = [[f"n{i}.nonce.example.test"] for i in range(20)]
+    cfg = write_config(tmp_path, ca, names[0], certificates=[{"domains": n} for n in names[1:]])
+    started = time.monotonic()
+    r = run([*CLI, "-v", "issue", "-c", str(cfg)], timeout=170)
+    elapsed = time.monotonic() - started
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("OK      ") == 20, r.stdout
+    for n in names:
+        check_valid(ca, tmp_path / "store", n)
+    retries = r.stderr.count("badNonce from")
+    posts = len(re.findall(r"order https|certificate issued", r.stderr))
+    assert retries >= 20, "Pebble rejected no nonces: the fault was not injected"
+    FIGURES["nonce_reject_50"] = {
+        "issuances_ok": 20,
+        "badNonce_retries": retries,
+        "seconds": round(elapsed, 1),
+        "log_markers": posts,
+    }
+
+
+# -- 4. kill -9 at 20 points of an issuance ---
+
+
+def read_trace(path: Path) -> list[tuple[int, str, str]]:
+    out = []
+    for line in path.read_text().splitlines():
+        n, kind, detail = line.split("\t", 2)
+        out.append((int(n), kind, detail))
+    return out
+
+
+# Where to die, by what the process is about to do (regex on "kind detail", n-th match): the
+# commit points of every write (key file link, the two directory renames, status rename), the
+# writes and fsyncs in between, and each step of the protocol.
+ISSUE_POINTS = [
+    (r"^fs write 7 ", 1),  # the account key's bytes, into its temp file
+    (r"^fs link .*acct\.key", 1),  # the account key appears under its name
+    (r"^http GET", 1),  # the directory
+    (r"^http POST chal", 1),  # telling Pebble to validate
+    (r"^http POST finalize", 1),  # the CSR
+    (r"^fs write 13 <", 1),  # privkey.pem into the staging directory
+    (r"^fs rename .*~new-", 1),  # the new directory takes the certificate's name
+]
+RENEW_POINTS = [
+    (r"^log synapse_acme\.service", 1),  # start-up, store loaded
+    (r"^http POST \S+$", 2),  # newOrder
+    (r"^http POST chal", 1),
+    (r"^http POST finalize", 1),
+    (r"^http POST cert", 1),  # downloading the chain
+    (r"^fs mkdir .*~new-", 1),
+    (r"^fs write 13 <", 1),  # privkey.pem
+    (r"^fs write 13 <", 2),  # fullchain.pem
+    (r"^fs fsync 13", 3),  # metadata.json
+    (r"^fs rename ", 1),  # old directory moved aside: no <key> until the next rename
+    (r"^fs rename .*~new-", 1),  # between the two renames
+    (r"^fs unlink ", 1),  # removing the old directory
+    (r"^fs rename \.status", 1),  # the status file
+]
+
+
+def pick_points(events: list[tuple[int, str, str]], wanted: list[tuple[str, int]]) -> list[int]:
+    """Event numbers matching each ``(regex, n-th)`` of ``wanted`` (all must be found)."""
+    points = []
+    for pattern, nth in wanted:
+        hits = [n for n, kind, detail in events if re.search(pattern, f"{kind} {detail}")]
+        assert len(hits) >= nth, (pattern, nth, events)
+        points.append(hits[nth - 1])
+    assert len(set(points)) == len(points), points
+    return points
+
+
+def integrity_check(store: Path, account_key: Path, names: Sequence[str], expect_cert: bool) -> str:
+    """What a reader of the store sees right after the crash, then after start-up recovery."""
+    if account_key.exists():
+        parse_account_key(account_key.read_bytes(), str(account_key))  # whole, or not at all
+        assert stat.S_IMODE(account_key.stat().st_mode) == 0o600
+    final = store / "certificates" / names_key(names)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if final.exists():  # a directory under its real name is always complete and consistent
+        crypto.validate_bundle(load_bundle(store, names), names, now)
+    actions = FileStore(str(store)).recover() if store.exists() else []
+    if expect_cert:
+        assert final.exists(), f"the certificate vanished; recovery did {actions}"
+    if final.exists():
+        crypto.validate_bundle(load_bundle(store, names), names, now)
+        leftovers = [p.name for p in final.parent.iterdir() if "~" in p.name]
+        assert not leftovers, leftovers
+        assert stat.S_IMODE((final / "privkey.pem").stat().st_mode) == 0o600
+    return "; ".join(actions) or "nothing to recover"
+
+
+def test_kill_9_at_20_points(pebble: PebbleCA, tmp_path: Path) -> None:
+    names = ["crash.example.test", "www.crash.example.test"]
+    template = tmp_path / "template"
+    template.mkdir()
+    cfg_t = write_config(template, pebble, names, account_key_file=str(template / "store/acct.key"))
+    assert run([*CLI, "issue", "-c", str(cfg_t)]).returncode == 0
+    scenarios: dict[str, list[str]] = {"issue": ["issue"], "renew": ["renew", "--force"]}
+    traces = {}
+    for scenario, cmd in scenarios.items():
+        work = tmp_path / f"calibrate-{scenario}"
+        work.mkdir()
+        if scenario == "renew":
+            shutil.copytree(template / "store", work / "store")
+        cfg = write_config(work, pebble, names, account_key_file=str(work / "store/acct.key"))
+        trace = work / "trace"
+        r = run([sys.executable, CRASH_RUN, "--trace", str(trace), "--", *cmd, "-c", str(cfg)])
+        assert r.returncode == 0, r.stderr[-2000:]
+        traces[scenario] = read_trace(trace)
+    points = [("issue", n) for n in pick_points(traces["issue"], ISSUE_POINTS)]
+    points += [("renew", n) for n in pick_points(traces["renew"], RENEW_POINTS)]
+    assert len(points) == 20, points
+    report = []
+    for i, (scenario, n) in enumerate(points):
+        work = tmp_path / f"kill-{i}"
+        work.mkdir()
+        old_serial = None
+        if scenario == "renew":
+            shutil.copytree(template / "store", work / "store")
+            old_serial = crypto.parse_chain(load_bundle(work / "store", names).chain_pem)[0]
+        cfg = write_config(work, pebble, names, account_key_file=str(work / "store/acct.key"))
+        cmd = scenarios[scenario]
+        trace = work / "trace"
+        r = run([sys.executable, CRASH_RUN, "--trace", str(trace), "--kill-at", str(n), "--",
+                 *cmd, "-c", str(cfg)])  # fmt: skip
+        assert r.returncode == -9, (n, r.returncode, r.stderr[-1000:])
+        last = read_trace(trace)[-1]
+        assert last[0] == n
+        what = integrity_check(
+            work / "store", work / "store/acct.key", names, expect_cert=scenario == "renew"
+        )
+        again = run([*CLI, *cmd, "-c", str(cfg)])
+        assert again.returncode == 0, (n, again.stderr[-2000:])
+        bundle = check_valid(pebble, work / "store", names)
+        if old_serial is not None:
+            assert crypto.parse_chain(bundle.chain_pem)[0].serial_number != old_serial.serial_number
+        status = run([*CLI, "status", "-c", str(cfg), "--json"])
+        assert status.returncode == 0 and json.loads(status.stdout)[0]["state"] == "valid"
+        report.append({"scenario": scenario, "killed_before": f"#{n} {last[1]} {last[2]}",
+                       "recovery": what})  # fmt: skip
+    FIGURES["kill_9"] = {
+        "points": len(report),
+        "events_issue": len(traces["issue"]),
+        "events_renew": len(traces["renew"]),
+        "detail": report,
+    }
+
+
+# -- 7. flood the responder while Pebble validates through it ---
+
+_JUNK = [
+    b"GET /.well-known/acme-challenge/" + b"A" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)),  # a TLS hello
+    b"POST /.well-known/acme-challenge/x HTTP/1.1\r\nContent-Length: 100000\r\n\r\nabc",
+    b"GET / HTTP/1.1\r\n" + b"X-Junk: " + b"z" * 20000 + b"\r\n\r\n",
+    b"BREW /pot HTCPCP/1.0\r\n\r\n",
+    b"GET /.well-known/acme-challenge/%00%ff HTTP/1.0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\n",  # slowloris: never finishes its headers
+]
+
+
+async def _junk_client(port: int, stop: threading.Event, stats: dict[str, int]) -> None:
+    rng = random.Random(7)
+
+    async def one() -> None:
+        while not stop.is_set() and stats["conns"] < 20000:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port), 1.0
+                )
+            except (OSError, asyncio.TimeoutError):
+                stats["refused"] += 1
+                await asyncio.sleep(0.01)
+                continue
+            stats["conns"] += 1
+            try:
+                writer.write(rng.choice(_JUNK) if rng.random() < 0.7 else rng.randbytes(512))
+                await asyncio.wait_for(writer.drain(), 1.0)
+                await asyncio.wait_for(reader.read(1024), 0.2)
+            except (OSError, asyncio.TimeoutError):
+                pass
+            finally:
+                writer.close()
+
+    await asyncio.gather(*(one() for _ in range(32)))
+
+
+def test_flood_during_validation(pebble: PebbleCA, tmp_path: Path) -> None:
+    wrk = shutil.which("wrk")
+    assert wrk, "wrk is missing: apt-get install -y wrk (scripts/install-deps.sh)"
+    names = ["flood.example.test"]
+    cfg = write_config(tmp_path, pebble, names)
+    url = f"http://127.0.0.1:{pebble.http_port}/.well-known/acme-challenge/junk-token"
+    # The junk client starts before the responder listens and keeps retrying; wrk (which gives
+    # up on a refused first connect) starts the moment the port answers. Both are bounded.
+    stop = threading.Event()
+    stats = {"conns": 0, "refused": 0}
+    junk = threading.Thread(
+        target=lambda: asyncio.run(_junk_client(pebble.http_port, stop, stats)), daemon=True
+    )
+    junk.start()
+    wrk_proc = None
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        proc = subprocess.Popen(
+            [*CLI, "issue", "-c", str(cfg)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        while stats["conns"] == 0 and proc.poll() is None and time.monotonic() - started < 20:
+            time.sleep(0.002)
+        wrk_proc = subprocess.Popen(
+            [wrk, "-t1", "-c64", "-d5s", "--timeout", "2s", url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        stdout, stderr = proc.communicate(timeout=120)
+        elapsed = time.monotonic() - started
+        conns_during = stats["conns"]
+        wrk_running = wrk_proc.poll() is None
+    finally:
+        stop.set()
+        junk.join(15)
+        out = wrk_proc.communicate(timeout=30)[0] if wrk_proc is not None else ""
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert wrk_running, "wrk ended before the issuance did: the flood did not cover validation"
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_valid(pebble, tmp_path / "store", names)
+    m = re.search(r"(\d+) requests in", out)
+    assert m, out
+    assert conns_during > 0, "the junk client never reached the responder"
+    FIGURES["flood"] = {
+        "issuance_seconds": round(elapsed, 2),
+        "wrk": " ".join(out.split()),
+        "junk_connections": stats["conns"],
+    }
+
+
+# -- 8. secrets: no key material in any log line; modes ---
+
+
+def _secret_fragments(pem: bytes) -> list[str]:
+    lines = [ln for ln in pem.decode().splitlines() if ln and not ln.startswith("-----")]
+    return [ln[:24] for ln in lines if len(ln) >= 24]
+
+
+def test_no_key_material_in_logs_and_private_modes(
+    pebble_factory: Callable[..., PebbleCA], tmp_path: Path
+) -> None:
+    hmac_key = jose.b64encode(os.urandom(32)).decode()
+    ca = pebble_factory(eab={"kid-secret": hmac_key})
+    names = ["secret.example.test"]
+    store = tmp_path / "store"
+    export = tmp_path / "export"
+    export.mkdir()
+    cfg = write_config(
+        tmp_path,
+        ca,
+        names,
+        eab={"kid": "kid-secret", "hmac_key": hmac_key},
+        tls_certificate_path=str(export / "cert.pem"),
+        tls_private_key_path=str(export / "key.pem"),
+    )
+    # umask 000: every mode below comes from the code, not from a kind environment.
+    r = run([*CLI, "-vv", "issue", "-c", str(cfg)], preexec_fn=lambda: os.umask(0))
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stdout + r.stderr
+    assert "DEBUG" in log and len(log.splitlines()) > 20  # a real debug-level log
+    bundle = check_valid(ca, store, names)
+    account_pem = (store / "account.key").read_bytes() if (store / "account.key").exists() else b""
+    acct_files = [p for p in store.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
+    secrets = _secret_fragments(bundle.key_pem)
+    for p in acct_files:
+        secrets += _secret_fragments(p.read_bytes())
+    jwk = parse_account_key(account_pem, "acct") if account_pem else None
+    if jwk is not None:
+        secrets.append(jwk.to_json()["d"])
+    raw = jose.b64decode(hmac_key)
+    secrets += [hmac_key, raw.hex(), __import__("base64").b64encode(raw).decode()]
+    assert len(secrets) >= 6
+    leaks = [s for s in secrets if s in log]
+    assert not leaks, leaks
+    assert "PRIVATE KEY" not in log
+    for meta in [store / "status.json", *store.rglob("metadata.json")]:
+        text = meta.read_text()
+        assert not [s for s in secrets if s in text], meta
+    # Modes, created under umask 000.
+    modes = {}
+    for p in [store, *store.rglob("*"), export / "key.pem"]:
+        modes[str(p.relative_to(tmp_path))] = oct(stat.S_IMODE(p.stat().st_mode))
+        m = stat.S_IMODE(p.stat().st_mode)
+        if p.is_dir():
+            assert m == 0o700, (p, oct(m))
+        elif p.name in ("privkey.pem", "key.pem", "status.json") or p in acct_files:
+            assert m == 0o600, (p, oct(m))
+        else:
+            assert m & 0o022 == 0, (p, oct(m))  # never writable by others
+    FIGURES["secrets"] = {
+        "log_lines": len(log.splitlines()),
+        "fragments_checked": len(secrets),
+        "leaks": 0,
+        "modes": modes,
+    }
+
+
+def teardown_module() -> None:
+    if FIGURES and os.environ.get("FAULTS_FIGURES"):
+        with open(os.environ["FAULTS_FIGURES"], "a", encoding="utf-8") as f:
+            f.write(json.dumps({"test_pebble_faults": FIGURES}) + "\n")
