@@ -62,6 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         run_as = privileges.resolve(args.user, args.group)
         if privileges.needs_switch(run_as):
+            privileges.check_installation(run_as)
             privileges.prepare_storage(config.storage, run_as)
         else:
             run_as = None

@@ -317,8 +317,16 @@ def _endpoint(value: Any, path: str, allowed: tuple[str, ...]) -> str:
             raise ConfigError(path, f"expected {what}, with a socket path", value)
     elif kind == "systemd":
         keywords = dict(a.split("=", 1) for a in args if "=" in a)
-        if not keywords.get("index", "").isdigit() or not keywords.get("domain"):
-            raise ConfigError(path, f"expected {what}, like 'systemd:domain=INET:index=0'", value)
+        # Exactly one of index= (position in LISTEN_FDS) or name= (FileDescriptorName=).
+        by_index = keywords.get("index", "").isdigit() and "name" not in keywords
+        by_name = bool(keywords.get("name")) and "index" not in keywords
+        if not (by_index or by_name) or not keywords.get("domain"):
+            raise ConfigError(
+                path,
+                f"expected {what}, like 'systemd:domain=INET:index=0' or "
+                "'systemd:domain=INET6:name=synapse-acme-http'",
+                value,
+            )
     return text
 
 

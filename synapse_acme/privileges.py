@@ -109,6 +109,33 @@ def as_user(run_as: RunAs, function: Callable[..., T], *args: Any, **kwargs: Any
         ) from e
 
 
+def check_installation(run_as: RunAs) -> None:
+    """ConfigError unless the user can read the Python installation running this program.
+
+    Modules are still imported after the drop (some lazily, deep inside libraries): an
+    interpreter or virtualenv under a private home (/root) would fail much later, mid-issuance.
+    """
+    import twisted
+
+    import synapse_acme
+
+    places = [os.path.dirname(os.__file__), os.path.dirname(twisted.__file__)]
+    places.append(os.path.dirname(synapse_acme.__file__))
+
+    def unreadable() -> list[str]:
+        ok = os.R_OK | os.X_OK
+        return [p for p in places if not os.access(p, ok, effective_ids=True)]
+
+    missing = runAsEffectiveUser(run_as.uid, run_as.gid, unreadable)
+    if missing:
+        raise ConfigError(
+            "--user",
+            f"{run_as.user} cannot read the Python installation ({', '.join(missing)}); "
+            "install synapse-acme where that user can read it (e.g. a virtualenv in /opt)",
+            run_as.user,
+        )
+
+
 def drop(run_as: RunAs) -> None:
     """Become the user for good (real, effective and saved ids; its supplementary groups)."""
     # Groups first, then gid, then uid: after setresuid nothing else can be changed.

@@ -259,7 +259,13 @@ BAD = [
     ({"listen": ["unix:"]}, f"acme.listen[0]: {ENDPOINT}, with a socket path, got 'unix:'"),
     (
         {"listen": ["systemd:index=0"]},
-        f"acme.listen[0]: {ENDPOINT}, like 'systemd:domain=INET:index=0', got 'systemd:index=0'",
+        f"acme.listen[0]: {ENDPOINT}, like 'systemd:domain=INET:index=0' or "
+        "'systemd:domain=INET6:name=synapse-acme-http', got 'systemd:index=0'",
+    ),
+    (
+        {"listen": ["systemd:domain=INET:index=0:name=x"]},
+        f"acme.listen[0]: {ENDPOINT}, like 'systemd:domain=INET:index=0' or "
+        "'systemd:domain=INET6:name=synapse-acme-http', got 'systemd:domain=INET:index=0:name=x'",
     ),
     (
         {"listen": ["tcp:8009"], "port": 8009},
@@ -649,7 +655,13 @@ _GOOD: dict[str, list[Any]] = {
     "staging": [True, False],
     "port": [0, 80, 8009, 65535],
     "bind_addresses": [["::"], "0.0.0.0", [], ["::1", "127.0.0.1"]],
-    "listen": [[], ["tcp:8009"], ["systemd:domain=INET:index=0"], "unix:/run/a.sock"],
+    "listen": [
+        [],
+        ["tcp:8009"],
+        ["systemd:domain=INET:index=0"],
+        ["systemd:domain=INET6:name=synapse-acme-http"],
+        "unix:/run/a.sock",
+    ],
     "reprovision_threshold": [1, 30],
     "domain": ["a.example.com", "xn--bcher-kva.example", "Bücher.example."],
     "domains": [[], ["b.example.com"], "*.example.com", ["a.example.com", "a.example.com"]],

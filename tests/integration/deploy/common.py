@@ -76,7 +76,8 @@ def world_dir(prefix: str) -> Iterator[Path]:
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        if os.environ.get("SYNAPSE_ACME_KEEP_TEST_DIRS") != "1":  # keep them to debug
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def unprivileged_user() -> pwd.struct_passwd:
@@ -312,3 +313,57 @@ def cli(
 
 
 __all__ = ["free_port"]
+
+
+#: A virtualenv other users can run: this machine's interpreter may live under /root (0700).
+SHARED_VENV = Path("/var/lib/synapse-acme-test-venv")
+
+
+def unprivileged_python() -> str:
+    """A Python with synapse-acme (editable, this checkout) that any user can execute.
+
+    Made once from the system's /usr/bin/python3 (Debian's python3-venv) and reused while
+    pyproject.toml/setup.py are unchanged; the first run downloads the dependencies (~20 s).
+    """
+    import hashlib
+
+    python = SHARED_VENV / "bin" / "python"
+    want = hashlib.sha256(
+        b"".join(
+            (ROOT / f).read_bytes() for f in ("pyproject.toml", "setup.py") if (ROOT / f).exists()
+        )
+        + str(ROOT).encode()
+    ).hexdigest()
+    stamp = SHARED_VENV / ".stamp"
+    if not (python.exists() and stamp.exists() and stamp.read_text() == want):
+        base = shutil.which("python3", path="/usr/bin") or pytest.fail(
+            "/usr/bin/python3 is missing: apt-get install python3 python3-venv"
+        )
+        subprocess.run([base, "-m", "venv", "--clear", str(SHARED_VENV)], check=True)
+        r = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "-e", str(ROOT)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert r.returncode == 0, f"pip install into {SHARED_VENV} failed:\n{r.stderr[-3000:]}"
+        stamp.write_text(want)
+    SHARED_VENV.chmod(0o755)
+    return str(python)
+
+
+def unprivileged_argv(user: pwd.struct_passwd, *args: str, wrap: Sequence[str] = ()) -> list[str]:
+    """``setpriv`` to ``user`` [+ ``wrap``, e.g. authbind] + the shared Python's CLI."""
+    return [*as_user_argv(user), *wrap, unprivileged_python(), "-m", "synapse_acme", *args]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """What an unprivileged service would have: no root HOME, no pytest variables."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/", "LANG": "C.UTF-8"}
+    env.update(extra)
+    return env
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the port-80 deployment tests run as root (they switch users and bind 80)")
