@@ -146,8 +146,13 @@ def test_yaml_samples_load(workdir: Path) -> None:
     assert read_config_file(str(socket_variant)).http01_endpoints() == [
         "systemd:domain=INET6:name=synapse-acme-http"
     ]
-    module_cfg = read_config_file(str(SAMPLES / "homeserver-module.yaml"))
-    assert module_cfg.http01_endpoints() == []
+    # The module snippet goes into a homeserver.yaml, which has a server_name.
+    homeserver = workdir / "homeserver.yaml"
+    homeserver.write_text(
+        "server_name: matrix.example.test\n" + render("homeserver-module.yaml", [])
+    )
+    module_cfg = read_config_file(str(homeserver))
+    assert module_cfg.enabled and module_cfg.http01_endpoints() == []
 
 
 def test_authbind_recipe_is_valid_shell() -> None:
