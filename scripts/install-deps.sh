@@ -18,7 +18,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 #   wrk         : HTTP load generator                                      -> bench smoke test
 #   python3-venv: `python3 -m venv` on Debian
 #   openssl, ca-certificates, curl: demo output and sanity checks
-APT_PACKAGES=(pebble sslscan python3-venv openssl ca-certificates curl wrk)
+APT_PACKAGES=(pebble sslscan python3-venv openssl ca-certificates curl wrk nginx apache2 authbind systemd util-linux)
 # ------------------------------------------------------------------------------------------------
 
 # pip extras installed into .venv. The Synapse integration adds "synapse" here.

@@ -109,9 +109,9 @@ class _ChallengeResource(Resource):
             request.setResponseCode(405)
             request.setHeader(b"allow", b", ".join(_ALLOWED_METHODS))
             return b"method not allowed\n"
-        segments = list(request.postpath or [])
-        if len(segments) == 2 and segments[1] == b"":  # tolerate /<token>/
-            segments.pop()
+        # Proxies add slashes: /<token>/, and //<token> from a ProxyPass whose target ends in
+        # a slash while its path does not. Empty segments carry no meaning here.
+        segments = [s for s in request.postpath or [] if s]
         body = None
         if len(segments) == 1 and _TOKEN.fullmatch(segments[0]):
             body = self._tokens.get(segments[0].decode("ascii"))

@@ -135,7 +135,7 @@ def test_stopped_token_is_404(responder: HTTP01Responder, site_root: Any) -> Non
         ".well-known/acme-challenge/",
         ".well-known/acme-challenge/unknown-token",
         ".well-known/acme-challenge/" + TOKEN + "/extra",
-        ".well-known/acme-challenge/" + TOKEN + "//",
+        ".well-known/acme-challenge/" + TOKEN + "/x/",
         ".well-known/acme-challenge/" + TOKEN + "%2F",
         ".well-known/acme-challenge/..%2F" + TOKEN,
         ".well-known/acme-challenge/" + "a" * 300,
