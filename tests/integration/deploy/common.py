@@ -320,7 +320,7 @@ SHARED_VENV = Path("/var/lib/synapse-acme-test-venv")
 
 
 def unprivileged_python() -> str:
-    """A Python with synapse-acme (editable, this checkout) that any user can execute.
+    """A Python with synapse-acme (a copy of this checkout) that any user can execute.
 
     Made once from the system's /usr/bin/python3 (Debian's python3-venv) and reused while
     pyproject.toml/setup.py are unchanged; the first run downloads the dependencies (~20 s).
@@ -328,12 +328,11 @@ def unprivileged_python() -> str:
     import hashlib
 
     python = SHARED_VENV / "bin" / "python"
-    want = hashlib.sha256(
-        b"".join(
-            (ROOT / f).read_bytes() for f in ("pyproject.toml", "setup.py") if (ROOT / f).exists()
-        )
-        + str(ROOT).encode()
-    ).hexdigest()
+    # A copy (not editable): the checkout may live where other users cannot read (CI's clone).
+    sources = [ROOT / "pyproject.toml", ROOT / "setup.py"]
+    sources += sorted((ROOT / "synapse_acme").rglob("*.py"))
+    sources += sorted((ROOT / "synapse_acme").rglob("*.yaml"))
+    want = hashlib.sha256(b"".join(p.read_bytes() for p in sources if p.exists())).hexdigest()
     stamp = SHARED_VENV / ".stamp"
     if not (python.exists() and stamp.exists() and stamp.read_text() == want):
         base = shutil.which("python3", path="/usr/bin") or pytest.fail(
@@ -341,7 +340,7 @@ def unprivileged_python() -> str:
         )
         subprocess.run([base, "-m", "venv", "--clear", str(SHARED_VENV)], check=True)
         r = subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "-e", str(ROOT)],
+            [str(python), "-m", "pip", "install", "-q", str(ROOT)],
             capture_output=True,
             text=True,
             check=False,
