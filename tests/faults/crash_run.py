@@ -1,13 +1,14 @@
 """Run the real ``synapse-acme`` CLI, counting events, and SIGKILL ourselves at the Nth one.
 
-Usage: ``python crash_run.py --trace FILE [--kill-at N] -- <cli args>``
+Usage: ``python crash_run.py --trace FILE [--kill-match REGEX [--kill-nth N]] -- <cli args>``
 
 Events are every filesystem operation the library's write path makes (open/write/fsync/
 rename/link/mkdir/chmod/unlink through ``os``), every HTTP request the transport sends and
 every log record. Each event is appended to FILE (one line: number, kind, detail) and flushed
-*before* it happens, so the test knows exactly where the process died. With ``--kill-at N``
-the process sends itself SIGKILL just before event N: no cleanup, no atexit, no flush - what
-``kill -9`` or a power cut does to a process.
+*before* it happens, so the test knows exactly where the process died. With ``--kill-match``
+the process sends itself SIGKILL just before the N-th event matching the regex (matching by
+meaning, because event numbers shift with the reactor's own wake-up writes): no cleanup, no
+atexit, no flush - what ``kill -9`` or a power cut does to a process.
 """
 
 from __future__ import annotations
@@ -15,19 +16,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Any
 
-_state = {"n": 0, "kill_at": 0, "fd": -1}
+_state: dict[str, Any] = {"n": 0, "fd": -1, "match": None, "nth": 0, "seen": 0}
 
 
 def event(kind: str, detail: str) -> None:
     _state["n"] += 1
     n = _state["n"]
-    line = f"{n}\t{kind}\t{detail}\n".encode("utf-8", "replace")
+    text = f"{kind} {detail}"
+    die = False
+    if _state["match"] is not None and _state["match"].search(text):
+        _state["seen"] += 1
+        die = _state["seen"] == _state["nth"]
+    line = f"{n}\t{kind}\t{detail}{chr(9) + 'KILL' if die else ''}\n".encode("utf-8", "replace")
     os.write(_state["fd"], line)  # unbuffered: survives the kill
-    if n == _state["kill_at"]:
+    if die:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -66,11 +73,13 @@ class _LogCounter(logging.Handler):
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--trace", required=True)
-    p.add_argument("--kill-at", type=int, default=0)
+    p.add_argument("--kill-match", help="regex on 'kind detail' of the event to die at")
+    p.add_argument("--kill-nth", type=int, default=1, help="die at the n-th matching event")
     p.add_argument("cli", nargs=argparse.REMAINDER)
     args = p.parse_args()
     cli_args = args.cli[1:] if args.cli[:1] == ["--"] else args.cli
-    _state["kill_at"] = args.kill_at
+    _state["match"] = re.compile(args.kill_match) if args.kill_match else None
+    _state["nth"] = args.kill_nth
     _state["fd"] = os.open(args.trace, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     for name in ("open", "write", "fsync", "rename", "replace", "link", "mkdir", "chmod",
                  "fchmod", "unlink", "rmdir"):  # fmt: skip
