@@ -36,9 +36,10 @@ from synapse_acme.names import canonical_names
 log = logging.getLogger(__name__)
 
 # Pebble (and Let's Encrypt, for cached authorizations) often finish validation within a few
-# milliseconds: the first look comes quickly, later ones at poll_interval. certbot sleeps 1 s
-# and lego 5 s here, which is where their time goes.
-FIRST_POLL_DELAY = 0.05
+# milliseconds: without a Retry-After, polls start after FIRST_POLL_DELAY and double up to
+# poll_interval (10, 20, 40 ... ms), so a fast CA is seen at once and a slow one costs only a
+# handful of extra polls. certbot sleeps 1 s and lego 5 s here, which is where their time goes.
+FIRST_POLL_DELAY = 0.01
 
 
 def _acme_error(problem: messages.Error | None, url: str | None) -> AcmeError | None:
@@ -234,7 +235,7 @@ class AcmeIssuer:
     def _delay(self, retry_after: float | None, waits: int) -> float:
         if retry_after is not None:
             return retry_after
-        return min(FIRST_POLL_DELAY, self.poll_interval) if waits == 0 else self.poll_interval
+        return min(self.poll_interval, FIRST_POLL_DELAY * 2 ** min(waits, 30))
 
     async def _poll(
         self,

@@ -365,7 +365,7 @@ def test_request_cap_queues_never_drops() -> None:
     server = FakeAcmeServer(clock)
     stub = StubTreq(server.resource)
     key = jose.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
-    assert JWSTransport.__attrs_attrs__.max_requests_per_minute.default == 600
+    assert JWSTransport.__attrs_attrs__.max_requests_per_minute.default == 1200
     transport = JWSTransport(
         stub,  # type: ignore[arg-type]
         clock,
