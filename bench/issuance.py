@@ -82,6 +82,9 @@ class Issuance:
             "storage": os.path.join(work, "store"),
             "terms_of_service_agreed": True,
             "contact": ["admin@example.test"],
+            # Pebble has no rate limits, and the floor runs uncapped: lift the cap that keeps
+            # a real CA (Let's Encrypt: 20 requests/s) safe, so both do the same work.
+            "max_requests_per_minute": 100_000,
         }
         if len(groups) > 1:
             block["certificates"] = [{"domains": g} for g in groups[1:]]

@@ -440,16 +440,16 @@ def render(res: dict[str, Any]) -> str:
                 "time; the in-process service row shows the rest."
             )
         lines += [
-            "- The service does the floor's requests plus waits: the issuer looks at an "
-            "authorization and an order first after `FIRST_POLL_DELAY` (50 ms) and then every "
-            "`poll_interval` (0.5 s); Pebble with `PEBBLE_VA_NOSLEEP` is usually done within a "
-            "few ms, so about 100 ms of a one-certificate issuance are these two first waits, "
-            "and a validation that misses the first look costs a further 0.5 s.",
-            "- synapse-acme's transport caps requests to one CA at 600 per rolling minute "
-            "(`transport.MAX_REQUESTS_PER_MINUTE`, queued, never dropped). An issuance takes "
-            "about 7-9 requests, so more than ~70 certificates at once hit the cap and the rest "
-            "wait for the window to slide (~60 s): the 100-certificate rows of the CLI and the "
-            "service measure that cap, not the protocol. The floor runs without the cap.",
+            "- Without a Retry-After the issuer polls an authorization or an order after "
+            "`FIRST_POLL_DELAY` (10 ms), doubling up to `poll_interval` (0.5 s); Pebble with "
+            "`PEBBLE_VA_NOSLEEP` is usually done within a few ms, so the first looks find "
+            "the work done.",
+            "- synapse-acme caps requests to one CA (`acme.max_requests_per_minute`, default "
+            "1200 = Let's Encrypt's 20/s over a minute; queued, never dropped). 100 "
+            "certificates at once make more requests than that, so the benchmark configs lift "
+            "the cap (`max_requests_per_minute: 100000`) as a private CA without rate limits "
+            "allows; the floor runs uncapped too. With the default cap the 100-certificate "
+            "rows wait ~60 s for the window to slide.",
             "- certbot and lego spend their time in fixed sleeps before polling (certbot 1 s "
             "twice per certificate; lego 5 s per pending authorization, one after another), "
             "plus interpreter start-up per process for certbot.",

@@ -29,6 +29,7 @@ from synapse_acme.crypto import KEY_TYPES
 from synapse_acme.errors import ConfigError
 from synapse_acme.model import CertificateSpec
 from synapse_acme.names import canonical_name
+from synapse_acme.policy import MAX_REQUESTS_PER_MINUTE
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class AcmeConfig:
     poll_timeout: float = DEFAULT_POLL_TIMEOUT
     tls_listen: tuple[str, ...] = ()
     external_certificates: bool = False
+    max_requests_per_minute: int = MAX_REQUESTS_PER_MINUTE
     watch_interval: float = DEFAULT_WATCH_INTERVAL
 
     def http01_endpoints(self) -> list[str]:
@@ -500,6 +502,9 @@ _FIELD_READERS: dict[str, Callable[[Any, str], Any]] = {
     "terms_of_service_agreed": _bool,
     "port": lambda v, p: _int(v, p, 0, 65535, "an integer 1-65535 (or 0 for no listener)"),
     "reprovision_threshold": lambda v, p: _int(v, p, 1, None, "a whole number of days above 0"),
+    "max_requests_per_minute": lambda v, p: _int(
+        v, p, 1, None, "a whole number of requests per minute above 0"
+    ),
     "key_type": _key_type,
     "check_jitter": _fraction,
     "check_interval": _duration,

@@ -84,7 +84,13 @@ def build_runtime(
         logger.warning("Store recovery: %s", line)
     account_key = load_or_create_account_key(config.account_key_file)
     http = http_client if http_client is not None else make_http_client(reactor, config.ca_bundle)
-    transport = JWSTransport(http, reactor, account_key, config.url)
+    transport = JWSTransport(
+        http,
+        reactor,
+        account_key,
+        config.url,
+        max_requests_per_minute=config.max_requests_per_minute,
+    )
     client = AcmeClient(transport)
     responder = HTTP01Responder()
     issuer = AcmeIssuer(

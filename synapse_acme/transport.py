@@ -40,6 +40,7 @@ from twisted.web.http_headers import Headers
 
 from synapse_acme import __version__
 from synapse_acme.errors import AcmeError, AcmeProtocolError, AcmeTransportError, ConfigError
+from synapse_acme.policy import MAX_REQUESTS_PER_MINUTE
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,6 @@ DEFAULT_CONNECT_TIMEOUT = 30.0
 # server (or a proxy) fill our memory.
 MAX_RESPONSE_BYTES = 1024 * 1024
 _MAX_ERROR_SNIPPET = 200
-# A global cap on request starts to one CA (one transport) in any 60 s of clock time. Let's
-# Encrypt allows 20 requests/s per IP on its API: 1200/min is that rate averaged over a minute.
-# It never slows a normal issuance (about a dozen requests), 20 parallel ones through a badNonce
-# storm, or 100 certificates at once (~900 requests), yet keeps a bug or a flood of certificates
-# from hammering the CA. Requests over the cap wait in order; none is dropped.
-MAX_REQUESTS_PER_MINUTE = 1200
 
 _TRANSPORT_FAILURES = (
     error.ConnectError,  # includes ConnectionRefused, DNSLookupError, TCPTimedOut

@@ -410,6 +410,39 @@ class PebbleCA:
                 raise PebbleError(f"GET /{kind}/{index} failed: HTTP {e.code}") from e
         return found
 
+    def write_acme_config(
+        self, directory: Any, names: Sequence[str], *, listener: bool = True, **extra: Any
+    ) -> Any:
+        """Write ``<directory>/acme.yaml``: an ``acme:`` block for this Pebble and ``names``.
+
+        The store goes to ``<directory>/store``; with ``listener`` the HTTP-01 listener binds
+        127.0.0.1 on :attr:`http_port` (where Pebble validates). ``extra`` keys are added last.
+        Returns the path (a ``pathlib.Path``).
+        """
+        import pathlib
+
+        import yaml
+
+        directory = pathlib.Path(directory)
+        block: dict[str, Any] = {
+            "enabled": True,
+            "url": self.directory_url,
+            "ca_bundle": self.ca_bundle,
+            "domain": names[0],
+            "domains": list(names[1:]),
+            "storage": str(directory / "store"),
+            "terms_of_service_agreed": True,
+            "contact": ["admin@example.test"],
+            "poll_interval": 0.05,
+        }
+        if listener:
+            block.update(port=self.http_port, bind_addresses=["127.0.0.1"])
+        block.update(extra)
+        path = directory / "acme.yaml"
+        path.write_text(yaml.safe_dump({"acme": block}))
+        path.chmod(0o644)
+        return path
+
     def verify_chain(
         self,
         chain_pem: bytes,

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import josepy as jose
-import yaml
 
 from synapse_acme import crypto
 from synapse_acme.account import parse_account_key
@@ -36,26 +35,6 @@ CLI = [sys.executable, "-m", "synapse_acme"]
 CRASH_RUN = str(Path(__file__).with_name("crash_run.py"))
 ROOT = str(Path(__file__).resolve().parents[2])
 FIGURES: dict[str, Any] = {}
-
-
-def write_config(tmp: Path, ca: PebbleCA, names: Sequence[str], **extra: Any) -> Path:
-    block: dict[str, Any] = {
-        "enabled": True,
-        "url": ca.directory_url,
-        "ca_bundle": ca.ca_bundle,
-        "port": ca.http_port,
-        "bind_addresses": ["127.0.0.1"],
-        "domain": names[0],
-        "domains": list(names[1:]),
-        "storage": str(tmp / "store"),
-        "terms_of_service_agreed": True,
-        "contact": ["admin@example.test"],
-        "poll_interval": 0.05,
-    }
-    block.update(extra)
-    path = tmp / "acme.yaml"
-    path.write_text(yaml.safe_dump({"acme": block}))
-    return path
 
 
 def run(args: Sequence[str], timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -89,7 +68,7 @@ def test_nonce_reject_50_percent_twenty_issuances(
 ) -> None:
     ca = pebble_factory(env={"PEBBLE_WFE_NONCEREJECT": "50"})
     names = [[f"n{i}.nonce.example.test"] for i in range(20)]
-    cfg = write_config(tmp_path, ca, names[0], certificates=[{"domains": n} for n in names[1:]])
+    cfg = ca.write_acme_config(tmp_path, names[0], certificates=[{"domains": n} for n in names[1:]])
     started = time.monotonic()
     r = run([*CLI, "-v", "issue", "-c", str(cfg)], timeout=170)
     elapsed = time.monotonic() - started
@@ -185,7 +164,9 @@ def test_kill_9_at_20_points(pebble_factory: Callable[..., PebbleCA], tmp_path: 
     names = ["crash.example.test", "www.crash.example.test"]
     template = tmp_path / "template"
     template.mkdir()
-    cfg_t = write_config(template, pebble, names, account_key_file=str(template / "store/acct.key"))
+    cfg_t = pebble.write_acme_config(
+        template, names, account_key_file=str(template / "store/acct.key")
+    )
     assert run([*CLI, "issue", "-c", str(cfg_t)]).returncode == 0
     scenarios: dict[str, list[str]] = {"issue": ["issue"], "renew": ["renew", "--force"]}
     traces = {}
@@ -194,7 +175,7 @@ def test_kill_9_at_20_points(pebble_factory: Callable[..., PebbleCA], tmp_path: 
         work.mkdir()
         if scenario == "renew":
             shutil.copytree(template / "store", work / "store")
-        cfg = write_config(work, pebble, names, account_key_file=str(work / "store/acct.key"))
+        cfg = pebble.write_acme_config(work, names, account_key_file=str(work / "store/acct.key"))
         trace = work / "trace"
         r = run([sys.executable, CRASH_RUN, "--trace", str(trace), "--", *cmd, "-c", str(cfg)])
         assert r.returncode == 0, r.stderr[-2000:]
@@ -211,7 +192,7 @@ def test_kill_9_at_20_points(pebble_factory: Callable[..., PebbleCA], tmp_path: 
         if scenario == "renew":
             shutil.copytree(template / "store", work / "store")
             old_serial = crypto.parse_chain(load_bundle(work / "store", names).chain_pem)[0]
-        cfg = write_config(work, pebble, names, account_key_file=str(work / "store/acct.key"))
+        cfg = pebble.write_acme_config(work, names, account_key_file=str(work / "store/acct.key"))
         cmd = scenarios[scenario]
         trace = work / "trace"
         r = run([sys.executable, CRASH_RUN, "--trace", str(trace), "--kill-match", pattern,
@@ -284,7 +265,7 @@ def test_flood_during_validation(pebble: PebbleCA, tmp_path: Path) -> None:
     wrk = shutil.which("wrk")
     assert wrk, "wrk is missing: apt-get install -y wrk (scripts/install-deps.sh)"
     names = ["flood.example.test"]
-    cfg = write_config(tmp_path, pebble, names)
+    cfg = pebble.write_acme_config(tmp_path, names)
     url = f"http://127.0.0.1:{pebble.http_port}/.well-known/acme-challenge/junk-token"
     # The junk client starts before the responder listens and keeps retrying; wrk (which gives
     # up on a refused first connect) starts the moment the port answers. Both are bounded.
@@ -353,9 +334,8 @@ def test_no_key_material_in_logs_and_private_modes(
     store = tmp_path / "store"
     export = tmp_path / "export"
     export.mkdir()
-    cfg = write_config(
+    cfg = ca.write_acme_config(
         tmp_path,
-        ca,
         names,
         eab={"kid": "kid-secret", "hmac_key": hmac_key},
         tls_certificate_path=str(export / "cert.pem"),

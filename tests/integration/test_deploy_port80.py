@@ -35,7 +35,6 @@ from tests.integration.deploy.common import (
     unprivileged_user,
     wait_for,
     world_dir,
-    write_config,
 )
 
 AUTHBIND_PORT80 = Path("/etc/authbind/byport/80")
@@ -69,7 +68,9 @@ def test_authbind(workdir: Path, authbind_port80: Path) -> None:
     ca = start_pebble(workdir, 80)
     try:
         give_to(workdir / "store", user)
-        cfg = write_config(workdir, ca, names, port=80, bind_addresses=["127.0.0.1"])
+        cfg = ca.write_acme_config(
+            workdir, names, listener=False, port=80, bind_addresses=["127.0.0.1"]
+        )
         # Without authbind the unprivileged user cannot have port 80: the need is real.
         denied = subprocess.run(
             unprivileged_argv(user, "issue", "-c", str(cfg)),
@@ -129,8 +130,8 @@ def test_socket_activation_issue(workdir: Path) -> None:
     proc = None
     try:
         give_to(workdir / "store", user)
-        cfg = write_config(
-            workdir, ca, names, listen=["systemd:domain=INET:name=synapse-acme-http"]
+        cfg = ca.write_acme_config(
+            workdir, names, listener=False, listen=["systemd:domain=INET:name=synapse-acme-http"]
         )
         proc = _activate(
             workdir,
@@ -164,8 +165,11 @@ def test_socket_activation_without_names_fails_clearly(workdir: Path) -> None:
     proc = None
     try:
         give_to(workdir / "store", user)
-        cfg = write_config(
-            workdir, ca, ["unnamed.example.test"], listen=["systemd:domain=INET:index=0"]
+        cfg = ca.write_acme_config(
+            workdir,
+            ["unnamed.example.test"],
+            listener=False,
+            listen=["systemd:domain=INET:index=0"],
         )
         proc = _activate(
             workdir, None, unprivileged_argv(user, "issue", "-c", str(cfg)), "activate.log"
@@ -190,8 +194,8 @@ def test_socket_activation_run_with_wrong_family(workdir: Path) -> None:
     proc = None
     try:
         give_to(workdir / "store", user)
-        cfg = write_config(
-            workdir, ca, names, listen=["systemd:domain=INET6:name=synapse-acme-http"]
+        cfg = ca.write_acme_config(
+            workdir, names, listener=False, listen=["systemd:domain=INET6:name=synapse-acme-http"]
         )
         proc = _activate(
             workdir,
@@ -239,7 +243,9 @@ def test_root_binds_then_drops_privileges(workdir: Path) -> None:
     proc = None
     try:
         # The store does not exist yet: the runner creates it for the user.
-        cfg = write_config(workdir, ca, names, port=80, bind_addresses=["127.0.0.1"])
+        cfg = ca.write_acme_config(
+            workdir, names, listener=False, port=80, bind_addresses=["127.0.0.1"]
+        )
         proc = Proc(
             [
                 unprivileged_python(),

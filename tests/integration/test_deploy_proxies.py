@@ -34,7 +34,6 @@ from tests.integration.deploy.common import (
     stored_bundle,
     wait_for,
     world_dir,
-    write_config,
 )
 from tests.integration.deploy.proxies import Apache, Nginx, Ports, apache_site, nginx_site
 
@@ -149,10 +148,10 @@ def test_certificate_through_proxy(kind: str, workdir: Path) -> None:
     proxy = make_proxy(kind, workdir, ports, names[0])
     try:
         proxy.start(ports.http)
-        cfg = write_config(
+        cfg = ca.write_acme_config(
             workdir,
-            ca,
             names,
+            listener=False,
             port=ports.responder,
             bind_addresses=["127.0.0.1"],
             tls_certificate_path=str(workdir / "tls" / "fullchain.pem"),

@@ -19,7 +19,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import yaml
 from cryptography import x509
@@ -30,26 +29,6 @@ from synapse_acme.names import names_key
 from synapse_acme.testing.pebble import PebbleCA, free_port
 
 CLI = [sys.executable, "-m", "synapse_acme"]
-
-
-def write_config(tmp: Path, ca: PebbleCA, names: Sequence[str], **extra: Any) -> Path:
-    block: dict[str, Any] = {
-        "enabled": True,
-        "url": ca.directory_url,
-        "ca_bundle": ca.ca_bundle,
-        "port": ca.http_port,
-        "bind_addresses": ["127.0.0.1"],
-        "domain": names[0],
-        "domains": list(names[1:]),
-        "storage": str(tmp / "store"),
-        "terms_of_service_agreed": True,
-        "contact": ["admin@example.test"],
-        "poll_interval": 0.05,
-    }
-    block.update(extra)
-    path = tmp / "acme.yaml"
-    path.write_text(yaml.safe_dump({"acme": block}))
-    return path
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -83,7 +62,7 @@ def check_issued(ca: PebbleCA, tmp: Path, names: Sequence[str]) -> x509.Certific
 
 def test_issue_one_name(pebble: PebbleCA, tmp_path: Path) -> None:
     names = ["one.example.test"]
-    cfg = write_config(tmp_path, pebble, names)
+    cfg = pebble.write_acme_config(tmp_path, names)
     r = cli("issue", "-c", str(cfg))
     assert r.returncode == 0, r.stderr
     assert "OK      one.example.test" in r.stdout
@@ -106,7 +85,7 @@ def test_issue_one_name(pebble: PebbleCA, tmp_path: Path) -> None:
 
 def test_issue_ten_sans(pebble: PebbleCA, tmp_path: Path) -> None:
     names = [f"n{i}.ten.example.test" for i in range(10)]
-    cfg = write_config(tmp_path, pebble, names)
+    cfg = pebble.write_acme_config(tmp_path, names)
     r = cli("issue", "-c", str(cfg))
     assert r.returncode == 0, r.stderr
     leaf = check_issued(pebble, tmp_path, names)
@@ -118,9 +97,8 @@ def test_three_certificates_concurrently_and_forced_renewal(
 ) -> None:
     first = ["a.three.example.test"]
     others = [["b.three.example.test"], ["c.three.example.test", "www.c.three.example.test"]]
-    cfg = write_config(
+    cfg = pebble.write_acme_config(
         tmp_path,
-        pebble,
         first,
         certificates=[{"domains": n} for n in others],
         key_type="rsa-2048",
@@ -155,7 +133,7 @@ def test_bad_nonce_storm(pebble_factory: Callable[..., PebbleCA], tmp_path: Path
     ca = pebble_factory(env={"PEBBLE_WFE_NONCEREJECT": "50"})
     first = ["s0.storm.example.test"]
     rest = [[f"s{i}.storm.example.test"] for i in range(1, 5)]
-    cfg = write_config(tmp_path, ca, first, certificates=[{"domains": n} for n in rest])
+    cfg = ca.write_acme_config(tmp_path, first, certificates=[{"domains": n} for n in rest])
     r = cli("-v", "issue", "-c", str(cfg))
     assert r.returncode == 0, r.stderr
     for names in [first, *rest]:
@@ -167,7 +145,7 @@ def test_ca_problem_is_reported_with_its_type(
     pebble_factory: Callable[..., PebbleCA], tmp_path: Path
 ) -> None:
     ca = pebble_factory(blocklist=["blocked.example.test"])
-    cfg = write_config(tmp_path, ca, ["blocked.example.test"])
+    cfg = ca.write_acme_config(tmp_path, ["blocked.example.test"])
     r = cli("issue", "-c", str(cfg))
     assert r.returncode == 1
     assert "rejectedIdentifier" in r.stderr
@@ -209,8 +187,8 @@ def test_running_service_renews_short_certificates_by_itself(
     ca = pebble_factory(validity=30)
     names = ["live.example.test"]
     tls_port = free_port()
-    cfg = write_config(
-        tmp_path, ca, names, check_interval=1, tls_listen=[f"tcp:{tls_port}:interface=127.0.0.1"]
+    cfg = ca.write_acme_config(
+        tmp_path, names, check_interval=1, tls_listen=[f"tcp:{tls_port}:interface=127.0.0.1"]
     )
     proc = subprocess.Popen(
         [*CLI, "run", "-c", str(cfg)],

@@ -687,6 +687,7 @@ _GOOD: dict[str, list[Any]] = {
     "tls_listen": [[], ["tcp:8448"], "tcp6:8448"],
     "external_certificates": [True, False],
     "watch_interval": [5, "1m"],
+    "max_requests_per_minute": [1, 1200, 100000],
 }
 
 
@@ -744,3 +745,12 @@ def test_external_certificates_needs_both_paths() -> None:
         }
     )
     assert config.external_certificates and config.watch_interval == 2.0
+
+
+def test_max_requests_per_minute_must_be_positive() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_acme_config({"domain": "a.example.com", "max_requests_per_minute": 0})
+    assert str(e.value) == (
+        "acme.max_requests_per_minute: expected a whole number of requests per minute above 0"
+        ", got 0"
+    )

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from synapse_acme import crypto
 from synapse_acme.model import CertificateBundle
@@ -133,25 +132,6 @@ def start_pebble(workdir: Path, http_port: int) -> PebbleCA:
     (workdir / "pebble").chmod(0o755)
     Path(ca.ca_bundle).chmod(0o644)
     return ca
-
-
-def write_config(directory: Path, ca: PebbleCA, names: Sequence[str], **keys: Any) -> Path:
-    block: dict[str, Any] = {
-        "enabled": True,
-        "url": ca.directory_url,
-        "ca_bundle": ca.ca_bundle,
-        "domain": names[0],
-        "domains": list(names[1:]),
-        "storage": str(directory / "store"),
-        "terms_of_service_agreed": True,
-        "contact": ["admin@example.test"],
-        "poll_interval": 0.05,
-    }
-    block.update(keys)
-    path = directory / "acme.yaml"
-    path.write_text(yaml.safe_dump({"acme": block}))
-    path.chmod(0o644)
-    return path
 
 
 def give_to(path: Path, user: pwd.struct_passwd) -> None:
