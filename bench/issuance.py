@@ -2,9 +2,10 @@
 
 Every client runs as its documentation recommends (certbot ``certonly --standalone`` /
 ``--webroot``; lego ``run --http`` / ``--http.webroot``), with a fresh state directory per run
-(so each run registers its account, as a first install does). Runs are interleaved
-round-robin (run 1 of every client, then run 2, ...), so a noisy moment hits all clients alike
-and ratios are computed pair by pair (run i of A / run i of B, then the median).
+(so each run registers its account, as a first install does) and a freshly started Pebble.
+Runs are interleaved round-robin (run 1 of every client, then run 2, ...), so a noisy moment
+hits all clients alike and ratios are computed pair by pair (run i of A / run i of B, then
+the median).
 """
 
 from __future__ import annotations
@@ -315,6 +316,12 @@ class Issuance:
                 work = os.path.join(self.workdir, "runs", scenario.key, f"{run}-{abs(hash(name))}")
                 os.makedirs(work, exist_ok=True)
                 self.nginx(client.needs_nginx)
+                # A fresh Pebble for every run (outside the timing): Pebble keeps every
+                # account, order and certificate in memory, and after a few thousand orders
+                # (the 100-certificate rows) it slowed down and then stopped answering within
+                # 45 s, for every client alike. Each run now meets the same empty CA.
+                self.ca.stop()
+                self.ca.start()
                 t0 = time.perf_counter()
                 try:
                     seconds = client.run(groups, work)

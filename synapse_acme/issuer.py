@@ -264,12 +264,17 @@ class AcmeIssuer:
     async def _finalize(
         self, order: Fetched[messages.Order], names: tuple[str, ...], key_pem: bytes
     ) -> Fetched[messages.Order]:
-        """Drive the order from ``pending``/``ready`` through ``processing`` to ``valid``."""
+        """Drive the order from ``pending``/``ready`` through ``processing`` to ``valid``.
+
+        Every authorization is valid when this runs, so the order is normally ``ready``: it
+        is finalized at once, without first fetching it again. A CA that is not there yet
+        answers ``orderNotReady``, and then the order is polled like any other."""
         csr_pem = crypto.make_csr_pem(key_pem, names)
         csr_der = x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER)
         deadline = self.clock.seconds() + self.poll_timeout
-        current = await self.client.get_order(order.url)
+        current = order
         finalized = False
+        early = True  # ``order`` is the status from newOrder, before the authorizations
         waits = 0
         while True:
             status = current.body.status
@@ -279,7 +284,11 @@ class AcmeIssuer:
                 if not current.body.certificate:
                     raise AcmeProtocolError("valid order without a certificate URL", order.url)
                 return current
-            if status == messages.STATUS_READY and not finalized:
+            finalizable = status == messages.STATUS_READY or (
+                early and status == messages.STATUS_PENDING
+            )
+            early = False
+            if finalizable and not finalized:
                 try:
                     current = await self.client.finalize(current, csr_der)
                     finalized = True

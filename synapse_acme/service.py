@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 # How often to ask the CA for a fresh ARI window when it gives no Retry-After (RFC 9773 suggests
 # clients poll about twice a day).
 ARI_DEFAULT_RECHECK = 6 * 3600.0
+#: Status changes within this many seconds are published once (100 certificates finishing
+#: together write the status file once, not 100 times); stopService publishes what is left.
+STATUS_COALESCE_SECONDS = 0.5
 
 
 def _error_type(failure: Failure | BaseException) -> str:
@@ -127,6 +130,7 @@ class AcmeService(Service):
         self._tick_call: IDelayedCall | None = None
         self._loading: defer.Deferred[None] | None = None
         self._running_ticks: set[defer.Deferred[Any]] = set()
+        self._status_call: IDelayedCall | None = None
 
     # -- public API -------------------------------------------------------------------------
 
@@ -235,7 +239,14 @@ class AcmeService(Service):
                 pending.append(quiet)
                 m.in_flight.cancel()
         pending.extend(self._running_ticks)
-        return defer.DeferredList(pending, consumeErrors=True).addCallback(lambda _: None)
+
+        def flush(_: object) -> None:
+            if self._status_call is not None and self._status_call.active():
+                self._status_call.cancel()
+                self._status_call = None
+                self._write_status()
+
+        return defer.DeferredList(pending, consumeErrors=True).addCallback(flush)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -456,6 +467,15 @@ class AcmeService(Service):
             self._obtain(m).addErrback(lambda _: None)
 
     def _publish_status(self) -> None:
+        if self._on_status is None:
+            return
+        if not self.running:
+            self._write_status()
+        elif self._status_call is None or not self._status_call.active():
+            self._status_call = self._clock.callLater(STATUS_COALESCE_SECONDS, self._write_status)
+
+    def _write_status(self) -> None:
+        self._status_call = None
         if self._on_status is None:
             return
         try:

@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
+    HostnameCachingHTTPSPolicy,
     HTTPConnectionPool,
     ResponseFailed,
     ResponseNeverReceived,
@@ -60,6 +61,8 @@ _NEW_NONCE_ATTEMPTS = 3
 # that has not answered in 45 s (certbot's default) is not going to.
 DEFAULT_REQUEST_TIMEOUT = 45.0
 DEFAULT_CONNECT_TIMEOUT = 30.0
+# Idle keep-alive connections to the CA; more requests at once open more, then close them.
+MAX_PERSISTENT_CONNECTIONS = 16
 # Bodies are small JSON objects or a PEM chain (a few KiB; an order for 100 names ~20 KiB);
 # anything larger is not an ACME answer, and reading it whole would let a broken or hostile
 # server (or a proxy) fill our memory.
@@ -103,15 +106,18 @@ def make_http_client(
     With ``ca_bundle`` (a PEM file path) only the certificates in it are trusted, so a private
     CA (or Pebble's throwaway one) works without touching environment variables; without it the
     platform's trust store is used. Connections are kept alive: an issuance makes a dozen
-    requests to the same host.
+    requests to the same host. Up to ``MAX_PERSISTENT_CONNECTIONS`` idle ones are kept (100
+    certificates renewed at once would otherwise close and re-handshake most connections),
+    and the TLS client context is built once per host, not once per connection.
     """
     if ca_bundle is None:
-        policy = BrowserLikePolicyForHTTPS()
+        browser_like = BrowserLikePolicyForHTTPS()
     else:
         roots = _load_trust_roots(ca_bundle)
-        policy = BrowserLikePolicyForHTTPS(trustRoot=tssl.trustRootFromCertificates(roots))
+        browser_like = BrowserLikePolicyForHTTPS(trustRoot=tssl.trustRootFromCertificates(roots))
+    policy = HostnameCachingHTTPSPolicy(browser_like)
     pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 4
+    pool.maxPersistentPerHost = MAX_PERSISTENT_CONNECTIONS
     pool.cachedConnectionTimeout = 60
     agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=pool)
     return HTTPClient(agent)
@@ -188,6 +194,9 @@ class RequestRateLimiter:
         self._arm()
 
 
+_BAD_URL_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
 def check_url(value: object, what: str, where: str | None = None) -> str:
     """``value`` if it is an absolute http(s) URL with a host, else AcmeProtocolError.
 
@@ -197,7 +206,7 @@ def check_url(value: object, what: str, where: str | None = None) -> str:
     """
     if not isinstance(value, str) or not value or len(value) > 2048:
         raise AcmeProtocolError(f"{what} is not a URL: {_short(value)}", where)
-    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if _BAD_URL_CHARS.search(value):
         raise AcmeProtocolError(f"{what} holds whitespace or control characters", where)
     try:
         parts = urlsplit(value)

@@ -131,6 +131,9 @@ def test_full_issuance() -> None:
     assert [c[0] for c in w.responder.calls].count("stop") == 2
     # Pebble-speed CA: issuance finishes in well under a second of clock time.
     assert w.clock.seconds() - START < 2.0
+    # Finalized straight after the last authorization turned valid: no extra order fetch.
+    kinds = [r.kind for r in w.server.requests]
+    assert kinds[kinds.index("finalize") - 1] == "authz"
 
 
 def test_account_registered_once_for_concurrent_issuances() -> None:

@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from synapse_acme import crypto, policy
+from synapse_acme import service as service_mod
 from synapse_acme.errors import AcmeError, AcmeTransportError, StoreError
 from synapse_acme.interfaces import ICertificateConsumer
 from synapse_acme.model import CertificateBundle, CertificateSpec, RenewalWindow
@@ -93,7 +94,24 @@ def test_first_start_issues_in_background_and_tells_consumers() -> None:
     # 90-day certificate, no ARI: renewal with a third of the lifetime left (30 days), which
     # reprovision_threshold (30 days) caps to exactly 30 days before notAfter.
     assert status["renew_at"] == "2026-12-31T12:00:00Z"
-    assert w.statuses and w.statuses[-1][0]["last_success"] is not None
+    # The status file is written once per burst of changes, a moment later.
+    assert w.statuses == []
+    w.clock.advance(service_mod.STATUS_COALESCE_SECONDS)
+    assert len(w.statuses) == 1 and w.statuses[0][0]["last_success"] is not None
+
+
+def test_status_is_published_once_per_burst_and_flushed_at_stop() -> None:
+    w = World(specs=tuple((f"n{i}.example.test",) for i in range(5)))
+    w.service.startService()
+    w.clock.advance(0)
+    w.clock.advance(1)  # five certificates finished; one write for the lot
+    assert len(w.statuses) == 1 and len(w.statuses[0]) == 5
+    assert all(s["last_success"] is not None for s in w.statuses[0])
+    w.service.renew(None, force=True)
+    w.clock.advance(0)
+    assert len(w.statuses) == 1  # changed, not yet written ...
+    _sync(w.service.stopService())
+    assert len(w.statuses) == 2  # ... and stopService does not lose it
 
 
 def test_stored_certificate_is_served_at_once_without_issuing() -> None:
