@@ -374,6 +374,11 @@ def goal_notes(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def _rel(command: str) -> str:
+    """A command as run from the checkout (results.json holds absolute paths)."""
+    return command.replace(ROOT + os.sep, "")
+
+
 def _fmt_s(x: float | None) -> str:
     if x is None:
         return "-"
@@ -534,7 +539,7 @@ def render(res: dict[str, Any]) -> str:
         lines += [
             "## 3. TLS: HotSwapTLS with many certificates",
             "",
-            f"`python {t['commands'][0]}` — full TLS 1.3 handshakes over memory BIOs (client "
+            f"`python {_rel(t['commands'][0])}` — full TLS 1.3 handshakes over memory BIOs (client "
             "and server in one process, ECDSA P-256, a distinct SNI name each).",
             "",
             "![tls](img/tls.png)",
@@ -552,7 +557,7 @@ def render(res: dict[str, Any]) -> str:
         s = t["swap"]
         lines += [
             "",
-            f"Handshake latency during a swap storm (`python {t['commands'][1]}`): a second "
+            f"Handshake latency during a swap storm (`python {_rel(t['commands'][1])}`): a second "
             f"thread replaced certificates back to back ({s['swaps_per_s']:.0f} swaps/s, "
             f"{s['swaps']} swaps) while {s['handshakes']} handshakes ran against the swapped "
             f"names, with {s['certs']} certificates loaded: p50 {s['quiet_p50_ms']:.2f} ms -> "
