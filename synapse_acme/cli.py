@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from synapse_acme import __version__, crypto, policy
 from synapse_acme.config import AcmeConfig, generate_config, read_config_file
-from synapse_acme.errors import ConfigError, SynapseAcmeError
+from synapse_acme.errors import ConfigError, StoreBusy, SynapseAcmeError
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import names_key
 
@@ -86,6 +86,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             if runtime.http01_listener is not None:
                 await runtime.http01_listener.when_listening()
             privileges.drop(run_as)
+        if runtime.acme is not None:
+            from synapse_acme.interprocess import RenewRequestWatcher
+
+            RenewRequestWatcher(config.storage, runtime.acme, reactor).setServiceParent(
+                runtime.service
+            )
         runtime.service.startService()
         reactor.addSystemEventTrigger("before", "shutdown", runtime.service.stopService)
         if runtime.acme is not None:
@@ -122,7 +128,23 @@ def _one_shot(args: argparse.Namespace, force: bool) -> int:
     async def main(reactor: Any) -> None:
         from synapse_acme.runtime import build_runtime
 
-        runtime = build_runtime(config, reactor, standalone_listener=not args.no_listener)
+        try:
+            runtime = build_runtime(config, reactor, standalone_listener=not args.no_listener)
+        except StoreBusy as e:
+            if not force:
+                raise
+            # A running manager (`run`, or Synapse with the module) owns the store: hand the
+            # forced renewal to it instead of ordering beside it.
+            from synapse_acme.interprocess import RENEW_REQUEST_POLL, request_renewal
+
+            path = request_renewal(config.storage)
+            who = f"pid {e.pid}" if e.pid is not None else "another process"
+            print(
+                f"HANDED OVER  {config.storage} is managed by {who}; created {path}, so it "
+                f"renews every certificate within {RENEW_REQUEST_POLL:g} s. Follow with "
+                "`synapse-acme status` (or its log)."
+            )
+            return
         acme = runtime.acme
         assert acme is not None  # not external_certificates, checked above
         runtime.service.privilegedStartService()
@@ -343,7 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="do not open the HTTP-01 listener (challenges served elsewhere)",
         )
         if name == "renew":
-            sp.add_argument("--force", action="store_true", help="renew even if not due")
+            sp.add_argument(
+                "--force",
+                action="store_true",
+                help="renew even if not due; if a running synapse-acme manages the store, ask "
+                "it to renew every certificate now",
+            )
         sp.set_defaults(func=cmd_issue if name == "issue" else cmd_renew)
 
     s = sub.add_parser("status", help="show each certificate's state (reads the store only)")

@@ -98,5 +98,21 @@ class StoreError(SynapseAcmeError):
     """The store could not read or write (permissions, disk full, corrupt entry)."""
 
 
+class StoreBusy(StoreError):
+    """Another process manages this store (holds its lock); ``pid`` if it recorded one."""
+
+    def __init__(self, storage: str, pid: int | None) -> None:
+        self.storage = storage
+        self.pid = pid
+        who = f"pid {pid}" if pid is not None else "pid unknown"
+        super().__init__(
+            f"{storage} is managed by another synapse-acme process ({who}: `synapse-acme run` "
+            "or a homeserver with the module); only one process may order and save "
+            "certificates for a store. That process issues and renews on its own; "
+            "`synapse-acme renew --force` asks it to renew now, `synapse-acme status` shows "
+            "its progress"
+        )
+
+
 class ListenError(SynapseAcmeError):
     """None of a listener's endpoints could be bound (each endpoint and its error are named)."""

@@ -21,6 +21,7 @@ from synapse_acme.client import AcmeClient
 from synapse_acme.config import AcmeConfig
 from synapse_acme.export import FileExporter
 from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder, make_site
+from synapse_acme.interprocess import StoreLock, StoreLockService
 from synapse_acme.issuer import AcmeIssuer
 from synapse_acme.names import names_key
 from synapse_acme.service import AcmeService
@@ -74,11 +75,31 @@ def build_runtime(
     ``reactor`` provides time, TCP and DNS (``IReactorTime``, ``IReactorCore``...).
     ``standalone_listener`` opens the HTTP-01 listener(s) of ``acme.port``/``acme.listen``;
     an embedding host that mounts :meth:`HTTP01Responder.resource` itself passes False.
+
+    The built runtime manages ``config.storage``: it holds the store's lock (see
+    :mod:`synapse_acme.interprocess`) until ``service`` stops, and raises StoreBusy if another
+    process holds it.
     """
     assert IReactorTime.providedBy(reactor) or hasattr(reactor, "seconds")
     if config.external_certificates:
         return _build_external(config, reactor)
     fsutil.ensure_private_dir(config.storage)
+    # Only the process holding the lock may recover, order and save (StoreBusy otherwise).
+    lock = StoreLock.acquire(config.storage)
+    try:
+        return _build_managing(config, reactor, lock, standalone_listener, http_client)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _build_managing(
+    config: AcmeConfig,
+    reactor: Any,
+    lock: StoreLock,
+    standalone_listener: bool,
+    http_client: Any,
+) -> Runtime:
     store = FileStore(config.storage)
     for line in store.recover():
         logger.warning("Store recovery: %s", line)
@@ -134,6 +155,7 @@ def build_runtime(
         acme.add_consumer(exporter)
 
     root = MultiService()
+    StoreLockService(lock).setServiceParent(root)  # first in, so it is stopped last
     listener = None
     endpoints = config.http01_endpoints() if standalone_listener else []
     if endpoints:

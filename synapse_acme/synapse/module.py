@@ -24,14 +24,14 @@ from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.python import runtime
 from zope.interface import implementer
 
 from synapse_acme import crypto
 from synapse_acme.config import MODULE_NAME, AcmeConfig, parse_acme_config
-from synapse_acme.errors import BundleError, ConfigError
+from synapse_acme.errors import BundleError, ConfigError, StoreBusy
 from synapse_acme.interfaces import ICertificateConsumer
+from synapse_acme.interprocess import RenewRequestWatcher, renew_request_path
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import canonical_names, names_key
 from synapse_acme.synapse import glue
@@ -40,11 +40,6 @@ logger = logging.getLogger(__name__)
 
 #: Where the challenge resource is mounted on every Synapse HTTP listener.
 CHALLENGE_PATH = "/.well-known/acme-challenge"
-#: A file an operator (or ``synapse-acme renew --force``) creates to force a renewal in the
-#: running homeserver; the provisioning process deletes it and renews at once.
-RENEW_REQUEST_FILE = "renew-request"
-#: How often the provisioning process looks for the renew-request file (one ``stat``).
-RENEW_REQUEST_POLL = 2.0
 #: Lifetime of the self-signed placeholder written when no certificate exists yet.
 PLACEHOLDER_DAYS = 7
 #: Keys of the module config that the standalone ``acme:`` block does not have.
@@ -262,7 +257,7 @@ class AcmeModule:
         acme = config.acme
         specs = acme.certificate_specs()
         self.key = names_key(canonical_names(specs[0].names)) if specs else ""
-        self._renew_poll: LoopingCall | None = None
+        self._renew_watch: RenewRequestWatcher | None = None
         self._watcher: Any = None
         if not acme.enabled or not specs:
             logger.info("synapse-acme: disabled (enabled: false); nothing to do")
@@ -272,7 +267,14 @@ class AcmeModule:
         # With external_certificates another tool (certbot) issues: every process only watches.
         self.provisioning = self.glue.runs_background_tasks(api) and not acme.external_certificates
         if self.provisioning:
-            self._init_provisioning()
+            try:
+                self._init_provisioning()
+            except StoreBusy as e:
+                # Another homeserver process (or `synapse-acme run`) already manages this
+                # store: serve and follow its files rather than order beside it.
+                logger.error("synapse-acme: not provisioning from this process: %s", e)
+                self.provisioning = False
+                self._init_follower()
         else:
             self._init_follower()
         self._install_tls()
@@ -368,15 +370,14 @@ class AcmeModule:
         except Exception:
             logger.exception("synapse-acme: could not start provisioning; Synapse keeps running")
             return
-        self._renew_poll = LoopingCall(self._check_renew_request)
-        self._renew_poll.clock = self.reactor
-        self._renew_poll.start(RENEW_REQUEST_POLL, now=True).addErrback(
-            lambda f: logger.error("synapse-acme: renew-request watch stopped: %s", f.value)
+        self._renew_watch = RenewRequestWatcher(
+            self.settings.acme.storage, self.runtime.acme, self.reactor
         )
+        self._renew_watch.startService()
 
     def _stop(self) -> Any:
-        if self._renew_poll is not None and self._renew_poll.running:
-            self._renew_poll.stop()
+        if self._renew_watch is not None and self._renew_watch.running:
+            self._renew_watch.stopService()
         if self._watcher is not None and self._watcher.running:
             self._watcher.stopService()
         if self.runtime is not None and self.runtime.service.running:
@@ -385,29 +386,7 @@ class AcmeModule:
 
     def renew_request_path(self) -> str:
         """The file whose appearance forces a renewal (documented in docs/synapse.md)."""
-        return os.path.join(self.settings.acme.storage, RENEW_REQUEST_FILE)
-
-    def _check_renew_request(self) -> None:
-        path = self.renew_request_path()
-        if not os.path.exists(path):
-            return
-        try:
-            os.unlink(path)
-        except OSError as e:
-            logger.error("synapse-acme: cannot remove %s (%s); not renewing", path, e)
-            return
-        logger.info("synapse-acme: %s found: renewing every certificate now", path)
-        d = self.runtime.acme.renew(force=True)
-        d.addCallback(self._log_renewals)
-        d.addErrback(lambda f: logger.error("synapse-acme: forced renewal failed: %s", f.value))
-
-    @staticmethod
-    def _log_renewals(results: list[tuple[str, Any]]) -> None:
-        for key, outcome in results:
-            if isinstance(outcome, CertificateBundle):
-                logger.info("synapse-acme: forced renewal of %s succeeded", key)
-            else:
-                logger.error("synapse-acme: forced renewal of %s failed: %s", key, outcome.value)
+        return renew_request_path(self.settings.acme.storage)
 
     def ensure_serving(self) -> None:
         """Make Synapse's TLS listeners serve the newest certificate (see _ListenerKeeper)."""

@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 _state: dict[str, Any] = {"n": 0, "fd": -1, "match": None, "nth": 0, "seen": 0}
+_fd_names: dict[int, str] = {}  # fd -> basename of the file last opened on it
 
 
 def event(kind: str, detail: str) -> None:
@@ -44,7 +45,10 @@ def _wrap_os(name: str) -> None:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if _state["fd"] >= 0 and not _in_trace(args):
             event("fs", f"{name} {_describe(args)}")
-        return real(*args, **kwargs)
+        result = real(*args, **kwargs)
+        if name == "open" and isinstance(result, int) and args and isinstance(args[0], str):
+            _fd_names[result] = os.path.basename(args[0])  # so write/fsync name their file
+        return result
 
     setattr(os, name, wrapper)
 
@@ -55,6 +59,11 @@ def _in_trace(args: tuple[Any, ...]) -> bool:
 
 def _describe(args: tuple[Any, ...]) -> str:
     out = []
+    if args and isinstance(args[0], int) and args[0] in _fd_names:
+        # "write privkey.pem <N bytes>": the file, not its descriptor number, which shifts
+        # whenever something else (the store lock) holds a descriptor.
+        out.append(_fd_names[args[0]])
+        args = args[1:2]
     for a in args[:2]:
         if isinstance(a, (bytes, memoryview)):
             out.append(f"<{len(a)} bytes>")

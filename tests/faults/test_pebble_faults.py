@@ -102,12 +102,12 @@ def read_trace(path: Path) -> list[tuple[int, str, str]]:
 # commit points of every write (key file link, the two directory renames, status rename), the
 # writes and fsyncs in between, and each step of the protocol.
 ISSUE_POINTS = [
-    (r"^fs write 7 ", 1),  # the account key's bytes, into its temp file
+    (r"^fs write \S*acct\S*\.tmp ", 1),  # the account key's bytes, into its temp file
     (r"^fs link .*acct\.key", 1),  # the account key appears under its name
     (r"^http GET", 1),  # the directory
     (r"^http POST chal", 1),  # telling Pebble to validate
     (r"^http POST finalize", 1),  # the CSR
-    (r"^fs write 13 <", 1),  # privkey.pem into the staging directory
+    (r"^fs write privkey\.pem ", 1),  # privkey.pem into the staging directory
     (r"^fs rename .*~new-", 1),  # the new directory takes the certificate's name
 ]
 RENEW_POINTS = [
@@ -117,9 +117,9 @@ RENEW_POINTS = [
     (r"^http POST finalize", 1),
     (r"^http POST cert", 1),  # downloading the chain
     (r"^fs mkdir .*~new-", 1),
-    (r"^fs write 13 <", 1),  # privkey.pem
-    (r"^fs write 13 <", 2),  # fullchain.pem
-    (r"^fs fsync 13", 3),  # metadata.json
+    (r"^fs write privkey\.pem ", 1),
+    (r"^fs write fullchain\.pem ", 1),
+    (r"^fs fsync metadata\.json", 1),
     (r"^fs rename ", 1),  # old directory moved aside: no <key> until the next rename
     (r"^fs rename .*~new-", 1),  # between the two renames
     (r"^fs unlink ", 1),  # removing the old directory

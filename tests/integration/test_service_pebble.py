@@ -230,3 +230,55 @@ def test_running_service_renews_short_certificates_by_itself(
     assert failed_handshakes == 0, f"{failed_handshakes} of {handshakes} handshakes failed"
     assert handshakes > 50
     assert proc.returncode is not None
+
+
+def test_one_manager_per_store_and_renew_force_hands_over(pebble: PebbleCA, tmp_path: Path) -> None:
+    """While `run` manages a store, a second `run` or `issue` is refused naming its pid (no
+    recovery or order beside it), and `renew --force` asks the running one to renew."""
+    names = ["managed.example.test"]
+    cfg = pebble.write_acme_config(tmp_path, names)
+    proc = subprocess.Popen(
+        [*CLI, "run", "-c", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        first = None
+        while first is None and time.monotonic() < deadline:
+            try:
+                first = crypto.parse_chain(stored(tmp_path, names)[1].chain_pem)[0]
+            except (FileNotFoundError, ValueError, json.JSONDecodeError):
+                time.sleep(0.1)
+        assert first is not None, "run did not issue"
+        orders_before = len(list((tmp_path / "store").rglob("metadata.json")))
+        for argv in (["issue"], ["renew"], ["run"]):
+            r = cli(*argv, "-c", str(cfg), timeout=30)
+            assert r.returncode == 1, (argv, r.stdout, r.stderr)
+            assert f"is managed by another synapse-acme process (pid {proc.pid}" in r.stderr
+        # Nothing was ordered or saved by the refused commands.
+        assert crypto.parse_chain(stored(tmp_path, names)[1].chain_pem)[0] == first
+        assert len(list((tmp_path / "store").rglob("metadata.json"))) == orders_before
+        r = cli("renew", "--force", "-c", str(cfg), timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert f"HANDED OVER  {tmp_path / 'store'} is managed by pid {proc.pid}" in r.stdout
+        renewed = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                leaf = crypto.parse_chain(stored(tmp_path, names)[1].chain_pem)[0]
+            except (FileNotFoundError, ValueError):
+                leaf = first
+            if leaf.serial_number != first.serial_number:
+                renewed = leaf
+                break
+            time.sleep(0.1)
+        assert renewed is not None, "the running process did not renew"
+        check_issued(pebble, tmp_path, names)
+        assert not (tmp_path / "store" / "renew-request").exists()
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert "renew-request found: renewing every certificate now" in out, out[-3000:]
+    # Once it has stopped, the store is free for a one-shot command again.
+    r = cli("issue", "-c", str(cfg))
+    assert r.returncode == 0 and "Nothing to do" in r.stdout, r.stderr

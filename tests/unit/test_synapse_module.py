@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
 
-from synapse_acme import crypto
+from synapse_acme import crypto, interprocess
 from synapse_acme.config import MODULE_NAME
 from synapse_acme.model import CertificateBundle
 from synapse_acme.synapse import AcmeModule, glue
@@ -339,9 +339,9 @@ def test_renew_request_file_forces_renewal(
     os.makedirs(tmp_path / "acme", exist_ok=True)
     request = pathlib.Path(mod.renew_request_path())
     request.write_text("")
-    reactor.advance(module_mod.RENEW_REQUEST_POLL)
+    reactor.advance(interprocess.RENEW_REQUEST_POLL)
     assert rt.acme.renewals == [(None, True)] and not request.exists()
-    reactor.advance(module_mod.RENEW_REQUEST_POLL)
+    reactor.advance(interprocess.RENEW_REQUEST_POLL)
     assert rt.acme.renewals == [(None, True)]  # once per request
 
 
