@@ -31,6 +31,7 @@ from synapse_acme.model import CertificateBundle
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "lock"
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 RENEW_REQUEST_FILE = "renew-request"
 #: How often the managing process looks for the renew-request file (one ``stat``).
 RENEW_REQUEST_POLL = 2.0
@@ -58,6 +59,16 @@ class StoreLock:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise StoreBusy(storage, holder) from None
+            if e.errno in _NO_LOCKS:
+                # Some network and FUSE filesystems have no flock: run unprotected rather
+                # than not at all, and say so.
+                logger.warning(
+                    "The filesystem of %s cannot lock files (%s): nothing stops a second "
+                    "synapse-acme process from using this store at the same time",
+                    storage,
+                    fsutil.describe_os_error(e),
+                )
+                return cls(path, None)
             raise StoreError(f"cannot lock {path}: {fsutil.describe_os_error(e)}") from None
         try:
             os.ftruncate(fd, 0)

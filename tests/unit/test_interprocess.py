@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import stat
@@ -80,6 +81,19 @@ def test_missing_storage_is_a_store_error_naming_the_path(tmp_path: Path) -> Non
         StoreLock.acquire(str(tmp_path / "nope"))
     assert not isinstance(err.value, StoreBusy)
     assert str(tmp_path / "nope" / "lock") in str(err.value) and "ENOENT" in str(err.value)
+
+
+def test_filesystem_without_locks_runs_unprotected_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(interprocess.fcntl, "flock", no_locks)
+    lock = StoreLock.acquire(str(tmp_path))
+    assert not lock.held
+    lock.release()
+    assert "cannot lock files" in caplog.text and "ENOLCK" in caplog.text
 
 
 class _Acme:
