@@ -25,17 +25,9 @@ from synapse_acme.issuer import AcmeIssuer
 from synapse_acme.model import CertificateBundle
 from synapse_acme.testing.acme_server import FakeAcmeServer
 from synapse_acme.transport import JWSTransport
+from tests.deferreds import result_of
 
 START = 1_800_000_000.0
-
-
-def result_of(d: defer.Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], defer.Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 @implementer(IResponder)

@@ -21,6 +21,7 @@ from synapse_acme.service import AcmeService
 from synapse_acme.testing.issuer import FakeIssuer
 from synapse_acme.testing.store import MemoryStore
 from tests.certs import TestCA, leaf_serial
+from tests.deferreds import outcome_of
 
 START = datetime.datetime(2026, 11, 1, 12, 0, tzinfo=datetime.timezone.utc)
 NAMES = ("matrix.example.test", "example.test")
@@ -35,13 +36,6 @@ class Recorder:
 
     def certificate_changed(self, key: str, bundle: CertificateBundle) -> None:
         self.changes.append((key, bundle))
-
-
-def _sync(d: defer.Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred did not fire synchronously"
-    return out[0]
 
 
 class World:
@@ -73,7 +67,7 @@ class World:
         return crypto.now_from_clock(self.clock)
 
     def stored(self, key: str = KEY) -> CertificateBundle | None:
-        return _sync(self.store.load(key))
+        return outcome_of(self.store.load(key))
 
 
 def test_first_start_issues_in_background_and_tells_consumers() -> None:
@@ -110,14 +104,14 @@ def test_status_is_published_once_per_burst_and_flushed_at_stop() -> None:
     w.service.renew(None, force=True)
     w.clock.advance(0)
     assert len(w.statuses) == 1  # changed, not yet written ...
-    _sync(w.service.stopService())
+    outcome_of(w.service.stopService())
     assert len(w.statuses) == 2  # ... and stopService does not lose it
 
 
 def test_stored_certificate_is_served_at_once_without_issuing() -> None:
     w = World()
     bundle = w.ca.issue(list(NAMES))
-    _sync(w.store.save(KEY, bundle))
+    outcome_of(w.store.save(KEY, bundle))
     w.start()
     assert w.consumer.changes == [(KEY, bundle)]
     assert w.issuer.calls == []
@@ -133,7 +127,7 @@ def test_expired_stored_certificate_is_served_and_replaced(
         not_before=START - datetime.timedelta(days=100),
         not_after=START - datetime.timedelta(days=1),
     )
-    _sync(w.store.save(KEY, old))
+    outcome_of(w.store.save(KEY, old))
     with caplog.at_level(logging.WARNING):
         w.start()
     assert "EXPIRED" in caplog.text
@@ -145,7 +139,7 @@ def test_expired_stored_certificate_is_served_and_replaced(
 def test_placeholder_is_served_then_replaced() -> None:
     w = World()
     placeholder = crypto.make_placeholder_bundle(list(NAMES), START)
-    _sync(w.store.save(KEY, placeholder))
+    outcome_of(w.store.save(KEY, placeholder))
     w.start()
     assert w.consumer.changes[0] == (KEY, placeholder)
     current = w.service.current(KEY)
@@ -162,7 +156,7 @@ def test_failure_keeps_old_certificate_logs_type_and_backs_off(
         not_before=START - datetime.timedelta(days=80),
         not_after=START + datetime.timedelta(days=10),
     )
-    _sync(w.store.save(KEY, old))
+    outcome_of(w.store.save(KEY, old))
     limited = AcmeError(
         "urn:ietf:params:acme:error:rateLimited", "too many certificates", 429, retry_after=7200
     )
@@ -194,7 +188,7 @@ def test_ca_down_for_a_day_follows_backoff_table_then_recovers() -> None:
         not_before=START - datetime.timedelta(days=80),
         not_after=START + datetime.timedelta(days=10),
     )
-    _sync(w.store.save(KEY, old))
+    outcome_of(w.store.save(KEY, old))
     down = [AcmeTransportError("connection refused", "https://ca.test/dir")] * 1000
     w.issuer.fail_next(*down)
     w.start()
@@ -230,7 +224,7 @@ def test_concurrent_requests_share_one_order() -> None:
     w.clock.advance(600)  # a periodic check while the order is in flight
     assert len(w.issuer.calls) == 1
     w.issuer.release()
-    r1, r2 = _sync(d1), _sync(d2)
+    r1, r2 = outcome_of(d1), outcome_of(d2)
     assert r1[0][1] == r2[0][1] == w.service.current(KEY)
 
 
@@ -240,7 +234,7 @@ def test_waiter_can_cancel_without_stopping_the_issuance() -> None:
     w.start()
     d = w.service.renew(KEY, force=True)
     d.cancel()
-    [(key, result)] = _sync(d)
+    [(key, result)] = outcome_of(d)
     assert key == KEY and result.check(defer.CancelledError)
     # The shared issuance goes on for the other waiters (here: the startup check).
     w.issuer.release()
@@ -320,7 +314,7 @@ def test_stop_cancels_in_flight_and_goes_quiet() -> None:
     w.issuer.hold = True
     w.start()
     d = w.service.stopService()
-    assert _sync(d) is None
+    assert outcome_of(d) is None
     assert w.clock.getDelayedCalls() == []
 
 

@@ -11,8 +11,6 @@ import stat
 from typing import Any
 
 import pytest
-from twisted.internet import defer
-from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from synapse_acme import fsutil
@@ -22,25 +20,7 @@ from synapse_acme.model import CertificateBundle
 from synapse_acme.names import names_key
 from synapse_acme.store import FileStore
 from synapse_acme.testing.store import MemoryStore
-
-
-def result(d: defer.Deferred[Any]) -> Any:
-    """The value a synchronously-fired Deferred fired with (re-raising its failure)."""
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
-
-
-def failure_of(d: defer.Deferred[Any], kind: type[BaseException]) -> BaseException:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    assert isinstance(out[0], Failure), f"expected a failure, got {out[0]!r}"
-    assert out[0].check(kind), f"expected {kind.__name__}, got {out[0].value!r}"
-    return out[0].value
+from tests.deferreds import failure_of, result_of
 
 
 def bundle(n: int = 1, **meta: Any) -> CertificateBundle:
@@ -66,45 +46,45 @@ def test_provides_interface(store: Any) -> None:
 
 
 def test_load_missing_is_none(store: Any) -> None:
-    assert result(store.load("a.example")) is None
-    assert result(store.keys()) == []
+    assert result_of(store.load("a.example")) is None
+    assert result_of(store.keys()) == []
 
 
 def test_save_then_load_round_trips(store: Any) -> None:
     b = bundle(1, issued_at="2026-01-01T00:00:00+00:00", placeholder=False)
-    assert result(store.save("a.example", b)) is None
-    loaded = result(store.load("a.example"))
+    assert result_of(store.save("a.example", b)) is None
+    loaded = result_of(store.load("a.example"))
     assert loaded == b
     assert loaded.key_pem == b.key_pem and loaded.chain_pem == b.chain_pem
     assert dict(loaded.metadata) == dict(b.metadata)
 
 
 def test_loaded_metadata_is_a_copy(store: Any) -> None:
-    result(store.save("a.example", bundle(1)))
-    first = result(store.load("a.example"))
+    result_of(store.save("a.example", bundle(1)))
+    first = result_of(store.load("a.example"))
     first.metadata["generation"] = 99
-    assert result(store.load("a.example")).metadata["generation"] == 1
+    assert result_of(store.load("a.example")).metadata["generation"] == 1
 
 
 def test_replace_keeps_only_the_new_bundle(store: Any) -> None:
-    result(store.save("a.example", bundle(1)))
-    result(store.save("a.example", bundle(2)))
-    assert result(store.load("a.example")) == bundle(2)
-    assert result(store.keys()) == ["a.example"]
+    result_of(store.save("a.example", bundle(1)))
+    result_of(store.save("a.example", bundle(2)))
+    assert result_of(store.load("a.example")) == bundle(2)
+    assert result_of(store.keys()) == ["a.example"]
 
 
 def test_keys_sorted_and_delete(store: Any) -> None:
     wild = names_key(["*.b.example"])
     multi = names_key(["c.example", "a.example"])
     for k in ("z.example", wild, multi, "a.example"):
-        result(store.save(k, bundle(1)))
-    assert result(store.keys()) == sorted(["z.example", wild, multi, "a.example"])
-    assert result(store.delete("z.example")) is None
-    assert result(store.load("z.example")) is None
-    assert "z.example" not in result(store.keys())
+        result_of(store.save(k, bundle(1)))
+    assert result_of(store.keys()) == sorted(["z.example", wild, multi, "a.example"])
+    assert result_of(store.delete("z.example")) is None
+    assert result_of(store.load("z.example")) is None
+    assert "z.example" not in result_of(store.keys())
     # deleting something absent is not an error
-    assert result(store.delete("z.example")) is None
-    assert result(store.delete("never.example")) is None
+    assert result_of(store.delete("z.example")) is None
+    assert result_of(store.delete("never.example")) is None
 
 
 @pytest.mark.parametrize(
@@ -133,7 +113,7 @@ def test_unsafe_keys_are_refused_everywhere(store: Any, bad: Any) -> None:
     failure_of(store.save(bad, bundle(1)), StoreError)
     failure_of(store.load(bad), StoreError)
     failure_of(store.delete(bad), StoreError)
-    assert result(store.keys()) == []
+    assert result_of(store.keys()) == []
 
 
 def test_keys_from_names_key_are_accepted(store: Any) -> None:
@@ -143,26 +123,26 @@ def test_keys_from_names_key_are_accepted(store: Any) -> None:
         ["b.example", "a.example", "xn--bcher-kva.example"],
     ):
         k = names_key(names)
-        result(store.save(k, bundle(3)))
-        assert result(store.load(k)) == bundle(3)
+        result_of(store.save(k, bundle(3)))
+        assert result_of(store.load(k)) == bundle(3)
 
 
 def test_non_json_metadata_is_refused_and_old_kept(store: Any) -> None:
-    result(store.save("a.example", bundle(1)))
+    result_of(store.save("a.example", bundle(1)))
     bad = CertificateBundle(key_pem=b"k", chain_pem=b"c", metadata={"when": object()})
     failure_of(store.save("a.example", bad), StoreError)
-    assert result(store.load("a.example")) == bundle(1)
+    assert result_of(store.load("a.example")) == bundle(1)
 
 
 def test_empty_key_or_chain_is_refused(store: Any) -> None:
     failure_of(store.save("a.example", CertificateBundle(key_pem=b"", chain_pem=b"c")), StoreError)
     failure_of(store.save("a.example", CertificateBundle(key_pem=b"k", chain_pem=b"")), StoreError)
-    assert result(store.load("a.example")) is None
+    assert result_of(store.load("a.example")) is None
 
 
 def test_failed_save_leaves_old_bundle(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """No partial state: a save that fails mid-way leaves exactly the previous bundle."""
-    result(store.save("a.example", bundle(1)))
+    result_of(store.save("a.example", bundle(1)))
     if isinstance(store, MemoryStore):
         store.fail_next_save()
     else:
@@ -178,11 +158,11 @@ def test_failed_save_leaves_old_bundle(store: Any, monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(os, "write", write_then_fail)
     failure_of(store.save("a.example", bundle(2)), StoreError)
     monkeypatch.undo()
-    assert result(store.load("a.example")) == bundle(1)
-    assert result(store.keys()) == ["a.example"]
+    assert result_of(store.load("a.example")) == bundle(1)
+    assert result_of(store.keys()) == ["a.example"]
     # and the store still works afterwards
-    result(store.save("a.example", bundle(3)))
-    assert result(store.load("a.example")) == bundle(3)
+    result_of(store.save("a.example", bundle(3)))
+    assert result_of(store.load("a.example")) == bundle(3)
 
 
 # -- MemoryStore specifics -----------------------------------------------------------------
@@ -192,7 +172,7 @@ def test_memory_fail_next_save_custom_exception() -> None:
     s = MemoryStore()
     s.fail_next_save(RuntimeError("boom"))
     failure_of(s.save("a.example", bundle(1)), RuntimeError)
-    result(s.save("a.example", bundle(1)))
+    result_of(s.save("a.example", bundle(1)))
     assert s.saves == 1
 
 
@@ -207,7 +187,7 @@ def test_file_layout_and_modes(tmp_path: Any) -> None:
     old_umask = os.umask(0o022)
     try:
         s = FileStore(str(tmp_path / "storage"))
-        result(s.save("a.example", bundle(1)))
+        result_of(s.save("a.example", bundle(1)))
     finally:
         os.umask(old_umask)
     root = tmp_path / "storage"
@@ -227,14 +207,14 @@ def test_existing_loose_root_is_tightened(tmp_path: Any) -> None:
     root = tmp_path / "storage"
     root.mkdir(mode=0o755)
     os.chmod(root, 0o755)
-    result(FileStore(str(root)).save("a.example", bundle(1)))
+    result_of(FileStore(str(root)).save("a.example", bundle(1)))
     assert _mode(root) == 0o700
 
 
 def test_corrupt_entries_fail_naming_the_path(tmp_path: Any) -> None:
     s = FileStore(str(tmp_path))
-    result(s.save("a.example", bundle(1)))
-    result(s.save("b.example", bundle(1)))
+    result_of(s.save("a.example", bundle(1)))
+    result_of(s.save("b.example", bundle(1)))
     meta = tmp_path / "certificates" / "a.example" / "metadata.json"
     meta.write_text("{not json")
     err = failure_of(s.load("a.example"), StoreError)
@@ -251,7 +231,7 @@ def test_corrupt_entries_fail_naming_the_path(tmp_path: Any) -> None:
 def test_key_never_appears_in_errors(tmp_path: Any) -> None:
     s = FileStore(str(tmp_path))
     b = bundle(1)
-    result(s.save("a.example", b))
+    result_of(s.save("a.example", b))
     (tmp_path / "certificates" / "a.example" / "metadata.json").write_text("nope")
     err = failure_of(s.load("a.example"), StoreError)
     assert b"key1" not in str(err).encode()
@@ -268,7 +248,7 @@ def _make_entry(path: Any, n: int, complete: bool = True) -> None:
 
 def _leftover_store(tmp_path: Any) -> tuple[FileStore, Any]:
     s = FileStore(str(tmp_path), auto_recover=False)
-    result(s.save("seed.example", bundle(0)))
+    result_of(s.save("seed.example", bundle(0)))
     return s, tmp_path / "certificates"
 
 
@@ -279,7 +259,7 @@ def test_recover_promotes_complete_new_when_final_missing(tmp_path: Any) -> None
     _make_entry(certs / "a.example~new-bbbbbbbbbbbb", 2)
     actions = s.recover()
     assert any("restored the new bundle" in a for a in actions)
-    assert result(s.load("a.example")) == bundle(2)
+    assert result_of(s.load("a.example")) == bundle(2)
     assert sorted(os.listdir(certs)) == ["a.example", "seed.example"]
 
 
@@ -288,7 +268,7 @@ def test_recover_restores_old_when_new_incomplete(tmp_path: Any) -> None:
     _make_entry(certs / "a.example~old-aaaaaaaaaaaa", 1)
     _make_entry(certs / "a.example~new-bbbbbbbbbbbb", 2, complete=False)
     s.recover()
-    assert result(s.load("a.example")) == bundle(1)
+    assert result_of(s.load("a.example")) == bundle(1)
     assert sorted(os.listdir(certs)) == ["a.example", "seed.example"]
 
 
@@ -298,19 +278,19 @@ def test_recover_removes_incomplete_new_without_final(tmp_path: Any) -> None:
     _make_entry(certs / "a.example~new-bbbbbbbbbbbb", 2, complete=False)
     actions = s.recover()
     assert actions
-    assert result(s.load("a.example")) is None
-    assert result(s.keys()) == ["seed.example"]
+    assert result_of(s.load("a.example")) is None
+    assert result_of(s.keys()) == ["seed.example"]
 
 
 def test_recover_keeps_final_and_drops_unfinished_save(tmp_path: Any) -> None:
     """Crash before the first rename: the save never succeeded, the old bundle stays."""
     s, certs = _leftover_store(tmp_path)
-    result(s.save("a.example", bundle(1)))
+    result_of(s.save("a.example", bundle(1)))
     _make_entry(certs / "a.example~new-bbbbbbbbbbbb", 2)
     _make_entry(certs / "a.example~old-cccccccccccc", 0)
     _make_entry(certs / "a.example~del-dddddddddddd", 0)
     s.recover()
-    assert result(s.load("a.example")) == bundle(1)
+    assert result_of(s.load("a.example")) == bundle(1)
     assert sorted(os.listdir(certs)) == ["a.example", "seed.example"]
 
 
@@ -335,8 +315,8 @@ def test_auto_recover_runs_once_before_first_use(tmp_path: Any) -> None:
     certs.mkdir(parents=True)
     _make_entry(certs / "a.example~new-bbbbbbbbbbbb", 2)
     s = FileStore(str(tmp_path))
-    assert result(s.keys()) == ["a.example"]
-    assert result(s.load("a.example")) == bundle(2)
+    assert result_of(s.keys()) == ["a.example"]
+    assert result_of(s.load("a.example")) == bundle(2)
 
 
 def test_recover_on_empty_root_is_noop(tmp_path: Any) -> None:
@@ -345,7 +325,7 @@ def test_recover_on_empty_root_is_noop(tmp_path: Any) -> None:
 
 def test_enospc_on_fsync_keeps_old_bundle(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     s = FileStore(str(tmp_path))
-    result(s.save("a.example", bundle(1)))
+    result_of(s.save("a.example", bundle(1)))
 
     def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -355,13 +335,13 @@ def test_enospc_on_fsync_keeps_old_bundle(tmp_path: Any, monkeypatch: pytest.Mon
     monkeypatch.undo()
     assert "ENOSPC" in str(err) and "No space left on device" in str(err)
     assert "a.example" in str(err)
-    assert result(s.load("a.example")) == bundle(1)
+    assert result_of(s.load("a.example")) == bundle(1)
     assert os.listdir(tmp_path / "certificates") == ["a.example"]
 
 
 def test_rename_failure_puts_old_back(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     s = FileStore(str(tmp_path))
-    result(s.save("a.example", bundle(1)))
+    result_of(s.save("a.example", bundle(1)))
     real_rename = os.rename
     calls = {"n": 0}
 
@@ -375,26 +355,26 @@ def test_rename_failure_puts_old_back(tmp_path: Any, monkeypatch: pytest.MonkeyP
     err = failure_of(s.save("a.example", bundle(2)), StoreError)
     monkeypatch.undo()
     assert "EROFS" in str(err)
-    assert result(s.load("a.example")) == bundle(1)
+    assert result_of(s.load("a.example")) == bundle(1)
     assert os.listdir(tmp_path / "certificates") == ["a.example"]
 
 
 def test_loose_key_file_mode_is_warned(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
     s = FileStore(str(tmp_path))
-    result(s.save("a.example", bundle(1)))
+    result_of(s.save("a.example", bundle(1)))
     os.chmod(tmp_path / "certificates" / "a.example" / "privkey.pem", 0o644)
     with caplog.at_level("WARNING"):
-        assert result(s.load("a.example")) == bundle(1)
+        assert result_of(s.load("a.example")) == bundle(1)
     assert "looser than 0600" in caplog.text
 
 
 def test_symlinked_entry_is_not_followed(tmp_path: Any) -> None:
     s = FileStore(str(tmp_path / "storage"))
-    result(s.save("a.example", bundle(1)))
+    result_of(s.save("a.example", bundle(1)))
     elsewhere = tmp_path / "elsewhere"
     _make_entry(elsewhere, 5)
     os.symlink(elsewhere, tmp_path / "storage" / "certificates" / "evil.example")
-    assert result(s.keys()) == ["a.example"]
+    assert result_of(s.keys()) == ["a.example"]
     failure_of(s.load("evil.example"), StoreError)
 
 
@@ -455,16 +435,16 @@ def test_crash_at_every_step_of_a_save_leaves_old_or_new(
         n += 1
         root = tmp_path / f"run{n}"
         if not first_save:
-            result(FileStore(str(root)).save("a.example", bundle(1)))
+            result_of(FileStore(str(root)).save("a.example", bundle(1)))
         counter = _crash_at(monkeypatch, n)
         crashed = False
         try:
-            result(FileStore(str(root), auto_recover=False).save("a.example", bundle(2)))
+            result_of(FileStore(str(root), auto_recover=False).save("a.example", bundle(2)))
         except _Crash:
             crashed = True
         monkeypatch.undo()
         restarted = FileStore(str(root))
-        loaded = result(restarted.load("a.example"))
+        loaded = result_of(restarted.load("a.example"))
         allowed = [bundle(2)] if not crashed else [bundle(2), None if first_save else bundle(1)]
         assert loaded in allowed, (n, loaded)
         certs = root / "certificates"
@@ -480,7 +460,7 @@ def test_crash_during_delete_completes_on_recover(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = FileStore(str(tmp_path))
-    result(s.save("a.example", bundle(1)))
+    result_of(s.save("a.example", bundle(1)))
     real_rmtree = shutil.rmtree
 
     def crash(*args: Any, **kw: Any) -> None:
@@ -488,8 +468,8 @@ def test_crash_during_delete_completes_on_recover(
 
     monkeypatch.setattr(shutil, "rmtree", crash)
     with pytest.raises(_Crash):
-        result(s.delete("a.example"))
+        result_of(s.delete("a.example"))
     monkeypatch.setattr(shutil, "rmtree", real_rmtree)
     restarted = FileStore(str(tmp_path))
-    assert result(restarted.load("a.example")) is None
+    assert result_of(restarted.load("a.example")) is None
     assert os.listdir(tmp_path / "certificates") == []

@@ -30,20 +30,11 @@ from synapse_acme.transport import (
     parse_links,
     parse_retry_after,
 )
+from tests.deferreds import result_of
 
 BASE = "https://ca.test"
 DIRECTORY_URL = f"{BASE}/directory"
 START = 1_700_000_000.0
-
-
-def result_of(d: defer.Deferred[Any]) -> Any:
-    """The result of an already-fired Deferred (raising its failure)."""
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], defer.Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 class FakeCA(resource.Resource):
