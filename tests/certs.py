@@ -27,6 +27,7 @@ from OpenSSL import SSL
 from OpenSSL.crypto import X509
 
 from synapse_acme.model import CertificateBundle
+from synapse_acme.testing.certificates import ca_certificate
 
 _PEM = serialization.Encoding.PEM
 
@@ -56,46 +57,6 @@ def _name(cn: str) -> x509.Name:
     )
 
 
-def _ca_cert(
-    subject: x509.Name,
-    key: CertificateIssuerPrivateKeyTypes,
-    issuer: x509.Name,
-    issuer_key: CertificateIssuerPrivateKeyTypes,
-    not_before: datetime.datetime,
-    not_after: datetime.datetime,
-) -> x509.Certificate:
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),  # type: ignore[arg-type]
-            False,
-        )
-        .sign(issuer_key, hashes.SHA256())
-    )
-
-
 class TestCA:
     """A root and an intermediate CA that issue leaf bundles (chain: leaf, intermediate).
 
@@ -110,9 +71,9 @@ class TestCA:
         end = self.now + datetime.timedelta(days=3650)
         self.root_key = make_key("ecdsa-p256")
         root_name = _name(f"{name} Root CA")
-        self.root = _ca_cert(root_name, self.root_key, root_name, self.root_key, start, end)
+        self.root = ca_certificate(root_name, self.root_key, root_name, self.root_key, start, end)
         self.intermediate_key = make_key("ecdsa-p256")
-        self.intermediate = _ca_cert(
+        self.intermediate = ca_certificate(
             _name(f"{name} Intermediate CA"),
             self.intermediate_key,
             root_name,

@@ -43,6 +43,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from synapse_acme.testing.certificates import ca_certificate
+
 logger = logging.getLogger(__name__)
 
 ERROR_PREFIX = "urn:ietf:params:acme:error:"
@@ -390,12 +392,13 @@ class _CA:
         root_name = _name("Fake ACME Root X1")
         alt_root_name = _name("Fake ACME Alternate Root X2")
         int_name = _name("Fake ACME Intermediate E1")
-        root = _ca_cert(root_name, root_key, root_name, root_key, now, path_length=None)
-        alt_root = _ca_cert(
-            alt_root_name, alt_root_key, alt_root_name, alt_root_key, now, path_length=None
+        start, end = now - datetime.timedelta(days=1), now + _CA_LIFETIME
+        root = ca_certificate(root_name, root_key, root_name, root_key, start, end)
+        alt_root = ca_certificate(
+            alt_root_name, alt_root_key, alt_root_name, alt_root_key, start, end
         )
-        intermediate = _ca_cert(int_name, int_key, root_name, root_key, now, path_length=0)
-        cross = _ca_cert(int_name, int_key, alt_root_name, alt_root_key, now, path_length=0)
+        intermediate = ca_certificate(int_name, int_key, root_name, root_key, start, end, 0)
+        cross = ca_certificate(int_name, int_key, alt_root_name, alt_root_key, start, end, 0)
         return cls(root, alt_root, intermediate, cross, int_key)
 
 
@@ -405,46 +408,6 @@ def _name(common_name: str) -> x509.Name:
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "synapse-acme test CA"),
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
-    )
-
-
-def _ca_cert(
-    subject: x509.Name,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: x509.Name,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    now: datetime.datetime,
-    path_length: int | None,
-) -> x509.Certificate:
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + _CA_LIFETIME)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-            critical=False,
-        )
-        .sign(issuer_key, hashes.SHA256())
     )
 
 
