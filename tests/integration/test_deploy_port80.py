@@ -123,6 +123,15 @@ def _poke(port: int = 80) -> socket.socket:
     return s
 
 
+def _first_issued(store: Path) -> bool:
+    """The running service's status file says its first certificate was obtained."""
+    try:
+        status = json.loads((store / "status.json").read_text())
+        return status[0].get("last_success") is not None
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def test_socket_activation_issue(workdir: Path) -> None:
     user = unprivileged_user()
     names = ["socket.example.test", "www.socket.example.test"]
@@ -204,15 +213,11 @@ def test_socket_activation_run_with_wrong_family(workdir: Path) -> None:
             "activate.log",
         )
         _poke().close()
-        status = workdir / "store" / "status.json"
-
-        def issued() -> bool:
-            try:
-                return json.loads(status.read_text())[0].get("last_success") is not None
-            except (OSError, ValueError, IndexError):
-                return False
-
-        wait_for(issued, 60, "the socket-activated runner to obtain its certificate")
+        wait_for(
+            lambda: _first_issued(workdir / "store"),
+            60,
+            "the socket-activated runner to obtain its certificate",
+        )
         check_issued(ca, workdir / "store", names)
         out = proc.output()
         assert "the inherited socket is AF_INET; using that family" in out, out
@@ -260,15 +265,11 @@ def test_root_binds_then_drops_privileges(workdir: Path) -> None:
             workdir / "run.log",
             env=clean_env(),
         )
-        status = workdir / "store" / "status.json"
-
-        def issued() -> bool:
-            try:
-                return json.loads(status.read_text())[0].get("last_success") is not None
-            except (OSError, ValueError, IndexError):
-                return False
-
-        wait_for(issued, 60, "the runner to obtain its certificate:\n" + proc.output())
+        wait_for(
+            lambda: _first_issued(workdir / "store"),
+            60,
+            "the runner to obtain its certificate:\n" + proc.output(),
+        )
         ids = _ids(proc.popen.pid)
         assert ids["Uid"] == [user.pw_uid] * 4 and ids["Gid"] == [user.pw_gid] * 4, ids
         assert 0 not in ids["Groups"], ids
