@@ -25,20 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet.task import Clock
 
+from bench.common import rss_mib
 from synapse_acme.model import CertificateSpec
 from synapse_acme.service import AcmeService
 from synapse_acme.store import FileStore
 from synapse_acme.testing.issuer import FakeIssuer
 from synapse_acme.testing.store import MemoryStore
 from tests.certs import TestCA
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def run(size: int, store_kind: str, ticks: int) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import resource
 import sys
 import time
 
@@ -21,20 +20,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet.task import Clock
 
+from bench.common import rss_mib
 from synapse_acme.tls import HotSwapTLS
-from tests.certs import TestCA, client_context, pump
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from tests.certs import TestCA, client_context, handshake_with
 
 
 def run(size: int, handshakes: int, ca: TestCA) -> None:
-    from OpenSSL import SSL
 
     clock = Clock()
     clock.advance(ca.now.timestamp())
@@ -54,12 +45,7 @@ def run(size: int, handshakes: int, ca: TestCA) -> None:
     names = [f"n{random.randrange(size)}.example.test".encode() for _ in range(handshakes)]
     t0 = time.perf_counter()
     for name in names:
-        server = tls.serverConnectionForTLS(None)
-        server.set_accept_state()
-        client = SSL.Connection(client_ctx, None)
-        client.set_connect_state()
-        client.set_tlsext_host_name(name)
-        pump(server, client)
+        handshake_with(tls, client_ctx, name)
     elapsed = time.perf_counter() - t0
     print(
         f"{size:>6} certs: load {load:7.2f} s ({load / size * 1000:6.2f} ms/cert), "

@@ -21,11 +21,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from OpenSSL import SSL
 from twisted.internet.task import Clock
 
 from synapse_acme.tls import HotSwapTLS
-from tests.certs import TestCA, client_context, pump
+from tests.certs import TestCA, client_context, handshake_with
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -46,12 +45,7 @@ def run(certs: int, handshakes: int) -> dict[str, Any]:
     def handshake_ms(i: int) -> float:
         name = f"n{i % hot}.example.test".encode()
         t0 = time.perf_counter()
-        server = tls.serverConnectionForTLS(None)
-        server.set_accept_state()
-        client = SSL.Connection(client_ctx, None)
-        client.set_connect_state()
-        client.set_tlsext_host_name(name)
-        pump(server, client)
+        client = handshake_with(tls, client_ctx, name)
         elapsed = (time.perf_counter() - t0) * 1000
         cert = client.get_peer_certificate()
         assert cert is not None and name.decode() in str(cert.to_cryptography().extensions)

@@ -208,14 +208,27 @@ def handshake(
     ``server`` lets a test create the server side early (e.g. before a certificate swap).
     Raises ``OpenSSL.SSL.Error`` if the handshake fails.
     """
+    client = handshake_with(creator, client_context(ca, max_version), sni, alpn, server)
+    return HandshakeResult(client)
+
+
+def handshake_with(
+    creator: Any,
+    client_ctx: SSL.Context,
+    sni: bytes | None,
+    alpn: list[bytes] | None = None,
+    server: SSL.Connection | None = None,
+) -> SSL.Connection:
+    """:func:`handshake` with a client context made once by the caller (loops, benchmarks);
+    returns the client side of the finished handshake."""
     if server is None:
         server = creator.serverConnectionForTLS(None)
     server.set_accept_state()
-    client = SSL.Connection(client_context(ca, max_version), None)
+    client = SSL.Connection(client_ctx, None)
     client.set_connect_state()
     if sni is not None:
         client.set_tlsext_host_name(sni)
     if alpn:
         client.set_alpn_protos(alpn)
     pump(server, client)
-    return HandshakeResult(client)
+    return client

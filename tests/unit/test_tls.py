@@ -31,7 +31,7 @@ from synapse_acme.errors import BundleError
 from synapse_acme.interfaces import ICertificateConsumer
 from synapse_acme.model import CertificateBundle
 from synapse_acme.tls import HotSwapTLS, TLSListenerService, build_context, tls_server_endpoint
-from tests.certs import TestCA, client_context, handshake, leaf_serial, pump
+from tests.certs import TestCA, client_context, handshake, handshake_with, leaf_serial
 
 NOW = datetime.datetime(2026, 11, 23, 12, 0, tzinfo=datetime.timezone.utc)
 DAY = datetime.timedelta(days=1)
@@ -194,11 +194,7 @@ def test_swap_new_connections_get_new_cert_old_keep_theirs(tls: HotSwapTLS, ca: 
 def test_established_connection_survives_swap(tls: HotSwapTLS, ca: TestCA) -> None:
     tls.set_bundle("main", ca.issue(["example.test"]))
     server = tls.serverConnectionForTLS(None)
-    server.set_accept_state()
-    client = SSL.Connection(client_context(ca), None)
-    client.set_connect_state()
-    client.set_tlsext_host_name(b"example.test")
-    pump(server, client)
+    client = handshake_with(tls, client_context(ca), b"example.test", server=server)
     tls.set_bundle("main", ca.issue(["example.test"]))
     client.send(b"ping")
     server.bio_write(client.bio_read(65536))
@@ -245,13 +241,7 @@ def test_no_disk_io_or_context_building_during_handshakes(
         patched.setattr(tls_module, "build_context", refuse)
         patched.setattr(tls_module, "_base_context", refuse)
         for ctx, sni in zip(client_ctxs, (b"example.test", b"a.example.test", None), strict=True):
-            server = tls.serverConnectionForTLS(None)
-            server.set_accept_state()
-            client = SSL.Connection(ctx, None)
-            client.set_connect_state()
-            if sni:
-                client.set_tlsext_host_name(sni)
-            pump(server, client)
+            client = handshake_with(tls, ctx, sni)
             cert = client.get_peer_certificate(as_cryptography=True)
             serials.append(cert.serial_number if cert is not None else None)
     main, wild = (leaf_serial(tls.current(k)) for k in ("main", "wild"))  # type: ignore[arg-type]
