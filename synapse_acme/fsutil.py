@@ -79,7 +79,8 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _remove_quietly(path: str) -> None:
+def remove_quietly(path: str) -> None:
+    """Remove a temporary file; already gone is fine, any other failure is only logged."""
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -100,7 +101,7 @@ def atomic_write(path: str, data: bytes, mode: int = PRIVATE_FILE_MODE) -> None:
         write_new_file(tmp, data, mode)
         os.rename(tmp, path)
     except OSError as e:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise StoreError(f"cannot write {path}: {describe_os_error(e)}") from None
     try:
         fsync_dir(os.path.dirname(path) or ".")
@@ -134,7 +135,7 @@ def create_exclusive(path: str, data: bytes, mode: int = PRIVATE_FILE_MODE) -> b
     except OSError as e:
         raise StoreError(f"cannot write {path}: {describe_os_error(e)}") from None
     finally:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
     try:
         fsync_dir(os.path.dirname(path) or ".")
     except OSError as e:

@@ -285,7 +285,7 @@ class FileStore:
                 if fsutil.is_temp_name(name):
                     path = os.path.join(directory, name)
                     if os.path.isfile(path) and not os.path.islink(path):
-                        _remove_file_quietly(path)
+                        fsutil.remove_quietly(path)
                         actions.append(f"removed stray temporary file {path}")
         try:
             entries = os.listdir(self.certificates_dir)
@@ -377,13 +377,6 @@ def _is_complete(path: str) -> bool:
     except (OSError, StoreError):
         return False
     return True
-
-
-def _remove_file_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError as e:
-        logger.warning("could not remove %s: %s", path, fsutil.describe_os_error(e))
 
 
 def _rmtree_quietly(path: str) -> None:
