@@ -147,10 +147,10 @@ class RenewRequestWatcher(Service):
             self._loop.stop()
 
     def check(self) -> None:
-        if not os.path.exists(self.path):
-            return
         try:
-            os.unlink(self.path)
+            os.unlink(self.path)  # taking the request is removing it: once per request
+        except FileNotFoundError:
+            return
         except OSError as e:
             logger.error(
                 "synapse-acme: cannot remove %s (%s); not renewing",

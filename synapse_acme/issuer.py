@@ -274,7 +274,6 @@ class AcmeIssuer:
         deadline = self.clock.seconds() + self.poll_timeout
         current = order
         finalized = False
-        early = True  # ``order`` is the status from newOrder, before the authorizations
         waits = 0
         while True:
             status = current.body.status
@@ -284,10 +283,10 @@ class AcmeIssuer:
                 if not current.body.certificate:
                     raise AcmeProtocolError("valid order without a certificate URL", order.url)
                 return current
+            # ``order`` itself still shows newOrder's status, from before the authorizations.
             finalizable = status == messages.STATUS_READY or (
-                early and status == messages.STATUS_PENDING
+                current is order and status == messages.STATUS_PENDING
             )
-            early = False
             if finalizable and not finalized:
                 try:
                     current = await self.client.finalize(current, csr_der)
