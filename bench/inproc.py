@@ -31,7 +31,8 @@ from twisted.internet import defer, task
 
 from synapse_acme import crypto
 from synapse_acme.client import AcmeClient
-from synapse_acme.http01 import HTTP01Responder, make_site
+from synapse_acme.http01 import HTTP01Responder
+from synapse_acme.http01_server import make_factory
 from synapse_acme.transport import JWSTransport, make_http_client
 
 
@@ -113,7 +114,9 @@ async def _floor_one(
 async def run_floor(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     reactor_ref.append(reactor)
     responder = HTTP01Responder()
-    port = reactor.listenTCP(args.http_port, make_site(responder), interface="127.0.0.1")
+    port = reactor.listenTCP(
+        args.http_port, make_factory(responder, reactor), interface="127.0.0.1"
+    )
     try:
         t0 = time.perf_counter()
         key = jose.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))

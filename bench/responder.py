@@ -1,8 +1,10 @@
 """HTTP-01 responder throughput and latency under wrk on loopback (bounded in count and time).
 
-Three servers answer the same token at ``/.well-known/acme-challenge/<token>``:
-synapse-acme's listener (``bench/serve_responder.py``), certbot's standalone server
-(``bench/certbot_responder.py`` in certbot's venv) and nginx serving the token as a static file.
+Four servers answer the same token at ``/.well-known/acme-challenge/<token>``:
+synapse-acme's standalone listener (``bench/serve_responder.py``), the same responder's
+twisted.web resource in a plain Site (``--site``: how Synapse serves it), certbot's standalone
+server (``bench/certbot_responder.py`` in certbot's venv) and nginx serving the token as a
+static file.
 Each is started fresh, warmed up, then loaded by ``wrk -t1 -cC -dDs --latency`` (wrk's one
 thread and the server share the 2 cores). Runs are interleaved server by server.
 """
@@ -24,13 +26,15 @@ TOKEN = "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1-f4CBgoM"  # base64url of 32 bytes, 
 VALIDATION = TOKEN + ".aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
 PATH = f"/.well-known/acme-challenge/{TOKEN}"
 
-SERVERS = ("synapse-acme", "certbot standalone", "nginx static file")
+SITE = "synapse-acme resource in a twisted.web Site"
+SERVERS = ("synapse-acme", SITE, "certbot standalone", "nginx static file")
 
 
 def _start(server: str, workdir: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    if server == "synapse-acme":
+    if server in ("synapse-acme", SITE):
         cmd = [PY, os.path.join(ROOT, "bench", "serve_responder.py"), str(port), TOKEN, VALIDATION]
+        cmd += ["--site"] if server == SITE else []
     elif server == "certbot standalone":
         cmd = [CERTBOT_PY, os.path.join(ROOT, "bench", "certbot_responder.py"), str(port)]
         cmd += [TOKEN, VALIDATION]

@@ -29,6 +29,7 @@ CLI_SEQ = "synapse-acme CLI, one process per cert"
 CLI_ONE = "synapse-acme CLI, one config"
 SERVICE = "synapse-acme service (in-process)"
 FLOOR = "floor (minimal client)"
+FLOOR_PROC = "floor, whole process"
 CB_SA = "certbot standalone, sequential"
 CB_WR = "certbot webroot, sequential"
 LEGO = "lego http, sequential"
@@ -78,7 +79,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 def scenarios(p: dict[str, Any], peers: bool) -> list[Scenario]:
     par = p["parallel"]
-    one = [CLI_SEQ, SERVICE, FLOOR] + ([CB_SA, CB_WR, LEGO] if peers else [])
+    one = [CLI_SEQ, SERVICE, FLOOR, FLOOR_PROC] + ([CB_SA, CB_WR, LEGO] if peers else [])
     out = [
         Scenario("one-1", "1 certificate, 1 name", 1, 1, one),
         Scenario("one-n", f"1 certificate, {p['one_names']} names", 1, p["one_names"], one),
@@ -86,7 +87,9 @@ def scenarios(p: dict[str, Any], peers: bool) -> list[Scenario]:
     for n in p["many"]:
         seq = [CLI_SEQ] + ([CB_SA, LEGO] if peers and n <= p["seq_max"] else [])
         out.append(Scenario(f"seq-{n}", f"{n} certificates, sequential", n, 1, seq))
-        conc = [CLI_ONE, SERVICE, FLOOR] + ([cb_par(par), lego_par(par)] if peers else [])
+        conc = [CLI_ONE, SERVICE, FLOOR, FLOOR_PROC] + (
+            [cb_par(par), lego_par(par)] if peers else []
+        )
         out.append(Scenario(f"conc-{n}", f"{n} certificates, concurrent", n, 1, conc))
     return out
 
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"process start-up: {results['startup']}")
         if "responder" in args.only:
             log("responder")
-            servers = responder.SERVERS if peers else ("synapse-acme",)
+            servers = responder.SERVERS if peers else ("synapse-acme", responder.SITE)
             results["responder"] = responder.measure(
                 servers, p["resp_conns"], p["resp_seconds"], p["resp_runs"], work, log
             )
@@ -295,21 +298,26 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     if "issuance" in results:
         cli, certbot = _cell(results, "one-1", CLI_SEQ), _cell(results, "one-1", CB_SA)
         r = pair_ratio(cli, certbot)
+        minimal = pair_ratio(cli, _cell(results, "one-1", FLOOR_PROC))
         out.append(
             {
-                "goal": "1 certificate, whole process: synapse-acme CLI <= 0.3x certbot standalone",
+                "goal": "1 certificate, whole process: synapse-acme CLI <= 0.3x certbot standalone"
+                f" (and {_fmt_ratio(minimal)} a minimal Python process doing the same: the "
+                "floor, whole process; the issue estimates about 1.15x)",
                 "value": r,
                 "met": None if r is None else r <= 0.3,
             }
         )
         biggest = max((sc["certs"] for sc in results["issuance"]), default=0)
-        for client in (SERVICE, CLI_ONE):
+        # Like for like: the in-process service against the floor timed in-process, the CLI
+        # (a whole process) against the floor as a whole process.
+        for client, floor in ((SERVICE, FLOOR), (CLI_ONE, FLOOR_PROC)):
             r = pair_ratio(
-                _cell(results, f"conc-{biggest}", client), _cell(results, f"conc-{biggest}", FLOOR)
+                _cell(results, f"conc-{biggest}", client), _cell(results, f"conc-{biggest}", floor)
             )
             out.append(
                 {
-                    "goal": f"{biggest} certificates: {client} within 1.3x of the floor",
+                    "goal": f"{biggest} certificates: {client} within 1.3x of the {floor}",
                     "value": r,
                     "met": None if r is None else r <= 1.3,
                 }
@@ -341,33 +349,29 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
 def goal_notes(res: dict[str, Any]) -> list[str]:
     """What a missed goal means, computed from the same figures."""
     out: list[str] = []
-    st = res.get("startup")
-    biggest = max((sc["certs"] for sc in res.get("issuance", [])), default=0)
-    cli = _cell(res, f"conc-{biggest}", CLI_ONE) if biggest else []
-    floor = _cell(res, f"conc-{biggest}", FLOOR) if biggest else []
-    if st and cli and floor:
-        start = st["import_s"]
-        r = pair_ratio([c - start for c in cli], floor)
-        out.append(
-            f"- The {biggest}-certificate CLI row is timed from process start, so it includes "
-            f"interpreter start and imports ({_fmt_s(start)}, section 1), which the floor (timed "
-            f"inside a running process from account registration) does not pay; without them "
-            f"the CLI is at {_fmt_ratio(r)} of the floor. The in-process service row is the "
-            "like-for-like comparison."
-        )
     resp = res.get("responder", {}).get("results", {})
     ours, cb = resp.get("synapse-acme", {}).get("1"), resp.get("certbot standalone", {}).get("1")
-    if ours and cb:
+    ratio = res.get("responder", {}).get("rps_ratio_ours_to", {}).get("certbot standalone", {})
+    if ours and cb and (ratio.get("1") or 0) < 2.0:
         out.append(
             "- With one connection wrk waits for every answer, so requests/s is one round trip: "
-            f"p50 {ours['p50_ms']['median']:.2f} ms for synapse-acme (Twisted's HTTP stack: "
-            "two reactor turns and a full Request per answer) against "
+            f"p50 {ours['p50_ms']['median']:.2f} ms for synapse-acme against "
             f"{cb['p50_ms']['median']:.2f} ms for certbot's threaded stdlib server plus a new TCP "
             "connection per request (HTTP/1.0, it closes after each answer). That sequential "
             "case stays under 2x; once clients come in parallel certbot cannot keep up (its "
             "p99 at 32 connections: "
             f"{resp['certbot standalone'].get('32', {}).get('p99_ms', {}).get('median', 0):.0f}"
             " ms)."
+        )
+    biggest = max((sc["certs"] for sc in res.get("issuance", [])), default=0)
+    cli = _cell(res, f"conc-{biggest}", CLI_ONE) if biggest else []
+    floor = _cell(res, f"conc-{biggest}", FLOOR_PROC) if biggest else []
+    r = pair_ratio(cli, floor) if cli and floor else None
+    if r is not None and r > 1.3:
+        out.append(
+            f"- The {biggest}-certificate CLI row pays what the minimal client does not: the "
+            "YAML config, the store (every file fsynced and renamed into place), the store "
+            "lock, the status file, and the imports of the service, store and TLS modules."
         )
     if out:
         out.append("")
@@ -437,10 +441,14 @@ def render(res: dict[str, Any]) -> str:
             "Wall time to get the certificates: whole process for the command-line clients "
             "(start to exit, including interpreter start, account registration and writing "
             "files); from `renew()` to done for the in-process service; registration to last "
-            "download for the floor. Median of n runs (min-max); each run uses fresh names and "
-            "a fresh state directory (a new account). Runs are interleaved client by client; "
-            "`vs certbot` is the median of run-by-run ratios to certbot standalone (or certbot "
-            "webroot in parallel for the concurrent rows). A client whose runs exceeded "
+            "download for the floor, and start to exit for the same floor run as a whole "
+            "process (a minimal Python process that only makes the protocol requests). Median "
+            "of n runs (min-max); each run uses fresh names and a fresh state directory (a new "
+            "account). Runs are interleaved client by client; `vs certbot` is the median of "
+            "run-by-run ratios to certbot standalone (or certbot webroot in parallel for the "
+            "concurrent rows); `vs floor` compares like with like: in-process rows with the "
+            "in-process floor, whole processes with the floor as a whole process. A client "
+            "whose runs exceeded "
             f"{res['settings']['cell_budget']:.0f} s in total stopped early (see n).",
             "",
         ]
@@ -456,7 +464,7 @@ def render(res: dict[str, Any]) -> str:
             lines += [
                 f"### {sc['title']}",
                 "",
-                "| Client | Median | min - max | n | vs certbot | vs floor |",
+                "| Client | Median | min - max | n | vs certbot | vs floor (like for like) |",
                 "| --- | --- | --- | --- | --- | --- |",
             ]
             ref_name = (
@@ -465,8 +473,11 @@ def render(res: dict[str, Any]) -> str:
                 else cb_par(res["settings"]["parallel"])
             )
             ref = sc["results"].get(ref_name, {}).get("values", [])
-            floor = sc["results"].get(FLOOR, {}).get("values", [])
+            floors = {f: sc["results"].get(f, {}).get("values", []) for f in (FLOOR, FLOOR_PROC)}
             for name, s in sc["results"].items():
+                # in-process rows against the in-process floor, whole processes against the
+                # floor run as a whole process
+                floor = floors[FLOOR if name in (SERVICE, FLOOR) else FLOOR_PROC]
                 if name in sc["errors"]:
                     lines.append(f"| {name} | FAILED: {sc['errors'][name][:150]!r} | | 0 | | |")
                     continue
@@ -511,7 +522,8 @@ def render(res: dict[str, Any]) -> str:
             "",
             f"`{r['command']}`, {r['seconds']} s per run, {r['runs']} run(s), median; each "
             "server answers the same token on 127.0.0.1 and is warmed up first. synapse-acme: "
-            "its real listener (`http01.make_site`, Twisted epoll reactor); certbot: "
+            "its real standalone listener (`http01_server.make_factory`: a small strict "
+            "HTTP/1.1 protocol on the Twisted epoll reactor); certbot: "
             "`acme.standalone.HTTP01DualNetworkedServers` exactly as `certbot --standalone` "
             "builds it (HTTP/1.0, a thread per connection, so every request opens a "
             "connection; wrk counts each close as a socket read error); nginx: one worker, "

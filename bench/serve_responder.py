@@ -1,9 +1,11 @@
-"""Serve one HTTP-01 token with synapse-acme's real challenge site until killed (for wrk).
+"""Serve one HTTP-01 token with synapse-acme until killed (for wrk).
 
-    python bench/serve_responder.py PORT TOKEN KEY_AUTHORIZATION
+    python bench/serve_responder.py PORT TOKEN KEY_AUTHORIZATION [--site]
 
-This is the listener ``synapse-acme run`` opens (``http01.make_site``), on 127.0.0.1, with the
-default reactor (epoll); prints ``ready`` once listening.
+By default this is the listener ``synapse-acme run`` opens (``http01_server.make_factory``), on
+127.0.0.1, with the default reactor (epoll). ``--site`` serves the same responder through its
+``twisted.web`` resource in a plain ``Site`` instead (how Synapse serves it on its own
+listeners), to show what the small protocol gains. Prints ``ready`` once listening.
 """
 
 from __future__ import annotations
@@ -11,15 +13,25 @@ from __future__ import annotations
 import sys
 
 from twisted.internet import reactor
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
-from synapse_acme.http01 import HTTP01Responder, make_site
+from synapse_acme.http01 import HTTP01Responder
+from synapse_acme.http01_server import make_factory
 
 
 def main() -> None:
     port, token, validation = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     responder = HTTP01Responder()
     responder.start_responding("bench.example.test", token, validation)
-    reactor.listenTCP(port, make_site(responder), interface="127.0.0.1", backlog=1024)  # type: ignore[attr-defined]
+    if "--site" in sys.argv[4:]:
+        root, well_known = Resource(), Resource()
+        root.putChild(b".well-known", well_known)
+        well_known.putChild(b"acme-challenge", responder.resource())
+        factory: object = Site(root)
+    else:
+        factory = make_factory(responder, reactor)  # type: ignore[arg-type]
+    reactor.listenTCP(port, factory, interface="127.0.0.1", backlog=1024)  # type: ignore[attr-defined]
     print("ready", flush=True)
     reactor.run()  # type: ignore[attr-defined]
 

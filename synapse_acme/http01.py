@@ -1,8 +1,10 @@
-"""The HTTP-01 challenge responder: a live token map, the resource that serves it, and a listener.
+"""The HTTP-01 challenge responder: a live token map, what it answers, the resource, the listener.
 
-The same resource serves the standalone listener and every Synapse HTTP listener (mounted at
-``/.well-known/acme-challenge``), so it reads the responder's map on each request instead of
-being rebuilt per challenge. It never raises: a bug costs one 500, never a dead listener.
+:func:`answer` decides every reply. The resource serves it on every Synapse HTTP listener
+(mounted at ``/.well-known/acme-challenge``); the standalone listener serves it through the
+small protocol in :mod:`synapse_acme.http01_server`. Both read the responder's map on each
+request instead of being rebuilt per challenge, and neither raises: a bug costs one 500,
+never a dead listener.
 """
 
 from __future__ import annotations
@@ -22,11 +24,10 @@ from twisted.internet import defer
 from twisted.internet.address import IPv6Address
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.python.failure import Failure
-from twisted.web import pages
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from synapse_acme.errors import ListenError
@@ -81,6 +82,46 @@ class HTTP01Responder:
         return _ChallengeResource(self.tokens())
 
 
+@attrs.frozen
+class Answer:
+    """What the challenge path answers: status, the body a GET gets, and ``Allow`` for 405.
+
+    Headers are the same for every answer (``text/plain``, ``no-store``); a HEAD gets the
+    length of ``body`` without the body.
+    """
+
+    code: int
+    body: bytes
+    allow: bytes | None = None
+
+
+NOT_FOUND = Answer(404, b"not found\n")
+_METHOD_NOT_ALLOWED = Answer(405, b"method not allowed\n", allow=b", ".join(_ALLOWED_METHODS))
+
+
+def answer(tokens: Mapping[str, bytes], method: bytes, segments: Sequence[bytes]) -> Answer:
+    """The answer to ``method`` on ``/.well-known/acme-challenge/<segments...>``.
+
+    ``segments`` are the percent-decoded path segments below ``acme-challenge``. The one
+    decision both servers share: the resource Synapse mounts and the standalone listener's
+    protocol (:mod:`synapse_acme.http01_server`).
+    """
+    if method not in _ALLOWED_METHODS:
+        return _METHOD_NOT_ALLOWED
+    # Proxies add slashes: /<token>/, and //<token> from a ProxyPass whose target ends in
+    # a slash while its path does not. Empty segments carry no meaning here.
+    parts = [s for s in segments if s]
+    body = None
+    if len(parts) == 1 and _TOKEN.fullmatch(parts[0]):
+        body = tokens.get(parts[0].decode("ascii"))
+    elif parts:
+        logger.debug("HTTP-01 request for a malformed token: %r", parts[:2])
+    if body is None:
+        return NOT_FOUND
+    logger.debug("Answered an HTTP-01 challenge request")
+    return Answer(200, body)
+
+
 class _ChallengeResource(Resource):
     """``GET|HEAD /<token>`` -> the key authorization; anything else 404 or 405."""
 
@@ -103,63 +144,17 @@ class _ChallengeResource(Resource):
             return b"" if getattr(request, "method", None) == b"HEAD" else b"internal error\n"
 
     def _render(self, request: Request) -> bytes:
+        result = answer(self._tokens, request.method, request.postpath or [])
+        request.setResponseCode(result.code)
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-type", b"text/plain")
-        if request.method not in _ALLOWED_METHODS:
-            request.setResponseCode(405)
-            request.setHeader(b"allow", b", ".join(_ALLOWED_METHODS))
-            return b"method not allowed\n"
-        # Proxies add slashes: /<token>/, and //<token> from a ProxyPass whose target ends in
-        # a slash while its path does not. Empty segments carry no meaning here.
-        segments = [s for s in request.postpath or [] if s]
-        body = None
-        if len(segments) == 1 and _TOKEN.fullmatch(segments[0]):
-            body = self._tokens.get(segments[0].decode("ascii"))
-        elif segments:
-            logger.debug("HTTP-01 request for a malformed token: %r", segments[:2])
-        if body is None:
-            request.setResponseCode(404)
-            body = b"not found\n"
-        else:
-            logger.debug("Answered an HTTP-01 challenge request")
+        if result.allow:
+            request.setHeader(b"allow", result.allow)
         if request.method == b"HEAD":
             # Say the length a GET would get, without a body (and without Twisted's HEAD warning).
-            request.setHeader(b"content-length", b"%d" % len(body))
+            request.setHeader(b"content-length", b"%d" % len(result.body))
             return b""
-        return body
-
-
-class _NotFound(Resource):
-    """A directory level that 404s everything except its explicit children."""
-
-    def getChild(self, path: bytes, request: Any) -> IResource:
-        return pages.notFound()
-
-    def render(self, request: Any) -> Any:
-        return pages.notFound().render(request)
-
-
-class _QuietSite(Site):
-    """A Site that logs requests at DEBUG: scanners hit port 80 all day."""
-
-    noisy = False
-
-    def log(self, request: Any) -> None:
-        logger.debug(
-            "%s %r -> %s",
-            getattr(request, "method", b"?").decode("ascii", "replace"),
-            getattr(request, "uri", b""),
-            getattr(request, "code", "?"),
-        )
-
-
-def make_site(responder: HTTP01Responder) -> Site:
-    """A Site answering only ``/.well-known/acme-challenge/<token>``; everything else is 404."""
-    well_known = _NotFound()
-    well_known.putChild(b"acme-challenge", responder.resource())
-    root = _NotFound()
-    root.putChild(b".well-known", well_known)
-    return _QuietSite(root)
+        return result.body
 
 
 _NO_SYSTEMD_SOCKET = (
@@ -221,16 +216,17 @@ def _is_dual_stack_overlap(failure: Failure, bound: Sequence[IListeningPort]) ->
 
 
 class HTTP01ListenerService(service.Service):
-    """Binds the HTTP-01 site on several endpoints, tolerating all but total failure.
+    """Binds the HTTP-01 server (``http01_server.make_factory``) on several endpoints,
+    tolerating all but total failure.
 
     Binding happens in ``privilegedStartService`` (port 80 before privileges drop). A host
     without IPv6 fails ``::`` and keeps ``0.0.0.0``; on Linux ``::`` is dual-stack and the
     ``0.0.0.0`` bind fails with EADDRINUSE, which is expected.
     """
 
-    def __init__(self, reactor: Any, site: Site, endpoints: Sequence[str]) -> None:
+    def __init__(self, reactor: Any, factory: IProtocolFactory, endpoints: Sequence[str]) -> None:
         self._reactor = reactor
-        self._site = site
+        self._factory = factory
         self.endpoints: list[str] = list(endpoints)
         #: The bound ports, in endpoint order (``getHost().port`` gives the number for port 0).
         self.ports: list[IListeningPort] = []
@@ -265,7 +261,7 @@ class HTTP01ListenerService(service.Service):
         for description in self.endpoints:
             try:
                 endpoint = server_endpoint(self._reactor, description)
-                port = await endpoint.listen(self._site)
+                port = await endpoint.listen(self._factory)
             except defer.CancelledError:
                 self._settle(Failure(ListenError("stopped before the listener was bound")))
                 return

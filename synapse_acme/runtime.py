@@ -20,7 +20,8 @@ from synapse_acme.account import load_or_create_account_key
 from synapse_acme.client import AcmeClient
 from synapse_acme.config import AcmeConfig
 from synapse_acme.export import FileExporter
-from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder, make_site
+from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder
+from synapse_acme.http01_server import make_factory
 from synapse_acme.interprocess import StoreLock, StoreLockService
 from synapse_acme.issuer import AcmeIssuer
 from synapse_acme.names import names_key
@@ -159,7 +160,7 @@ def _build_managing(
     listener = None
     endpoints = config.http01_endpoints() if standalone_listener else []
     if endpoints:
-        listener = HTTP01ListenerService(reactor, make_site(responder), endpoints)
+        listener = HTTP01ListenerService(reactor, make_factory(responder, reactor), endpoints)
         listener.setServiceParent(root)
     _add_tls_listeners(config, reactor, tls, root)
     acme.setServiceParent(root)

@@ -149,9 +149,10 @@ def test_socket_activation_issue(workdir: Path) -> None:
             "activate.log",
         )
         with _poke() as probe:
-            # The service adopted the socket: the queued first request gets the responder's 404.
+            # The service adopted the socket: the queued first request gets the responder's 404
+            # (an HTTP/1.1 server answers a 1.0 request as HTTP/1.1, RFC 9110 6.2).
             probe.settimeout(30)
-            assert probe.recv(100).startswith(b"HTTP/1.0 404")
+            assert probe.recv(100).startswith(b"HTTP/1.1 404 Not Found\r\n")
         code = proc.popen.wait(120)
         out = proc.output()
         assert code == 0, out

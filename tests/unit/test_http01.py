@@ -1,4 +1,6 @@
-"""HTTP-01 responder, its resource, the standalone site and the listener service (all in memory)."""
+"""HTTP-01 responder and what it answers, through both servers (the resource mounted in a
+twisted.web Site as Synapse does, and the standalone listener's protocol), and the listener
+service (all in memory)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ from hypothesis import strategies as st
 from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import globalLogPublisher
+from twisted.web import pages
 from twisted.web.resource import Resource
-from twisted.web.test.requesthelper import DummyRequest
 from zope.interface.verify import verifyObject
 
 from synapse_acme import http01
@@ -26,9 +29,10 @@ from synapse_acme.http01 import (
     HTTP01ListenerService,
     HTTP01Responder,
     _ChallengeResource,
-    make_site,
 )
+from synapse_acme.http01_server import ChallengeHTTPFactory, make_factory
 from synapse_acme.interfaces import IResponder
+from tests.http_raw import raw_request
 
 TOKEN = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"
 KEY_AUTH = TOKEN + ".9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
@@ -36,10 +40,14 @@ PREFIX = "http://example.test/.well-known/acme-challenge/"
 
 
 def _request(
-    resource: Any, method: str, url: str, headers: dict[str, str] | None = None
+    server: Any, method: str, url: str, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[bytes, list[bytes]], bytes]:
-    """Run one request synchronously through StubTreq; (status, headers, body)."""
-    stub = StubTreq(resource)
+    """Run one request synchronously; (status, headers, body). ``server`` is a resource tree
+    (run through StubTreq) or the standalone protocol's factory (raw bytes, parsed by the
+    stdlib's http.client)."""
+    if isinstance(server, ChallengeHTTPFactory):
+        return raw_request(server, method, url, headers)
+    stub = StubTreq(server)
     results: list[Any] = []
     failures: list[Any] = []
     d = stub.request(method, url, headers=headers)
@@ -58,9 +66,39 @@ def responder() -> HTTP01Responder:
     return r
 
 
-@pytest.fixture
-def site_root(responder: HTTP01Responder) -> Any:
-    return make_site(responder).resource
+class _Dir(Resource):
+    """A tree level that 404s what it does not hold, as Synapse's own tree does."""
+
+    def getChild(self, path: bytes, request: Any) -> Any:
+        return pages.notFound()
+
+    def render(self, request: Any) -> Any:
+        return pages.notFound().render(request)
+
+
+def mounted(responder: HTTP01Responder) -> Resource:
+    """The resource at /.well-known/acme-challenge of an otherwise empty tree, as Synapse's
+    ``register_web_resource`` mounts it."""
+    root = _Dir()
+    well_known = _Dir()
+    root.putChild(b".well-known", well_known)
+    well_known.putChild(b"acme-challenge", responder.resource())
+    return root
+
+
+def serve(kind: str, responder: HTTP01Responder) -> Any:
+    """The responder behind one of the two servers that answer challenges."""
+    if kind == "resource":
+        return mounted(responder)
+    return make_factory(responder, Clock())
+
+
+SERVERS = ["resource", "protocol"]
+
+
+@pytest.fixture(params=SERVERS)
+def site_root(request: pytest.FixtureRequest, responder: HTTP01Responder) -> Any:
+    return serve(request.param, responder)
 
 
 # -- the responder --------------------------------------------------------------------------
@@ -93,7 +131,7 @@ def test_start_refuses_tokens_no_resource_could_serve(token: str) -> None:
         HTTP01Responder().start_responding("a.example.test", token, "k")
 
 
-# -- the resource via the standalone site -----------------------------------------------------
+# -- what both servers answer ----------------------------------------------------------------
 
 
 def test_get_serves_key_authorization(site_root: Any) -> None:
@@ -171,10 +209,7 @@ def test_any_host_and_forwarded_headers(site_root: Any) -> None:
 def test_resource_mounts_anywhere_like_synapse_does(responder: HTTP01Responder) -> None:
     # Synapse's register_web_resource puts the resource at /.well-known/acme-challenge of
     # its own tree, next to /.well-known/matrix.
-    root = Resource()
-    well_known = Resource()
-    root.putChild(b".well-known", well_known)
-    well_known.putChild(b"acme-challenge", responder.resource())
+    root = mounted(responder)
     assert _request(root, "GET", PREFIX + TOKEN)[::2] == (200, KEY_AUTH.encode())
     responder.start_responding("b.example.test", "later", "later.thumb")
     assert _request(root, "GET", PREFIX + "later")[::2] == (200, b"later.thumb")
@@ -192,19 +227,6 @@ def test_a_bug_gives_500_not_an_exception(caplog: pytest.LogCaptureFixture) -> N
         assert code == 500
         assert body == (b"" if method == "HEAD" else b"internal error\n")
     assert "Bug answering an HTTP-01 request" in caplog.text
-
-
-def test_access_log_is_quiet_at_info(
-    responder: HTTP01Responder, caplog: pytest.LogCaptureFixture
-) -> None:
-    site = make_site(responder)
-    request = DummyRequest([b"x"])
-    request.method = b"GET"
-    request.uri = b"/x"
-    caplog.set_level(logging.DEBUG, logger="synapse_acme.http01")
-    site.log(request)
-    assert site.noisy is False
-    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
 
 
 _TOKEN_ALPHABET = string.ascii_letters + string.digits + "_-"
@@ -226,6 +248,7 @@ _TOKEN_ALPHABET = string.ascii_letters + string.digits + "_-"
     method=st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "FOO"]),
     host=st.text(string.ascii_letters + string.digits + ".-:[]", max_size=20),
     forwarded=st.text(string.printable.strip(), max_size=20),
+    kind=st.sampled_from(SERVERS),
 )
 def test_fuzz_paths_methods_headers(
     live: list[str],
@@ -235,6 +258,7 @@ def test_fuzz_paths_methods_headers(
     method: str,
     host: str,
     forwarded: str,
+    kind: str,
 ) -> None:
     responder = HTTP01Responder()
     for token in live:
@@ -245,9 +269,7 @@ def test_fuzz_paths_methods_headers(
     headers = {"X-Forwarded-For": forwarded, "X-Forwarded-Host": forwarded}
     if host:
         headers["Host"] = host
-    code, _, body = _request(
-        make_site(responder).resource, method, "http://h.test/" + path, headers
-    )
+    code, _, body = _request(serve(kind, responder), method, "http://h.test/" + path, headers)
 
     assert code in (200, 404, 405)
     if code == 200:
@@ -307,7 +329,7 @@ ENDPOINTS = [r"tcp6:port=80:interface=\:\:", "tcp:port=80:interface=0.0.0.0"]
 
 
 def _start(reactor: Any, endpoints: list[str]) -> tuple[HTTP01ListenerService, list[Any]]:
-    svc = HTTP01ListenerService(reactor, make_site(HTTP01Responder()), endpoints)
+    svc = HTTP01ListenerService(reactor, make_factory(HTTP01Responder(), Clock()), endpoints)
     results: list[Any] = []
     svc.privilegedStartService()
     svc.startService()
@@ -317,7 +339,7 @@ def _start(reactor: Any, endpoints: list[str]) -> tuple[HTTP01ListenerService, l
 
 def test_listener_binds_every_endpoint_in_privileged_start() -> None:
     reactor = _BindReactor()
-    svc = HTTP01ListenerService(reactor, make_site(HTTP01Responder()), ENDPOINTS)
+    svc = HTTP01ListenerService(reactor, make_factory(HTTP01Responder(), Clock()), ENDPOINTS)
     svc.privilegedStartService()
     assert [(p, i) for p, _, _, i in reactor.tcpServers] == [(80, "::"), (80, "0.0.0.0")]
     svc.startService()  # does not bind twice
@@ -403,7 +425,9 @@ def test_stop_while_binding_cancels_and_fails_waiters(monkeypatch: pytest.Monkey
             return pending
 
     monkeypatch.setattr(http01, "serverFromString", lambda reactor, text: _NeverListening())
-    svc = HTTP01ListenerService(_BindReactor(), make_site(HTTP01Responder()), ["tcp:80"])
+    svc = HTTP01ListenerService(
+        _BindReactor(), make_factory(HTTP01Responder(), Clock()), ["tcp:80"]
+    )
     svc.privilegedStartService()
     results: list[Any] = []
     svc.when_listening().addBoth(results.append)

@@ -11,15 +11,15 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.testing import MemoryReactor
 
 from synapse_acme.errors import ListenError
-from synapse_acme.http01 import HTTP01Responder, _with_real_family, make_site, server_endpoint
-from tests.unit.test_http01 import KEY_AUTH, TOKEN, _request
+from synapse_acme.http01 import HTTP01Responder, _with_real_family, server_endpoint
+from tests.unit.test_http01 import KEY_AUTH, SERVERS, TOKEN, _request, serve
 
 
-@pytest.fixture
-def site_root() -> Any:
+@pytest.fixture(params=SERVERS)
+def site_root(request: pytest.FixtureRequest) -> Any:
     r = HTTP01Responder()
     r.start_responding("a.example.test", TOKEN, KEY_AUTH)
-    return make_site(r).resource
+    return serve(request.param, r)
 
 
 @pytest.mark.parametrize(

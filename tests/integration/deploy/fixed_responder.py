@@ -14,28 +14,31 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder, make_site
+from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder
+from synapse_acme.http01_server import ChallengeHTTPProtocol, make_factory
+
+
+class _Recording(ChallengeHTTPProtocol):
+    """The real protocol, printing each request head it answers as a JSON line."""
+
+    def _answer(self, head: bytes) -> None:
+        lines = head.decode("latin-1").splitlines()
+        method, uri = [*lines[0].split(" "), "", ""][:2]
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.lower().startswith(("host", "x-forwarded")):
+                headers[name] = value.strip()
+        print(json.dumps({"method": method, "uri": uri, "headers": headers}), flush=True)
+        super()._answer(head)
 
 
 async def main(reactor: Any, endpoint: str, token: str, key_authorization: str) -> None:
     responder = HTTP01Responder()
     responder.start_responding("fixed.example.test", token, key_authorization)
-    site = make_site(responder)
-    original = site.log
-
-    def log(request: Any) -> None:
-        headers = {
-            name.decode(): values[0].decode()
-            for name, values in request.requestHeaders.getAllRawHeaders()
-            if name.lower().startswith((b"host", b"x-forwarded"))
-        }
-        record = {"method": request.method.decode(), "uri": request.uri.decode()}
-        record.update({"code": request.code, "headers": headers})
-        print(json.dumps(record), flush=True)
-        original(request)
-
-    site.log = log  # type: ignore[method-assign]
-    listener = HTTP01ListenerService(reactor, site, [endpoint])
+    factory = make_factory(responder, reactor)
+    factory.protocol = _Recording
+    listener = HTTP01ListenerService(reactor, factory, [endpoint])
     listener.startService()
     ports = await listener.when_listening()
     print(f"listening {ports[0].getHost().port}", flush=True)

@@ -1,0 +1,291 @@
+"""The standalone challenge listener's HTTP server: a small, strict HTTP/1.1 protocol.
+
+``synapse-acme run`` (and anything using :func:`make_factory`) serves only
+``GET|HEAD /.well-known/acme-challenge/<token>`` on a port that faces the internet. That needs a
+fraction of HTTP: no bodies, no uploads, no chunked coding, no upgrades. This protocol parses
+exactly that fraction and refuses the rest with a 4xx and a closed connection, instead of
+building a full ``twisted.web`` Request per hit. Measured with wrk on one connection it answers
+~1.8x as many requests per second as ``twisted.web.server.Site`` with the same resource
+(docs/BENCHMARKS.md section 2). What it answers, and when, is decided by the same function
+as the resource Synapse mounts (:func:`synapse_acme.http01.answer`).
+
+Rules (RFC 9112 where it says MUST, strict where it allows a choice):
+
+- A request head is at most :data:`MAX_HEAD` bytes and :data:`MAX_HEADERS` fields, else 431.
+- Request line ``METHOD SP target SP HTTP/1.x``; a malformed one is 400, another version 505.
+- Header fields: token name, colon, value without control characters; obs-fold, whitespace
+  before the colon, or a repeated/missing Host (HTTP/1.1) is 400.
+- A request announcing a body (Content-Length > 0, any Transfer-Encoding) is answered and the
+  connection closed: the body is never read, so it can never be mistaken for a request.
+- Persistent connections as RFC 9112 section 9.3 says (1.1 unless ``close``; 1.0 only with
+  ``keep-alive``); pipelined requests are answered in order, with flow control: when the
+  client stops reading, this stops reading too.
+- A connection idle for :data:`IDLE_TIMEOUT` seconds, or one sending a head slower than that,
+  is dropped (the timer restarts only when a whole request has been answered).
+- Nothing raised while answering escapes: it costs one 500 and the connection, never the
+  listener.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
+from zope.interface import implementer
+
+from synapse_acme.http01 import NOT_FOUND, Answer, HTTP01Responder, answer
+
+logger = logging.getLogger(__name__)
+
+#: Largest request head (request line + header fields) accepted, in bytes.
+MAX_HEAD = 8192
+#: Most header fields accepted in one request.
+MAX_HEADERS = 100
+#: Seconds a connection may stay without a complete request before it is dropped. A CA's
+#: validation request arrives within milliseconds of connecting.
+IDLE_TIMEOUT = 30.0
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}")
+_TARGET = re.compile(rb"[\x21-\x7e]{1,8000}")
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
+_ABSOLUTE = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+_PREFIX = (b".well-known", b"acme-challenge")
+
+_REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    505: b"HTTP Version Not Supported",
+}
+
+
+class _Refuse(Exception):
+    """A request this server will not parse: answered with ``code`` and the connection closed."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(why)
+        self.code = code
+
+
+@implementer(IPushProducer)
+class ChallengeHTTPProtocol(Protocol):
+    """One connection to the challenge listener (built by :class:`ChallengeHTTPFactory`)."""
+
+    factory: ChallengeHTTPFactory
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._paused = False
+        self._closing = False
+        self._timeout: IDelayedCall | None = None
+        self._method = b""  # of the request being answered
+
+    # -- connection ------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self._timeout = self.factory.clock.callLater(self.factory.idle_timeout, self._timed_out)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closing = True
+        self._buffer = b""
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+
+    def _timed_out(self) -> None:
+        self._timeout = None
+        logger.debug("HTTP-01 connection idle for %ss, dropped", self.factory.idle_timeout)
+        self._closing = True
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    # -- IPushProducer: the transport's write buffer is full / drained -------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self.transport.pauseProducing()  # type: ignore[union-attr]  # stop reading
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._closing:
+            return
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+        self.dataReceived(b"")
+
+    def stopProducing(self) -> None:
+        self._closing = True
+
+    # -- requests --------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        data = self._buffer + data if self._buffer else data
+        try:
+            while not self._paused and not self._closing:
+                if data[:1] in (b"\r", b"\n"):
+                    data = data.lstrip(b"\r\n")  # RFC 9112 2.2: stray CRLFs before a request
+                end = _HEAD_END.search(data)
+                if end is None or end.start() > MAX_HEAD:
+                    if end is None and len(data) <= MAX_HEAD + 4:
+                        break  # wait for the rest of the head
+                    self._method = data.split(b" ", 1)[0][:32]
+                    raise _Refuse(431, f"request head over {MAX_HEAD} bytes")
+                head, data = data[: end.start()], data[end.end() :]
+                self._answer(head)
+        except _Refuse as e:
+            data = b""
+            logger.debug("HTTP-01 request refused (%s): %s", e.code, e)
+            # A HEAD gets no body even when refused, or a client would read it as the next answer.
+            self._send(e.code, _refusal(e), self._method, False)
+        except Exception:
+            data = b""
+            logger.exception("Bug answering an HTTP-01 request")
+            self._send(500, Answer(500, b"internal error\n"), self._method, False)
+        self._buffer = data
+
+    def _answer(self, head: bytes) -> None:
+        lines = head.split(b"\n")
+        request_line = lines[0].rstrip(b"\r")
+        parts = request_line.split(b" ")
+        self._method = parts[0]
+        if len(parts) != 3:
+            raise _Refuse(400, "malformed request line")
+        method, target, version = parts
+        if not _METHOD.fullmatch(method) or not _TARGET.fullmatch(target):
+            raise _Refuse(400, "malformed request line")
+        v = _VERSION.fullmatch(version)
+        if v is None:
+            raise _Refuse(400, "malformed HTTP version")
+        if v.group(1) != b"1":
+            raise _Refuse(505, f"HTTP version {version.decode('ascii')} not supported")
+        http11 = v.group(2) != b"0"
+        if len(lines) - 1 > MAX_HEADERS:
+            raise _Refuse(431, f"over {MAX_HEADERS} header fields")
+        hosts = 0
+        connection = b""
+        has_body = False
+        for line in lines[1:]:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            name, colon, value = line.partition(b":")
+            if not colon or not _FIELD_NAME.fullmatch(name):
+                raise _Refuse(400, "malformed header field")  # includes obs-fold, "Name :"
+            if _BAD_VALUE.search(value):
+                raise _Refuse(400, "control character in a header field")
+            lname = name.lower()
+            if lname == b"host":
+                hosts += 1
+            elif lname == b"connection":
+                connection += b"," + value.lower()
+            elif lname == b"content-length":
+                length = value.strip()
+                if not length.isdigit():
+                    raise _Refuse(400, "malformed Content-Length")
+                # (no int(): a 5,000-digit length would raise; any non-zero means a body)
+                has_body = has_body or length.strip(b"0") != b""
+            elif lname == b"transfer-encoding":
+                has_body = True
+        if hosts > 1 or (http11 and hosts == 0):
+            raise _Refuse(400, "an HTTP/1.1 request needs exactly one Host field")
+        tokens = {t.strip() for t in connection.split(b",")}
+        keep = (b"close" not in tokens) if http11 else (b"keep-alive" in tokens)
+        keep = keep and not has_body
+        result = self._route(method, target)
+        self._send(result.code, result, method, keep, http10_keep_alive=keep and not http11)
+        if keep and self._timeout is not None:
+            self._timeout.reset(self.factory.idle_timeout)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s %r -> %s", method.decode("ascii"), target, result.code)
+
+    def _route(self, method: bytes, target: bytes) -> Answer:
+        if target[:1] != b"/":
+            absolute = _ABSOLUTE.match(target)
+            if absolute is None:
+                return NOT_FOUND  # "*" (OPTIONS) or junk: nothing lives there
+            target = target[absolute.end() :] or b"/"
+        path = target.split(b"?", 1)[0]
+        segments = path[1:].split(b"/")
+        if b"%" in path:
+            segments = [unquote_to_bytes(s) for s in segments]
+        if len(segments) < 2 or (segments[0], segments[1]) != _PREFIX:
+            return NOT_FOUND
+        return answer(self.factory.tokens, method, segments[2:])
+
+    def _send(
+        self,
+        code: int,
+        result: Answer,
+        method: bytes,
+        keep: bool,
+        http10_keep_alive: bool = False,
+    ) -> None:
+        body = result.body
+        head = [
+            b"HTTP/1.1 %d %s" % (code, _REASONS.get(code, b"Error")),
+            b"Date: " + self.factory.date(),
+            b"Content-Type: text/plain",
+            b"Cache-Control: no-store",
+            b"Content-Length: %d" % len(body),
+        ]
+        if result.allow:
+            head.append(b"Allow: " + result.allow)
+        if not keep:
+            head.append(b"Connection: close")
+        elif http10_keep_alive:
+            head.append(b"Connection: keep-alive")
+        if method == b"HEAD":
+            body = b""
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)  # type: ignore[union-attr]
+        if not keep:
+            self._closing = True
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def _refusal(e: _Refuse) -> Answer:
+    return Answer(e.code, _REASONS.get(e.code, b"Error").lower() + b"\n")
+
+
+class ChallengeHTTPFactory(ServerFactory[ChallengeHTTPProtocol]):
+    """Builds :class:`ChallengeHTTPProtocol` connections answering from ``tokens`` (a live map,
+    such as :meth:`HTTP01Responder.tokens`)."""
+
+    protocol = ChallengeHTTPProtocol
+    noisy = False  # no "Starting factory" log line per port
+
+    def __init__(
+        self,
+        tokens: Mapping[str, bytes],
+        clock: IReactorTime,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        self.tokens = tokens
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self._date_second = -1
+        self._date = b""
+
+    def date(self) -> bytes:
+        """The ``Date`` field value for now, formatted once per second."""
+        now = int(self.clock.seconds())
+        if now != self._date_second:
+            self._date_second = now
+            self._date = datetimeToString(now)
+        return self._date
+
+
+def make_factory(responder: HTTP01Responder, clock: IReactorTime) -> ChallengeHTTPFactory:
+    """The protocol factory the standalone HTTP-01 listener serves ``responder`` with."""
+    return ChallengeHTTPFactory(responder.tokens(), clock)
