@@ -312,13 +312,16 @@ class Issuance:
         self, scenario: Scenario, runs: int, cell_budget: float, log: Callable[[str], None]
     ) -> dict[str, Any]:
         """Round-robin runs of every client of ``scenario``; a client whose runs exceed
-        ``cell_budget`` seconds in total stops early (its ``n`` says how many runs)."""
-        times: dict[str, list[float]] = {c: [] for c in scenario.clients}
+        ``cell_budget`` seconds in total stops early (its ``n`` says how many runs). A failed
+        run is recorded (``failures``, with the first error) and the client goes on; a second
+        failure stops it."""
+        times: dict[str, list[float | None]] = {c: [] for c in scenario.clients}
         spent: dict[str, float] = dict.fromkeys(scenario.clients, 0.0)
         errors: dict[str, str] = {}
+        failures: dict[str, int] = dict.fromkeys(scenario.clients, 0)
         for run in range(runs):
             for name in scenario.clients:
-                if name in errors or (run > 0 and spent[name] > cell_budget):
+                if failures[name] >= 2 or (run > 0 and spent[name] > cell_budget):
                     continue
                 client = self.clients[name]
                 groups = [
@@ -342,8 +345,10 @@ class Issuance:
                 try:
                     seconds = client.run(groups, work)
                 except Exception as e:  # reported in the table, never hidden
-                    errors[name] = str(e)[:2000]
-                    log(f"  {scenario.key} / {name}: FAILED {str(e)[:300]}")
+                    failures[name] += 1
+                    times[name].append(None)  # keeps run i of every client aligned
+                    errors.setdefault(name, str(e)[:2000])
+                    log(f"  {scenario.key} / {name} run {run + 1}: FAILED {str(e)[-600:]}")
                     continue
                 finally:
                     spent[name] += time.perf_counter() - t0
@@ -356,17 +361,22 @@ class Issuance:
             "title": scenario.title,
             "certs": scenario.certs,
             "names_per_cert": scenario.names_per_cert,
-            "results": {n: summary(v) for n, v in times.items()},
+            "results": {
+                n: {**summary([x for x in v if x is not None]), "by_run": v}
+                for n, v in times.items()
+                if any(x is not None for x in v)
+            },
             "errors": errors,
+            "failures": {n: f for n, f in failures.items() if f},
         }
 
     def close(self) -> None:
         self.nginx(False)
 
 
-def pair_ratio(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Median of run-by-run ratios a[i]/b[i] over the runs both have."""
-    pairs = [x / y for x, y in zip(a, b, strict=False) if y]
+def pair_ratio(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
+    """Median of run-by-run ratios a[i]/b[i] over the runs both have (None: a failed run)."""
+    pairs = [x / y for x, y in zip(a, b, strict=False) if x is not None and y]
     if not pairs:
         return None
     pairs.sort()

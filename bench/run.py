@@ -286,10 +286,15 @@ def merge(path: str, new: dict[str, Any]) -> dict[str, Any]:
 # -- goals and report -------------------------------------------------------------------------
 
 
-def _cell(results: dict[str, Any], key: str, client: str) -> list[float]:
+def _by_run(cell: dict[str, Any]) -> list[float | None]:
+    """A cell's times by run index (None where that run failed)."""
+    return list(cell.get("by_run", cell["values"]))
+
+
+def _cell(results: dict[str, Any], key: str, client: str) -> list[float | None]:
     for sc in results.get("issuance", []):
         if sc["key"] == key and client in sc["results"]:
-            return list(sc["results"][client]["values"])
+            return _by_run(sc["results"][client])
     return []
 
 
@@ -376,6 +381,10 @@ def goal_notes(res: dict[str, Any]) -> list[str]:
     if out:
         out.append("")
     return out
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).replace("`", "'")
 
 
 def _rel(command: str) -> str:
@@ -472,20 +481,25 @@ def render(res: dict[str, Any]) -> str:
                 if sc["key"].startswith(("one", "seq"))
                 else cb_par(res["settings"]["parallel"])
             )
-            ref = sc["results"].get(ref_name, {}).get("values", [])
-            floors = {f: sc["results"].get(f, {}).get("values", []) for f in (FLOOR, FLOOR_PROC)}
-            for name, s in sc["results"].items():
+            ref = _cell(res, sc["key"], ref_name)
+            floors = {f: _cell(res, sc["key"], f) for f in (FLOOR, FLOOR_PROC)}
+            failed = sc.get("failures", dict.fromkeys(sc["errors"], 1))
+            for name in [*sc["results"], *(n for n in sc["errors"] if n not in sc["results"])]:
                 # in-process rows against the in-process floor, whole processes against the
                 # floor run as a whole process
                 floor = floors[FLOOR if name in (SERVICE, FLOOR) else FLOOR_PROC]
-                if name in sc["errors"]:
-                    lines.append(f"| {name} | FAILED: {sc['errors'][name][:150]!r} | | 0 | | |")
+                label = f"{name} ({failed[name]} run(s) failed, below)" if name in failed else name
+                s = sc["results"].get(name)
+                if s is None:
+                    lines.append(f"| {label} | FAILED | | 0 | | |")
                     continue
                 lines.append(
-                    f"| {name} | {_fmt_s(s['median'])} | {_fmt_s(s['min'])} - {_fmt_s(s['max'])}"
-                    f" | {s['n']} | {_fmt_ratio(pair_ratio(s['values'], ref) if ref else None)}"
-                    f" | {_fmt_ratio(pair_ratio(s['values'], floor) if floor else None)} |"
+                    f"| {label} | {_fmt_s(s['median'])} | {_fmt_s(s['min'])} - {_fmt_s(s['max'])}"
+                    f" | {s['n']} | {_fmt_ratio(pair_ratio(_by_run(s), ref) if ref else None)}"
+                    f" | {_fmt_ratio(pair_ratio(_by_run(s), floor) if floor else None)} |"
                 )
+            for name, error in sc["errors"].items():
+                lines += ["", f"{name}, first failed run: `{_one_line(error)[-400:]}`"]
             lines.append("")
         st = res.get("startup")
         lines += ["### Where the time goes", ""]
