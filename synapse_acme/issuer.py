@@ -26,6 +26,7 @@ from synapse_acme.client import AcmeClient, Fetched
 from synapse_acme.errors import (
     AcmeError,
     AcmeProtocolError,
+    AcmeTransportError,
     BundleError,
     ChallengeFailed,
 )
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 # poll_interval (10, 20, 40 ... ms), so a fast CA is seen at once and a slow one costs only a
 # handful of extra polls. certbot sleeps 1 s and lego 5 s here, which is where their time goes.
 FIRST_POLL_DELAY = 0.01
+# A poll is a read (POST-as-GET of an authorization or order), so repeating it is harmless. A
+# poll that gets no answer (timeout, reset connection) is tried again this many times, after
+# ``poll_interval``, before the issuance fails: one lost request should not throw away an order
+# whose validation may already have succeeded.
+POLL_READ_RETRIES = 2
 
 
 def _acme_error(problem: messages.Error | None, url: str | None) -> AcmeError | None:
@@ -252,7 +258,7 @@ class AcmeIssuer:
             remaining = deadline - self.clock.seconds()
             await self._sleep(min(self._delay(retry_after, waits), max(0.0, remaining)))
             waits += 1
-            item = await fetch()
+            item = await self._read(fetch, what)
             if item.body.status not in waiting:
                 return item
             if remaining <= 0:
@@ -303,7 +309,22 @@ class AcmeIssuer:
                 )
             await self._sleep(min(self._delay(current.retry_after, waits), remaining))
             waits += 1
-            current = await self.client.get_order(order.url)
+            current = await self._read(lambda: self.client.get_order(order.url), "order")
+
+    async def _read(self, fetch: Callable[[], Deferred[Fetched[Any]]], what: str) -> Fetched[Any]:
+        """``fetch()``, tried again up to POLL_READ_RETRIES times when the CA does not answer."""
+        for attempt in range(POLL_READ_RETRIES + 1):
+            try:
+                return await fetch()
+            except AcmeTransportError as e:
+                if attempt == POLL_READ_RETRIES:
+                    raise
+                log.warning(
+                    "polling the %s: %s; trying again in %g s (%d of %d)",
+                    what, e, self.poll_interval, attempt + 1, POLL_READ_RETRIES,
+                )  # fmt: skip
+                await self._sleep(self.poll_interval)
+        raise AssertionError("unreachable")
 
     async def _download(self, cert_url: str) -> bytes:
         chain_pem, alternates = await self.client.download_chain(cert_url)

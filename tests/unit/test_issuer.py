@@ -19,7 +19,7 @@ from zope.interface.verify import verifyObject
 
 from synapse_acme import crypto
 from synapse_acme.client import AcmeClient
-from synapse_acme.errors import AcmeError, AcmeProtocolError, ChallengeFailed
+from synapse_acme.errors import AcmeError, AcmeProtocolError, AcmeTransportError, ChallengeFailed
 from synapse_acme.interfaces import IIssuer, IResponder
 from synapse_acme.issuer import AcmeIssuer
 from synapse_acme.model import CertificateBundle
@@ -344,3 +344,46 @@ def test_invalid_name_fails_the_deferred() -> None:
     with pytest.raises(ValueError, match="not a valid DNS name"):
         w.run(d)
     assert w.kinds("newOrder") == []
+
+
+def _failing_reads(monkeypatch: pytest.MonkeyPatch, method: str, fail_calls: set[int]) -> list[int]:
+    """Make the ``fail_calls``-th calls (1-based) of AcmeClient.<method> fail as a lost request."""
+    calls: list[int] = []
+    original = getattr(AcmeClient, method)
+
+    def flaky(self: AcmeClient, url: str) -> Any:
+        calls.append(len(calls) + 1)
+        if len(calls) in fail_calls:
+            return defer.fail(AcmeTransportError("no answer within 45 s", url))
+        return original(self, url)
+
+    monkeypatch.setattr(AcmeClient, method, flaky)
+    return calls
+
+
+def test_a_lost_poll_is_polled_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    w = World(authz_delay_polls=1)
+    # call 1 reads the authorization before answering; calls 2 and 3 are polls
+    calls = _failing_reads(monkeypatch, "get_authorization", {2, 3})
+    bundle = w.issue(["a.example.test"])
+    assert crypto.certificate_names(crypto.parse_chain(bundle.chain_pem)[0]) == ["a.example.test"]
+    assert len(calls) >= 4
+    retries = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    assert len(retries) == 2 and "no answer within 45 s" in retries[0], retries
+
+
+def test_a_lost_order_poll_is_polled_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = World(finalize_delay_polls=2)
+    calls = _failing_reads(monkeypatch, "get_order", {1})
+    w.issue(["a.example.test"])
+    assert len(calls) >= 2
+
+
+def test_a_poll_lost_three_times_fails_the_issuance(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = World(authz_delay_polls=1)
+    _failing_reads(monkeypatch, "get_authorization", {2, 3, 4})
+    with pytest.raises(AcmeTransportError, match="no answer within 45 s"):
+        w.issue(["a.example.test"])
+    assert w.responder.live == {}  # the answer was withdrawn
