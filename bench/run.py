@@ -46,7 +46,9 @@ def lego_par(p: int) -> str:
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {
         "runs": 5,
-        "cell_budget": 45.0,
+        # Every cell gets its 5 runs (the issue asks for medians of >= 5); the budget only
+        # bounds a client that has gone wrong (lego's 20 sequential certificates take ~10 min).
+        "cell_budget": 900.0,
         "parallel": 20,
         "one_names": 10,
         "many": [20, 100],
