@@ -313,15 +313,17 @@ class Issuance:
     ) -> dict[str, Any]:
         """Round-robin runs of every client of ``scenario``; a client whose runs exceed
         ``cell_budget`` seconds in total stops early (its ``n`` says how many runs). A failed
-        run is recorded (``failures``, with the first error) and the client goes on; a second
-        failure stops it."""
+        run is recorded (``failures``, with the first error) and the client goes on, with one
+        extra run to make up for it; a second failure stops it."""
         times: dict[str, list[float | None]] = {c: [] for c in scenario.clients}
         spent: dict[str, float] = dict.fromkeys(scenario.clients, 0.0)
         errors: dict[str, str] = {}
         failures: dict[str, int] = dict.fromkeys(scenario.clients, 0)
-        for run in range(runs):
+        # One extra round, only for a client whose run failed, so it still gets ``runs``.
+        for run in range(runs + 1):
             for name in scenario.clients:
-                if failures[name] >= 2 or (run > 0 and spent[name] > cell_budget):
+                done = sum(1 for x in times[name] if x is not None)
+                if failures[name] >= 2 or done >= runs or (run > 0 and spent[name] > cell_budget):
                     continue
                 client = self.clients[name]
                 groups = [
