@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks against certbot, lego and nginx: writes docs/BENCHMARKS.md and docs/img/*.png.
 #
-#   bash scripts/bench.sh                      # full run (~20-30 min on 2 cores)
+#   bash scripts/bench.sh                      # full run (~40 min on 2 cores: 5 runs of every peer)
 #   bash scripts/bench.sh --profile smoke      # tiny sizes, a minute; any args go to bench/run.py
 #
 # Installs what it measures against, and nothing of it goes into the project's .venv:

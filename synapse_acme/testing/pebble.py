@@ -309,6 +309,20 @@ class PebbleCA:
         )
         log.info("Pebble up at %s (DNS stub 127.0.0.1:%d)", self.directory_url, self.dns_port)
 
+    def dump_goroutines(self, dest: str) -> bool:
+        """Make Pebble print every goroutine's stack and exit (Go does this on SIGQUIT), then
+        copy its log, stacks included, to ``dest``: the evidence when Pebble stops answering.
+        False if Pebble was not running. Call :meth:`stop` afterwards as usual."""
+        if len(self._procs) < 2 or self._procs[1].poll() is not None:
+            return False
+        self._procs[1].send_signal(signal.SIGQUIT)
+        try:
+            self._procs[1].wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            return False
+        shutil.copyfile(os.path.join(self.workdir, "pebble.log"), dest)
+        return True
+
     def stop(self) -> None:
         """Terminate both programs and wait for them (idempotent)."""
         for proc in reversed(self._procs):
