@@ -246,3 +246,15 @@ def test_start_retries_when_a_picked_port_was_taken(
             assert "newOrder" in ca.directory()
         finally:
             ca.stop()
+
+
+def test_dump_goroutines_keeps_pebbles_stacks(tmp_path: Path) -> None:
+    ca = PebbleCA(str(tmp_path / "w"), http_port=5002).start()
+    try:
+        dest = tmp_path / "dump.log"
+        assert ca.dump_goroutines(str(dest))
+        text = dest.read_text(errors="replace")
+        assert "goroutine " in text and "SIGQUIT" in text  # Go's stack dump
+        assert not ca.dump_goroutines(str(tmp_path / "again.log"))  # Pebble has exited
+    finally:
+        ca.stop()
