@@ -359,13 +359,13 @@ class Issuance:
                 except Exception as e:  # reported in the table, never hidden
                     failures[name] += 1
                     times[name].append(None)  # keeps run i of every client aligned
-                    errors.setdefault(name, str(e)[:2000])
+                    errors.setdefault(name, str(e)[-4000:])  # the end says why
                     log(f"  {scenario.key} / {name} run {run + 1}: FAILED {str(e)[-600:]}")
                     tag = f"{scenario.key}-{run}-{client.kind}"
                     # outside the run's temporary directory, which goes at the end
                     dump = os.path.join(tempfile.gettempdir(), f"synapse-acme-pebble-{tag}.log")
                     if self.ca.dump_goroutines(dump):
-                        dumps.setdefault(name, []).append(dump)
+                        dumps.setdefault(name, []).append(summarize_goroutines(dump))
                         log(f"  Pebble's goroutine stacks at that moment: {dump}")
                     continue
                 finally:
@@ -391,6 +391,29 @@ class Issuance:
 
     def close(self) -> None:
         self.nginx(False)
+
+
+def summarize_goroutines(path: str) -> str:
+    """One line about a Go goroutine dump: how many goroutines, how many wait on a lock, and
+    in which of Pebble's functions."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        blocks = f.read().split("\ngoroutine ")
+    total = sum(1 for b in blocks if "]:" in b.split("\n", 1)[0])
+    waiting: dict[str, int] = {}
+    for block in blocks:
+        if "[semacquire" not in block.split("\n", 1)[0]:
+            continue
+        where = next(
+            (line.rsplit("(", 1)[0].rsplit("/", 1)[-1] for line in block.splitlines()
+             if line.startswith("github.com/letsencrypt/pebble/")),
+            "?",
+        )  # fmt: skip
+        waiting[where] = waiting.get(where, 0) + 1
+    top = ", ".join(f"{n} in {w}" for w, n in sorted(waiting.items(), key=lambda x: -x[1]))
+    return (
+        f"{total} goroutines, {sum(waiting.values())} of them waiting for a lock ({top}); "
+        f"full dump: {path}"
+    )
 
 
 def pair_ratio(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
