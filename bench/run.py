@@ -275,7 +275,9 @@ def merge(path: str, new: dict[str, Any]) -> dict[str, Any]:
         old["issuance"] = [fresh.pop(sc["key"], sc) for sc in old.get("issuance", [])]
         old["issuance"] += list(fresh.values())
         old.setdefault("commands", {}).update(new.get("commands", {}))
-    old.setdefault("updates", []).append(
+    # An earlier update of exactly the same sections and scenarios is replaced, not kept.
+    old["updates"] = [u for u in old.get("updates", []) if u["argv"] != new["argv"]]
+    old["updates"].append(
         {
             "argv": new["argv"],
             "date": new["machine"]["date"],
