@@ -96,6 +96,8 @@ class Answer:
 
 
 NOT_FOUND = Answer(404, b"not found\n")
+#: What a bug in answering costs: one 500, never the listener.
+INTERNAL_ERROR = Answer(500, b"internal error\n")
 _METHOD_NOT_ALLOWED = Answer(405, b"method not allowed\n", allow=b", ".join(_ALLOWED_METHODS))
 
 
@@ -137,11 +139,11 @@ class _ChallengeResource(Resource):
         except Exception:
             logger.exception("Bug answering an HTTP-01 request")
             try:
-                request.setResponseCode(500)
+                request.setResponseCode(INTERNAL_ERROR.code)
                 request.setHeader(b"content-type", b"text/plain")
             except Exception:
                 pass
-            return b"" if getattr(request, "method", None) == b"HEAD" else b"internal error\n"
+            return b"" if getattr(request, "method", None) == b"HEAD" else INTERNAL_ERROR.body
 
     def _render(self, request: Request) -> bytes:
         result = answer(self._tokens, request.method, request.postpath or [])

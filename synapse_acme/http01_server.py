@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
 from zope.interface import implementer
 
-from synapse_acme.http01 import NOT_FOUND, Answer, HTTP01Responder, answer
+from synapse_acme.http01 import INTERNAL_ERROR, NOT_FOUND, Answer, HTTP01Responder, answer
 
 logger = logging.getLogger(__name__)
 
@@ -149,11 +149,11 @@ class ChallengeHTTPProtocol(Protocol):
             data = b""
             logger.debug("HTTP-01 request refused (%s): %s", e.code, e)
             # A HEAD gets no body even when refused, or a client would read it as the next answer.
-            self._send(e.code, _refusal(e), self._method, False)
+            self._send(_refusal(e), self._method, False)
         except Exception:
             data = b""
             logger.exception("Bug answering an HTTP-01 request")
-            self._send(500, Answer(500, b"internal error\n"), self._method, False)
+            self._send(INTERNAL_ERROR, self._method, False)
         self._buffer = data
 
     def _answer(self, head: bytes) -> None:
@@ -204,7 +204,7 @@ class ChallengeHTTPProtocol(Protocol):
         keep = (b"close" not in tokens) if http11 else (b"keep-alive" in tokens)
         keep = keep and not has_body
         result = self._route(method, target)
-        self._send(result.code, result, method, keep, http10_keep_alive=keep and not http11)
+        self._send(result, method, keep, http10_keep_alive=keep and not http11)
         if keep and self._timeout is not None:
             self._timeout.reset(self.factory.idle_timeout)
         if logger.isEnabledFor(logging.DEBUG):
@@ -226,7 +226,6 @@ class ChallengeHTTPProtocol(Protocol):
 
     def _send(
         self,
-        code: int,
         result: Answer,
         method: bytes,
         keep: bool,
@@ -234,7 +233,7 @@ class ChallengeHTTPProtocol(Protocol):
     ) -> None:
         body = result.body
         head = [
-            b"HTTP/1.1 %d %s" % (code, _REASONS.get(code, b"Error")),
+            b"HTTP/1.1 %d %s" % (result.code, _REASONS.get(result.code, b"Error")),
             b"Date: " + self.factory.date(),
             b"Content-Type: text/plain",
             b"Cache-Control: no-store",
