@@ -313,18 +313,19 @@ class AcmeIssuer:
 
     async def _read(self, fetch: Callable[[], Deferred[Fetched[Any]]], what: str) -> Fetched[Any]:
         """``fetch()``, tried again up to POLL_READ_RETRIES times when the CA does not answer."""
-        for attempt in range(POLL_READ_RETRIES + 1):
+        retries = 0
+        while True:
             try:
                 return await fetch()
             except AcmeTransportError as e:
-                if attempt == POLL_READ_RETRIES:
+                retries += 1
+                if retries > POLL_READ_RETRIES:
                     raise
                 log.warning(
                     "polling the %s: %s; trying again in %g s (%d of %d)",
-                    what, e, self.poll_interval, attempt + 1, POLL_READ_RETRIES,
+                    what, e, self.poll_interval, retries, POLL_READ_RETRIES,
                 )  # fmt: skip
-                await self._sleep(self.poll_interval)
-        raise AssertionError("unreachable")
+            await self._sleep(self.poll_interval)
 
     async def _download(self, cert_url: str) -> bytes:
         chain_pem, alternates = await self.client.download_chain(cert_url)
