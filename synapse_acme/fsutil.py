@@ -70,6 +70,124 @@ def write_new_file(path: str, data: bytes, mode: int = PRIVATE_FILE_MODE) -> Non
         os.close(fd)
 
 
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISLNK, "a symbolic link"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """``"a FIFO (named pipe)"`` and so on, for messages about a path that is not a plain file."""
+    for test, name in _FILE_KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str, flags: int = os.O_RDONLY, *, follow: bool = False) -> int:
+    """Open ``path`` as a regular file and return the descriptor, or raise.
+
+    Files in the store and the export directories may have been left there by somebody else
+    (or an attacker with write access to a parent). So: no symlink is followed unless
+    ``follow`` (``O_NOFOLLOW``: a symlink fails with ELOOP), the open never blocks
+    (``O_NONBLOCK``: a FIFO would otherwise hang the reactor thread forever), and ``fstat`` on
+    the open descriptor checks it is a regular file (a check on the path would race).
+    FileNotFoundError passes through (callers decide what "absent" means); anything else is
+    StoreError naming the path and what it is.
+    """
+    extra = os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, flags | extra)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP and not follow:
+            raise StoreError(
+                f"refusing to open {path}: it is a symbolic link (synapse-acme does not follow "
+                "links here; replace it with a regular file)"
+            ) from None
+        raise StoreError(f"cannot open {path}: {describe_os_error(e)}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(
+                f"refusing to use {path}: it is {file_kind(st.st_mode)}, not a regular file"
+            )
+        # Reads of a regular file never block; clear O_NONBLOCK so writes behave normally.
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: str, *, follow: bool = False, limit: int | None = None) -> bytes | None:
+    """The bytes of regular file ``path`` (see :func:`open_regular`), ``None`` if it is absent.
+
+    ``limit``: StoreError if the file holds more than that many bytes (a key or a chain is a few
+    KiB; a huge file is not one, and must not be read into memory).
+    """
+    try:
+        fd = open_regular(path, follow=follow)
+    except FileNotFoundError:
+        return None
+    try:
+        chunks = []
+        size = 0
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise StoreError(f"refusing to read {path}: larger than {limit} bytes")
+            chunks.append(chunk)
+    except OSError as e:
+        raise StoreError(f"cannot read {path}: {describe_os_error(e)}") from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def check_owned_by_us(path: str, what: str) -> None:
+    """StoreError unless ``path`` (followed if a link) belongs to the effective user.
+
+    Run as root on a directory that belongs to another user, synapse-acme would otherwise
+    chmod it, use the keys in it and leave root-owned files behind that the owner can no longer
+    replace. A missing path is fine (it will be created as ours).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StoreError(f"cannot check {what} {path}: {describe_os_error(e)}") from None
+    euid = os.geteuid()
+    if st.st_uid == euid:
+        return
+    owner = _user_name(st.st_uid)
+    me = _user_name(euid)
+    link = f" (through the symbolic link {path})" if os.path.islink(path) else ""
+    hint = (
+        f"run synapse-acme as {owner} (as root: `synapse-acme run --user {owner}`), or "
+        f"`chown -R {me} {path}` if this process should own it"
+    )
+    raise StoreError(f"{what} {path} belongs to {owner}, not to {me}{link}: {hint}")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"
+
+
 def fsync_dir(path: str) -> None:
     """Make a rename/creation inside directory ``path`` durable (POSIX needs the dir fsync-ed)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))

@@ -180,3 +180,55 @@ def test_describe_os_error() -> None:
         "Permission denied (EACCES)"
     )
     assert fsutil.describe_os_error(OSError("weird")) == "weird"
+
+
+# -- files as somebody else may have left them ------------------------------------------------
+
+
+def test_read_regular_reads_plain_files_and_reports_absent(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"abc" * 30000)
+    assert fsutil.read_regular(str(p)) == b"abc" * 30000
+    assert fsutil.read_regular(str(tmp_path / "missing")) is None
+    with pytest.raises(StoreError, match="larger than 100 bytes"):
+        fsutil.read_regular(str(p), limit=100)
+
+
+def test_read_regular_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "privkey.pem"
+    os.mkfifo(fifo)
+    with pytest.raises(StoreError, match=r"privkey.pem: it is a FIFO \(named pipe\)"):
+        fsutil.read_regular(str(fifo))  # a blocking open() would hang here forever
+
+
+def test_read_regular_refuses_symlinks_unless_asked(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.write_bytes(b"secret")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(StoreError, match="it is a symbolic link"):
+        fsutil.read_regular(str(link))
+    assert fsutil.read_regular(str(link), follow=True) == b"secret"
+
+
+def test_open_regular_refuses_directories_and_devices(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="it is a directory"):
+        fsutil.open_regular(str(tmp_path))
+    with pytest.raises(StoreError, match="it is a character device"):
+        fsutil.open_regular("/dev/null", follow=True)
+
+
+def test_check_owned_by_us(tmp_path: Path) -> None:
+    fsutil.check_owned_by_us(str(tmp_path), "storage")  # ours: fine
+    fsutil.check_owned_by_us(str(tmp_path / "missing"), "storage")  # created later as ours
+    if os.geteuid() != 0:
+        return  # only root can make a directory that belongs to somebody else
+    other = tmp_path / "other"
+    other.mkdir()
+    os.chown(other, 65534, 65534)
+    link = tmp_path / "link"
+    link.symlink_to(other)
+    with pytest.raises(StoreError, match=r"storage .*other belongs to .*uid 65534.*--user"):
+        fsutil.check_owned_by_us(str(other), "storage")
+    with pytest.raises(StoreError, match="through the symbolic link"):
+        fsutil.check_owned_by_us(str(link), "storage")
