@@ -104,6 +104,15 @@ def _public_bytes(key: object) -> bytes:
     )
 
 
+def key_matches_leaf(key_pem: bytes, chain_pem: bytes) -> bool:
+    """True if ``key_pem`` is the private key of the first certificate in ``chain_pem``.
+
+    BundleError if either does not parse."""
+    leaf = parse_chain(chain_pem)[0]
+    key = load_private_key(key_pem)
+    return _public_bytes(key.public_key()) == _public_bytes(leaf.public_key())
+
+
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     if cert.issuer != issuer.subject:
         return False

@@ -1,27 +1,60 @@
-"""Copies the current certificate to the homeserver's own TLS file paths, safely.
+"""Copies the current certificate to the homeserver's own TLS file paths, as one pair.
 
-Synapse (and anything else reading ``tls_certificate_path`` / ``tls_private_key_path``) sees
-the issued chain after a restart too. The old Synapse promise is kept: a file this tool did not
-write is never overwritten. Ownership is a small record, ``<storage>/exports.json``, mapping
-each path to the SHA-256 of what we last wrote there. A file counts as ours when it is missing,
-matches that record, or already holds exactly the bytes we are about to write (a crash between
-writing and recording must not lock us out; a file holding our freshly generated private key
-can only have come from us).
+Synapse (and anything else reading ``tls_certificate_path`` / ``tls_private_key_path``) must find
+a key and a certificate that belong together at every instant, also when the process is killed
+in the middle of a renewal. Two files cannot be replaced together by two renames, so the pair
+goes through one indirection (the same idea as certbot's ``live/`` -> ``archive/``)::
+
+    <dir of tls_certificate_path>/.synapse-acme-<cert file name>/   the "live directory", 0755
+        v17/fullchain.pem   0644      one complete pair per version, never changed once written
+        v17/privkey.pem     0600
+        v16/...             the previous version, kept for a reader that straddled the flip
+        current -> v17      the one switch: replaced by a single atomic rename of a symlink
+    tls_certificate_path  -> .synapse-acme-<name>/current/fullchain.pem   (symlinks, made once)
+    tls_private_key_path  -> .../current/privkey.pem
+
+A new certificate is written into a fresh version directory (staged under a temporary name,
+fsynced, renamed into place), then ``current`` is flipped. Both configured paths resolve through
+``current`` at every open, so the pair seen on disk changes in one step. A reader that opens the
+two files one after the other can still straddle a flip; it must re-read until the pair matches
+(:mod:`synapse_acme.pairs` does that for synapse-acme's own readers).
+
+When both paths are the same file (key and chain combined), one atomic rename is enough and no
+live directory is made.
+
+The old Synapse promise is kept: a file this tool did not write is never overwritten. Ownership
+is a small record, ``<storage>/exports.json``, mapping each path to the SHA-256 of what we last
+wrote there (for the combined file and for files written by earlier versions); a symlink is ours
+when it points exactly where we would point it. A missing path is ours; a file holding exactly
+the bytes we are about to write is ours (a crash between writing and recording must not lock us
+out). Anything else at a configured path (another tool's symlink, a FIFO, a directory, an
+operator's own file) is foreign: nothing is written, and the failure is reported.
+
+An export that fails is a failure: :attr:`FileExporter.state` says so (``synapse-acme status``
+shows it), and with a clock the exporter retries with the service's backoff until it succeeds.
 """
 
 from __future__ import annotations
 
 import datetime
+import enum
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
+import shutil
+import stat
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
+from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
-from synapse_acme import crypto, fsutil
+from synapse_acme import crypto, fsutil, policy
 from synapse_acme.errors import StoreError
 from synapse_acme.interfaces import ICertificateConsumer
 from synapse_acme.model import CertificateBundle
@@ -31,7 +64,18 @@ logger = logging.getLogger(__name__)
 EXPORTS_FILE = "exports.json"
 CERT_MODE = 0o644  # public: other services (a reverse proxy) may read the chain
 KEY_MODE = 0o600
+LIVE_DIR_MODE = 0o755  # like the directory the chain used to sit in: readable, key file is not
+LIVE_PREFIX = ".synapse-acme-"
+CURRENT = "current"
+CHAIN_NAME = "fullchain.pem"
+KEY_NAME = "privkey.pem"
+#: Versions kept besides the current one, for a reader that resolved ``current`` just before a
+#: flip and opens its second file just after.
+KEEP_PREVIOUS = 1
+#: The largest file read back from a configured path (a chain of a few certificates is ~5 KiB).
+MAX_EXPORT_FILE = 1024 * 1024
 _RECORD_VERSION = 1
+_VERSION_RE = re.compile(r"^v([0-9]{1,12})$")
 DEFAULT_PLACEHOLDER_LIFETIME = datetime.timedelta(days=7)
 
 
@@ -43,26 +87,67 @@ def _abspath(path: str) -> str:
     return os.path.abspath(path)
 
 
-def _read(path: str) -> bytes | None:
-    """The file's bytes, ``None`` if it does not exist (StoreError if unreadable)."""
+def _serial(chain_pem: bytes) -> str | None:
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
+        return f"{crypto.parse_chain(chain_pem)[0].serial_number:x}"
+    except Exception:
         return None
-    except OSError as e:
-        raise StoreError(f"cannot read {path}: {fsutil.describe_os_error(e)}") from None
+
+
+class ExportOutcome(enum.Enum):
+    """What the last export attempt did."""
+
+    NONE = "none"  # nothing exported yet
+    OK = "ok"  # the configured paths hold the certificate
+    FOREIGN = "foreign"  # a configured path holds something we did not write: left alone
+    FAILED = "failed"  # writing failed (disk full, permissions...)
+
+
+@attrs.frozen
+class ExportState:
+    """The exporter's last result, for status reports and one-shot commands."""
+
+    outcome: ExportOutcome = ExportOutcome.NONE
+    serial: str | None = None  # the leaf serial the configured paths hold now (hex), if ours
+    error: str | None = None
+    failures: int = 0
+    next_retry: float | None = None  # clock seconds
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome in (ExportOutcome.FAILED, ExportOutcome.FOREIGN)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.outcome.value,
+            "serial": self.serial,
+            "error": self.error,
+            "failures": self.failures,
+        }
+
+
+class ForeignFiles(StoreError):
+    """A configured path holds something synapse-acme did not write; nothing was changed."""
+
+
+@attrs.frozen
+class _PathState:
+    kind: str  # "missing", "file", "ourlink", "foreign"
+    data: bytes | None = None  # what reading through the path gives (None: absent/unreadable)
+    why: str = ""  # for "foreign": what it is
 
 
 @implementer(ICertificateConsumer)
-@attrs.define
-class FileExporter:
-    """Writes certificate ``key``'s chain to ``cert_path`` and key to ``key_path`` (atomically;
-    key 0600, chain 0644) whenever it changes. ``cert_path == key_path`` writes one combined
-    file (key then chain, 0600). ``storage`` is where the ownership record lives.
+@attrs.define(eq=False)
+class FileExporter(Service):
+    """Writes certificate ``key``'s chain to ``cert_path`` and key to ``key_path`` as one pair
+    (see the module docstring); ``cert_path == key_path`` writes one combined file (key then
+    chain, 0600). ``storage`` is where the ownership record lives.
 
-    ``on_export`` is called with ``(key, bundle)`` after the files were actually rewritten
-    (e.g. so a homeserver can re-read them).
+    ``on_export`` is called with ``(key, bundle)`` after the files actually changed (e.g. so a
+    homeserver can re-read them). ``clock``: retry a failed export with the backoff of
+    :func:`synapse_acme.policy.backoff_delay` while the service runs; ``None`` (one-shot
+    commands) never retries. ``on_state`` is called after every attempt (status publishing).
     """
 
     key: str
@@ -70,63 +155,170 @@ class FileExporter:
     key_path: str = attrs.field(converter=_abspath)
     storage: str = attrs.field(converter=_abspath)
     on_export: Callable[[str, CertificateBundle], object] | None = None
+    clock: IReactorTime | None = None
+    on_state: Callable[[ExportState], object] | None = None
+    state: ExportState = attrs.field(factory=ExportState, init=False)
     _warned: set[str] = attrs.field(factory=set, init=False)
+    _pending: CertificateBundle | None = attrs.field(default=None, init=False, repr=False)
+    _retry_call: IDelayedCall | None = attrs.field(default=None, init=False)
 
     @property
     def record_path(self) -> str:
         return os.path.join(self.storage, EXPORTS_FILE)
 
+    @property
+    def combined(self) -> bool:
+        return self.cert_path == self.key_path
+
+    @property
+    def live_dir(self) -> str:
+        head, tail = os.path.split(self.cert_path)
+        return os.path.join(head, LIVE_PREFIX + tail)
+
+    def _link_target(self, path: str, name: str) -> str:
+        """What ``path`` points at: relative inside one directory, else absolute (a relative
+        target with ``..`` would resolve wrongly through a symlinked directory)."""
+        if os.path.dirname(path) == os.path.dirname(self.cert_path):
+            return os.path.join(os.path.basename(self.live_dir), CURRENT, name)
+        return os.path.join(self.live_dir, CURRENT, name)
+
+    def _links(self) -> dict[str, tuple[str, str]]:
+        """path -> (file name in a version, link target), key first."""
+        return {
+            self.key_path: (KEY_NAME, self._link_target(self.key_path, KEY_NAME)),
+            self.cert_path: (CHAIN_NAME, self._link_target(self.cert_path, CHAIN_NAME)),
+        }
+
+    # -- Service -------------------------------------------------------------------------
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
+
     # -- ICertificateConsumer ------------------------------------------------------------
 
     def certificate_changed(self, key: str, bundle: CertificateBundle) -> None:
-        """Export ``bundle`` if it is for our key. Never raises: failures are logged and the
-        next change (or restart) tries again; the homeserver keeps its current files."""
+        """Export ``bundle`` if it is for our key. Never raises: a failure is recorded in
+        :attr:`state`, logged, and retried with backoff (with a clock); the homeserver keeps
+        its current files meanwhile."""
         if key != self.key:
             return
+        self._pending = bundle
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
+        self._attempt()
+
+    def _attempt(self) -> None:
+        self._retry_call = None
+        bundle = self._pending
+        if bundle is None:
+            return
         try:
-            self.export(bundle)
+            self._export_or_record(bundle)
+        finally:
+            if self.on_state is not None:
+                try:
+                    self.on_state(self.state)
+                except Exception:
+                    logger.exception("Could not publish the export state")
+
+    def _export_or_record(self, bundle: CertificateBundle) -> bool:
+        """:meth:`export`, with any failure recorded in :attr:`state` (and retried) instead."""
+        try:
+            return self.export(bundle)
+        except ForeignFiles as e:
+            self._failed(ExportOutcome.FOREIGN, str(e))
         except Exception as e:
             why = str(e) if isinstance(e, StoreError) else f"{type(e).__name__}: {e}"
-            logger.error(
-                "Could not export the certificate for %s to %s / %s: %s",
-                key,
-                self.cert_path,
-                self.key_path,
-                why,
-            )
+            self._failed(ExportOutcome.FAILED, why)
+        return False
+
+    def _failed(self, outcome: ExportOutcome, why: str) -> None:
+        failures = self.state.failures + 1
+        next_retry = None
+        if self.clock is not None and self.running:
+            delay = policy.backoff_delay(failures)
+            next_retry = self.clock.seconds() + delay
+            self._retry_call = self.clock.callLater(delay, self._attempt)
+            then = f"retrying in {delay:.0f} s"
+        else:
+            then = "not retried by this process"
+        self.state = attrs.evolve(
+            self.state, outcome=outcome, error=why, failures=failures, next_retry=next_retry
+        )
+        logger.error(
+            "Could not export the certificate for %s to %s / %s (%s); the homeserver keeps "
+            "the files it has: %s",
+            self.key,
+            self.cert_path,
+            self.key_path,
+            then,
+            why,
+        )
 
     # -- the work ------------------------------------------------------------------------
 
     def export(self, bundle: CertificateBundle) -> bool:
-        """Write ``bundle`` to the target paths if they are ours; True if a file changed.
+        """Make the configured paths hold ``bundle`` as one pair; True if what they hold changed.
 
-        False when nothing needed writing, or when a target is not ours (warned once per
-        path). StoreError if writing fails (the old files stay whole).
+        Sets :attr:`state` on success. ForeignFiles if a configured path is not ours (warned
+        once per path; nothing written); StoreError if writing fails (the paths keep their old,
+        matching pair).
         """
         planned = self._planned(bundle)
         record = self._load_record()
-        foreign = [p for p, data in planned.items() if not self._is_ours(p, data, record)]
+        states = {p: self._inspect(p, planned[p][0], record) for p in planned}
+        foreign = {p: s.why for p, s in states.items() if s.kind == "foreign"}
         if foreign:
-            for path in foreign:
-                self._warn_foreign(path)
-            return False
-        changed = {p: (data, mode) for p, (data, mode) in planned.items() if _read(p) != data}
-        self._write_files(changed)
+            for path, why in foreign.items():
+                self._warn_foreign(path, why)
+            raise ForeignFiles(
+                "; ".join(f"not overwriting {p}: {why}" for p, why in sorted(foreign.items()))
+            )
+        changed = any(s.data != planned[p][0] for p, s in states.items())
+        if self.combined:
+            if changed:
+                self._write_combined(planned)
+        else:
+            self._export_pair(bundle, states, changed)
         new_record = dict(record)
         new_record.update({p: _sha256(data) for p, (data, _) in planned.items()})
         if new_record != record:
             self._save_record(new_record)
-        for path in planned:
-            self._warned.discard(path)
+        self._warned.difference_update(planned)
+        self.state = ExportState(outcome=ExportOutcome.OK, serial=_serial(bundle.chain_pem))
         if changed:
             logger.info(
                 "Exported the certificate for %s to %s",
                 self.key,
-                ", ".join(sorted(changed)),
+                ", ".join(sorted(planned)),
             )
             if self.on_export is not None:
-                self.on_export(self.key, bundle)
-        return bool(changed)
+                try:
+                    self.on_export(self.key, bundle)
+                except Exception:
+                    logger.exception("After exporting the certificate for %s", self.key)
+        return changed
+
+    def repair(self, bundle: CertificateBundle | None) -> bool:
+        """At start, before anything reads the files: make the configured paths hold the
+        store's current ``bundle`` (re-exporting a pair that is missing, mismatched or stale),
+        tighten the exported key to 0600 and remove temporary files an interrupted export left.
+
+        Never raises; True if the files changed. A failure is in :attr:`state` and logged.
+        """
+        try:
+            self._remove_stale_temporaries()
+            self._tighten_key_modes()
+        except Exception as e:  # housekeeping must not stop the repair itself
+            logger.warning("Export housekeeping in %s failed: %s", self.live_dir, e)
+        if bundle is None:
+            return False
+        self._pending = bundle
+        return self._export_or_record(bundle)
 
     def write_placeholder_if_missing(
         self,
@@ -140,12 +332,12 @@ class FileExporter:
         Existing files that are not ours are left alone (and warned about), as always.
         """
         targets = {self.cert_path, self.key_path}
-        if all(os.path.lexists(p) for p in targets):
+        if all(os.path.exists(p) for p in targets):
             return False
         bundle = crypto.make_placeholder_bundle(list(names), now, lifetime)
         try:
             written = self.export(bundle)
-        except StoreError as e:
+        except StoreError as e:  # ForeignFiles included: never replace what is not ours
             logger.error("Could not write a placeholder certificate: %s", e)
             return False
         if written:
@@ -157,10 +349,10 @@ class FileExporter:
             )
         return written
 
-    # -- helpers -------------------------------------------------------------------------
+    # -- what is there now ---------------------------------------------------------------
 
     def _planned(self, bundle: CertificateBundle) -> dict[str, tuple[bytes, int]]:
-        if self.cert_path == self.key_path:
+        if self.combined:
             key = bundle.key_pem if bundle.key_pem.endswith(b"\n") else bundle.key_pem + b"\n"
             return {self.cert_path: (key + bundle.chain_pem, KEY_MODE)}
         return {
@@ -168,57 +360,274 @@ class FileExporter:
             self.cert_path: (bundle.chain_pem, CERT_MODE),
         }
 
-    def _is_ours(self, path: str, planned: tuple[bytes, int], record: dict[str, str]) -> bool:
-        if os.path.islink(path):
-            return False  # e.g. certbot's live/ symlinks: somebody else's layout
-        current = _read(path)
-        if current is None or current == planned[0]:
-            return True
-        return record.get(path) == _sha256(current)
+    def _inspect(self, path: str, planned: bytes, record: dict[str, str]) -> _PathState:
+        """Whose ``path`` is, and what reading it gives (never blocks, never follows a link
+        that is not ours)."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return _PathState("missing")
+        except OSError as e:
+            return _PathState("foreign", why=f"cannot inspect it: {fsutil.describe_os_error(e)}")
+        if stat.S_ISLNK(st.st_mode):
+            links = self._links()
+            if self.combined or path not in links or os.readlink(path) != links[path][1]:
+                return _PathState(
+                    "foreign", why="it is a symbolic link that synapse-acme did not make"
+                )
+            try:
+                data = fsutil.read_regular(path, follow=True, limit=MAX_EXPORT_FILE)
+            except StoreError as e:  # points into our live directory, at something odd
+                logger.warning("%s", e)
+                return _PathState("ourlink")
+            if data is not None and data != planned and path in record:
+                if record[path] != _sha256(data):
+                    # Written through the link by somebody else: theirs now, as with a file.
+                    return _PathState(
+                        "foreign", why="its content was changed after synapse-acme wrote it"
+                    )
+            return _PathState("ourlink", data)
+        if not stat.S_ISREG(st.st_mode):
+            return _PathState("foreign", why=f"it is {fsutil.file_kind(st.st_mode)}")
+        try:
+            data = fsutil.read_regular(path, limit=MAX_EXPORT_FILE)
+        except StoreError as e:
+            return _PathState("foreign", why=str(e))
+        if data is None:
+            return _PathState("missing")
+        if data == planned or record.get(path) == _sha256(data):
+            return _PathState("file", data)
+        return _PathState("foreign", why="it was not written by synapse-acme")
 
-    def _warn_foreign(self, path: str) -> None:
+    def _warn_foreign(self, path: str, why: str) -> None:
         if path in self._warned:
             return
         self._warned.add(path)
         which = "tls_private_key_path" if path == self.key_path else "tls_certificate_path"
         logger.warning(
-            "not overwriting %s: it was not written by synapse-acme (delete it or point %s "
-            "elsewhere to let synapse-acme manage it)",
+            "not overwriting %s: %s (delete it or point %s elsewhere to let synapse-acme "
+            "manage it)",
             path,
+            why,
             which,
         )
 
-    def _write_files(self, files: dict[str, tuple[bytes, int]]) -> None:
-        """Stage every file first, then rename them back to back: the window in which the
-        key and the chain on disk do not match is two renames long."""
-        staged: list[tuple[str, str]] = []
+    # -- writing a pair ------------------------------------------------------------------
+
+    def _export_pair(
+        self, bundle: CertificateBundle, states: dict[str, _PathState], changed: bool
+    ) -> None:
+        links = self._links()
+        all_links = all(s.kind == "ourlink" for s in states.values())
+        if not changed and all_links:
+            return
         try:
-            for path, (data, mode) in files.items():
-                parent = os.path.dirname(path)
-                if not os.path.isdir(parent):
-                    os.makedirs(parent, mode=fsutil.PRIVATE_DIR_MODE, exist_ok=True)
-                tmp = fsutil.temp_name_for(path)
-                staged.append((tmp, path))
-                fsutil.write_new_file(tmp, data, mode)
-            for tmp, path in staged:
-                os.rename(tmp, path)
+            self._ensure_live_dir()
+            if not all_links:
+                self._link_existing_pair(states)
+            if changed:
+                version = self._write_version(bundle)
+                self._flip(version)
+            # Paths still missing (first export) or not yet links: the existing one first, so
+            # a kill in between leaves "no pair yet", never a mismatched one.
+            order = sorted(links, key=lambda p: states[p].kind == "missing")
+            made = False
+            for path in order:
+                if not os.path.islink(path):
+                    self._make_link(path, links[path][1])
+                    made = True
+            if made:
+                for parent in {os.path.dirname(p) for p in links}:
+                    _fsync_dir_quietly(parent)
         except OSError as e:
-            for tmp, _ in staged:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
             raise StoreError(
-                f"cannot write {', '.join(sorted(files))}: {fsutil.describe_os_error(e)}"
+                f"cannot export to {self.cert_path} / {self.key_path}: "
+                f"{fsutil.describe_os_error(e)}"
             ) from None
-        for parent in {os.path.dirname(p) for p in files}:
+        self._prune_versions()
+
+    def _link_existing_pair(self, states: dict[str, _PathState]) -> None:
+        """Turn two regular files of ours (an earlier version's layout) that hold a matching
+        pair into links to a version holding the same bytes, so that no path changes content."""
+        key_state, cert_state = states[self.key_path], states[self.cert_path]
+        if key_state.kind != "file" or cert_state.kind != "file":
+            return
+        assert key_state.data is not None and cert_state.data is not None
+        if not _pair_matches(key_state.data, cert_state.data):
+            return  # already broken: replacing them one by one cannot make it worse
+        version = self._write_version(
+            CertificateBundle(key_pem=key_state.data, chain_pem=cert_state.data)
+        )
+        self._flip(version)
+        for path, (_, target) in self._links().items():
+            self._make_link(path, target)
+        logger.info(
+            "Export layout: %s and %s are now links into %s (one atomic switch per renewal)",
+            self.cert_path,
+            self.key_path,
+            self.live_dir,
+        )
+
+    def _ensure_live_dir(self) -> None:
+        parent = os.path.dirname(self.cert_path)
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=fsutil.PRIVATE_DIR_MODE, exist_ok=True)
+        kparent = os.path.dirname(self.key_path)
+        if not os.path.isdir(kparent):
+            os.makedirs(kparent, mode=fsutil.PRIVATE_DIR_MODE, exist_ok=True)
+        try:
+            st = os.lstat(self.live_dir)
+        except FileNotFoundError:
+            os.mkdir(self.live_dir, LIVE_DIR_MODE)
+            os.chmod(self.live_dir, LIVE_DIR_MODE)
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            raise StoreError(
+                f"cannot export: {self.live_dir} is {fsutil.file_kind(st.st_mode)}, not the "
+                "directory synapse-acme keeps its exported versions in (remove it)"
+            )
+
+    def _versions(self) -> list[tuple[int, str]]:
+        out = []
+        for name in os.listdir(self.live_dir):
+            m = _VERSION_RE.match(name)
+            if m:
+                out.append((int(m.group(1)), name))
+        return sorted(out)
+
+    def _write_version(self, bundle: CertificateBundle) -> str:
+        """A new, complete, durable version directory; returns its name."""
+        versions = self._versions()
+        name = f"v{versions[-1][0] + 1 if versions else 1}"
+        final = os.path.join(self.live_dir, name)
+        staging = fsutil.temp_name_for(final)
+        os.mkdir(staging, LIVE_DIR_MODE)
+        try:
+            os.chmod(staging, LIVE_DIR_MODE)
+            fsutil.write_new_file(os.path.join(staging, KEY_NAME), bundle.key_pem, KEY_MODE)
+            fsutil.write_new_file(os.path.join(staging, CHAIN_NAME), bundle.chain_pem, CERT_MODE)
+            fsutil.fsync_dir(staging)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsutil.fsync_dir(self.live_dir)
+        return name
+
+    def _flip(self, version: str) -> None:
+        """``current`` -> ``version`` in one rename (the moment the exported pair changes)."""
+        current = os.path.join(self.live_dir, CURRENT)
+        tmp = fsutil.temp_name_for(current)
+        os.symlink(version, tmp)
+        try:
+            os.rename(tmp, current)
+        except BaseException:
+            fsutil.remove_quietly(tmp)
+            raise
+        fsutil.fsync_dir(self.live_dir)
+
+    def _make_link(self, path: str, target: str) -> None:
+        tmp = fsutil.temp_name_for(path)
+        os.symlink(target, tmp)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            fsutil.remove_quietly(tmp)
+            raise
+
+    def _prune_versions(self) -> None:
+        """Keep the current version and :data:`KEEP_PREVIOUS` before it; remove the rest
+        (older ones and any written but never made current by an interrupted export)."""
+        try:
+            current = os.readlink(os.path.join(self.live_dir, CURRENT))
+            versions = self._versions()
+        except OSError:
+            return
+        numbers = {name: n for n, name in versions}
+        if current not in numbers:
+            return
+        older = [name for n, name in versions if n < numbers[current]]
+        keep = {current, *older[len(older) - KEEP_PREVIOUS :]} if KEEP_PREVIOUS else {current}
+        for _, name in versions:
+            if name not in keep:
+                shutil.rmtree(os.path.join(self.live_dir, name), ignore_errors=True)
+
+    def _write_combined(self, planned: dict[str, tuple[bytes, int]]) -> None:
+        ((path, (data, mode)),) = planned.items()
+        parent = os.path.dirname(path)
+        try:
+            if not os.path.isdir(parent):
+                os.makedirs(parent, mode=fsutil.PRIVATE_DIR_MODE, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create {parent}: {fsutil.describe_os_error(e)}") from None
+        fsutil.atomic_write(path, data, mode)
+
+    # -- housekeeping at start -----------------------------------------------------------
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files (ours only: named after the configured paths) and staging
+        directories that a killed export left behind."""
+        ours: dict[str, set[str]] = {}
+        for p in (self.cert_path, self.key_path):
+            ours.setdefault(os.path.dirname(p), set()).add(os.path.basename(p))
+        for directory, bases in ours.items():
             try:
-                fsutil.fsync_dir(parent)
+                names = os.listdir(directory)
+            except OSError:
+                continue
+            for name in names:
+                stem = name[1:].rsplit(".", 2)[0] if fsutil.is_temp_name(name) else None
+                path = os.path.join(directory, name)
+                if stem in bases and not os.path.isdir(path):
+                    fsutil.remove_quietly(path)
+                    logger.warning(
+                        "Removed a temporary file left by an interrupted export: %s", path
+                    )
+        if self.combined or not os.path.isdir(self.live_dir) or os.path.islink(self.live_dir):
+            return
+        for name in os.listdir(self.live_dir):
+            if fsutil.is_temp_name(name):
+                path = os.path.join(self.live_dir, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    fsutil.remove_quietly(path)
+        self._prune_versions()
+
+    def _tighten_key_modes(self) -> None:
+        """An exported key loosened by hand (chmod 644, a backup restore) is set back to 0600."""
+        candidates = [self.key_path] if self.combined or not os.path.islink(self.key_path) else []
+        if not self.combined and os.path.isdir(self.live_dir) and not os.path.islink(self.live_dir):
+            candidates += [
+                os.path.join(self.live_dir, name, KEY_NAME) for _, name in self._versions()
+            ]
+        for path in candidates:
+            try:
+                fd = fsutil.open_regular(path)
+            except (FileNotFoundError, StoreError):
+                continue
+            try:
+                mode = stat.S_IMODE(os.fstat(fd).st_mode)
+                if mode & ~KEY_MODE:
+                    os.fchmod(fd, KEY_MODE)
+                    logger.warning(
+                        "%s had mode %04o; tightened it to 0600 (it holds a private key)",
+                        path,
+                        mode,
+                    )
             except OSError as e:
-                logger.warning("could not fsync %s: %s", parent, fsutil.describe_os_error(e))
+                logger.warning("cannot set mode 0600 on %s: %s", path, fsutil.describe_os_error(e))
+            finally:
+                os.close(fd)
+
+    # -- the ownership record ------------------------------------------------------------
 
     def _load_record(self) -> dict[str, str]:
-        data = _read(self.record_path)
+        try:
+            data = fsutil.read_regular(self.record_path, limit=MAX_EXPORT_FILE)
+        except StoreError as e:
+            logger.warning("ignoring unreadable export record: %s", e)
+            return {}
         if data is None:
             return {}
         try:
@@ -242,3 +651,18 @@ class FileExporter:
             json.dumps(body, indent=2).encode("utf-8") + b"\n",
             fsutil.PRIVATE_FILE_MODE,
         )
+
+
+def _pair_matches(key_pem: bytes, chain_pem: bytes) -> bool:
+    try:
+        return crypto.key_matches_leaf(key_pem, chain_pem)
+    except Exception:
+        return False
+
+
+def _fsync_dir_quietly(path: str) -> None:
+    try:
+        fsutil.fsync_dir(path)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            logger.warning("could not fsync %s: %s", path, fsutil.describe_os_error(e))

@@ -9,22 +9,25 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 
-from synapse_acme import fsutil
+from synapse_acme import crypto, fsutil
 from synapse_acme.account import load_or_create_account_key
 from synapse_acme.client import AcmeClient
 from synapse_acme.config import AcmeConfig
+from synapse_acme.errors import BundleError
 from synapse_acme.export import FileExporter
 from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder
 from synapse_acme.http01_server import make_factory
 from synapse_acme.interprocess import StoreLock, StoreLockService
 from synapse_acme.issuer import AcmeIssuer
-from synapse_acme.names import names_key
+from synapse_acme.model import CertificateBundle
+from synapse_acme.names import canonical_names, names_key
 from synapse_acme.service import AcmeService
 from synapse_acme.store import FileStore
 from synapse_acme.tls import HotSwapTLS, TLSListenerService
@@ -55,13 +58,34 @@ def status_path(config: AcmeConfig) -> str:
     return os.path.join(config.storage, STATUS_FILE)
 
 
-def _status_writer(config: AcmeConfig) -> Any:
+def _status_writer(
+    config: AcmeConfig, tls: HotSwapTLS, exporters: dict[str, FileExporter]
+) -> Callable[[list[dict[str, Any]]], None]:
+    """Writes the service's status, plus per certificate what the TLS listeners serve and
+    what the export holds, so ``synapse-acme status`` can compare stored/exported/served."""
     path = status_path(config)
 
     def write(status: list[dict[str, Any]]) -> None:
+        for entry in status:
+            served = tls.current(entry["key"])
+            entry["served_serial"] = _serial(served.chain_pem) if served is not None else None
+            exporter = exporters.get(entry["key"])
+            if exporter is not None:
+                entry["export"] = {
+                    **exporter.state.as_dict(),
+                    "cert_path": exporter.cert_path,
+                    "key_path": exporter.key_path,
+                }
         fsutil.atomic_write(path, json.dumps(status, indent=2).encode("utf-8"), 0o600)
 
     return write
+
+
+def _serial(chain_pem: bytes) -> str | None:
+    try:
+        return f"{crypto.parse_chain(chain_pem)[0].serial_number:x}"
+    except BundleError:
+        return None
 
 
 def build_runtime(
@@ -128,6 +152,11 @@ def _build_managing(
         poll_timeout=config.poll_timeout,
     )
     specs = config.certificate_specs()
+    keys = [names_key(canonical_names(spec.names)) for spec in specs]
+    required = {k: canonical_names(spec.names) for k, spec in zip(keys, specs, strict=True)}
+    tls = HotSwapTLS(default_key=keys[0], clock=reactor, required_names=required)
+    exporters: dict[str, FileExporter] = {}
+    write_status = _status_writer(config, tls, exporters)
     acme = AcmeService(
         specs,
         store,
@@ -136,15 +165,12 @@ def _build_managing(
         threshold_days=config.reprovision_threshold,
         check_interval=config.check_interval,
         check_jitter=config.check_jitter,
-        on_status=_status_writer(config),
-    )
-    keys = acme.keys
-    tls = HotSwapTLS(
-        default_key=keys[0],
-        clock=reactor,
-        required_names={k: acme.managed(k).spec.names for k in keys},
+        on_status=write_status,
     )
     acme.add_consumer(tls)
+
+    root = MultiService()
+    StoreLockService(lock).setServiceParent(root)  # first in, so it is stopped last
     exporter = None
     if config.tls_certificate_path and config.tls_private_key_path:
         exporter = FileExporter(
@@ -152,11 +178,14 @@ def _build_managing(
             cert_path=config.tls_certificate_path,
             key_path=config.tls_private_key_path,
             storage=config.storage,
+            clock=reactor,
+            on_state=lambda _: write_status(acme.status()),
         )
+        exporters[exporter.key] = exporter
+        # Before anything reads the files: they hold the store's certificate as one pair.
+        exporter.repair(_stored(store, exporter.key))
+        exporter.setServiceParent(root)  # stopped after the provisioning service
         acme.add_consumer(exporter)
-
-    root = MultiService()
-    StoreLockService(lock).setServiceParent(root)  # first in, so it is stopped last
     listener = None
     endpoints = config.http01_endpoints() if standalone_listener else []
     if endpoints:
@@ -174,6 +203,14 @@ def _build_managing(
         exporter=exporter,
         http01_listener=listener,
     )
+
+
+def _stored(store: FileStore, key: str) -> CertificateBundle | None:
+    """The store's bundle for ``key`` (the file store answers at once), None if absent or
+    unreadable (an unreadable one is reported by the service when it loads the store)."""
+    result: list[CertificateBundle | None] = []
+    store.load(key).addCallbacks(result.append, lambda f: result.append(None))
+    return result[0] if result else None
 
 
 def _add_tls_listeners(

@@ -4,9 +4,10 @@ A :class:`FileWatcher` polls a ``fullchain.pem``/``privkey.pem`` pair on the rea
 tick costs two ``stat`` calls; the files are read and hashed only when a stat result changed, and
 handed on only when their *content* changed (a ``touch`` is not a renewal). Renewal tools replace
 the two files one after the other (certbot flips two ``live/`` symlinks to new ``archive/``
-files), so a key that does not match its certificate is first taken as "mid-renewal": the
-watcher waits for the next tick and only logs an error if the mismatch persists for ``grace``
-seconds. :func:`install_sighup` makes ``kill -HUP`` an explicit "reload now".
+files), so a pair read across a replacement is re-read at once (:mod:`synapse_acme.pairs`); a
+key that still does not match its certificate is taken as "mid-renewal": the watcher waits for
+the next tick and only logs an error if the mismatch persists for ``grace`` seconds.
+:func:`install_sighup` makes ``kill -HUP`` an explicit "reload now".
 
 No restart is needed after a renewal: the new pair reaches every TLS listener through the
 consumer (:class:`synapse_acme.tls.HotSwapTLS`).
@@ -23,15 +24,14 @@ from types import FrameType
 from typing import Any
 
 import attrs
-from cryptography.hazmat.primitives import serialization
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 
-from synapse_acme import crypto
-from synapse_acme.errors import BundleError
+from synapse_acme.errors import BundleError, StoreError
 from synapse_acme.interfaces import ICertificateConsumer
 from synapse_acme.model import CertificateBundle
+from synapse_acme.pairs import read_pair
 
 log = logging.getLogger(__name__)
 
@@ -51,29 +51,6 @@ def _stat_signature(*paths: str) -> _StatSig:
         st = os.stat(path)  # follows symlinks: a flipped link shows a new inode
         sigs.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return tuple(sigs)
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _pair_problem(bundle: CertificateBundle) -> str | None:
-    """Why the key and the leaf do not belong together yet, or ``None`` if they do.
-
-    Only this is checked here: dates, names and the chain are the consumer's call (it logs a
-    refusal), so a certificate the consumer refuses is not retried until the files change.
-    """
-    try:
-        leaf = crypto.parse_chain(bundle.chain_pem)[0]
-        key = crypto.load_private_key(bundle.key_pem)
-    except BundleError as e:
-        return str(e)
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if key.public_key().public_bytes(der, spki) != leaf.public_key().public_bytes(der, spki):
-        return "private key does not match the certificate"
-    return None
 
 
 @attrs.define(eq=False)
@@ -140,15 +117,20 @@ class FileWatcher(Service):
                 self._not_ready(now, None, stat=sig)
             return False
         try:
-            chain_pem, key_pem = _read(self.cert_path), _read(self.key_path)
+            # Re-reads at once if it straddled a replacement (see synapse_acme.pairs).
+            chain_pem, key_pem = read_pair(self.cert_path, self.key_path)
         except OSError as e:
             return self._not_ready(now, f"cannot read: {e}", stat=None)
-        # Both stats again: if a file was replaced while we read, look again next tick.
+        except (BundleError, StoreError) as e:
+            return self._not_ready(now, str(e), stat=sig)
+        # Both stats again: if a file was replaced while we read, what we hold is a matching
+        # pair but maybe not the newest: deliver it, and look again next tick.
+        seen: _StatSig | None = sig
         if _stat_signature(self.cert_path, self.key_path) != sig:
-            return False
+            seen = None
         digest = hashlib.sha256(chain_pem).digest() + hashlib.sha256(key_pem).digest()
         if digest == self._delivered and not force:
-            self._last_stat = sig  # touched, not changed
+            self._last_stat = seen  # touched, not changed
             self._clear_bad()
             return False
         bundle = CertificateBundle(
@@ -156,10 +138,7 @@ class FileWatcher(Service):
             chain_pem=chain_pem,
             metadata={"source": "files", "cert_path": self.cert_path, "key_path": self.key_path},
         )
-        problem = _pair_problem(bundle)
-        if problem is not None:
-            return self._not_ready(now, problem, stat=sig)
-        self._last_stat = sig
+        self._last_stat = seen
         self._delivered = digest
         self._clear_bad()
         log.info("certificate watch: %s changed, installing it for %s", self.cert_path, self.key)

@@ -29,11 +29,12 @@ from zope.interface import implementer
 
 from synapse_acme import crypto
 from synapse_acme.config import MODULE_NAME, AcmeConfig, parse_acme_config
-from synapse_acme.errors import BundleError, ConfigError, StoreBusy
+from synapse_acme.errors import BundleError, ConfigError, StoreBusy, StoreError, SynapseAcmeError
 from synapse_acme.interfaces import ICertificateConsumer
 from synapse_acme.interprocess import RenewRequestWatcher, renew_request_path
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import canonical_names, names_key
+from synapse_acme.pairs import read_pair
 from synapse_acme.synapse import glue
 
 logger = logging.getLogger(__name__)
@@ -103,17 +104,19 @@ def _choose_block(
     )
 
 
-def write_placeholder(config: AcmeConfig, clock: IReactorTime) -> bool:
-    """Write a labelled self-signed pair if the TLS files are missing, so Synapse can start.
+def prepare_tls_files(config: AcmeConfig, clock: IReactorTime) -> bool:
+    """Before Synapse reads its TLS files: make them a usable pair. Returns True if a
+    placeholder was written.
 
-    Uses the exporter's ownership record, so the real certificate may replace it later.
-    Returns True if a placeholder was written.
+    With the store's lock free (no other process manages it): finish an interrupted store save,
+    then repair the exported pair from the store (missing, mismatched or stale files, loose key
+    modes, leftover temporary files). If there is still no certificate, write a labelled
+    self-signed placeholder so Synapse can start; it uses the exporter's ownership record, so
+    the real certificate replaces it later. Files that are not ours are never touched.
     """
     cert_path, key_path = config.tls_certificate_path, config.tls_private_key_path
     specs = config.certificate_specs()
     if not cert_path or not key_path or not specs:
-        return False
-    if os.path.exists(cert_path) and os.path.exists(key_path):
         return False
     from synapse_acme.export import FileExporter
 
@@ -121,6 +124,9 @@ def write_placeholder(config: AcmeConfig, clock: IReactorTime) -> bool:
     exporter = FileExporter(
         key=names_key(names), cert_path=cert_path, key_path=key_path, storage=config.storage
     )
+    _repair_from_store(config, exporter)
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        return False
     written = bool(exporter.write_placeholder_if_missing(names, crypto.now_from_clock(clock)))
     if written:
         logger.warning(
@@ -133,23 +139,52 @@ def write_placeholder(config: AcmeConfig, clock: IReactorTime) -> bool:
     return written
 
 
-def _read_bundle(cert_path: str, key_path: str) -> CertificateBundle | None:
-    """The pair on disk as a bundle, or None if either file is missing/unreadable."""
+def _repair_from_store(config: AcmeConfig, exporter: Any) -> None:
+    """The repair half of :func:`prepare_tls_files`; a busy or unusable store is left alone
+    (its manager repairs at its own start) and never stops Synapse."""
+    from synapse_acme.interprocess import StoreLock
+    from synapse_acme.store import FileStore
+
+    if not os.path.isdir(config.storage):
+        return
     try:
-        with open(cert_path, "rb") as f:
-            chain = f.read()
-        with open(key_path, "rb") as f:
-            key = f.read()
-    except OSError as e:
+        lock = StoreLock.acquire(config.storage)
+    except StoreError as e:  # StoreBusy included: the manager running now repaired already
+        logger.info("synapse-acme: not repairing the TLS files from the store now: %s", e)
+        return
+    try:
+        store = FileStore(config.storage)
+        loaded: list[Any] = []
+        store.load(exporter.key).addCallbacks(loaded.append, loaded.append)
+        bundle = loaded[0] if loaded and isinstance(loaded[0], CertificateBundle) else None
+        if loaded and not isinstance(loaded[0], CertificateBundle) and loaded[0] is not None:
+            logger.error(
+                "synapse-acme: the stored certificate is unusable (%s); it is re-issued",
+                loaded[0].getErrorMessage(),
+            )
+        if exporter.repair(bundle):
+            logger.warning(
+                "synapse-acme: repaired %s / %s from the store before Synapse reads them",
+                exporter.cert_path,
+                exporter.key_path,
+            )
+    except Exception:
+        logger.exception("synapse-acme: could not repair the TLS files from the store")
+    finally:
+        lock.release()
+
+
+def _read_bundle(cert_path: str, key_path: str) -> CertificateBundle | None:
+    """The pair on disk as a bundle (re-read until key and chain match), or None if it is
+    missing, unreadable or mismatched."""
+    try:
+        chain, key = read_pair(cert_path, key_path)
+    except (OSError, SynapseAcmeError) as e:
         logger.warning("synapse-acme: cannot read the TLS files: %s", e)
         return None
     meta: dict[str, Any] = {}
-    try:
-        leaf = crypto.parse_chain(chain)[0]
-        if crypto.is_placeholder(leaf):
-            meta["placeholder"] = True
-    except BundleError:
-        pass
+    if crypto.is_placeholder(crypto.parse_chain(chain)[0]):
+        meta["placeholder"] = True
     return CertificateBundle(key_pem=key, chain_pem=chain, metadata=meta)
 
 
@@ -237,7 +272,7 @@ class AcmeModule:
                 )
         written = False
         if acme.enabled and not acme.external_certificates:
-            written = write_placeholder(acme, _ConfigTimeClock())  # type: ignore[arg-type]
+            written = prepare_tls_files(acme, _ConfigTimeClock())  # type: ignore[arg-type]
         standalone = any(k in block for k in _EXPLICIT_LISTENER_KEYS)
         return ModuleSettings(
             acme=acme, source=source, standalone_listener=standalone, placeholder_written=written
