@@ -58,6 +58,7 @@ from synapse_acme import crypto, fsutil, policy
 from synapse_acme.errors import StoreError
 from synapse_acme.interfaces import ICertificateConsumer
 from synapse_acme.model import CertificateBundle
+from synapse_acme.threaded import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ class FileExporter(Service):
     homeserver can re-read them). ``clock``: retry a failed export with the backoff of
     :func:`synapse_acme.policy.backoff_delay` while the service runs; ``None`` (one-shot
     commands) never retries. ``on_state`` is called after every attempt (status publishing).
+    ``runner``: where the file work of :meth:`certificate_changed` runs (a
+    :class:`~synapse_acme.threaded.BlockingRunner` inside a homeserver); ``None``: right here.
     """
 
     key: str
@@ -157,6 +160,7 @@ class FileExporter(Service):
     on_export: Callable[[str, CertificateBundle], object] | None = None
     clock: IReactorTime | None = None
     on_state: Callable[[ExportState], object] | None = None
+    runner: Runner | None = None
     state: ExportState = attrs.field(factory=ExportState, init=False)
     _warned: set[str] = attrs.field(factory=set, init=False)
     _pending: CertificateBundle | None = attrs.field(default=None, init=False, repr=False)
@@ -216,25 +220,26 @@ class FileExporter(Service):
         bundle = self._pending
         if bundle is None:
             return
-        try:
-            self._export_or_record(bundle)
-        finally:
-            if self.on_state is not None:
-                try:
-                    self.on_state(self.state)
-                except Exception:
-                    logger.exception("Could not publish the export state")
+        if self.runner is None:
+            self._finish(_outcome(self.export, bundle))
+        else:
+            # In the runner's thread; results are handled back on the reactor thread.
+            self.runner(_outcome, self.export, bundle).addCallback(self._finish)
 
-    def _export_or_record(self, bundle: CertificateBundle) -> bool:
-        """:meth:`export`, with any failure recorded in :attr:`state` (and retried) instead."""
-        try:
-            return self.export(bundle)
-        except ForeignFiles as e:
-            self._failed(ExportOutcome.FOREIGN, str(e))
-        except Exception as e:
+    def _finish(self, outcome: bool | Exception) -> bool:
+        """Record a failed :meth:`export` in :attr:`state` (and retry it); publish the state."""
+        if isinstance(outcome, ForeignFiles):
+            self._failed(ExportOutcome.FOREIGN, str(outcome))
+        elif isinstance(outcome, Exception):
+            e = outcome
             why = str(e) if isinstance(e, StoreError) else f"{type(e).__name__}: {e}"
             self._failed(ExportOutcome.FAILED, why)
-        return False
+        if self.on_state is not None:
+            try:
+                self.on_state(self.state)
+            except Exception:
+                logger.exception("Could not publish the export state")
+        return outcome is True
 
     def _failed(self, outcome: ExportOutcome, why: str) -> None:
         failures = self.state.failures + 1
@@ -318,7 +323,7 @@ class FileExporter(Service):
         if bundle is None:
             return False
         self._pending = bundle
-        return self._export_or_record(bundle)
+        return self._finish(_outcome(self.export, bundle))
 
     def write_placeholder_if_missing(
         self,
@@ -651,6 +656,16 @@ class FileExporter(Service):
             json.dumps(body, indent=2).encode("utf-8") + b"\n",
             fsutil.PRIVATE_FILE_MODE,
         )
+
+
+def _outcome(
+    export: Callable[[CertificateBundle], bool], bundle: CertificateBundle
+) -> bool | Exception:
+    """``export(bundle)``'s result, or the exception it raised (safe to carry across threads)."""
+    try:
+        return export(bundle)
+    except Exception as e:
+        return e
 
 
 def _pair_matches(key_pem: bytes, chain_pem: bytes) -> bool:

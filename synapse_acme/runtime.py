@@ -30,6 +30,7 @@ from synapse_acme.model import CertificateBundle
 from synapse_acme.names import canonical_names, names_key
 from synapse_acme.service import AcmeService
 from synapse_acme.store import FileStore
+from synapse_acme.threaded import Runner, ThreadedStore
 from synapse_acme.tls import HotSwapTLS, TLSListenerService
 from synapse_acme.transport import JWSTransport, make_http_client
 from synapse_acme.watch import FileWatcher
@@ -59,7 +60,10 @@ def status_path(config: AcmeConfig) -> str:
 
 
 def _status_writer(
-    config: AcmeConfig, tls: HotSwapTLS, exporters: dict[str, FileExporter]
+    config: AcmeConfig,
+    tls: HotSwapTLS,
+    exporters: dict[str, FileExporter],
+    runner: Runner | None,
 ) -> Callable[[list[dict[str, Any]]], None]:
     """Writes the service's status, plus per certificate what the TLS listeners serve and
     what the export holds, so ``synapse-acme status`` can compare stored/exported/served."""
@@ -76,7 +80,13 @@ def _status_writer(
                     "cert_path": exporter.cert_path,
                     "key_path": exporter.key_path,
                 }
-        fsutil.atomic_write(path, json.dumps(status, indent=2).encode("utf-8"), 0o600)
+        data = json.dumps(status, indent=2).encode("utf-8")
+        if runner is None:
+            fsutil.atomic_write(path, data, 0o600)
+        else:
+            runner(fsutil.atomic_write, path, data, 0o600).addErrback(
+                lambda f: logger.error("Could not write %s: %s", path, f.getErrorMessage())
+            )
 
     return write
 
@@ -94,12 +104,17 @@ def build_runtime(
     *,
     standalone_listener: bool = True,
     http_client: Any = None,
+    runner: Runner | None = None,
 ) -> Runtime:
     """Build the provisioning service and its collaborators for ``config``.
 
     ``reactor`` provides time, TCP and DNS (``IReactorTime``, ``IReactorCore``...).
     ``standalone_listener`` opens the HTTP-01 listener(s) of ``acme.port``/``acme.listen``;
     an embedding host that mounts :meth:`HTTP01Responder.resource` itself passes False.
+    ``runner``: where the running service's file writes (store saves, exports, the status file)
+    happen; a homeserver passes a :class:`~synapse_acme.threaded.BlockingRunner` so that no
+    fsync blocks its reactor. Start-up work (recovery, the repair of the exported files) is
+    done at once, before anything reads the files.
 
     The built runtime manages ``config.storage``: it holds the store's lock (see
     :mod:`synapse_acme.interprocess`) until ``service`` stops, and raises StoreBusy if another
@@ -112,7 +127,7 @@ def build_runtime(
     # Only the process holding the lock may recover, order and save (StoreBusy otherwise).
     lock = StoreLock.acquire(config.storage)
     try:
-        return _build_managing(config, reactor, lock, standalone_listener, http_client)
+        return _build_managing(config, reactor, lock, standalone_listener, http_client, runner)
     except BaseException:
         lock.release()
         raise
@@ -124,6 +139,7 @@ def _build_managing(
     lock: StoreLock,
     standalone_listener: bool,
     http_client: Any,
+    runner: Runner | None,
 ) -> Runtime:
     store = FileStore(config.storage)
     for line in store.recover():
@@ -156,10 +172,10 @@ def _build_managing(
     required = {k: canonical_names(spec.names) for k, spec in zip(keys, specs, strict=True)}
     tls = HotSwapTLS(default_key=keys[0], clock=reactor, required_names=required)
     exporters: dict[str, FileExporter] = {}
-    write_status = _status_writer(config, tls, exporters)
+    write_status = _status_writer(config, tls, exporters, runner)
     acme = AcmeService(
         specs,
-        store,
+        ThreadedStore(store, runner) if runner is not None else store,
         issuer,
         reactor,
         threshold_days=config.reprovision_threshold,
@@ -180,6 +196,7 @@ def _build_managing(
             storage=config.storage,
             clock=reactor,
             on_state=lambda _: write_status(acme.status()),
+            runner=runner,
         )
         exporters[exporter.key] = exporter
         # Before anything reads the files: they hold the store's certificate as one pair.

@@ -319,10 +319,18 @@ class AcmeModule:
 
     def _init_provisioning(self) -> None:
         from synapse_acme.runtime import build_runtime
+        from synapse_acme.threaded import BlockingRunner
 
         acme = self.settings.acme
+        # Store saves, exports and status writes fsync: never on Synapse's reactor thread.
+        self._io = BlockingRunner(self.reactor)
+        self._io.start()
+        self.reactor.addSystemEventTrigger("after", "shutdown", self._io.stop)
         self.runtime = build_runtime(
-            acme, self.reactor, standalone_listener=self.settings.standalone_listener
+            acme,
+            self.reactor,
+            standalone_listener=self.settings.standalone_listener,
+            runner=self._io,
         )
         self.tls = self.runtime.tls
         self.api.register_web_resource(CHALLENGE_PATH, self.runtime.responder.resource())

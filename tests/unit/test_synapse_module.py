@@ -22,6 +22,7 @@ from twisted.web.resource import Resource
 from synapse_acme import crypto, interprocess
 from synapse_acme.config import MODULE_NAME
 from synapse_acme.model import CertificateBundle
+from synapse_acme.threaded import BlockingRunner
 from synapse_acme.synapse import AcmeModule, glue
 from synapse_acme.synapse import module as module_mod
 from synapse_acme.tls import HotSwapTLS
@@ -314,7 +315,14 @@ def test_module_wires_challenge_tls_and_start(
 ) -> None:
     mod, api, reactor, built = make_module(tmp_path, monkeypatch)
     ((rt, kw),) = built
+    runner = kw.pop("runner")
     assert kw == {"standalone_listener": False}
+    # Store saves, exports and status writes run in the runner's one thread, not on the reactor.
+    assert isinstance(runner, BlockingRunner)
+    assert ("after", "shutdown", runner.stop) in [
+        (phase, event, t[0]) for phase, events in reactor.triggers.items()
+        for event, ts in events.items() for t in ts
+    ]  # fmt: skip
     assert api.resources == {"/.well-known/acme-challenge": rt.responder.res}
     # The creator holds the placeholder from disk and is what listenSSL will get.
     assert api._hs.tls_server_context_factory is rt.tls

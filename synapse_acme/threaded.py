@@ -1,0 +1,104 @@
+"""Blocking file work off the reactor thread, for hosts whose reactor must never wait on a disk.
+
+The file store, the exporter and the status file write a few KiB each and fsync them. In the
+standalone runner that is fine on the reactor thread (nothing else is waiting). Inside a
+homeserver it is not: an fsync on a busy or failing disk can take seconds, and every federation
+request waits behind it. So when embedded, that work runs in :class:`BlockingRunner`'s one
+dedicated thread.
+
+One thread, not a pool, keeps the guarantees the code was written with: operations run one at a
+time, in the order they were submitted (a save is durable before the export that follows it
+starts; two exports never interleave), exactly as they did on the reactor thread. Results and
+errors come back as Deferreds fired on the reactor thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from threading import Thread
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from synapse_acme.interfaces import ICertificateStore
+from synapse_acme.model import CertificateBundle
+
+_T = TypeVar("_T")
+
+
+class _DaemonThreadPool(ThreadPool):
+    """Its thread never keeps a process alive on its own: a host that exits without shutting
+    its reactor down (a test, a crash) is not hung by it. Normal shutdown still waits for the
+    work (:meth:`BlockingRunner.stop`), and every write is atomic anyway (temp file, rename)."""
+
+    @staticmethod
+    def threadFactory(*args: Any, **kwargs: Any) -> Thread:  # type: ignore[override]
+        return Thread(*args, daemon=True, **kwargs)
+
+
+class BlockingRunner:
+    """Runs blocking callables in one dedicated thread, in submission order.
+
+    ``reactor`` delivers the results (``IReactorFromThreads``). :meth:`start` before use;
+    :meth:`stop` waits for the work already submitted, then ends the thread.
+    """
+
+    def __init__(self, reactor: IReactorFromThreads, name: str = "synapse-acme-io") -> None:
+        self._reactor = reactor
+        self._pool = _DaemonThreadPool(minthreads=1, maxthreads=1, name=name)
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def stop(self) -> None:
+        self._pool.stop()
+
+    def __call__(self, f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+        """A Deferred firing (on the reactor thread) with ``f(*args)`` run in the thread."""
+        return threads.deferToThreadPool(self._reactor, self._pool, f, *args)  # type: ignore[arg-type]
+
+
+def run_now(f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+    """The runner for hosts where blocking is fine: run at once, the result as a Deferred."""
+    return defer.maybeDeferred(f, *args)
+
+
+Runner = Callable[..., "defer.Deferred[Any]"]
+
+
+def _result_of(d: defer.Deferred[_T]) -> _T:
+    """The result of a Deferred that has already fired (raising its failure)."""
+    box: list[Any] = []
+    d.addBoth(box.append)
+    if not box:
+        raise RuntimeError("expected a Deferred that had already fired")
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]  # type: ignore[no-any-return]
+
+
+@implementer(ICertificateStore)
+@attrs.define(eq=False)
+class ThreadedStore:
+    """An :class:`~synapse_acme.interfaces.ICertificateStore` whose calls run ``inner``'s
+    (synchronously answering) methods in ``runner``'s thread. Same contract, same errors."""
+
+    inner: Any  # a store whose Deferreds have fired when its methods return (FileStore)
+    runner: Runner
+
+    def load(self, key: str) -> defer.Deferred[CertificateBundle | None]:
+        return self.runner(lambda: _result_of(self.inner.load(key)))
+
+    def save(self, key: str, bundle: CertificateBundle) -> defer.Deferred[None]:
+        return self.runner(lambda: _result_of(self.inner.save(key, bundle)))
+
+    def keys(self) -> defer.Deferred[list[str]]:
+        return self.runner(lambda: _result_of(self.inner.keys()))
+
+    def delete(self, key: str) -> defer.Deferred[None]:
+        return self.runner(lambda: _result_of(self.inner.delete(key)))
