@@ -31,7 +31,7 @@ out). Anything else at a configured path (another tool's symlink, a FIFO, a dire
 operator's own file) is foreign: nothing is written, and the failure is reported.
 
 An export that fails is a failure: :attr:`FileExporter.state` says so (``synapse-acme status``
-shows it), and with a clock the exporter retries with the service's backoff until it succeeds.
+shows it), and with a clock the exporter retries (10 s, 30 s, 1 min, ... 1 h) until it succeeds.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class FileExporter(Service):
 
     ``on_export`` is called with ``(key, bundle)`` after the files actually changed (e.g. so a
     homeserver can re-read them). ``clock``: retry a failed export with the backoff of
-    :func:`synapse_acme.policy.backoff_delay` while the service runs; ``None`` (one-shot
+    :data:`synapse_acme.policy.EXPORT_RETRY_SCHEDULE` while the service runs; ``None`` (one-shot
     commands) never retries. ``on_state`` is called after every attempt (status publishing).
     ``runner``: where the file work of :meth:`certificate_changed` runs (a
     :class:`~synapse_acme.threaded.BlockingRunner` inside a homeserver); ``None``: right here.
@@ -245,7 +245,7 @@ class FileExporter(Service):
         failures = self.state.failures + 1
         next_retry = None
         if self.clock is not None and self.running:
-            delay = policy.backoff_delay(failures)
+            delay = policy.backoff_delay(failures, schedule=policy.EXPORT_RETRY_SCHEDULE)
             next_retry = self.clock.seconds() + delay
             self._retry_call = self.clock.callLater(delay, self._attempt)
             then = f"retrying in {delay:.0f} s"

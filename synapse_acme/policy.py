@@ -44,6 +44,18 @@ BACKOFF_SCHEDULE: tuple[float, ...] = (
     10800.0,  # 3 h
     21600.0,  # 6 h: the cap
 )
+# Retrying a failed export (disk full, a permission fixed by hand) costs nothing at the CA, and
+# the homeserver may be about to restart onto the old files: start at seconds, cap at an hour.
+EXPORT_RETRY_SCHEDULE: tuple[float, ...] = (
+    10.0,
+    30.0,
+    60.0,  # 1 min
+    120.0,
+    300.0,  # 5 min
+    600.0,
+    1800.0,  # 30 min
+    3600.0,  # 1 h: the cap
+)
 # Jitter spreads retries from many servers hitting the same CA outage (+-10%).
 BACKOFF_JITTER = 0.1
 # A CA's Retry-After is honoured, but a day at most: we ask again and get a fresh answer.
@@ -135,18 +147,24 @@ def needs_renewal(
     return False
 
 
-def backoff_delay(failures: int, retry_after: float | None = None, rand: Rand = None) -> float:
+def backoff_delay(
+    failures: int,
+    retry_after: float | None = None,
+    rand: Rand = None,
+    schedule: tuple[float, ...] = BACKOFF_SCHEDULE,
+) -> float:
     """Seconds to wait after ``failures`` consecutive failures (0 if none).
 
-    The :data:`BACKOFF_SCHEDULE` step with +-10% jitter (``rand`` 0.5 means none), but never
-    less than the CA's ``retry_after`` (capped at :data:`MAX_RETRY_AFTER`).
+    The ``schedule`` step (:data:`BACKOFF_SCHEDULE` for the CA, :data:`EXPORT_RETRY_SCHEDULE`
+    for exports) with +-10% jitter (``rand`` 0.5 means none), but never less than the CA's
+    ``retry_after`` (capped at :data:`MAX_RETRY_AFTER`).
     """
     if failures < 0:
         raise ValueError(f"failures must not be negative, got {failures}")
     if failures == 0:
         base = 0.0
     else:
-        step = BACKOFF_SCHEDULE[min(failures, len(BACKOFF_SCHEDULE)) - 1]
+        step = schedule[min(failures, len(schedule)) - 1]
         base = step * (1.0 + BACKOFF_JITTER * (2.0 * _unit(rand) - 1.0))
     if retry_after is not None and retry_after > 0:
         base = max(base, min(float(retry_after), MAX_RETRY_AFTER))
