@@ -22,9 +22,9 @@ from twisted.web.resource import Resource
 from synapse_acme import crypto, interprocess
 from synapse_acme.config import MODULE_NAME
 from synapse_acme.model import CertificateBundle
-from synapse_acme.threaded import BlockingRunner
 from synapse_acme.synapse import AcmeModule, glue
 from synapse_acme.synapse import module as module_mod
+from synapse_acme.threaded import BlockingRunner
 from synapse_acme.tls import HotSwapTLS
 
 NAME = "hs.example.test"
