@@ -111,6 +111,7 @@ def _build_managing(
         reactor,
         account_key,
         config.url,
+        timeout=config.request_timeout,
         max_requests_per_minute=config.max_requests_per_minute,
     )
     client = AcmeClient(transport)
