@@ -70,12 +70,15 @@ def build_runtime(
     *,
     standalone_listener: bool = True,
     http_client: Any = None,
+    one_shot: bool = False,
 ) -> Runtime:
     """Build the provisioning service and its collaborators for ``config``.
 
     ``reactor`` provides time, TCP and DNS (``IReactorTime``, ``IReactorCore``...).
     ``standalone_listener`` opens the HTTP-01 listener(s) of ``acme.port``/``acme.listen``;
     an embedding host that mounts :meth:`HTTP01Responder.resource` itself passes False.
+    ``one_shot`` builds the :class:`AcmeService` in one-shot mode (the CLI's ``issue`` and
+    ``renew``): no periodic check, ARI fetch or retry timer; the caller reports failures.
 
     The built runtime manages ``config.storage``: it holds the store's lock (see
     :mod:`synapse_acme.interprocess`) until ``service`` stops, and raises StoreBusy if another
@@ -88,7 +91,7 @@ def build_runtime(
     # Only the process holding the lock may recover, order and save (StoreBusy otherwise).
     lock = StoreLock.acquire(config.storage)
     try:
-        return _build_managing(config, reactor, lock, standalone_listener, http_client)
+        return _build_managing(config, reactor, lock, standalone_listener, http_client, one_shot)
     except BaseException:
         lock.release()
         raise
@@ -100,6 +103,7 @@ def _build_managing(
     lock: StoreLock,
     standalone_listener: bool,
     http_client: Any,
+    one_shot: bool,
 ) -> Runtime:
     store = FileStore(config.storage)
     for line in store.recover():
@@ -138,6 +142,7 @@ def _build_managing(
         check_interval=config.check_interval,
         check_jitter=config.check_jitter,
         on_status=_status_writer(config),
+        one_shot=one_shot,
     )
     keys = acme.keys
     tls = HotSwapTLS(
