@@ -88,6 +88,7 @@ class ManagedCertificate:
     next_attempt: float = 0.0  # clock seconds; 0 = no backoff in force
     last_error: str | None = None
     last_error_type: str | None = None
+    last_retry_after: float | None = None  # the CA's Retry-After with the last error, seconds
     last_attempt: float | None = None
     last_success: float | None = None
     unsaved: CertificateBundle | None = attrs.field(default=None, repr=False)
@@ -179,7 +180,11 @@ class AcmeService(Service):
         m = self._managed[key]
         if m.last_error is None:
             return None
-        return f"{m.last_error} (error type {m.last_error_type}); {_kept(m)}"
+        text = f"{m.last_error} (error type {m.last_error_type}); {_kept(m)}"
+        if m.last_retry_after is not None and m.last_attempt is not None:
+            until = _iso_ts(m.last_attempt + m.last_retry_after)
+            text += f"; the CA asks not to try again before {until}"
+        return text
 
     def key_for(self, names: Iterable[str]) -> str:
         return names_key(names)
@@ -492,6 +497,7 @@ class AcmeService(Service):
         m.failures = 0
         m.next_attempt = 0.0
         m.last_error = m.last_error_type = None
+        m.last_retry_after = None
         m.last_success = self._clock.seconds()
         logger.info(
             "Certificate for %s obtained; valid until %s, renewal planned at %s",
@@ -505,6 +511,7 @@ class AcmeService(Service):
         m.failures += 1
         m.last_error = str(e) if isinstance(e, SynapseAcmeError) else f"{type(e).__name__}: {e}"
         m.last_error_type = _error_type(e)
+        m.last_retry_after = _retry_after(e)
         what = "save" if m.unsaved is not None else "obtain"
         if self._one_shot:
             # Nothing here will retry, so no next attempt is stored or promised; the caller
@@ -521,7 +528,7 @@ class AcmeService(Service):
                 exc_info=not isinstance(e, SynapseAcmeError),
             )
             return
-        delay = policy.backoff_delay(m.failures, _retry_after(e), self._rand)
+        delay = policy.backoff_delay(m.failures, m.last_retry_after, self._rand)
         m.next_attempt = self._clock.seconds() + delay
         logger.error(
             "Failed to %s a certificate for %s (attempt %d, error type %s): %s; "

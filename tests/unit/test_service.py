@@ -470,8 +470,10 @@ def test_one_shot_failure_is_recorded_without_next_attempt_and_left_to_the_calle
     assert not [r for r in caplog.records if r.levelno >= logging.INFO and "Failed" in r.message]
     assert "next attempt" not in caplog.text
     assert "no retry is scheduled" in caplog.text
+    # What happened, what is kept, and when the CA allows the next try (its Retry-After).
     assert w.service.failure_summary(KEY) == (
-        f"{limited} (error type rateLimited); the previous certificate is kept"
+        f"{limited} (error type rateLimited); the previous certificate is kept; "
+        "the CA asks not to try again before 2026-11-01T14:00:00Z"
     )
     assert w.service.current(KEY) == old and w.stored() == old
     w.clock.advance(DAY)
