@@ -88,7 +88,7 @@ class ManagedCertificate:
     next_attempt: float = 0.0  # clock seconds; 0 = no backoff in force
     last_error: str | None = None
     last_error_type: str | None = None
-    last_retry_after: float | None = None  # the CA's Retry-After with the last error, seconds
+    ca_retry_at: float | None = None  # clock seconds; the CA's Retry-After with the last error
     last_attempt: float | None = None
     last_success: float | None = None
     unsaved: CertificateBundle | None = attrs.field(default=None, repr=False)
@@ -165,11 +165,6 @@ class AcmeService(Service):
         """The store keys of the managed certificates, in configuration order."""
         return list(self._managed)
 
-    @property
-    def one_shot(self) -> bool:
-        """True in one-shot mode: nothing is scheduled, nothing in this service retries."""
-        return self._one_shot
-
     def managed(self, key: str) -> ManagedCertificate:
         return self._managed[key]
 
@@ -181,9 +176,10 @@ class AcmeService(Service):
         if m.last_error is None:
             return None
         text = f"{m.last_error} (error type {m.last_error_type}); {_kept(m)}"
-        if m.last_retry_after is not None and m.last_attempt is not None:
-            until = _iso_ts(m.last_attempt + m.last_retry_after)
-            text += f"; the CA asks not to try again before {until}"
+        if m.unsaved is not None and self._one_shot:
+            text += " (it is lost when this process exits)"
+        if m.ca_retry_at is not None:
+            text += f"; the CA asks not to try again before {_iso_ts(m.ca_retry_at)}"
         return text
 
     def key_for(self, names: Iterable[str]) -> str:
@@ -497,7 +493,7 @@ class AcmeService(Service):
         m.failures = 0
         m.next_attempt = 0.0
         m.last_error = m.last_error_type = None
-        m.last_retry_after = None
+        m.ca_retry_at = None
         m.last_success = self._clock.seconds()
         logger.info(
             "Certificate for %s obtained; valid until %s, renewal planned at %s",
@@ -511,7 +507,8 @@ class AcmeService(Service):
         m.failures += 1
         m.last_error = str(e) if isinstance(e, SynapseAcmeError) else f"{type(e).__name__}: {e}"
         m.last_error_type = _error_type(e)
-        m.last_retry_after = _retry_after(e)
+        retry_after = _retry_after(e)
+        m.ca_retry_at = self._clock.seconds() + retry_after if retry_after is not None else None
         what = "save" if m.unsaved is not None else "obtain"
         if self._one_shot:
             # Nothing here will retry, so no next attempt is stored or promised; the caller
@@ -528,7 +525,7 @@ class AcmeService(Service):
                 exc_info=not isinstance(e, SynapseAcmeError),
             )
             return
-        delay = policy.backoff_delay(m.failures, m.last_retry_after, self._rand)
+        delay = policy.backoff_delay(m.failures, retry_after, self._rand)
         m.next_attempt = self._clock.seconds() + delay
         logger.error(
             "Failed to %s a certificate for %s (attempt %d, error type %s): %s; "

@@ -493,6 +493,14 @@ def test_failure_summary_says_what_is_kept() -> None:
     # A success clears it.
     outcome_of(w.service.renew(KEY))
     assert w.service.failure_summary(KEY) is None
+    # Issued but not saved: said so, and that a one-shot process does not keep it.
+    w.store.fail_next_save(StoreError("no space left on device"))
+    [(_, result)] = outcome_of(w.service.renew(KEY, force=True))
+    assert result.check(StoreError)
+    assert w.service.failure_summary(KEY) == (
+        "no space left on device (error type StoreError); the certificate was issued but "
+        "could not be saved (it is lost when this process exits)"
+    )
 
 
 def test_running_service_still_promises_the_next_attempt(
