@@ -152,11 +152,16 @@ def test_ca_problem_is_reported_with_its_type(
     cfg = ca.write_acme_config(tmp_path, ["blocked.example.test"])
     r = cli("issue", "-c", str(cfg))
     assert r.returncode == 1
-    assert "rejectedIdentifier" in r.stderr
+    # Reported once, by the command's FAILED line, with the type and what happens next.
+    [line] = [x for x in (r.stdout + r.stderr).splitlines() if "rejectedIdentifier" in x]
+    assert line.startswith("FAILED  blocked.example.test: ACME error rejectedIdentifier")
+    assert "(error type rejectedIdentifier); there is still no certificate" in line
+    assert "nothing will retry it" in line and "next attempt" not in r.stderr
     assert not (tmp_path / "store" / "certificates" / "blocked.example.test").exists()
     status = json.loads(cli("status", "-c", str(cfg), "--json").stdout)
     assert status[0]["state"] == "missing"
     assert status[0]["last_error_type"] == "rejectedIdentifier"
+    assert "next_attempt" not in status[0]
 
 
 def test_config_error_names_the_key(tmp_path: Path) -> None:
