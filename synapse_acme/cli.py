@@ -129,7 +129,11 @@ def _one_shot(args: argparse.Namespace, force: bool) -> int:
         from synapse_acme.runtime import build_runtime
 
         try:
-            runtime = build_runtime(config, reactor, standalone_listener=not args.no_listener)
+            # One-shot: the service does only what is asked here, schedules nothing, and leaves
+            # reporting a failure to the FAILED line below (one report per failure).
+            runtime = build_runtime(
+                config, reactor, standalone_listener=not args.no_listener, one_shot=True
+            )
         except StoreBusy as e:
             if not force:
                 raise
@@ -161,11 +165,19 @@ def _one_shot(args: argparse.Namespace, force: bool) -> int:
             results = await acme.renew(key, force=force)
             if not results:
                 print("Nothing to do: every certificate is valid and not yet due for renewal.")
+            again = f"synapse-acme {args.command}" + (" --force" if force else "")
             for k, result in results:
                 names = ", ".join(acme.managed(k).spec.names)
                 if isinstance(result, Failure):
                     outcome["code"] = EXIT_FAILED
-                    print(f"FAILED  {names}: {result.getErrorMessage()}", file=sys.stderr)
+                    what = acme.failure_summary(k) or result.getErrorMessage()
+                    if not result.check(SynapseAcmeError):
+                        what += " (-v logs the traceback)"
+                    print(
+                        f"FAILED  {names}: {what}; nothing will retry it: run `{again}` again, "
+                        "or let `synapse-acme run` / the homeserver module retry",
+                        file=sys.stderr,
+                    )
                 else:
                     m = acme.managed(k)
                     where = os.path.join(config.storage, "certificates", k)

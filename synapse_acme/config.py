@@ -29,7 +29,7 @@ from synapse_acme.crypto import KEY_TYPES
 from synapse_acme.errors import ConfigError
 from synapse_acme.model import CertificateSpec
 from synapse_acme.names import canonical_name
-from synapse_acme.policy import MAX_REQUESTS_PER_MINUTE
+from synapse_acme.policy import DEFAULT_REQUEST_TIMEOUT, MAX_REQUESTS_PER_MINUTE
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class AcmeConfig:
     tls_listen: tuple[str, ...] = ()
     external_certificates: bool = False
     max_requests_per_minute: int = MAX_REQUESTS_PER_MINUTE
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     watch_interval: float = DEFAULT_WATCH_INTERVAL
 
     def http01_endpoints(self) -> list[str]:
@@ -510,6 +511,7 @@ _FIELD_READERS: dict[str, Callable[[Any, str], Any]] = {
     "check_interval": _duration,
     "poll_interval": _duration,
     "poll_timeout": _duration,
+    "request_timeout": _duration,
     "profile": lambda v, p: _str(v, p, "a profile name the CA offers, like 'tlsserver'"),
 }
 

@@ -71,6 +71,10 @@ Rand = random.Random | float | None
 # from hammering the CA. Requests over the cap wait in order; none is dropped.
 MAX_REQUESTS_PER_MINUTE = 1200  # acme.max_requests_per_minute
 
+# One request to the CA, connect to last body byte. Let's Encrypt answers in well under a
+# second; a CA that has not answered in 45 s (certbot's default) is not going to.
+DEFAULT_REQUEST_TIMEOUT = 45.0  # acme.request_timeout
+
 
 def _unit(rand: Rand) -> float:
     """A number in [0, 1): ``rand`` itself if a float, a draw from it if a Random,

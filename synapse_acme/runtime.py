@@ -105,6 +105,7 @@ def build_runtime(
     standalone_listener: bool = True,
     http_client: Any = None,
     runner: Runner | None = None,
+    one_shot: bool = False,
 ) -> Runtime:
     """Build the provisioning service and its collaborators for ``config``.
 
@@ -115,6 +116,8 @@ def build_runtime(
     happen; a homeserver passes a :class:`~synapse_acme.threaded.BlockingRunner` so that no
     fsync blocks its reactor. Start-up work (recovery, the repair of the exported files) is
     done at once, before anything reads the files.
+    ``one_shot`` builds the :class:`AcmeService` in one-shot mode (the CLI's ``issue`` and
+    ``renew``): no periodic check, ARI fetch or retry timer; the caller reports failures.
 
     The built runtime manages ``config.storage``: it holds the store's lock (see
     :mod:`synapse_acme.interprocess`) until ``service`` stops, and raises StoreBusy if another
@@ -127,7 +130,9 @@ def build_runtime(
     # Only the process holding the lock may recover, order and save (StoreBusy otherwise).
     lock = StoreLock.acquire(config.storage)
     try:
-        return _build_managing(config, reactor, lock, standalone_listener, http_client, runner)
+        return _build_managing(
+            config, reactor, lock, standalone_listener, http_client, runner, one_shot
+        )
     except BaseException:
         lock.release()
         raise
@@ -140,6 +145,7 @@ def _build_managing(
     standalone_listener: bool,
     http_client: Any,
     runner: Runner | None,
+    one_shot: bool,
 ) -> Runtime:
     store = FileStore(config.storage)
     for line in store.recover():
@@ -151,6 +157,7 @@ def _build_managing(
         reactor,
         account_key,
         config.url,
+        timeout=config.request_timeout,
         max_requests_per_minute=config.max_requests_per_minute,
     )
     client = AcmeClient(transport)
@@ -182,6 +189,7 @@ def _build_managing(
         check_interval=config.check_interval,
         check_jitter=config.check_jitter,
         on_status=write_status,
+        one_shot=one_shot,
     )
     acme.add_consumer(tls)
 
@@ -194,7 +202,7 @@ def _build_managing(
             cert_path=config.tls_certificate_path,
             key_path=config.tls_private_key_path,
             storage=config.storage,
-            clock=reactor,
+            clock=None if one_shot else reactor,  # a one-shot command reports, never retries
             on_state=lambda _: write_status(acme.status()),
             runner=runner,
         )

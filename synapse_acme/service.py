@@ -13,7 +13,16 @@ Rules it keeps (FACTS.md, certmagic, txacme):
   and the next attempt time, and backs off per certificate (front-loaded table, Retry-After);
 - an issued certificate that cannot be saved is kept in memory and saved on the next attempt
   instead of being ordered again (rate limits are precious);
-- the periodic check logs its own errors, so it never dies.
+- the periodic check logs its own errors, so it never dies; the next check is scheduled only
+  when the current one has finished, so a check stuck on a silent CA never runs twice at once;
+- ``stopService`` cancels what is in flight (issuances, a running check and its ARI fetches)
+  instead of waiting for the CA, so stopping takes no longer than the cancellations.
+
+One-shot mode (``one_shot=True``, used by ``synapse-acme issue``/``renew``): the store is read
+and only what :meth:`AcmeService.renew` is asked for is done. No periodic check, no ARI fetch,
+no retry timer, no coalescing timer; a failure is recorded (status, ``last_error``) without a
+next attempt time, since nothing in this process will retry it, and is logged at DEBUG only:
+the caller (the CLI's ``FAILED`` line) is its one report, with :meth:`AcmeService.failure_summary`.
 """
 
 from __future__ import annotations
@@ -79,6 +88,7 @@ class ManagedCertificate:
     next_attempt: float = 0.0  # clock seconds; 0 = no backoff in force
     last_error: str | None = None
     last_error_type: str | None = None
+    ca_retry_at: float | None = None  # clock seconds; the CA's Retry-After with the last error
     last_attempt: float | None = None
     last_success: float | None = None
     unsaved: CertificateBundle | None = attrs.field(default=None, repr=False)
@@ -92,7 +102,18 @@ class ManagedCertificate:
 
 
 class AcmeService(Service):
-    """A Twisted Service that drives issuance and renewal for a fixed set of certificates."""
+    """A Twisted Service that drives issuance and renewal for a fixed set of certificates.
+
+    ``specs`` are the certificates to keep (names are canonicalised; a set given twice is a
+    ValueError); ``store`` keeps them; ``issuer`` obtains them and their ARI windows; ``clock``
+    is the only source of time. ``threshold_days`` caps how early a certificate is renewed
+    (``reprovision_threshold``; None: no cap); ``check_interval`` and ``check_jitter`` set the
+    wait between the end of one periodic check and the start of the next; ``rand`` draws the
+    jitter and the renewal moment; ``key_generator`` makes a new private key per issuance from
+    a key type; ``on_status`` receives :meth:`status` after changes (coalesced while running).
+    ``one_shot`` selects one-shot mode (see the module docstring): no timers at all, failures
+    recorded without a next attempt and left for the caller to report.
+    """
 
     def __init__(
         self,
@@ -107,6 +128,7 @@ class AcmeService(Service):
         rand: random.Random | None = None,
         key_generator: Callable[[str], bytes] = crypto.generate_private_key_pem,
         on_status: Callable[[list[dict[str, Any]]], None] | None = None,
+        one_shot: bool = False,
     ) -> None:
         self._store = store
         self._issuer = issuer
@@ -119,6 +141,7 @@ class AcmeService(Service):
         self._rand = rand if rand is not None else random.Random()
         self._key_generator = key_generator
         self._on_status = on_status
+        self._one_shot = one_shot
         self._consumers: list[ICertificateConsumer] = []
         self._managed: dict[str, ManagedCertificate] = {}
         for spec in specs:
@@ -129,7 +152,10 @@ class AcmeService(Service):
             self._managed[key] = ManagedCertificate(spec=attrs.evolve(spec, names=names), key=key)
         self._tick_call: IDelayedCall | None = None
         self._loading: defer.Deferred[None] | None = None
-        self._running_ticks: set[defer.Deferred[Any]] = set()
+        self._running_check: defer.Deferred[None] | None = None
+        # Set by stopService: what fails from now on was cancelled by it (a cancelled HTTP
+        # request may surface as a transport error), so it is not reported as a CA failure.
+        self._stopping = False
         self._status_call: IDelayedCall | None = None
 
     # -- public API -------------------------------------------------------------------------
@@ -141,6 +167,20 @@ class AcmeService(Service):
 
     def managed(self, key: str) -> ManagedCertificate:
         return self._managed[key]
+
+    def failure_summary(self, key: str) -> str | None:
+        """The last failure of ``key`` as one sentence for an operator (the error, its type,
+        what is kept), or None if its last attempt did not fail. Says nothing about retries:
+        that depends on who runs the service."""
+        m = self._managed[key]
+        if m.last_error is None:
+            return None
+        text = f"{m.last_error} (error type {m.last_error_type}); {_kept(m)}"
+        if m.unsaved is not None and self._one_shot:
+            text += " (it is lost when this process exits)"
+        if m.ca_retry_at is not None:
+            text += f"; the CA asks not to try again before {_iso_ts(m.ca_retry_at)}"
+        return text
 
     def key_for(self, names: Iterable[str]) -> str:
         return names_key(names)
@@ -217,13 +257,17 @@ class AcmeService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._stopping = False
         self._loading = defer.ensureDeferred(self._load_all())
         self._loading.addErrback(self._log_unexpected, "loading certificates from the store")
-        self._loading.addBoth(lambda _: self._schedule_tick(0))
+        if not self._one_shot:
+            self._loading.addBoth(lambda _: self._schedule_tick(0))
 
     def stopService(self) -> defer.Deferred[None]:
-        """Stop timers, cancel issuances in flight, and fire once nothing is running."""
+        """Stop timers, cancel what is in flight (issuances, the periodic check and its ARI
+        fetches), and fire once nothing is running; then write the status still pending."""
         super().stopService()
+        self._stopping = True
         if self._tick_call is not None and self._tick_call.active():
             self._tick_call.cancel()
         self._tick_call = None
@@ -238,7 +282,11 @@ class AcmeService(Service):
                 quiet.addErrback(lambda _: None)
                 pending.append(quiet)
                 m.in_flight.cancel()
-        pending.extend(self._running_ticks)
+        if self._running_check is not None:
+            # Its errback (see _tick) swallows the CancelledError; waiting for it is instant.
+            check = self._running_check
+            pending.append(check)
+            check.cancel()
 
         def flush(_: object) -> None:
             if self._status_call is not None and self._status_call.active():
@@ -329,20 +377,31 @@ class AcmeService(Service):
         self._tick_call = self._clock.callLater(delay, self._tick)
 
     def _tick(self) -> None:
-        """The periodic check. Never raises and always schedules the next one."""
+        """The periodic check. Never raises; schedules the next one when this one has ended
+        (however it ended), so checks never overlap or pile up behind a silent CA."""
         self._tick_call = None
-        try:
-            d = defer.ensureDeferred(self._check_all())
-            self._running_ticks.add(d)
-            d.addErrback(self._log_unexpected, "the periodic certificate check")
-            d.addBoth(lambda _: self._running_ticks.discard(d))
-        finally:
-            self._schedule_tick(
-                policy.next_check_delay(self._check_interval, self._check_jitter, self._rand)
-            )
+        if self._running_check is not None:
+            return  # cannot happen (one timer, set only after a check ends); never run two
+        d = defer.ensureDeferred(self._check_all())
+        self._running_check = d
+        d.addErrback(self._check_failed)
+        d.addBoth(self._check_ended)
+
+    def _check_failed(self, failure: Failure) -> None:
+        if self._stopping and failure.check(defer.CancelledError):
+            return  # stopService cancelled it
+        self._log_unexpected(failure, "the periodic certificate check")
+
+    def _check_ended(self, _: object) -> None:
+        self._running_check = None
+        self._schedule_tick(
+            policy.next_check_delay(self._check_interval, self._check_jitter, self._rand)
+        )
 
     async def _check_all(self) -> None:
         await self._refresh_ari()
+        if self._stopping:
+            return  # stopped while fetching ARI: order nothing
         now = self._now()
         seconds = self._clock.seconds()
         for m in self._managed.values():
@@ -362,6 +421,8 @@ class AcmeService(Service):
             try:
                 window = await self._issuer.renewal_info(bundle.chain_pem)
             except Exception as e:
+                if self._stopping:
+                    return  # cancelled by stopService (perhaps seen as a transport error)
                 logger.info("Could not fetch the ARI renewal window for %s: %s", _names(m), e)
                 m.ari_next_fetch = self._clock.seconds() + ARI_DEFAULT_RECHECK
                 continue
@@ -423,12 +484,16 @@ class AcmeService(Service):
             logger.info("Issuance for %s cancelled", _names(m))
             raise
         except Exception as e:
+            if self._stopping:  # cancelled by stopService, perhaps seen as a transport error
+                logger.info("Issuance for %s cancelled (stopping): %s", _names(m), e)
+                raise
             self._record_failure(m, e, attempt)
             raise
         self._adopt(m, bundle)
         m.failures = 0
         m.next_attempt = 0.0
         m.last_error = m.last_error_type = None
+        m.ca_retry_at = None
         m.last_success = self._clock.seconds()
         logger.info(
             "Certificate for %s obtained; valid until %s, renewal planned at %s",
@@ -440,11 +505,28 @@ class AcmeService(Service):
 
     def _record_failure(self, m: ManagedCertificate, e: BaseException, attempt: int) -> None:
         m.failures += 1
-        delay = policy.backoff_delay(m.failures, _retry_after(e), self._rand)
-        m.next_attempt = self._clock.seconds() + delay
         m.last_error = str(e) if isinstance(e, SynapseAcmeError) else f"{type(e).__name__}: {e}"
         m.last_error_type = _error_type(e)
+        retry_after = _retry_after(e)
+        m.ca_retry_at = self._clock.seconds() + retry_after if retry_after is not None else None
         what = "save" if m.unsaved is not None else "obtain"
+        if self._one_shot:
+            # Nothing here will retry, so no next attempt is stored or promised; the caller
+            # reports the failure (renew() fires with it), so this is for -v only.
+            m.next_attempt = 0.0
+            logger.debug(
+                "Failed to %s a certificate for %s (attempt %d, error type %s): %s; "
+                "one-shot mode: no retry is scheduled",
+                what,
+                _names(m),
+                attempt,
+                m.last_error_type,
+                m.last_error,
+                exc_info=not isinstance(e, SynapseAcmeError),
+            )
+            return
+        delay = policy.backoff_delay(m.failures, retry_after, self._rand)
+        m.next_attempt = self._clock.seconds() + delay
         logger.error(
             "Failed to %s a certificate for %s (attempt %d, error type %s): %s; "
             "still serving %s; next attempt at %s (in %.0f s)",
@@ -469,7 +551,7 @@ class AcmeService(Service):
     def _publish_status(self) -> None:
         if self._on_status is None:
             return
-        if not self.running:
+        if not self.running or self._one_shot:  # one-shot: no timers, write at once
             self._write_status()
         elif self._status_call is None or not self._status_call.active():
             self._status_call = self._clock.callLater(STATUS_COALESCE_SECONDS, self._write_status)
@@ -489,6 +571,17 @@ class AcmeService(Service):
 
 def _names(m: ManagedCertificate) -> str:
     return ", ".join(m.spec.names)
+
+
+def _kept(m: ManagedCertificate) -> str:
+    """What the store still holds for ``m`` after a failed attempt."""
+    if m.unsaved is not None:
+        return "the certificate was issued but could not be saved"
+    if m.bundle is None:
+        return "there is still no certificate"
+    if m.placeholder:
+        return "only the self-signed placeholder is kept"
+    return "the previous certificate is kept"
 
 
 def _iso(value: datetime.datetime | None) -> str | None:

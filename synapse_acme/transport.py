@@ -41,7 +41,7 @@ from twisted.web.http_headers import Headers
 
 from synapse_acme import __version__
 from synapse_acme.errors import AcmeError, AcmeProtocolError, AcmeTransportError, ConfigError
-from synapse_acme.policy import MAX_REQUESTS_PER_MINUTE
+from synapse_acme.policy import DEFAULT_REQUEST_TIMEOUT, MAX_REQUESTS_PER_MINUTE
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,7 @@ PEM_CHAIN = "application/pem-certificate-chain"
 MAX_BAD_NONCE_RETRIES = 20
 # A newNonce answer without a nonce is a CA (or proxy) hiccup; a few tries, then a clear error.
 _NEW_NONCE_ATTEMPTS = 3
-# One request, connect to last body byte. Let's Encrypt answers in well under a second; a CA
-# that has not answered in 45 s (certbot's default) is not going to.
-DEFAULT_REQUEST_TIMEOUT = 45.0
+# One request, connect to last body byte: policy.DEFAULT_REQUEST_TIMEOUT (acme.request_timeout).
 DEFAULT_CONNECT_TIMEOUT = 30.0
 # Idle keep-alive connections to the CA; more requests at once open more, then close them.
 MAX_PERSISTENT_CONNECTIONS = 16
@@ -589,6 +587,7 @@ def _describe_failure(e: BaseException) -> str:
 
 
 __all__ = [
+    "DEFAULT_REQUEST_TIMEOUT",
     "JOSE_JSON",
     "JSON",
     "MAX_BAD_NONCE_RETRIES",

@@ -30,6 +30,10 @@ class FakeIssuer:
 
     ``calls`` records ``(names, replaces)`` for every ``issue``; ``hold = True`` makes each
     issuance wait in ``pending`` until the test fires it with :meth:`release`.
+    ``hold_renewal_info = True`` makes each ``renewal_info`` wait in ``pending_renewal_info``
+    (a CA that never answers) until :meth:`release_renewal_info`. A held Deferred that is
+    cancelled fails with ``cancel_error`` if set (as a real HTTP stack may report a cancelled
+    request as a transport error), else with CancelledError.
     """
 
     ca: Any
@@ -41,6 +45,18 @@ class FakeIssuer:
     pending: list[tuple[defer.Deferred[CertificateBundle], CertificateBundle]] = attrs.Factory(list)
     windows: dict[str, RenewalWindow] = attrs.Factory(dict)
     renewal_info_calls: int = 0
+    hold_renewal_info: bool = False
+    pending_renewal_info: list[tuple[defer.Deferred[RenewalWindow | None], str]] = attrs.Factory(
+        list
+    )
+    cancel_error: BaseException | None = None
+
+    def _held(self) -> defer.Deferred[Any]:
+        def cancelled(d: defer.Deferred[Any]) -> None:
+            if self.cancel_error is not None:
+                d.errback(self.cancel_error)
+
+        return defer.Deferred(cancelled)
 
     def fail_next(self, *errors: BaseException) -> None:
         """The next ``len(errors)`` issuances fail with these, in order."""
@@ -68,7 +84,7 @@ class FakeIssuer:
             },
         )
         if self.hold:
-            d: defer.Deferred[CertificateBundle] = defer.Deferred()
+            d: defer.Deferred[CertificateBundle] = self._held()
             self.pending.append((d, bundle))
             return d
         return defer.succeed(bundle)
@@ -77,9 +93,21 @@ class FakeIssuer:
         """Fire every held issuance."""
         pending, self.pending = self.pending, []
         for d, bundle in pending:
-            d.callback(bundle)
+            if not d.called:
+                d.callback(bundle)
 
     def renewal_info(self, chain_pem: bytes) -> defer.Deferred[RenewalWindow | None]:
         self.renewal_info_calls += 1
-        leaf = crypto.parse_chain(chain_pem)[0]
-        return defer.succeed(self.windows.get(crypto.ari_cert_id(leaf)))
+        cert_id = crypto.ari_cert_id(crypto.parse_chain(chain_pem)[0])
+        if self.hold_renewal_info:
+            d: defer.Deferred[RenewalWindow | None] = self._held()
+            self.pending_renewal_info.append((d, cert_id))
+            return d
+        return defer.succeed(self.windows.get(cert_id))
+
+    def release_renewal_info(self) -> None:
+        """Answer every held ``renewal_info`` (with the window in ``windows``, if any)."""
+        pending, self.pending_renewal_info = self.pending_renewal_info, []
+        for d, cert_id in pending:
+            if not d.called:
+                d.callback(self.windows.get(cert_id))

@@ -195,7 +195,7 @@ class World:
         end = self.clock.seconds() + limit
         while True:
             self.agent.flush()
-            busy = self.m.in_flight is not None or self.service._running_ticks
+            busy = self.m.in_flight is not None or self.service._running_check is not None
             if not busy or self.clock.seconds() > end:
                 break
             self.clock.advance(step)
@@ -263,6 +263,32 @@ def test_ca_unreachable_for_a_day(
     w.store.load(KEY).addCallback(loaded.append)
     assert loaded[0].chain_pem == w.service.current(KEY).chain_pem  # type: ignore[union-attr]
     _figures[f"unreachable_{mode}"] = {"attempts_in_a_day": len(attempts), "expected": expected}
+
+
+def test_stop_while_the_ca_is_silent_is_prompt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The periodic check waits on a silent CA (the ARI fetch of the stored certificate, behind
+    the real transport's timeout); a forced renewal waits beside it. stopService cancels both
+    and fires without the clock moving, and reports neither as a CA failure."""
+    w = World(tmp_path)
+    w.agent.mode = "silent"
+    caplog.set_level(logging.INFO, logger="synapse_acme")
+    w.service.startService()
+    w.clock.advance(0)
+    renewal = w.service.renew(KEY, force=True)
+    w.agent.flush()
+    assert w.service._running_check is not None and w.m.in_flight is not None
+    assert w.agent.requests >= 1
+    started = w.clock.seconds()
+    stopped = w.service.stopService()
+    w.agent.flush()
+    assert stopped.called and w.clock.seconds() == started
+    [(key, result)] = renewal.result
+    assert key == KEY and isinstance(result, defer.Failure)
+    assert w.clock.getDelayedCalls() == []  # the transport's timeouts went with the requests
+    assert w.served() == w.old.chain_pem and w.m.failures == 0 and w.m.last_error is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 # -- 3. bad answers: typed error, old certificate kept, nothing written ---------------------------

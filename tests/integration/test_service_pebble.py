@@ -16,17 +16,21 @@ import ssl
 import stat
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import pytest
 import yaml
 from cryptography import x509
 
 from synapse_acme import crypto
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import names_key
+from synapse_acme.store import FileStore
 from synapse_acme.testing.pebble import PebbleCA, free_port
+from tests.certs import TestCA
 
 CLI = [sys.executable, "-m", "synapse_acme"]
 
@@ -148,11 +152,16 @@ def test_ca_problem_is_reported_with_its_type(
     cfg = ca.write_acme_config(tmp_path, ["blocked.example.test"])
     r = cli("issue", "-c", str(cfg))
     assert r.returncode == 1
-    assert "rejectedIdentifier" in r.stderr
+    # Reported once, by the command's FAILED line, with the type and what happens next.
+    [line] = [x for x in (r.stdout + r.stderr).splitlines() if "rejectedIdentifier" in x]
+    assert line.startswith("FAILED  blocked.example.test: ACME error rejectedIdentifier")
+    assert "(error type rejectedIdentifier); there is still no certificate" in line
+    assert "nothing will retry it" in line and "next attempt" not in r.stderr
     assert not (tmp_path / "store" / "certificates" / "blocked.example.test").exists()
     status = json.loads(cli("status", "-c", str(cfg), "--json").stdout)
     assert status[0]["state"] == "missing"
     assert status[0]["last_error_type"] == "rejectedIdentifier"
+    assert "next_attempt" not in status[0]
 
 
 def test_config_error_names_the_key(tmp_path: Path) -> None:
@@ -282,3 +291,142 @@ def test_one_manager_per_store_and_renew_force_hands_over(pebble: PebbleCA, tmp_
     # Once it has stopped, the store is free for a one-shot command again.
     r = cli("issue", "-c", str(cfg))
     assert r.returncode == 0 and "Nothing to do" in r.stdout, r.stderr
+
+
+# -- a CA that accepts connections and never answers ------------------------------------------
+
+SILENT_TIMEOUT = 3  # acme.request_timeout for these tests (seconds)
+
+
+@pytest.fixture
+def silent_ca() -> Iterator[str]:
+    """The directory URL of a "CA" on 127.0.0.1 (port 0) that accepts every TCP connection,
+    reads nothing and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return  # closed at teardown
+            held.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/directory"
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+
+
+def _silent_config(tmp: Path, url: str, names: Sequence[str]) -> Path:
+    block = {
+        "enabled": True,
+        "url": url,
+        "domain": names[0],
+        "storage": str(tmp / "store"),
+        "terms_of_service_agreed": True,
+        "port": 0,  # no HTTP-01 listener: no challenge is ever reached
+        "request_timeout": SILENT_TIMEOUT,
+        "check_interval": 1,  # a running service would check every second; one-shot never
+    }
+    path = tmp / "acme.yaml"
+    path.write_text(yaml.safe_dump({"acme": block}))
+    return path
+
+
+def _run_timed(*args: str, limit: float = 30) -> tuple[int, list[tuple[float, str]], float]:
+    """Run the CLI; its exit code, each line of stdout+stderr with the seconds since the start
+    at which it arrived, and the seconds until it exited (killed after ``limit``)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    killer = threading.Timer(limit, proc.kill)
+    killer.start()
+    lines: list[tuple[float, str]] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append((time.monotonic() - start, line.rstrip("\n")))
+        code = proc.wait()
+    finally:
+        killer.cancel()
+    return code, lines, time.monotonic() - start
+
+
+def _check_one_failure_and_prompt_exit(
+    code: int, lines: list[tuple[float, str]], took: float, names: str
+) -> str:
+    text = "\n".join(line for _, line in lines)
+    assert code == 1, text
+    assert "Traceback" not in text
+    # Exactly one line about the failure, and it is the command's own FAILED line.
+    about = [(t, line) for t, line in lines if f"no answer within {SILENT_TIMEOUT} s" in line]
+    assert len(about) == 1, text
+    failed_at, failed = about[0]
+    assert failed.startswith(f"FAILED  {names}: cannot reach the ACME server at "), failed
+    assert "(error type AcmeTransportError)" in failed
+    assert (
+        "nothing will retry it: run `synapse-acme " in failed
+        and "or let `synapse-acme run` / the homeserver module retry" in failed
+    )
+    assert "next attempt" not in text and "ARI" not in text
+    # One request timeout, then out: from the first request (the "Obtaining" line; Python's
+    # start-up before it depends on the machine's load) the process ended well before a second
+    # timeout could have run, and right after saying FAILED.
+    [asked_at] = [t for t, line in lines if "Obtaining a certificate" in line]
+    assert took - asked_at < 2 * SILENT_TIMEOUT, (took, asked_at, text)
+    assert took - failed_at < SILENT_TIMEOUT, (took, failed_at, text)
+    return failed
+
+
+def _last_status(tmp: Path) -> dict[str, object]:
+    [entry] = json.loads((tmp / "store" / "status.json").read_text())
+    assert isinstance(entry, dict)
+    return entry
+
+
+def test_issue_against_a_silent_ca_fails_once_and_exits(silent_ca: str, tmp_path: Path) -> None:
+    names = ["silent.example.test"]
+    cfg = _silent_config(tmp_path, silent_ca, names)
+    code, lines, took = _run_timed("issue", "-c", str(cfg))
+    failed = _check_one_failure_and_prompt_exit(code, lines, took, names[0])
+    assert "there is still no certificate" in failed and "`synapse-acme issue` again" in failed
+    entry = _last_status(tmp_path)
+    assert entry["last_error_type"] == "AcmeTransportError"
+    assert f"no answer within {SILENT_TIMEOUT} s" in str(entry["last_error"])
+    assert entry["failures"] == 1 and entry["next_attempt"] is None
+    status = cli("status", "-c", str(cfg))
+    assert status.returncode == 1 and "state:        missing" in status.stdout
+    assert "last error:" in status.stdout and "next attempt" not in status.stdout
+
+
+def test_renew_force_against_a_silent_ca_fails_once_and_exits(
+    silent_ca: str, tmp_path: Path
+) -> None:
+    """With a stored certificate (which a running service would also ask the CA's ARI about)."""
+    names = ["silent.example.test"]
+    cfg = _silent_config(tmp_path, silent_ca, names)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    old = TestCA(now=now).issue(
+        names,
+        not_before=now - datetime.timedelta(days=10),
+        not_after=now + datetime.timedelta(days=80),
+    )
+    FileStore(str(tmp_path / "store")).save(names_key(names), old)
+    code, lines, took = _run_timed("renew", "--force", "-c", str(cfg))
+    failed = _check_one_failure_and_prompt_exit(code, lines, took, names[0])
+    assert "the previous certificate is kept" in failed
+    assert "`synapse-acme renew --force` again" in failed
+    assert stored(tmp_path, names)[1].chain_pem == old.chain_pem
+    entry = _last_status(tmp_path)
+    assert entry["last_error_type"] == "AcmeTransportError" and entry["next_attempt"] is None

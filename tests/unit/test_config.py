@@ -77,6 +77,7 @@ def test_defaults_for_an_empty_block() -> None:
     assert config.account_key_file == os.path.join("./acme", "account.key")
     assert config.check_interval == 600 and config.check_jitter == 0.1
     assert config.poll_interval == 0.5 and config.poll_timeout == 300
+    assert config.request_timeout == 45
     assert config.http01_endpoints() == [
         r"tcp6:port=80:interface=\:\:",
         "tcp:port=80:interface=0.0.0.0",
@@ -128,6 +129,7 @@ def test_full_block(tmp_path: pathlib.Path) -> None:
         "check_jitter": 0,
         "poll_interval": "250ms",
         "poll_timeout": 60,
+        "request_timeout": "2s",
         "listen": ["tcp:8009:interface=127.0.0.1", "systemd:domain=INET:index=0"],
         "tls_listen": "tcp:8448",
     }
@@ -147,6 +149,7 @@ def test_full_block(tmp_path: pathlib.Path) -> None:
     assert config.tls_private_key_path == "/abs/key.pem"
     assert (config.check_interval, config.check_jitter) == (3600, 0)
     assert (config.poll_interval, config.poll_timeout) == (0.25, 60)
+    assert config.request_timeout == 2
     assert config.http01_endpoints() == list(block["listen"])
     assert config.tls_listen == ("tcp:8448",)
     assert config.certificate_specs() == [
@@ -406,6 +409,8 @@ BAD = [
     ({"check_interval": float("inf")}, f"acme.check_interval: {DURATION}, got inf"),
     ({"poll_interval": -1}, f"acme.poll_interval: {DURATION}, got -1"),
     ({"poll_timeout": True}, f"acme.poll_timeout: {DURATION}, got True"),
+    ({"request_timeout": 0}, f"acme.request_timeout: {DURATION} (greater than zero), got 0"),
+    ({"request_timeout": "never"}, f"acme.request_timeout: {DURATION}, got 'never'"),
     (
         {"poll_timeout": 1, "poll_interval": 2},
         "acme.poll_timeout: expected at least poll_interval (2.0 s), got 1",
@@ -684,6 +689,7 @@ _GOOD: dict[str, list[Any]] = {
     "check_jitter": [0, 0.5],
     "poll_interval": [0.1, "1s"],
     "poll_timeout": [10, "5m"],
+    "request_timeout": [2, "45s"],
     "tls_listen": [[], ["tcp:8448"], "tcp6:8448"],
     "external_certificates": [True, False],
     "watch_interval": [5, "1m"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 from typing import Any
 
 import pytest
@@ -328,3 +329,195 @@ def test_tick_survives_unexpected_errors(caplog: pytest.LogCaptureFixture) -> No
     assert w.clock.getDelayedCalls()
     w.clock.advance(policy.backoff_delay(1, None, 0.5) * 1.2)
     assert w.service.current(KEY) is not None
+
+
+# -- checks never overlap; stopping cancels instead of waiting -------------------------------
+
+
+def _store_due_certificate(w: World) -> CertificateBundle:
+    """A stored certificate with 10 days left: due for renewal, so a check fetches its ARI
+    window and then orders."""
+    old = w.ca.issue(
+        list(NAMES),
+        not_before=START - datetime.timedelta(days=80),
+        not_after=START + datetime.timedelta(days=10),
+    )
+    outcome_of(w.store.save(KEY, old))
+    return old
+
+
+def test_checks_never_overlap_while_one_hangs() -> None:
+    w = World()
+    _store_due_certificate(w)
+    w.issuer.hold_renewal_info = True  # the CA accepts the request and never answers
+    w.start()
+    assert w.issuer.renewal_info_calls == 1
+    # Ten check intervals later the first check is still waiting: no second check was
+    # started beside it, nothing was ordered, and no check timer is waiting to pile up.
+    w.clock.advance(10 * 600)
+    assert w.issuer.renewal_info_calls == 1
+    assert w.issuer.calls == []
+    assert w.clock.getDelayedCalls() == []
+    # The answer comes: the check goes on (orders the due certificate), and only then is the
+    # next check scheduled, a full interval after this one ended.
+    w.issuer.release_renewal_info()
+    assert len(w.issuer.calls) == 1
+    w.clock.advance(service_mod.STATUS_COALESCE_SECONDS)
+    [tick] = w.clock.getDelayedCalls()
+    assert tick.getTime() == pytest.approx(w.clock.seconds() - 0.5 + 600)
+    w.clock.advance(600)
+    assert w.issuer.renewal_info_calls == 2  # the renewed certificate's window
+    assert len(w.clock.getDelayedCalls()) == 0  # that check hangs again: nothing queued
+    assert outcome_of(w.service.stopService()) is None
+
+
+@pytest.mark.parametrize(
+    "cancel_error",
+    [None, AcmeTransportError("ResponseNeverReceived (CancelledError: )", "https://ca.test/d")],
+    ids=["CancelledError", "as-transport-error"],
+)
+def test_stop_is_prompt_with_a_hung_ari_fetch(
+    cancel_error: BaseException | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    w = World(specs=(NAMES, ("other.example.test",)))
+    _store_due_certificate(w)
+    outcome_of(w.store.save(names_key(("other.example.test",)), w.ca.issue(["other.example.test"])))
+    w.issuer.hold_renewal_info = True
+    w.issuer.cancel_error = cancel_error
+    w.start()
+    [(held, _)] = w.issuer.pending_renewal_info
+    with caplog.at_level(logging.INFO):
+        d = w.service.stopService()
+        # Fired at once, on the same clock second: the fetch was cancelled, not waited for.
+        assert outcome_of(d) is None
+    assert held.called
+    # The cancelled fetch is neither reported as a CA problem nor followed by the next
+    # certificate's fetch or by an order; nothing is left scheduled.
+    assert w.issuer.renewal_info_calls == 1
+    assert w.issuer.calls == []
+    assert w.clock.getDelayedCalls() == []
+    assert "ARI" not in caplog.text and "Unexpected" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "cancel_error",
+    [None, AcmeTransportError("ResponseNeverReceived (CancelledError: )", "https://ca.test/d")],
+    ids=["CancelledError", "as-transport-error"],
+)
+def test_stop_cancels_a_hung_issuance_without_reporting_a_failure(
+    cancel_error: BaseException | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    w = World()
+    w.issuer.hold = True
+    w.issuer.cancel_error = cancel_error
+    w.start()
+    assert len(w.issuer.pending) == 1
+    with caplog.at_level(logging.INFO):
+        assert outcome_of(w.service.stopService()) is None
+    assert w.clock.getDelayedCalls() == []
+    status = w.service.status()[0]
+    assert status["failures"] == 0 and status["last_error"] is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "cancelled" in caplog.text and "next attempt" not in caplog.text
+
+
+# -- one-shot mode ---------------------------------------------------------------------------
+
+
+def test_one_shot_does_only_what_is_asked_and_schedules_nothing() -> None:
+    w = World(one_shot=True)
+    old = _store_due_certificate(w)
+    w.start()
+    # Loaded and served, but no check, no ARI fetch and no order of its own.
+    assert w.service.current(KEY) == old
+    assert w.issuer.calls == [] and w.issuer.renewal_info_calls == 0
+    assert w.clock.getDelayedCalls() == []
+    [(key, bundle)] = outcome_of(w.service.renew(None, force=False))
+    assert key == KEY and bundle == w.service.current(KEY) != old
+    assert w.issuer.calls == [(NAMES, None)]
+    assert w.issuer.renewal_info_calls == 0
+    # The status is written at once (no coalescing timer) and nothing is left scheduled.
+    assert w.clock.getDelayedCalls() == []
+    assert len(w.statuses) == 1 and w.statuses[0][0]["last_success"] is not None
+    assert outcome_of(w.service.stopService()) is None
+    w.clock.advance(100 * DAY)
+    assert len(w.issuer.calls) == 1
+
+
+def test_one_shot_failure_is_recorded_without_next_attempt_and_left_to_the_caller(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    w = World(one_shot=True)
+    old = _store_due_certificate(w)
+    limited = AcmeError(
+        "urn:ietf:params:acme:error:rateLimited", "too many certificates", 429, retry_after=7200
+    )
+    w.issuer.fail_next(limited)
+    w.start()
+    with caplog.at_level(logging.DEBUG, logger="synapse_acme.service"):
+        [(key, result)] = outcome_of(w.service.renew(KEY, force=True))
+    assert key == KEY and result.check(AcmeError)
+    # Recorded for `status`: the error and its type, but no next attempt (nothing retries).
+    for status in (w.service.status()[0], w.statuses[-1][0]):
+        assert status["last_error_type"] == "rateLimited"
+        assert status["last_error"] == str(limited)
+        assert status["failures"] == 1
+        assert status["next_attempt"] is None
+    assert w.service.managed(KEY).next_attempt == 0.0
+    assert w.clock.getDelayedCalls() == []
+    # The caller reports it (the CLI's FAILED line): the service logs it at DEBUG only, and
+    # promises no next attempt.
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and "Failed" in r.message]
+    assert "next attempt" not in caplog.text
+    assert "no retry is scheduled" in caplog.text
+    # What happened, what is kept, and when the CA allows the next try (its Retry-After).
+    assert w.service.failure_summary(KEY) == (
+        f"{limited} (error type rateLimited); the previous certificate is kept; "
+        "the CA asks not to try again before 2026-11-01T14:00:00Z"
+    )
+    assert w.service.current(KEY) == old and w.stored() == old
+    w.clock.advance(DAY)
+    assert len(w.issuer.calls) == 1
+
+
+def test_failure_summary_says_what_is_kept() -> None:
+    w = World(one_shot=True)
+    w.issuer.fail_next(AcmeTransportError("no answer within 2 s", "https://ca.test/dir"))
+    w.start()
+    assert w.service.failure_summary(KEY) is None
+    [(_, result)] = outcome_of(w.service.renew(KEY))
+    assert result.check(AcmeTransportError)
+    summary = w.service.failure_summary(KEY)
+    assert summary is not None
+    assert summary.endswith("(error type AcmeTransportError); there is still no certificate")
+    # A success clears it.
+    outcome_of(w.service.renew(KEY))
+    assert w.service.failure_summary(KEY) is None
+    # Issued but not saved: said so, and that a one-shot process does not keep it.
+    w.store.fail_next_save(StoreError("no space left on device"))
+    [(_, result)] = outcome_of(w.service.renew(KEY, force=True))
+    assert result.check(StoreError)
+    assert w.service.failure_summary(KEY) == (
+        "no space left on device (error type StoreError); the certificate was issued but "
+        "could not be saved (it is lost when this process exits)"
+    )
+
+
+def test_running_service_still_promises_the_next_attempt(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    w = World()
+    w.issuer.fail_next(AcmeTransportError("no answer within 2 s", "https://ca.test/dir"))
+    with caplog.at_level(logging.ERROR):
+        w.start()
+    [error] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert re.search(
+        r"still serving no certificate; next attempt at 2026-11-01T12:0\S+Z \(in \d+ s\)$", error
+    ), error
+    assert w.service.status()[0]["next_attempt"] is not None
+    # The retry, the next periodic check and the coalesced status write.
+    assert sorted(c.func.__name__ for c in w.clock.getDelayedCalls()) == [
+        "_retry",
+        "_tick",
+        "_write_status",
+    ]
