@@ -185,6 +185,18 @@ def _one_shot(args: argparse.Namespace, force: bool) -> int:
                         f"OK      {names}: certificate in {where}"
                         f", valid until {_fmt(m.not_after)}, renewal planned at {_fmt(m.renew_at)}"
                     )
+            exporter = runtime.exporter
+            if exporter is not None and exporter.state.failed:
+                # The certificate may be fine in the store, but the homeserver reads these files.
+                outcome["code"] = EXIT_FAILED
+                print(
+                    f"FAILED  export to {exporter.cert_path} / {exporter.key_path}: "
+                    f"{exporter.state.error}; the homeserver's files keep the certificate they "
+                    f"had; nothing will retry it: fix that and run `{again}` again (it re-exports "
+                    "the stored certificate), or let `synapse-acme run` / the homeserver module "
+                    "retry",
+                    file=sys.stderr,
+                )
         finally:
             await runtime.service.stopService()
 

@@ -151,6 +151,7 @@ class FileExporter(Service):
     commands) never retries. ``on_state`` is called after every attempt (status publishing).
     ``runner``: where the file work of :meth:`certificate_changed` runs (a
     :class:`~synapse_acme.threaded.BlockingRunner` inside a homeserver); ``None``: right here.
+    ``log_failures``: False when the caller reports :attr:`state` itself (one-shot commands).
     """
 
     key: str
@@ -161,6 +162,7 @@ class FileExporter(Service):
     clock: IReactorTime | None = None
     on_state: Callable[[ExportState], object] | None = None
     runner: Runner | None = None
+    log_failures: bool = True
     state: ExportState = attrs.field(factory=ExportState, init=False)
     _warned: set[str] = attrs.field(factory=set, init=False)
     _pending: CertificateBundle | None = attrs.field(default=None, init=False, repr=False)
@@ -254,7 +256,8 @@ class FileExporter(Service):
         self.state = attrs.evolve(
             self.state, outcome=outcome, error=why, failures=failures, next_retry=next_retry
         )
-        logger.error(
+        logger.log(
+            logging.ERROR if self.log_failures else logging.DEBUG,
             "Could not export the certificate for %s to %s / %s (%s); the homeserver keeps "
             "the files it has: %s",
             self.key,
@@ -278,10 +281,15 @@ class FileExporter(Service):
         states = {p: self._inspect(p, planned[p][0], record) for p in planned}
         foreign = {p: s.why for p, s in states.items() if s.kind == "foreign"}
         if foreign:
-            for path, why in foreign.items():
-                self._warn_foreign(path, why)
+            if self.log_failures:
+                for path, why in foreign.items():
+                    self._warn_foreign(path, why)
             raise ForeignFiles(
-                "; ".join(f"not overwriting {p}: {why}" for p, why in sorted(foreign.items()))
+                "; ".join(
+                    f"not overwriting {p}: {why} (delete it or point {self._setting(p)} elsewhere "
+                    "to let synapse-acme manage it)"
+                    for p, why in sorted(foreign.items())
+                )
             )
         changed = any(s.data != planned[p][0] for p, s in states.items())
         if self.combined:
@@ -408,14 +416,16 @@ class FileExporter(Service):
         if path in self._warned:
             return
         self._warned.add(path)
-        which = "tls_private_key_path" if path == self.key_path else "tls_certificate_path"
         logger.warning(
             "not overwriting %s: %s (delete it or point %s elsewhere to let synapse-acme "
             "manage it)",
             path,
             why,
-            which,
+            self._setting(path),
         )
+
+    def _setting(self, path: str) -> str:
+        return "tls_private_key_path" if path == self.key_path else "tls_certificate_path"
 
     # -- writing a pair ------------------------------------------------------------------
 

@@ -205,6 +205,7 @@ def _build_managing(
             clock=None if one_shot else reactor,  # a one-shot command reports, never retries
             on_state=lambda _: write_status(acme.status()),
             runner=runner,
+            log_failures=not one_shot,  # the one-shot command prints one FAILED line instead
         )
         exporters[exporter.key] = exporter
         # Before anything reads the files: they hold the store's certificate as one pair.
