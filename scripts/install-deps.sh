@@ -16,9 +16,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 #   pebble      : real ACME test CA (+ pebble-challtestsrv DNS stub)      -> synapse_acme.testing.pebble
 #   sslscan     : inspects the TLS listeners from outside                  -> tls integration tests
 #   wrk         : HTTP load generator                                      -> bench smoke test
+#   strace      : proves the crash harness traced every directory change   -> tests/faults crash tests
 #   python3-venv: `python3 -m venv` on Debian
 #   openssl, ca-certificates, curl: demo output and sanity checks
-APT_PACKAGES=(pebble sslscan python3-venv openssl ca-certificates curl wrk nginx apache2 authbind systemd util-linux)
+APT_PACKAGES=(pebble sslscan python3-venv openssl ca-certificates curl wrk nginx apache2 authbind systemd util-linux strace)
 # ------------------------------------------------------------------------------------------------
 
 # pip extras installed into .venv. The Synapse integration adds "synapse" here.

@@ -33,8 +33,10 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = "lock"
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 RENEW_REQUEST_FILE = "renew-request"
-#: How often the managing process looks for the renew-request file (one ``stat``).
-RENEW_REQUEST_POLL = 2.0
+#: How often the managing process looks for the renew-request file. Each look is one
+#: ``unlink`` that fails with ENOENT (a single syscall), so four a second cost nothing and
+#: ``renew --force`` hands over within a quarter of a second.
+RENEW_REQUEST_POLL = 0.25
 
 
 @attrs.define(eq=False)

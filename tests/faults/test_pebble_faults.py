@@ -26,38 +26,21 @@ import josepy as jose
 
 from synapse_acme import crypto
 from synapse_acme.account import parse_account_key
-from synapse_acme.model import CertificateBundle
 from synapse_acme.names import names_key
 from synapse_acme.store import FileStore
 from synapse_acme.testing.pebble import PebbleCA
+from tests.faults.cli_harness import (
+    CLI,
+    CRASH_RUN,
+    ROOT,
+    check_valid,
+    load_bundle,
+    read_trace,
+    run,
+    save_figures,
+)
 
-CLI = [sys.executable, "-m", "synapse_acme"]
-CRASH_RUN = str(Path(__file__).with_name("crash_run.py"))
-ROOT = str(Path(__file__).resolve().parents[2])
 FIGURES: dict[str, Any] = {}
-
-
-def run(args: Sequence[str], timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run(
-        list(args), capture_output=True, text=True, timeout=timeout, check=False, env=env, **kw
-    )
-
-
-def load_bundle(store: Path, names: Sequence[str]) -> CertificateBundle:
-    d = store / "certificates" / names_key(names)
-    return CertificateBundle(
-        key_pem=(d / "privkey.pem").read_bytes(),
-        chain_pem=(d / "fullchain.pem").read_bytes(),
-        metadata=json.loads((d / "metadata.json").read_text()),
-    )
-
-
-def check_valid(ca: PebbleCA, store: Path, names: Sequence[str]) -> CertificateBundle:
-    bundle = load_bundle(store, names)
-    ca.verify_chain(bundle.chain_pem, names)
-    crypto.validate_bundle(bundle, names, datetime.datetime.now(datetime.timezone.utc))
-    return bundle
 
 
 # -- 1. badNonce on half of all requests ---
@@ -88,14 +71,6 @@ def test_nonce_reject_50_percent_twenty_issuances(
 
 
 # -- 4. kill -9 at 20 points of an issuance ---
-
-
-def read_trace(path: Path) -> list[tuple[int, str, str]]:
-    out = []
-    for line in path.read_text().splitlines():
-        n, kind, detail = line.split("\t")[:3]
-        out.append((int(n), kind, detail))
-    return out
 
 
 # Where to die, by what the process is about to do (regex on "kind detail", n-th match): the
@@ -406,6 +381,4 @@ def test_no_key_material_in_logs_and_private_modes(
 
 
 def teardown_module() -> None:
-    if FIGURES and os.environ.get("FAULTS_FIGURES"):
-        with open(os.environ["FAULTS_FIGURES"], "a", encoding="utf-8") as f:
-            f.write(json.dumps({"test_pebble_faults": FIGURES}) + "\n")
+    save_figures("test_pebble_faults", FIGURES)
