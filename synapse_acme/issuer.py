@@ -354,8 +354,10 @@ class AcmeIssuer:
         cert_url: str,
     ) -> CertificateBundle:
         now = crypto.now_from_clock(self.clock)
-        bundle = CertificateBundle(key_pem=key_pem, chain_pem=chain_pem)
         try:
+            # Bare PEM blocks only: what the store accepts when it reads the chain back.
+            chain_pem = crypto.canonical_chain_pem(chain_pem)
+            bundle = CertificateBundle(key_pem=key_pem, chain_pem=chain_pem)
             chain = crypto.validate_bundle(bundle, names, now)
         except BundleError as e:
             raise AcmeProtocolError(f"the issued certificate is unusable: {e}", cert_url) from None
