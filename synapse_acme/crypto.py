@@ -183,19 +183,21 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-def check_key_and_chain(key_pem: bytes, chain: Sequence[x509.Certificate]) -> None:
-    """BundleError unless the key parses and matches the leaf, and each certificate of
-    ``chain`` is signed by the next one (complete, in order). No clock, no names: whether the
-    pair is whole and belongs together, which is what a store must guarantee on its own."""
-    key = load_private_key(key_pem)
-    if _public_bytes(key.public_key()) != _public_bytes(chain[0].public_key()):
-        raise BundleError("private key does not match the certificate")
+def check_chain_order(chain: Sequence[x509.Certificate]) -> None:
+    """BundleError unless each certificate of ``chain`` is signed by the next one."""
     for child, parent in itertools.pairwise(chain):
         if not _signed_by(child, parent):
             raise BundleError(
                 f"chain out of order or incomplete: {child.subject.rfc4514_string()!r} "
                 f"is not signed by the next certificate {parent.subject.rfc4514_string()!r}"
             )
+
+
+def check_key_matches(key_pem: bytes, leaf: x509.Certificate) -> None:
+    """BundleError unless ``key_pem`` parses and is the private key of ``leaf``."""
+    key = load_private_key(key_pem)
+    if _public_bytes(key.public_key()) != _public_bytes(leaf.public_key()):
+        raise BundleError("private key does not match the certificate")
 
 
 def validate_bundle(
@@ -207,14 +209,15 @@ def validate_bundle(
 ) -> list[x509.Certificate]:
     """Check a bundle is fit to serve; return its parsed chain or raise BundleError saying why.
 
-    Checks: the key parses and matches the leaf; each certificate is signed by the next one
-    (complete, in order; :func:`check_key_and_chain`); the leaf covers every name in
-    ``names``; notBefore is not beyond ``now + skew``; and, unless ``allow_expired``, notAfter
-    is after ``now``.
+    Checks: the key parses and matches the leaf (:func:`check_key_matches`); each certificate
+    is signed by the next one (complete, in order; :func:`check_chain_order`); the leaf covers
+    every name in ``names``; notBefore is not beyond ``now + skew``; and, unless
+    ``allow_expired``, notAfter is after ``now``.
     """
     chain = parse_chain(bundle.chain_pem)
     leaf = chain[0]
-    check_key_and_chain(bundle.key_pem, chain)
+    check_key_matches(bundle.key_pem, leaf)
+    check_chain_order(chain)
     if names:
         have = certificate_names(leaf)
         missing = [n for n in names if not any(name_matches(p, n) for p in have)]
@@ -305,7 +308,8 @@ __all__ = [
     "ari_cert_id",
     "canonical_chain_pem",
     "certificate_names",
-    "check_key_and_chain",
+    "check_chain_order",
+    "check_key_matches",
     "generate_private_key_pem",
     "is_placeholder",
     "load_private_key",

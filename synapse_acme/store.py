@@ -109,17 +109,21 @@ def check_intact(bundle: CertificateBundle, where: str) -> None:
     """StoreError unless the bundle is whole and self-consistent, naming the file under
     ``where`` (the entry's directory) and what is wrong with it.
 
-    Whole: :func:`crypto.parse_chain` in strict mode (only complete PEM blocks). Consistent:
-    :func:`crypto.check_key_and_chain` (key matches the leaf, each certificate signed by the
-    next). A placeholder is a single self-signed certificate and passes the same checks. A
-    non-self-signed leaf without its issuer passes too: some CAs sign leaves with a root the
-    clients already trust; a chain that lost its intermediate on disk is caught by the digest
-    (:data:`CHAIN_DIGEST_FIELD`), which only the file store can keep.
+    Whole: :func:`crypto.parse_chain` in strict mode (only complete PEM blocks) and a key that
+    parses. Consistent: each certificate signed by the next (:func:`crypto.check_chain_order`)
+    and the key is the leaf's (:func:`crypto.check_key_matches`). No clock and no names: an
+    expired certificate or one for other names is intact (the service decides about those).
+    A placeholder is a single self-signed certificate and passes the same checks. A leaf
+    without its issuer passes too: a CA may sign leaves directly with a root that clients
+    already trust, and the issuer accepts such a chain, so refusing it here would re-issue it
+    forever; a chain that lost its intermediate on disk is caught by the digest instead
+    (:data:`CHAIN_DIGEST_FIELD`, which only the file store keeps).
     """
     chain_file = os.path.join(where, CHAIN_FILE)
     key_file = os.path.join(where, KEY_FILE)
     try:
         chain = crypto.parse_chain(bundle.chain_pem, strict=True)
+        crypto.check_chain_order(chain)
     except BundleError as e:
         raise StoreError(f"{chain_file} is damaged: {e}") from None
     try:
@@ -127,9 +131,9 @@ def check_intact(bundle: CertificateBundle, where: str) -> None:
     except BundleError as e:
         raise StoreError(f"{key_file} is damaged: {e}") from None
     try:
-        crypto.check_key_and_chain(bundle.key_pem, chain)
+        crypto.check_key_matches(bundle.key_pem, chain[0])
     except BundleError as e:
-        raise StoreError(f"{chain_file} and {key_file} do not belong together: {e}") from None
+        raise StoreError(f"{key_file} does not belong to {chain_file}: {e}") from None
 
 
 def _chain_digest(chain_pem: bytes) -> str:
@@ -414,15 +418,17 @@ def read_entry(path: str) -> CertificateBundle:
         contents[name] = data
     metadata = decode_metadata(contents[METADATA_FILE], os.path.join(path, METADATA_FILE))
     recorded = metadata.pop(CHAIN_DIGEST_FIELD, None)
-    if recorded is not None and recorded != _chain_digest(contents[CHAIN_FILE]):
-        raise StoreError(
-            f"{os.path.join(path, CHAIN_FILE)} is damaged: it changed after it was saved (its "
-            f"SHA-256 differs from the {CHAIN_DIGEST_FIELD} recorded in {METADATA_FILE})"
-        )
     bundle = CertificateBundle(
         key_pem=contents[KEY_FILE], chain_pem=contents[CHAIN_FILE], metadata=metadata
     )
-    check_intact(bundle, path)
+    check_intact(bundle, path)  # first: it says more precisely what is wrong
+    # Absent in entries saved before the digest existed: those get the structural checks only.
+    if recorded is not None and recorded != _chain_digest(contents[CHAIN_FILE]):
+        raise StoreError(
+            f"{os.path.join(path, CHAIN_FILE)} is damaged: it changed after it was saved (its "
+            f"SHA-256 differs from the {CHAIN_DIGEST_FIELD} recorded in {METADATA_FILE}; a "
+            "certificate was removed, added or altered)"
+        )
     return bundle
 
 
