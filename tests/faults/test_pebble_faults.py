@@ -463,9 +463,7 @@ def test_truncated_chain_in_the_store_is_reissued_and_never_exported(
     assert as_json.returncode == 0 and json.loads(as_json.stdout)[0]["state"] == "valid"
 
 
-def test_damaged_key_in_the_store_is_unreadable_in_status(
-    pebble: PebbleCA, tmp_path: Path
-) -> None:
+def test_damaged_key_in_the_store_is_unreadable_in_status(pebble: PebbleCA, tmp_path: Path) -> None:
     names = ["damagedkey.example.test"]
     cfg = pebble.write_acme_config(tmp_path, names)
     assert run([*CLI, "issue", "-c", str(cfg)]).returncode == 0
