@@ -306,7 +306,12 @@ def _create_key(path: str, key_type: str) -> josepy.JWK:
 
 
 def _check_recorded(jwk: josepy.JWK, path: str, storage: str) -> None:
-    record = read_account_record(storage)
+    try:
+        record = read_account_record(storage)
+    except StoreError as e:
+        # Only a safety net, and no secret: the next registration writes it again.
+        logger.warning("Cannot check the account key against its record: %s", e)
+        return
     if record is None:
         return
     thumbprint = key_thumbprint(jwk)

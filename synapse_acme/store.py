@@ -12,6 +12,9 @@ Layout under the storage root::
 A save writes the three files into a fresh ``~new-`` sibling, fsyncs, then swaps directories
 with two renames; :meth:`FileStore.recover` finishes or undoes whatever a crash left behind.
 
+Staging directories use ``~``, which a key can never contain, so ``a.example.new-1`` (a
+legal DNS name, hence a legal key) can never be mistaken for a leftover of ``a.example``.
+
 What the store hands out is intact (:func:`check_intact`): the chain is whole PEM blocks and
 nothing else, each certificate is signed by the next, the key parses and matches the leaf, and
 the chain has the SHA-256 recorded beside it in ``metadata.json`` when it was saved (which also
@@ -20,8 +23,6 @@ entry is a StoreError naming the file and the problem, never a bundle: the servi
 the certificate as missing and issues a new one, and nothing damaged is served or exported.
 Store files are read with :func:`synapse_acme.fsutil.read_regular`: a symlink or a FIFO in
 place of one is refused, never followed or blocked on.
-Staging directories use ``~``, which a key can never contain, so ``a.example.new-1`` (a
-legal DNS name, hence a legal key) can never be mistaken for a leftover of ``a.example``.
 """
 
 from __future__ import annotations

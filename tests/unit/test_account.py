@@ -420,3 +420,20 @@ def test_new_account_refuses_a_healthy_key_without_force(tmp_path: Path) -> None
     done = start_new_account(str(key_path), str(storage), "T", force=True)
     assert done.old_key == f"{key_path}.replaced-T"
     assert jwk_from_pem(Path(done.old_key).read_bytes()).thumbprint() == jwk.thumbprint()
+
+
+def test_damaged_record_is_warned_about_and_rewritten(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage, key_path, jwk = _store_with_account(tmp_path)
+    (storage / ACCOUNT_RECORD_FILE).write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="synapse_acme.account"):
+        assert load_or_create_account_key(str(key_path), storage=str(storage)) == jwk
+    assert f"the account record {storage / ACCOUNT_RECORD_FILE} is damaged" in caplog.text
+    AccountRecorder(str(storage), "https://ca.test/dir", key_thumbprint(jwk))("https://ca.test/a")
+    assert read_account_record(str(storage)).url == "https://ca.test/a"  # type: ignore[union-attr]
+    # ... and while it is damaged, it still counts as evidence of an account
+    (storage / ACCOUNT_RECORD_FILE).write_text("[]")
+    key_path.unlink()
+    with pytest.raises(StoreError, match="a record of the account, though unreadable"):
+        load_or_create_account_key(str(key_path), storage=str(storage))
