@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from synapse_acme import crypto, fsutil
 from synapse_acme.errors import StoreError
 from synapse_acme.names import is_safe_key
+from synapse_acme.store import CERTIFICATES_DIR, METADATA_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +194,6 @@ def account_evidence(storage: str) -> str | None:
 def _issued_certificates(storage: str) -> list[str]:
     """Store keys of certificates that are not placeholders (a damaged entry counts: it was
     issued once). Reads only metadata.json, never a key."""
-    from synapse_acme.store import CERTIFICATES_DIR, METADATA_FILE
-
     certificates = os.path.join(storage, CERTIFICATES_DIR)
     try:
         names = sorted(os.listdir(certificates))
