@@ -4,20 +4,37 @@ Old Synapse (txacme) wrote an RSA PEM to ``account_key_file``; such files must k
 because the account (and its rate-limit history) lives at the CA under that key. New keys are
 ECDSA P-256 (ES256): smaller, faster, accepted by every CA we know. A certbot JWK JSON file
 is accepted too. The key's content never appears in logs or exceptions, only its path.
+
+A key is created only for a store that never had an account. Once the CA has told us the
+account URL, ``<storage>/account.json`` records it with the CA's directory URL and the key's
+RFC 7638 thumbprint. From then on (and for older stores, as soon as they hold a certificate)
+a missing or unreadable key is an error that says so, never silently a new account; a key
+whose thumbprint differs from the record is refused too (a file swapped for a foreign key).
+The one way to start over is explicit: :func:`start_new_account` (``synapse-acme
+new-account``), which keeps the old files beside the new ones.
+
+``account_key_file`` is read through a symbolic link (the operator chose the path, and may
+point it at a secrets directory), but the file at the end must be a regular file that belongs
+to this user: a FIFO is refused without blocking, a file of another user is refused before it
+is read or chmod-ed.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 
+import attrs
 import josepy
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from synapse_acme import crypto, fsutil
 from synapse_acme.errors import StoreError
+from synapse_acme.names import is_safe_key
+from synapse_acme.store import CERTIFICATES_DIR, METADATA_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +43,10 @@ DEFAULT_ACCOUNT_KEY_TYPE = "ecdsa-p256"
 MIN_RSA_BITS = 2048
 _SUPPORTED_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 _MAX_KEY_FILE = 64 * 1024  # a key file is a few KiB; anything larger is not one
+ACCOUNT_RECORD_FILE = "account.json"
+_MAX_RECORD_FILE = 64 * 1024
+#: What to run to start a new account on purpose (named in every refusal).
+NEW_ACCOUNT_COMMAND = "`synapse-acme new-account -c <config file>`"
 
 
 def _jwk_from_key(key: object, where: str) -> josepy.JWK:
@@ -85,44 +106,305 @@ def parse_account_key(data: bytes, where: str) -> josepy.JWK:
     return jwk_from_pem(data, where)
 
 
-def _read_key_file(path: str) -> bytes:
+def key_thumbprint(jwk: josepy.JWK) -> str:
+    """The RFC 7638 SHA-256 thumbprint of the key, base64url (as ACME uses it)."""
+    return base64.urlsafe_b64encode(jwk.thumbprint()).rstrip(b"=").decode("ascii")
+
+
+# -- the account record ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class AccountRecord:
+    """What the store remembers of the ACME account: that it exists, where, and whose key."""
+
+    url: str  # the account URL (the JWS ``kid``)
+    directory: str  # the CA's directory URL
+    thumbprint: str  # :func:`key_thumbprint` of the account key
+
+    def to_json(self) -> bytes:
+        return (json.dumps(attrs.asdict(self), indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def record_path(storage: str) -> str:
+    return os.path.join(storage, ACCOUNT_RECORD_FILE)
+
+
+def read_account_record(storage: str) -> AccountRecord | None:
+    """The record in ``<storage>/account.json``, ``None`` if there is none; StoreError naming
+    the file if it is damaged (or not a regular file)."""
+    path = record_path(storage)
+    data = fsutil.read_regular(path, limit=_MAX_RECORD_FILE)
+    if data is None:
+        return None
     try:
-        if os.path.isdir(path):
-            raise StoreError(f"account key {path} is a directory, not a key file")
-        with open(path, "rb") as f:
-            data = f.read(_MAX_KEY_FILE + 1)
-    except OSError as e:
-        raise StoreError(f"cannot read account key {path}: {fsutil.describe_os_error(e)}") from None
-    if len(data) > _MAX_KEY_FILE:
-        raise StoreError(f"account key {path} is too large to be a key file")
-    return data
+        value = json.loads(data.decode("utf-8"))
+        fields = {name: value[name] for name in ("url", "directory", "thumbprint")}
+        if not all(isinstance(v, str) and v for v in fields.values()):
+            raise ValueError("url, directory and thumbprint must be non-empty strings")
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise StoreError(f"the account record {path} is damaged: {e}") from None
+    return AccountRecord(**fields)
 
 
-def load_or_create_account_key(path: str, key_type: str = DEFAULT_ACCOUNT_KEY_TYPE) -> josepy.JWK:
-    """The account key stored at ``path``; created (``key_type``, 0600, atomically) if absent.
+def write_account_record(storage: str, record: AccountRecord) -> None:
+    """Replace ``<storage>/account.json`` atomically (StoreError if it cannot be written)."""
+    fsutil.atomic_write(record_path(storage), record.to_json(), fsutil.PRIVATE_FILE_MODE)
+
+
+@attrs.define
+class AccountRecorder:
+    """Called with the account URL each time the CA tells us (see ``AcmeIssuer.on_account``);
+    writes ``account.json`` when it says something new."""
+
+    storage: str
+    directory: str
+    thumbprint: str
+
+    def __call__(self, url: str) -> None:
+        record = AccountRecord(url=url, directory=self.directory, thumbprint=self.thumbprint)
+        try:
+            if read_account_record(self.storage) == record:
+                return
+        except StoreError as e:
+            logger.warning("Replacing the damaged account record: %s", e)
+        write_account_record(self.storage, record)
+        logger.info("Recorded the ACME account %s in %s", url, record_path(self.storage))
+
+
+def account_evidence(storage: str) -> str | None:
+    """Why the store shows that an account existed, as words for an error message; ``None``
+    for a store that never had one (a first run)."""
+    path = record_path(storage)
+    if os.path.lexists(path):
+        try:
+            record = read_account_record(storage)
+        except StoreError:
+            return f"{path} exists (a record of the account, though unreadable)"
+        if record is not None:
+            return f"{path} records the account {record.url} at {record.directory}"
+    issued = _issued_certificates(storage)
+    if issued:
+        more = f" and {len(issued) - 3} more" if len(issued) > 3 else ""
+        where = os.path.join(storage, "certificates")
+        return f"{where} holds certificates issued to the account ({', '.join(issued[:3])}{more})"
+    return None
+
+
+def _issued_certificates(storage: str) -> list[str]:
+    """Store keys of certificates that are not placeholders (a damaged entry counts: it was
+    issued once). Reads only metadata.json, never a key."""
+    certificates = os.path.join(storage, CERTIFICATES_DIR)
+    try:
+        names = sorted(os.listdir(certificates))
+    except OSError:
+        return []
+    issued = []
+    for name in names:
+        entry = os.path.join(certificates, name)
+        if not is_safe_key(name) or os.path.islink(entry) or not os.path.isdir(entry):
+            continue
+        try:
+            data = fsutil.read_regular(os.path.join(entry, METADATA_FILE), limit=_MAX_RECORD_FILE)
+            placeholder = data is not None and json.loads(data).get("placeholder") is True
+        except (StoreError, ValueError, AttributeError):
+            placeholder = False
+        if not placeholder:
+            issued.append(name)
+    return issued
+
+
+# -- the key -----------------------------------------------------------------------------------
+
+
+def _read_key(path: str) -> josepy.JWK | None:
+    """The key at ``path``, ``None`` if there is no file; StoreError if it is unusable.
+    (The caller checked that it belongs to us.)"""
+    try:
+        data = fsutil.read_regular(path, follow=True, limit=_MAX_KEY_FILE)
+    except StoreError as e:
+        raise StoreError(f"cannot use the account key: {e}") from None
+    if data is None:
+        if os.path.islink(path):
+            raise StoreError(
+                f"the account key {path} is a symbolic link to {os.path.realpath(path)}, "
+                "which does not exist"
+            )
+        return None
+    _tighten_mode(path)
+    return parse_account_key(data, path)
+
+
+def _tighten_mode(path: str) -> None:
+    for warning in fsutil.check_mode(path, fsutil.PRIVATE_FILE_MODE):
+        logger.warning("account key: %s", warning)
+        # A looser key (restored from a backup, copied by hand) is tightened, loudly.
+        try:
+            os.chmod(path, fsutil.PRIVATE_FILE_MODE)
+            logger.warning("account key: tightened %s to 0600", path)
+        except OSError as e:
+            logger.warning(
+                "account key: cannot set mode 0600 on %s: %s", path, fsutil.describe_os_error(e)
+            )
+
+
+def load_or_create_account_key(
+    path: str, key_type: str = DEFAULT_ACCOUNT_KEY_TYPE, *, storage: str | None = None
+) -> josepy.JWK:
+    """The account key stored at ``path``; created (``key_type``, 0600, atomically) if absent
+    and the store never had an account.
 
     An existing key of any supported type is used as is (``key_type`` only applies to new keys).
     A looser mode than 0600 is tightened to 0600 with a warning. Two processes starting at once
     end up with the same key: creation never replaces an existing file. Blocking I/O on a tiny file.
+
+    With ``storage`` (the certificate store this key serves), a missing or unreadable key is a
+    StoreError when :func:`account_evidence` shows an account existed, and a key that is not the
+    one recorded in ``account.json`` is refused; each error names the file, the evidence and
+    the way out (:data:`NEW_ACCOUNT_COMMAND`).
     """
-    if not os.path.lexists(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            fsutil.ensure_private_dir(parent)
-        pem = crypto.generate_private_key_pem(key_type)
-        if fsutil.create_exclusive(path, pem, fsutil.PRIVATE_FILE_MODE):
-            logger.info("Created a new %s ACME account key at %s", key_type, path)
-            return jwk_from_pem(pem, path)
-        # another process created it between our check and our write: use theirs
-    for warning in fsutil.check_mode(path, fsutil.PRIVATE_FILE_MODE):
-        logger.warning("account key: %s", warning)
-        if os.path.isfile(path) and not os.path.islink(path):
-            # A looser key (restored from a backup, copied by hand) is tightened, loudly.
-            try:
-                os.chmod(path, fsutil.PRIVATE_FILE_MODE)
-                logger.warning("account key: tightened %s to 0600", path)
-            except OSError as e:
-                logger.warning(
-                    "account key: cannot set mode 0600 on %s: %s", path, fsutil.describe_os_error(e)
-                )
-    return parse_account_key(_read_key_file(path), path)
+    fsutil.check_owned_by_us(path, "the account key")
+    try:
+        jwk = _read_key(path)
+    except StoreError as e:
+        evidence = account_evidence(storage) if storage is not None else None
+        seen = f"; {evidence}, so it is the key of an existing ACME account" if evidence else ""
+        raise StoreError(
+            f"{e}{seen}. synapse-acme never replaces an account key it cannot read: fix or "
+            f"restore the file, or start a new account explicitly with {NEW_ACCOUNT_COMMAND} "
+            "(which keeps the old file beside the new one)"
+        ) from None
+    if jwk is None:
+        evidence = account_evidence(storage) if storage is not None else None
+        if evidence is not None:
+            raise StoreError(
+                f"the ACME account key {path} is missing, but {evidence}. A new key would "
+                "be a new account, so synapse-acme does not create one on its own: restore "
+                f"{path} from a backup, or start a new account explicitly with "
+                f"{NEW_ACCOUNT_COMMAND}"
+            )
+        jwk = _create_key(path, key_type)
+    if storage is not None:
+        _check_recorded(jwk, path, storage)
+    return jwk
+
+
+def _create_key(path: str, key_type: str) -> josepy.JWK:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        fsutil.ensure_private_dir(parent)
+    pem = crypto.generate_private_key_pem(key_type)
+    if fsutil.create_exclusive(path, pem, fsutil.PRIVATE_FILE_MODE):
+        logger.info("Created a new %s ACME account key at %s", key_type, path)
+        return jwk_from_pem(pem, path)
+    # another process created it between our check and our write: use theirs
+    theirs = _read_key(path)
+    if theirs is None:
+        raise StoreError(f"cannot create the account key {path}: something is in the way")
+    return theirs
+
+
+def _check_recorded(jwk: josepy.JWK, path: str, storage: str) -> None:
+    try:
+        record = read_account_record(storage)
+    except StoreError as e:
+        # Only a safety net, and no secret: the next registration writes it again.
+        logger.warning("Cannot check the account key against its record: %s", e)
+        return
+    if record is None:
+        return
+    thumbprint = key_thumbprint(jwk)
+    if thumbprint != record.thumbprint:
+        raise StoreError(
+            f"the account key {path} is not the key of the account recorded in "
+            f"{record_path(storage)} ({record.url} at {record.directory}): its thumbprint is "
+            f"{thumbprint}, the record's is {record.thumbprint}. Put the account's key back, "
+            f"or start a new account explicitly with {NEW_ACCOUNT_COMMAND}"
+        )
+
+
+# -- starting over, explicitly ----------------------------------------------------------------
+
+
+@attrs.frozen
+class NewAccount:
+    """What :func:`start_new_account` did."""
+
+    key_path: str
+    thumbprint: str
+    old_key: str | None  # where the previous key file went, if there was one
+    old_record: str | None  # where the previous account.json went, if there was one
+
+
+def start_new_account(
+    path: str,
+    storage: str,
+    stamp: str,
+    *,
+    force: bool = False,
+    key_type: str = DEFAULT_ACCOUNT_KEY_TYPE,
+) -> NewAccount:
+    """Replace the account key at ``path`` with a fresh one: the way out when the old key is
+    lost, damaged or not the account's, on the operator's explicit request.
+
+    Nothing is deleted: the old key file is renamed to ``<path>.broken-<stamp>`` (or
+    ``.replaced-<stamp>`` for a healthy key replaced with ``force``) and ``account.json`` to
+    ``account.json.old-<stamp>``. A healthy key that belongs to the recorded account is
+    refused without ``force``. ``stamp`` is the caller's clock reading (e.g. 20261101T120000Z).
+    The caller holds the store's lock. The CA registers the new account on next use.
+    """
+    fsutil.check_owned_by_us(path, "the account key")  # another user's file is not ours to move
+    try:
+        current = _read_key(path)
+        problem = None
+    except StoreError as e:
+        current, problem = None, str(e)
+    try:
+        record = read_account_record(storage)
+    except StoreError:
+        record = None
+    suffix = "broken"
+    if current is not None and (record is None or record.thumbprint == key_thumbprint(current)):
+        if not force:
+            whose = f" and belongs to the account {record.url}" if record is not None else ""
+            raise StoreError(
+                f"the account key {path} is readable{whose}: nothing to repair. To leave "
+                "that account anyway, add --force (the key is kept as "
+                f"{path}.replaced-{stamp})"
+            )
+        suffix = "replaced"
+    elif problem is not None:
+        logger.warning("Starting a new account: %s", problem)
+    old_key = _move_aside(path, f"{suffix}-{stamp}") if os.path.lexists(path) else None
+    old_record = None
+    if os.path.lexists(record_path(storage)):
+        old_record = _move_aside(record_path(storage), f"old-{stamp}")
+    pem = crypto.generate_private_key_pem(key_type)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        fsutil.ensure_private_dir(parent)
+    if not fsutil.create_exclusive(path, pem, fsutil.PRIVATE_FILE_MODE):
+        raise StoreError(f"cannot create the new account key {path}: another file appeared there")
+    jwk = jwk_from_pem(pem, path)
+    logger.warning(
+        "Started a new ACME account key at %s (previous key file: %s)", path, old_key or "none"
+    )
+    return NewAccount(
+        key_path=path, thumbprint=key_thumbprint(jwk), old_key=old_key, old_record=old_record
+    )
+
+
+def _move_aside(path: str, suffix: str) -> str:
+    """Rename ``path`` (a link itself, never its target) to an unused ``<path>.<suffix>``."""
+    base = f"{path}.{suffix}"
+    target, n = base, 1
+    while os.path.lexists(target):
+        n += 1
+        target = f"{base}-{n}"
+    try:
+        os.rename(path, target)
+    except OSError as e:
+        raise StoreError(
+            f"cannot move {path} aside to {target}: {fsutil.describe_os_error(e)}"
+        ) from None
+    return target

@@ -1,4 +1,4 @@
-"""The ``synapse-acme`` command line: generate-config, run, issue, renew, status.
+"""The ``synapse-acme`` command line: generate-config, run, issue, renew, status, new-account.
 
 Exit codes: 0 success; 1 an issuance or renewal failed; 2 bad configuration or usage.
 """
@@ -17,9 +17,9 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from synapse_acme import __version__, crypto, policy
+from synapse_acme import __version__, crypto, fsutil, policy
 from synapse_acme.config import AcmeConfig, generate_config, read_config_file
-from synapse_acme.errors import ConfigError, StoreBusy, SynapseAcmeError
+from synapse_acme.errors import BundleError, ConfigError, StoreBusy, StoreError, SynapseAcmeError
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import names_key
 
@@ -234,7 +234,12 @@ def _react(main: Any) -> int:
 
 
 def status_report(config: AcmeConfig, now: datetime.datetime) -> list[dict[str, Any]]:
-    """Per certificate, from the store and the last run's status file; needs no network."""
+    """Per certificate, from the store and the last run's status file; needs no network.
+
+    Never fails as a whole: a certificate whose files are damaged or unreadable is reported
+    with state ``unreadable`` and the ``error`` saying which file and why, and the others are
+    reported as usual.
+    """
     from synapse_acme.runtime import status_path
     from synapse_acme.store import FileStore
 
@@ -242,43 +247,23 @@ def status_report(config: AcmeConfig, now: datetime.datetime) -> list[dict[str, 
     store = FileStore(config.storage, auto_recover=False)
     last: dict[str, dict[str, Any]] = {}
     try:
-        with open(status_path(config), encoding="utf-8") as f:
-            last = {entry["key"]: entry for entry in json.load(f)}
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+        data = fsutil.read_regular(status_path(config), limit=_MAX_STATUS_FILE)
+        if data is not None:
+            last = {entry["key"]: entry for entry in json.loads(data)}
+    except (SynapseAcmeError, ValueError, KeyError, TypeError) as e:
+        logger.warning("Ignoring the status file of the last run: %s", e)
     threshold = datetime.timedelta(days=config.reprovision_threshold)
     out = []
     for spec in config.certificate_specs():
         key = names_key(spec.names)
         entry: dict[str, Any] = {"key": key, "names": list(spec.names), "state": "missing"}
-        loaded: list[Any] = []
-        failure: list[Failure] = []
-        source = (
-            defer.maybeDeferred(_read_external, config)
-            if config.external_certificates
-            else store.load(key)
-        )
-        source.addCallbacks(loaded.append, failure.append)
-        if failure:
+        try:
+            bundle = _stored_bundle(config, store, key)
+            if bundle is not None:
+                entry.update(_describe(config, key, bundle, now, threshold))
+        except Exception as e:  # one bad certificate must not hide the others
             entry["state"] = "unreadable"
-            entry["error"] = failure[0].getErrorMessage()
-        elif loaded and loaded[0] is not None:
-            bundle = loaded[0]
-            chain = crypto.parse_chain(bundle.chain_pem)
-            nb, na = crypto.not_before(chain[0]), crypto.not_after(chain[0])
-            placeholder = bool(bundle.metadata.get("placeholder"))
-            renew_at = policy.renewal_time(nb, na, threshold=threshold, ari_window=None, rand=0.5)
-            entry.update(
-                state="placeholder" if placeholder else "expired" if na <= now else "valid",
-                serial=f"{chain[0].serial_number:x}",
-                issuer=chain[0].issuer.rfc4514_string(),
-                not_before=_fmt(nb),
-                not_after=_fmt(na),
-                renew_at=_fmt(renew_at) if not placeholder else "now",
-                path=os.path.join(config.storage, "certificates", key),
-            )
-            if config.external_certificates:
-                entry.update(renew_at="by another tool", path=config.tls_certificate_path)
+            entry["error"] = str(e) if isinstance(e, SynapseAcmeError) else repr(e)
         prev = last.get(key, {})
         for field in (
             "last_error",
@@ -296,15 +281,66 @@ def status_report(config: AcmeConfig, now: datetime.datetime) -> list[dict[str, 
     return out
 
 
+# status.json holds a few hundred bytes per certificate.
+_MAX_STATUS_FILE = 16 * 1024 * 1024
+
+
+def _stored_bundle(config: AcmeConfig, store: Any, key: str) -> CertificateBundle | None:
+    """The bundle status reports on; raises what makes it unreadable."""
+    if config.external_certificates:
+        bundle = _read_external(config)
+        if bundle is not None:
+            # Another tool's files (it may add text around the PEM blocks, so no strict parse):
+            # the key must be the leaf's and the chain in order, or they cannot be served.
+            try:
+                chain = crypto.parse_chain(bundle.chain_pem)
+                crypto.check_key_matches(bundle.key_pem, chain[0])
+                crypto.check_chain_order(chain)
+            except BundleError as e:
+                raise BundleError(
+                    f"{config.tls_certificate_path} / {config.tls_private_key_path}: {e}"
+                ) from None
+        return bundle
+    loaded: list[Any] = []
+    failure: list[Failure] = []
+    store.load(key).addCallbacks(loaded.append, failure.append)
+    if failure:
+        failure[0].raiseException()
+    return loaded[0] if loaded else None
+
+
+def _describe(
+    config: AcmeConfig,
+    key: str,
+    bundle: CertificateBundle,
+    now: datetime.datetime,
+    threshold: datetime.timedelta,
+) -> dict[str, Any]:
+    chain = crypto.parse_chain(bundle.chain_pem)
+    nb, na = crypto.not_before(chain[0]), crypto.not_after(chain[0])
+    placeholder = bool(bundle.metadata.get("placeholder"))
+    renew_at = policy.renewal_time(nb, na, threshold=threshold, ari_window=None, rand=0.5)
+    entry = {
+        "state": "placeholder" if placeholder else "expired" if na <= now else "valid",
+        "serial": f"{chain[0].serial_number:x}",
+        "issuer": chain[0].issuer.rfc4514_string(),
+        "not_before": _fmt(nb),
+        "not_after": _fmt(na),
+        "renew_at": _fmt(renew_at) if not placeholder else "now",
+        "path": os.path.join(config.storage, "certificates", key),
+    }
+    if config.external_certificates:
+        entry.update(renew_at="by another tool", path=config.tls_certificate_path)
+    return entry
+
+
 def _read_external(config: AcmeConfig) -> CertificateBundle | None:
-    """The externally managed pair, or None if a file is missing."""
+    """The externally managed pair, or None if a file is missing. Followed through symlinks
+    (certbot's live/ files are links), but a FIFO or another non-file is refused unread."""
     assert config.tls_certificate_path and config.tls_private_key_path
-    try:
-        with open(config.tls_certificate_path, "rb") as f:
-            chain = f.read()
-        with open(config.tls_private_key_path, "rb") as f:
-            key = f.read()
-    except FileNotFoundError:
+    chain = fsutil.read_regular(config.tls_certificate_path, follow=True, limit=_MAX_STATUS_FILE)
+    key = fsutil.read_regular(config.tls_private_key_path, follow=True, limit=_MAX_STATUS_FILE)
+    if chain is None or key is None:
         return None
     return CertificateBundle(key_pem=key, chain_pem=chain)
 
@@ -320,6 +356,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(", ".join(e["names"]))
             print(f"  state:        {e['state']}")
             for label, field in (
+                ("error", "error"),
                 ("not after", "not_after"),
                 ("renew at", "renew_at"),
                 ("serial", "serial"),
@@ -334,6 +371,51 @@ def cmd_status(args: argparse.Namespace) -> int:
                     print(f"  {label + ':':<13} {e[field]}")
     bad = any(e["state"] in ("missing", "expired", "unreadable") for e in report)
     return EXIT_FAILED if bad else EXIT_OK
+
+
+def cmd_new_account(args: argparse.Namespace) -> int:
+    """Start a new ACME account on purpose: the one way past a lost or damaged account key."""
+    from synapse_acme import account
+    from synapse_acme.interprocess import StoreLock
+
+    config = _load(args.config)
+    if config.external_certificates:
+        raise ConfigError(
+            "acme.external_certificates",
+            "is true: another tool issues these certificates and holds the ACME account",
+            True,
+        )
+    now = datetime.datetime.now(datetime.timezone.utc)  # the CLI's edge: the only wall-clock read
+    fsutil.check_owned_by_us(config.storage, "the storage directory")
+    fsutil.ensure_private_dir(config.storage)
+    try:
+        lock = StoreLock.acquire(config.storage)
+    except StoreBusy as e:
+        who = f"pid {e.pid}" if e.pid is not None else "another process"
+        raise StoreError(  # not StoreBusy's text: renew --force is no way out here
+            f"{config.storage} is in use by {who} (`synapse-acme run` or a homeserver with the "
+            "module): stop it first, then run new-account again"
+        ) from None
+    try:
+        done = account.start_new_account(
+            config.account_key_file,
+            config.storage,
+            now.strftime("%Y%m%dT%H%M%SZ"),
+            force=args.force,
+        )
+    finally:
+        lock.release()
+    print(f"NEW ACCOUNT  created a new ACME account key at {done.key_path}")
+    print(f"  thumbprint:          {done.thumbprint}")
+    if done.old_key is not None:
+        print(f"  previous key kept:   {done.old_key}")
+    if done.old_record is not None:
+        print(f"  previous record:     {done.old_record}")
+    print(
+        "The CA registers the new account on the next `synapse-acme issue`, `renew` or `run`; "
+        "the certificates in the store stay in use and are renewed under the new account."
+    )
+    return EXIT_OK
 
 
 def _fmt(value: datetime.datetime | None) -> str | None:
@@ -401,6 +483,18 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
+
+    n = sub.add_parser(
+        "new-account",
+        help="replace a lost or damaged ACME account key with a new one (a new account)",
+    )
+    with_config(n)
+    n.add_argument(
+        "--force",
+        action="store_true",
+        help="even if the current key is fine: leave that account (its key file is kept)",
+    )
+    n.set_defaults(func=cmd_new_account)
     return p
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import datetime
 import itertools
+import re
 from collections.abc import Sequence
 
 from acme import crypto_util
@@ -59,8 +60,30 @@ def make_csr_pem(key_pem: bytes, names: Sequence[str]) -> bytes:
     return crypto_util.make_csr(key_pem, list(names))
 
 
-def parse_chain(chain_pem: bytes) -> list[x509.Certificate]:
-    """Every certificate of a PEM chain, leaf first; BundleError if none parses."""
+_PEM_CERT_BEGIN = b"-----BEGIN CERTIFICATE-----"
+# One whole CERTIFICATE block: the markers on their own lines, only base64 between them.
+_PEM_CERT_BLOCK = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\s]*?-----END CERTIFICATE-----[ \t]*(?:\r?\n|$)"
+)
+
+
+def _skip_space(data: bytes, pos: int) -> int:
+    while pos < len(data) and data[pos : pos + 1].isspace():
+        pos += 1
+    return pos
+
+
+def parse_chain(chain_pem: bytes, *, strict: bool = False) -> list[x509.Certificate]:
+    """Every certificate of a PEM chain, leaf first; BundleError if none parses.
+
+    Lenient by default, like OpenSSL: text around the blocks is skipped, and so is an
+    incomplete last block. ``strict`` is for files we wrote ourselves (the store): the bytes
+    must be whole CERTIFICATE blocks and whitespace, nothing else (RFC 8555 section 9.1's
+    application/pem-certificate-chain), so a truncated file, a partial block or trailing
+    bytes are BundleError instead of a silently shorter chain.
+    """
+    if strict:
+        return _parse_chain_strict(chain_pem)
     try:
         certs = x509.load_pem_x509_certificates(chain_pem)
     except ValueError as e:
@@ -68,6 +91,52 @@ def parse_chain(chain_pem: bytes) -> list[x509.Certificate]:
     if not certs:
         raise BundleError("certificate chain is empty")
     return certs
+
+
+def _parse_chain_strict(chain_pem: bytes) -> list[x509.Certificate]:
+    blocks: list[bytes] = []
+    pos = _skip_space(chain_pem, 0)
+    while pos < len(chain_pem):
+        block = _PEM_CERT_BLOCK.match(chain_pem, pos)
+        if block is None:
+            n = len(blocks) + 1
+            if chain_pem.startswith(_PEM_CERT_BEGIN, pos):
+                raise BundleError(
+                    f"certificate {n} of the chain is incomplete (no END line where it should "
+                    "be): the file is truncated or damaged"
+                )
+            what = f"after certificate {len(blocks)}" if blocks else "before any certificate"
+            raise BundleError(
+                f"unexpected bytes {what} (at byte {pos}): only whole PEM CERTIFICATE "
+                "blocks belong here (trailing garbage or a damaged block)"
+            )
+        blocks.append(block.group(0))
+        pos = _skip_space(chain_pem, block.end())
+    if not blocks:
+        raise BundleError("certificate chain is empty")
+    certs = []
+    for n, pem in enumerate(blocks, 1):
+        try:
+            certs.append(x509.load_pem_x509_certificate(pem))
+        except ValueError as e:
+            raise BundleError(f"certificate {n} of the chain does not parse: {e}") from None
+    return certs
+
+
+def canonical_chain_pem(chain_pem: bytes) -> bytes:
+    """The chain as bare PEM blocks, one after the other, as the store keeps it.
+
+    A CA may surround its blocks with RFC 7468 explanatory text (RFC 8555 forbids it, not all
+    CAs listen); that text is dropped here so what is saved passes the store's strict reading.
+    BundleError if a block is incomplete (a lenient parse would silently drop it).
+    """
+    certs = parse_chain(chain_pem)
+    if len(certs) != chain_pem.count(_PEM_CERT_BEGIN):
+        raise BundleError(
+            f"certificate chain has {chain_pem.count(_PEM_CERT_BEGIN)} BEGIN CERTIFICATE "
+            f"lines but only {len(certs)} whole certificates: it is truncated or damaged"
+        )
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
 def certificate_names(cert: x509.Certificate) -> list[str]:
@@ -123,6 +192,23 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+def check_chain_order(chain: Sequence[x509.Certificate]) -> None:
+    """BundleError unless each certificate of ``chain`` is signed by the next one."""
+    for child, parent in itertools.pairwise(chain):
+        if not _signed_by(child, parent):
+            raise BundleError(
+                f"chain out of order or incomplete: {child.subject.rfc4514_string()!r} "
+                f"is not signed by the next certificate {parent.subject.rfc4514_string()!r}"
+            )
+
+
+def check_key_matches(key_pem: bytes, leaf: x509.Certificate) -> None:
+    """BundleError unless ``key_pem`` parses and is the private key of ``leaf``."""
+    key = load_private_key(key_pem)
+    if _public_bytes(key.public_key()) != _public_bytes(leaf.public_key()):
+        raise BundleError("private key does not match the certificate")
+
+
 def validate_bundle(
     bundle: CertificateBundle,
     names: Sequence[str] | None,
@@ -132,21 +218,15 @@ def validate_bundle(
 ) -> list[x509.Certificate]:
     """Check a bundle is fit to serve; return its parsed chain or raise BundleError saying why.
 
-    Checks: the key parses and matches the leaf; each certificate is signed by the next one
-    (complete, in order); the leaf covers every name in ``names``; notBefore is not beyond
-    ``now + skew``; and, unless ``allow_expired``, notAfter is after ``now``.
+    Checks: the key parses and matches the leaf (:func:`check_key_matches`); each certificate
+    is signed by the next one (complete, in order; :func:`check_chain_order`); the leaf covers
+    every name in ``names``; notBefore is not beyond ``now + skew``; and, unless
+    ``allow_expired``, notAfter is after ``now``.
     """
     chain = parse_chain(bundle.chain_pem)
     leaf = chain[0]
-    key = load_private_key(bundle.key_pem)
-    if _public_bytes(key.public_key()) != _public_bytes(leaf.public_key()):
-        raise BundleError("private key does not match the certificate")
-    for child, parent in itertools.pairwise(chain):
-        if not _signed_by(child, parent):
-            raise BundleError(
-                f"chain out of order or incomplete: {child.subject.rfc4514_string()!r} "
-                f"is not signed by the next certificate {parent.subject.rfc4514_string()!r}"
-            )
+    check_key_matches(bundle.key_pem, leaf)
+    check_chain_order(chain)
     if names:
         have = certificate_names(leaf)
         missing = [n for n in names if not any(name_matches(p, n) for p in have)]
@@ -235,7 +315,10 @@ __all__ = [
     "DEFAULT_SKEW",
     "KEY_TYPES",
     "ari_cert_id",
+    "canonical_chain_pem",
     "certificate_names",
+    "check_chain_order",
+    "check_key_matches",
     "generate_private_key_pem",
     "is_placeholder",
     "load_private_key",

@@ -88,7 +88,9 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def open_regular(path: str, flags: int = os.O_RDONLY, *, follow: bool = False) -> int:
+def open_regular(
+    path: str, flags: int = os.O_RDONLY, *, follow: bool = False, mode: int = PRIVATE_FILE_MODE
+) -> int:
     """Open ``path`` as a regular file and return the descriptor, or raise.
 
     Files in the store and the export directories may have been left there by somebody else
@@ -97,11 +99,12 @@ def open_regular(path: str, flags: int = os.O_RDONLY, *, follow: bool = False) -
     (``O_NONBLOCK``: a FIFO would otherwise hang the reactor thread forever), and ``fstat`` on
     the open descriptor checks it is a regular file (a check on the path would race).
     FileNotFoundError passes through (callers decide what "absent" means); anything else is
-    StoreError naming the path and what it is.
+    StoreError naming the path and what it is. With ``os.O_CREAT`` in ``flags`` a missing file
+    is created with ``mode`` (filtered by the umask).
     """
     extra = os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
     try:
-        fd = os.open(path, flags | extra)
+        fd = os.open(path, flags | extra, mode)
     except FileNotFoundError:
         raise
     except OSError as e:
@@ -169,23 +172,29 @@ def check_owned_by_us(path: str, what: str) -> None:
     euid = os.geteuid()
     if st.st_uid == euid:
         return
-    owner = _user_name(st.st_uid)
-    me = _user_name(euid)
-    link = f" (through the symbolic link {path})" if os.path.islink(path) else ""
+    owner, me = _user_name(st.st_uid), _user_name(euid)
+    target, link = path, ""
+    if os.path.islink(path):  # `chown -R` would change the link, not what it points to
+        target = os.path.realpath(path)
+        link = f" (it is a symbolic link to {target})"
     hint = (
         f"run synapse-acme as {owner} (as root: `synapse-acme run --user {owner}`), or "
-        f"`chown -R {me} {path}` if this process should own it"
+        f"`chown -R {me} {target}` if this process should own it"
     )
-    raise StoreError(f"{what} {path} belongs to {owner}, not to {me}{link}: {hint}")
+    raise StoreError(
+        f"{what} {path} belongs to {owner} (uid {st.st_uid}), not to {me} (uid {euid}){link}: "
+        f"{hint}"
+    )
 
 
 def _user_name(uid: int) -> str:
+    """The user's login name, or the number when it has none (usable in chown and --user)."""
     try:
         import pwd
 
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+        return pwd.getpwuid(uid).pw_name
     except (KeyError, ImportError):
-        return f"uid {uid}"
+        return str(uid)
 
 
 def fsync_dir(path: str) -> None:

@@ -13,15 +13,19 @@ class ICertificateStore(Interface):
     """Where certificate bundles live between runs, keyed by :func:`synapse_acme.names.names_key`.
 
     A bundle is written whole or not at all: a reader never sees a certificate without its key.
+    Only intact bundles go in and come out (:func:`synapse_acme.store.check_intact`: the chain
+    is complete PEM blocks signed in order, the key matches the leaf).
     """
 
     def load(key):  # type: ignore[no-untyped-def]
         """Deferred firing with the :class:`~synapse_acme.model.CertificateBundle` stored
-        under ``key``, or ``None`` if there is none. Fails with StoreError if it is unreadable."""
+        under ``key``, or ``None`` if there is none. Fails with StoreError naming the file if
+        it is unreadable or damaged (never a damaged bundle)."""
 
     def save(key, bundle):  # type: ignore[no-untyped-def]
         """Deferred firing with ``None`` once ``bundle`` is durably stored under ``key``
-        (replacing what was there atomically). Fails with StoreError; the old bundle survives."""
+        (replacing what was there atomically). Fails with StoreError (also for a bundle that
+        is not intact); the old bundle survives."""
 
     def keys():  # type: ignore[no-untyped-def]
         """Deferred firing with a sorted list of the keys that hold a bundle."""

@@ -48,11 +48,16 @@ class StoreLock:
 
     @classmethod
     def acquire(cls, storage: str) -> StoreLock:
-        """Take the lock on ``storage`` (an existing directory) or raise StoreBusy/StoreError."""
+        """Take the lock on ``storage`` (an existing directory) or raise StoreBusy/StoreError.
+
+        The lock file is opened without following a symlink and without blocking, and must be
+        a regular file: run as root, a symlink planted at ``<storage>/lock`` would otherwise
+        make us truncate whatever it points to, and a FIFO would hang the start forever.
+        """
         path = os.path.join(storage, LOCK_FILE)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, fsutil.PRIVATE_FILE_MODE)
-        except OSError as e:
+            fd = fsutil.open_regular(path, os.O_RDWR | os.O_CREAT, mode=fsutil.PRIVATE_FILE_MODE)
+        except FileNotFoundError as e:  # the storage directory itself is missing
             raise StoreError(f"cannot open {path}: {fsutil.describe_os_error(e)}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

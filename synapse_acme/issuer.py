@@ -69,7 +69,9 @@ def _identifier(authz: messages.Authorization) -> str:
 @attrs.define
 class AcmeIssuer:
     """Obtains certificates from the CA behind ``client``, answering challenges with
-    ``responders`` (preferred first). The account is registered on first use."""
+    ``responders`` (preferred first). The account is registered on first use, and
+    ``on_account`` (if given) is called with its URL each time the CA tells it (the runtime
+    records it in the store; a failing callback is logged, never fails the issuance)."""
 
     client: AcmeClient
     responders: Sequence[IResponder]
@@ -82,6 +84,7 @@ class AcmeIssuer:
     poll_interval: float = 0.5
     poll_timeout: float = 300.0
     preferred_chain: str | None = None
+    on_account: Callable[[str], object] | None = None
     _account_lock: defer.DeferredLock = attrs.field(
         init=False, factory=defer.DeferredLock, repr=False
     )
@@ -111,7 +114,13 @@ class AcmeIssuer:
     async def _register_if_needed(self) -> str:
         if self.client.account_url is not None:
             return self.client.account_url
-        return await self.client.register(tuple(self.contact), self.tos_agreed, self.eab)
+        url = await self.client.register(tuple(self.contact), self.tos_agreed, self.eab)
+        if self.on_account is not None:
+            try:
+                self.on_account(url)
+            except Exception as e:  # the account works; only its record in the store is behind
+                log.warning("could not record the ACME account %s: %s", url, e)
+        return url
 
     # -- issuance ---------------------------------------------------------------------------
 
@@ -354,8 +363,10 @@ class AcmeIssuer:
         cert_url: str,
     ) -> CertificateBundle:
         now = crypto.now_from_clock(self.clock)
-        bundle = CertificateBundle(key_pem=key_pem, chain_pem=chain_pem)
         try:
+            # Bare PEM blocks only: what the store accepts when it reads the chain back.
+            chain_pem = crypto.canonical_chain_pem(chain_pem)
+            bundle = CertificateBundle(key_pem=key_pem, chain_pem=chain_pem)
             chain = crypto.validate_bundle(bundle, names, now)
         except BundleError as e:
             raise AcmeProtocolError(f"the issued certificate is unusable: {e}", cert_url) from None

@@ -17,7 +17,7 @@ from twisted.application.service import MultiService
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 
 from synapse_acme import crypto, fsutil
-from synapse_acme.account import load_or_create_account_key
+from synapse_acme.account import AccountRecorder, key_thumbprint, load_or_create_account_key
 from synapse_acme.client import AcmeClient
 from synapse_acme.config import AcmeConfig
 from synapse_acme.errors import BundleError
@@ -126,6 +126,9 @@ def build_runtime(
     assert IReactorTime.providedBy(reactor) or hasattr(reactor, "seconds")
     if config.external_certificates:
         return _build_external(config, reactor)
+    # Before anything is chmod-ed or created in it: run as root, a store that belongs to
+    # another user (or a symlink to one) would otherwise be taken over, keys and all.
+    fsutil.check_owned_by_us(config.storage, "the storage directory")
     fsutil.ensure_private_dir(config.storage)
     # Only the process holding the lock may recover, order and save (StoreBusy otherwise).
     lock = StoreLock.acquire(config.storage)
@@ -150,7 +153,9 @@ def _build_managing(
     store = FileStore(config.storage)
     for line in store.recover():
         logger.warning("Store recovery: %s", line)
-    account_key = load_or_create_account_key(config.account_key_file)
+    # Never a silent new account for a store that had one (see synapse_acme.account).
+    account_key = load_or_create_account_key(config.account_key_file, storage=config.storage)
+    on_account = AccountRecorder(config.storage, config.url, key_thumbprint(account_key))
     http = http_client if http_client is not None else make_http_client(reactor, config.ca_bundle)
     transport = JWSTransport(
         http,
@@ -173,6 +178,7 @@ def _build_managing(
         profile=config.profile,
         poll_interval=config.poll_interval,
         poll_timeout=config.poll_timeout,
+        on_account=on_account,
     )
     specs = config.certificate_specs()
     keys = [names_key(canonical_names(spec.names)) for spec in specs]

@@ -11,12 +11,23 @@ Layout under the storage root::
 
 A save writes the three files into a fresh ``~new-`` sibling, fsyncs, then swaps directories
 with two renames; :meth:`FileStore.recover` finishes or undoes whatever a crash left behind.
+
 Staging directories use ``~``, which a key can never contain, so ``a.example.new-1`` (a
 legal DNS name, hence a legal key) can never be mistaken for a leftover of ``a.example``.
+
+What the store hands out is intact (:func:`check_intact`): the chain is whole PEM blocks and
+nothing else, each certificate is signed by the next, the key parses and matches the leaf, and
+the chain has the SHA-256 recorded beside it in ``metadata.json`` when it was saved (which also
+catches a chain cut exactly between two blocks, or an intermediate changed on disk). A damaged
+entry is a StoreError naming the file and the problem, never a bundle: the service then treats
+the certificate as missing and issues a new one, and nothing damaged is served or exported.
+Store files are read with :func:`synapse_acme.fsutil.read_regular`: a symlink or a FIFO in
+place of one is refused, never followed or blocked on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,8 +40,8 @@ import attrs
 from twisted.internet import defer
 from zope.interface import implementer
 
-from synapse_acme import fsutil
-from synapse_acme.errors import StoreError
+from synapse_acme import crypto, fsutil
+from synapse_acme.errors import BundleError, StoreError
 from synapse_acme.interfaces import ICertificateStore
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import is_safe_key
@@ -42,6 +53,12 @@ CHAIN_FILE = "fullchain.pem"
 KEY_FILE = "privkey.pem"
 METADATA_FILE = "metadata.json"
 _FILES = (KEY_FILE, CHAIN_FILE, METADATA_FILE)
+#: Written into metadata.json by :meth:`FileStore.save`, checked and removed by ``load``; the
+#: bundle's own metadata never sees it.
+CHAIN_DIGEST_FIELD = "fullchain_sha256"
+#: A key, a chain or the metadata is a few KiB; a bigger file is not one of ours and is not
+#: read into memory.
+MAX_FILE_BYTES = 256 * 1024
 _SEP = "~"  # never valid in a key (see names.is_safe_key)
 _NEW, _OLD, _DEL = "new", "old", "del"
 _T = TypeVar("_T")
@@ -87,6 +104,41 @@ def check_bundle(bundle: object) -> CertificateBundle:
         if not isinstance(value, bytes) or not value:
             raise StoreError(f"certificate bundle has an empty or non-bytes {field}")
     return bundle
+
+
+def check_intact(bundle: CertificateBundle, where: str) -> None:
+    """StoreError unless the bundle is whole and self-consistent, naming the file under
+    ``where`` (the entry's directory) and what is wrong with it.
+
+    Whole: :func:`crypto.parse_chain` in strict mode (only complete PEM blocks) and a key that
+    parses. Consistent: each certificate signed by the next (:func:`crypto.check_chain_order`)
+    and the key is the leaf's (:func:`crypto.check_key_matches`). No clock and no names: an
+    expired certificate or one for other names is intact (the service decides about those).
+    A placeholder is a single self-signed certificate and passes the same checks. A leaf
+    without its issuer passes too: a CA may sign leaves directly with a root that clients
+    already trust, and the issuer accepts such a chain, so refusing it here would re-issue it
+    forever; a chain that lost its intermediate on disk is caught by the digest instead
+    (:data:`CHAIN_DIGEST_FIELD`, which only the file store keeps).
+    """
+    chain_file = os.path.join(where, CHAIN_FILE)
+    key_file = os.path.join(where, KEY_FILE)
+    try:
+        chain = crypto.parse_chain(bundle.chain_pem, strict=True)
+        crypto.check_chain_order(chain)
+    except BundleError as e:
+        raise StoreError(f"{chain_file} is damaged: {e}") from None
+    try:
+        crypto.load_private_key(bundle.key_pem)
+    except BundleError as e:
+        raise StoreError(f"{key_file} is damaged: {e}") from None
+    try:
+        crypto.check_key_matches(bundle.key_pem, chain[0])
+    except BundleError as e:
+        raise StoreError(f"{key_file} does not belong to {chain_file}: {e}") from None
+
+
+def _chain_digest(chain_pem: bytes) -> str:
+    return hashlib.sha256(chain_pem).hexdigest()
 
 
 def _as_deferred(f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
@@ -156,26 +208,10 @@ class FileStore:
             return None
         if not os.path.isdir(path) or os.path.islink(path):
             raise StoreError(f"corrupt certificate entry {path}: not a directory")
-        contents: dict[str, bytes] = {}
-        for name in _FILES:
-            file_path = os.path.join(path, name)
-            try:
-                with open(file_path, "rb") as f:
-                    contents[name] = f.read()
-            except FileNotFoundError:
-                raise StoreError(f"corrupt certificate entry: {file_path} is missing") from None
-            except OSError as e:
-                raise StoreError(
-                    f"cannot read {file_path}: {fsutil.describe_os_error(e)}"
-                ) from None
+        bundle = read_entry(path)
         for warning in fsutil.check_mode(os.path.join(path, KEY_FILE), fsutil.PRIVATE_FILE_MODE):
             logger.warning("%s", warning)
-        metadata = decode_metadata(contents[METADATA_FILE], os.path.join(path, METADATA_FILE))
-        if not contents[KEY_FILE] or not contents[CHAIN_FILE]:
-            raise StoreError(f"corrupt certificate entry {path}: empty key or chain file")
-        return CertificateBundle(
-            key_pem=contents[KEY_FILE], chain_pem=contents[CHAIN_FILE], metadata=metadata
-        )
+        return bundle
 
     def _ensure_dirs(self) -> None:
         fsutil.ensure_private_dir(self.root)
@@ -184,7 +220,10 @@ class FileStore:
     def _save(self, key: str, bundle: CertificateBundle) -> None:
         final = self.path_for(key)
         check_bundle(bundle)
-        metadata = encode_metadata(bundle.metadata)
+        check_intact(bundle, final)  # never store what load would refuse
+        metadata = encode_metadata(
+            {**bundle.metadata, CHAIN_DIGEST_FIELD: _chain_digest(bundle.chain_pem)}
+        )
         self._maybe_recover()
         self._ensure_dirs()
         new = self._staging(key, _NEW)
@@ -366,15 +405,41 @@ def _mtime(path: str) -> float:
         return 0.0
 
 
+def read_entry(path: str) -> CertificateBundle:
+    """The intact bundle in entry directory ``path`` (see :func:`check_intact`), else StoreError
+    naming the file and the problem (missing, not a regular file, too large, damaged)."""
+    contents: dict[str, bytes] = {}
+    for name in _FILES:
+        file_path = os.path.join(path, name)
+        data = fsutil.read_regular(file_path, limit=MAX_FILE_BYTES)
+        if data is None:
+            raise StoreError(f"corrupt certificate entry: {file_path} is missing")
+        if not data:
+            raise StoreError(f"corrupt certificate entry: {file_path} is empty")
+        contents[name] = data
+    metadata = decode_metadata(contents[METADATA_FILE], os.path.join(path, METADATA_FILE))
+    recorded = metadata.pop(CHAIN_DIGEST_FIELD, None)
+    bundle = CertificateBundle(
+        key_pem=contents[KEY_FILE], chain_pem=contents[CHAIN_FILE], metadata=metadata
+    )
+    check_intact(bundle, path)  # first: it says more precisely what is wrong
+    # Absent in entries saved before the digest existed: those get the structural checks only.
+    if recorded is not None and recorded != _chain_digest(contents[CHAIN_FILE]):
+        raise StoreError(
+            f"{os.path.join(path, CHAIN_FILE)} is damaged: it changed after it was saved (its "
+            f"SHA-256 differs from the {CHAIN_DIGEST_FIELD} recorded in {METADATA_FILE}; a "
+            "certificate was removed, added or altered)"
+        )
+    return bundle
+
+
 def _is_complete(path: str) -> bool:
-    """True if ``path`` holds all three files, non-empty, with parseable metadata."""
+    """True if ``path`` holds an intact bundle (what :meth:`FileStore.load` would accept):
+    recovery never promotes a half-written or damaged staging directory."""
     try:
-        for name in _FILES:
-            if os.path.getsize(os.path.join(path, name)) == 0:
-                return False
-        with open(os.path.join(path, METADATA_FILE), "rb") as f:
-            decode_metadata(f.read(), path)
-    except (OSError, StoreError):
+        read_entry(path)
+    except (OSError, StoreError) as e:
+        logger.info("storage recovery: not restoring %s: %s", path, e)
         return False
     return True
 

@@ -257,6 +257,7 @@ class FaultPlan:
     wrong_names_certificates: int = 0
     empty_chains: int = 0
     misordered_chains: int = 0
+    annotated_chains: int = 0
     drop_nonce_headers: int = 0
     fired: list[str] = attrs.field(factory=list)
 
@@ -332,6 +333,11 @@ class FaultPlan:
         """The next issued chain is served intermediate first, leaf last."""
         self.misordered_chains += 1
 
+    def annotated_chain_next(self) -> None:
+        """The next issued chain comes with RFC 7468 explanatory text (``subject=...``) before
+        each block, as ``openssl`` prints it and some CAs serve it (RFC 8555 forbids it)."""
+        self.annotated_chains += 1
+
     def drop_nonce_header_next(self, n: int = 1) -> None:
         """The next ``n`` responses carry no ``Replay-Nonce`` header."""
         self.drop_nonce_headers += n
@@ -345,6 +351,7 @@ class FaultPlan:
             + self.wrong_names_certificates
             + self.empty_chains
             + self.misordered_chains
+            + self.annotated_chains
             + self.drop_nonce_headers
         )
 
@@ -1418,6 +1425,10 @@ class FakeAcmeServer:
             chain = _pem(ca.intermediate) + _pem(leaf)
         if self.faults._take_counter("empty_chains"):
             chain = b""
+        if self.faults._take_counter("annotated_chains"):
+            chain = (
+                b"subject=leaf\n" + _pem(leaf) + b"\nsubject=intermediate\n" + _pem(ca.intermediate)
+            )
         issued = IssuedCertificate(
             cert_id=cert_id,
             url=self._url(f"/cert/{self._new_id()}"),

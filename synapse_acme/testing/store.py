@@ -1,7 +1,8 @@
 """An in-memory :class:`~synapse_acme.interfaces.ICertificateStore` for tests.
 
 It follows the same contract as :class:`synapse_acme.store.FileStore` (checked by the same
-contract tests): same key validation, metadata round-tripped through JSON (so a caller cannot
+contract tests): same key validation, the same refusal of a bundle that is not intact
+(:func:`synapse_acme.store.check_intact`), metadata round-tripped through JSON (so a caller cannot
 mutate what is stored, and non-JSON metadata fails here as it would on disk), and a way to
 make the next save fail for fault-injection tests.
 """
@@ -15,7 +16,13 @@ from zope.interface import implementer
 from synapse_acme.errors import StoreError
 from synapse_acme.interfaces import ICertificateStore
 from synapse_acme.model import CertificateBundle
-from synapse_acme.store import check_bundle, check_key, decode_metadata, encode_metadata
+from synapse_acme.store import (
+    check_bundle,
+    check_intact,
+    check_key,
+    decode_metadata,
+    encode_metadata,
+)
 
 
 @implementer(ICertificateStore)
@@ -58,6 +65,7 @@ class MemoryStore:
         try:
             check_key(key)
             check_bundle(bundle)
+            check_intact(bundle, f"memory:{key}")
             metadata = encode_metadata(bundle.metadata)
             if self._fail_next:
                 raise self._fail_next.pop(0)

@@ -380,5 +380,124 @@ def test_no_key_material_in_logs_and_private_modes(
     }
 
 
+# -- 9. a damaged store and a lost account key, through the real CLI ---
+
+
+def _status(cfg: Path) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    text = run([*CLI, "status", "-c", str(cfg)])
+    as_json = run([*CLI, "status", "-c", str(cfg), "--json"])
+    for r in (text, as_json):
+        assert "Traceback" not in r.stdout + r.stderr, r.stderr
+    return text, as_json
+
+
+def test_truncated_chain_in_the_store_is_reissued_and_never_exported(
+    pebble: PebbleCA, tmp_path: Path
+) -> None:
+    names = ["damaged.example.test"]
+    store = tmp_path / "store"
+    export = tmp_path / "export"
+    export.mkdir()
+    cfg = pebble.write_acme_config(
+        tmp_path,
+        names,
+        tls_certificate_path=str(export / "cert.pem"),
+        tls_private_key_path=str(export / "key.pem"),
+    )
+    first = run([*CLI, "issue", "-c", str(cfg)])
+    assert first.returncode == 0, first.stderr[-2000:]
+    good = check_valid(pebble, store, names)
+    assert (export / "cert.pem").read_bytes() == good.chain_pem
+    chain_file = store / "certificates" / names_key(names) / "fullchain.pem"
+    truncated = good.chain_pem[:-200]  # a cut inside the intermediate
+    chain_file.write_bytes(truncated)
+
+    text, as_json = _status(cfg)
+    assert text.returncode == 1 and as_json.returncode == 1
+    assert "state:        unreadable" in text.stdout
+    assert f"error:        {chain_file} is damaged: certificate 2 of the chain is incomplete" in (
+        text.stdout
+    )
+    [entry] = json.loads(as_json.stdout)
+    assert entry["state"] == "unreadable" and entry["names"] == names
+    assert entry["error"].startswith(f"{chain_file} is damaged: certificate 2 of the chain")
+
+    again = run([*CLI, "issue", "-c", str(cfg)])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Nothing to do" not in again.stdout and "OK      damaged.example.test" in again.stdout
+    assert f"Cannot read the stored certificate for damaged.example.test: {chain_file}" in (
+        again.stderr
+    )
+    renewed = check_valid(pebble, store, names)
+    old_leaf = crypto.parse_chain(good.chain_pem)[0]
+    assert crypto.parse_chain(renewed.chain_pem)[0].serial_number != old_leaf.serial_number
+    # The export went from the good old chain straight to the new one.
+    assert (export / "cert.pem").read_bytes() == renewed.chain_pem != truncated
+    assert (export / "key.pem").read_bytes() == renewed.key_pem
+    text, as_json = _status(cfg)
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)[0]["state"] == "valid"
+
+
+def test_damaged_key_in_the_store_is_unreadable_in_status(pebble: PebbleCA, tmp_path: Path) -> None:
+    names = ["damagedkey.example.test"]
+    cfg = pebble.write_acme_config(tmp_path, names)
+    assert run([*CLI, "issue", "-c", str(cfg)]).returncode == 0
+    key_file = tmp_path / "store" / "certificates" / names_key(names) / "privkey.pem"
+    original = key_file.read_bytes()
+    for damage, expected in [
+        (crypto.generate_private_key_pem(), f"{key_file} does not belong to"),
+        (original[:90], f"{key_file} is damaged: private key does not parse"),
+    ]:
+        key_file.write_bytes(damage)
+        text, as_json = _status(cfg)
+        assert text.returncode == 1 and as_json.returncode == 1
+        assert "state:        unreadable" in text.stdout and expected in text.stdout
+        [entry] = json.loads(as_json.stdout)
+        assert entry["state"] == "unreadable" and entry["error"].startswith(expected)
+        assert b"".join(original.splitlines()[1:-1])[:24].decode() not in text.stdout
+
+
+def test_lost_account_key_is_not_replaced_until_new_account(
+    pebble: PebbleCA, tmp_path: Path
+) -> None:
+    names = ["lostkey.example.test"]
+    store = tmp_path / "store"
+    key_file = store / "account.key"
+    cfg = pebble.write_acme_config(tmp_path, names)
+    assert run([*CLI, "issue", "-c", str(cfg)]).returncode == 0
+    record = json.loads((store / "account.json").read_text())
+    first_key = parse_account_key(key_file.read_bytes(), "first")
+    assert record["directory"] == pebble.directory_url
+    assert record["url"].startswith("https://")
+    assert record["thumbprint"] == jose.b64encode(first_key.thumbprint()).decode()
+
+    key_file.unlink()
+    for cmd in (["issue"], ["renew", "--force"]):
+        r = run([*CLI, *cmd, "-c", str(cfg)])
+        assert r.returncode == 1, (cmd, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert f"error: the ACME account key {key_file} is missing, but " in r.stderr
+        assert f"{store / 'account.json'} records the account {record['url']}" in r.stderr
+        assert "`synapse-acme new-account -c <config file>`" in r.stderr
+        assert not key_file.exists()
+    assert not [p.name for p in store.iterdir() if p.name.startswith(("account.key", ".acc"))]
+
+    made = run([*CLI, "new-account", "-c", str(cfg)])
+    assert made.returncode == 0, made.stderr
+    assert f"NEW ACCOUNT  created a new ACME account key at {key_file}" in made.stdout
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    renewed = run([*CLI, "renew", "--force", "-c", str(cfg)])
+    assert renewed.returncode == 0, renewed.stderr[-2000:]
+    check_valid(pebble, store, names)
+    new_record = json.loads((store / "account.json").read_text())
+    new_key = parse_account_key(key_file.read_bytes(), "new")
+    assert new_record["thumbprint"] == jose.b64encode(new_key.thumbprint()).decode()
+    assert new_record["url"] != record["url"]
+    # A foreign key in its place is refused as well.
+    key_file.write_bytes(crypto.generate_private_key_pem())
+    r = run([*CLI, "renew", "--force", "-c", str(cfg)])
+    assert r.returncode == 1 and "is not the key of the account recorded in" in r.stderr
+
+
 def teardown_module() -> None:
     save_figures("test_pebble_faults", FIGURES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import stat
 from pathlib import Path
 from typing import Any
@@ -228,7 +229,15 @@ def test_check_owned_by_us(tmp_path: Path) -> None:
     os.chown(other, 65534, 65534)
     link = tmp_path / "link"
     link.symlink_to(other)
-    with pytest.raises(StoreError, match=r"storage .*other belongs to .*uid 65534.*--user"):
+    owner = pwd.getpwuid(65534).pw_name
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    with pytest.raises(StoreError) as err:
         fsutil.check_owned_by_us(str(other), "storage")
-    with pytest.raises(StoreError, match="through the symbolic link"):
+    assert f"storage {other} belongs to {owner} (uid 65534), not to {me} (uid 0)" in str(err.value)
+    # The commands in the hint can be pasted as they are.
+    assert f"`synapse-acme run --user {owner}`" in str(err.value)
+    assert f"`chown -R {me} {other}`" in str(err.value)
+    with pytest.raises(StoreError) as err:
         fsutil.check_owned_by_us(str(link), "storage")
+    assert f"it is a symbolic link to {other}" in str(err.value)
+    assert f"`chown -R {me} {other}`" in str(err.value)  # the target, not the link

@@ -199,11 +199,40 @@ def test_already_replaced_retries_without_replaces() -> None:
 
 
 def test_account_forgotten_by_the_ca_is_registered_again() -> None:
-    w = World()
+    recorded: list[str] = []
+    w = World(issuer_kw={"on_account": recorded.append})
     w.issue(["a.example.test"])
     w.server.accounts.clear()
     w.issue(["a.example.test"])
     assert len(w.kinds("newAccount")) == 2
+    # Each account URL the CA gave was passed on, for the store's account record.
+    assert len(recorded) == 2 and recorded[-1] in w.server.accounts
+
+
+def test_account_url_is_reported_once_and_a_failing_recorder_does_not_fail_issuance(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[str] = []
+
+    def broken(url: str) -> None:
+        calls.append(url)
+        raise OSError("disk full")
+
+    w = World(issuer_kw={"on_account": broken})
+    w.issue(["a.example.test"])
+    w.issue(["b.example.test"])
+    assert calls == list(w.server.accounts)  # once: the second issuance knew the account
+    assert "could not record the ACME account" in caplog.text
+
+
+def test_explanatory_text_around_the_chain_is_dropped() -> None:
+    """The bundle handed on holds bare PEM blocks only: what the store accepts."""
+    w = World()
+    w.server.faults.annotated_chain_next()
+    bundle = w.issue(["a.example.test"])
+    assert b"subject=" not in bundle.chain_pem
+    assert len(crypto.parse_chain(bundle.chain_pem, strict=True)) == 2
+    assert w.server.faults.pending() == 0
 
 
 def test_rate_limit_surfaces_with_retry_after() -> None:

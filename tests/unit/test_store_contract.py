@@ -4,6 +4,7 @@ FileStore-only guarantees: file modes, crash leftovers, disk-full."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
@@ -20,13 +21,27 @@ from synapse_acme.model import CertificateBundle
 from synapse_acme.names import names_key
 from synapse_acme.store import FileStore
 from synapse_acme.testing.store import MemoryStore
+from tests.certs import TestCA
 from tests.deferreds import failure_of, result_of
 
 
+@functools.cache
+def _issued(n: int) -> CertificateBundle:
+    """A real key and chain per generation (stores only take intact bundles), the same
+    bytes every time it is asked for, so bundles compare equal across calls."""
+    return _ca().issue(["a.example"])
+
+
+@functools.cache
+def _ca() -> TestCA:
+    return TestCA(name="Store contract")
+
+
 def bundle(n: int = 1, **meta: Any) -> CertificateBundle:
+    issued = _issued(n)
     return CertificateBundle(
-        key_pem=f"-----BEGIN PRIVATE KEY-----\nkey{n}\n-----END PRIVATE KEY-----\n".encode(),
-        chain_pem=f"-----BEGIN CERTIFICATE-----\ncert{n}\n-----END CERTIFICATE-----\n".encode(),
+        key_pem=issued.key_pem,
+        chain_pem=issued.chain_pem,
         metadata={"names": ["a.example"], "generation": n, **meta},
     )
 
@@ -234,7 +249,14 @@ def test_key_never_appears_in_errors(tmp_path: Any) -> None:
     result_of(s.save("a.example", b))
     (tmp_path / "certificates" / "a.example" / "metadata.json").write_text("nope")
     err = failure_of(s.load("a.example"), StoreError)
-    assert b"key1" not in str(err).encode()
+    body = b"".join(b.key_pem.splitlines()[1:-1])
+    assert body[:24] not in str(err).encode()
+    # nor when the key itself is what is damaged
+    (tmp_path / "certificates" / "a.example" / "metadata.json").write_text("{}")
+    key_file = tmp_path / "certificates" / "a.example" / "privkey.pem"
+    key_file.write_bytes(b.key_pem[:-60])
+    err = failure_of(s.load("a.example"), StoreError)
+    assert str(key_file) in str(err) and body[:24] not in str(err).encode()
 
 
 def _make_entry(path: Any, n: int, complete: bool = True) -> None:
