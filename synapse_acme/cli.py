@@ -22,6 +22,7 @@ from synapse_acme.config import AcmeConfig, generate_config, read_config_file
 from synapse_acme.errors import BundleError, ConfigError, StoreBusy, StoreError, SynapseAcmeError
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import names_key
+from synapse_acme.pairs import read_pair
 
 logger = logging.getLogger("synapse_acme.cli")
 
@@ -254,7 +255,7 @@ def status_report(config: AcmeConfig, now: datetime.datetime) -> list[dict[str, 
         logger.warning("Ignoring the status file of the last run: %s", e)
     threshold = datetime.timedelta(days=config.reprovision_threshold)
     out = []
-    for spec in config.certificate_specs():
+    for index, spec in enumerate(config.certificate_specs()):
         key = names_key(spec.names)
         entry: dict[str, Any] = {"key": key, "names": list(spec.names), "state": "missing"}
         try:
@@ -277,9 +278,49 @@ def status_report(config: AcmeConfig, now: datetime.datetime) -> list[dict[str, 
         ):
             if prev.get(field) is not None:
                 entry["last_run_" + field if field == "renew_at" else field] = prev[field]
+        if index == 0 and not config.external_certificates:
+            entry.update(_export_report(config, entry, prev))
         out.append(entry)
     return out
 
+
+def _export_report(
+    config: AcmeConfig, entry: dict[str, Any], prev: dict[str, Any]
+) -> dict[str, Any]:
+    """What the homeserver's TLS files hold (the first certificate is exported there) and what
+    the running process serves, beside the stored ``serial``: three serials to compare."""
+    out: dict[str, Any] = {}
+    if prev.get("served_serial") is not None:
+        out["served_serial"] = prev["served_serial"]
+    cert_path, key_path = config.tls_certificate_path, config.tls_private_key_path
+    if not cert_path or not key_path:
+        return out
+    export: dict[str, Any] = {"cert_path": cert_path, "key_path": key_path}
+    last = prev.get("export")
+    if isinstance(last, dict):
+        export.update(
+            {k: last[k] for k in ("state", "error", "failures") if last.get(k) is not None}
+        )
+    try:
+        chain, _ = read_pair(cert_path, key_path)
+        out["exported_serial"] = f"{crypto.parse_chain(chain)[0].serial_number:x}"
+    except FileNotFoundError:
+        export.setdefault("state", "missing")
+        export.setdefault("error", "the TLS files do not exist yet")
+    except (OSError, SynapseAcmeError) as e:
+        export.update(state="unreadable", error=str(e))
+    stored = entry.get("serial")
+    if export.get("state") in (None, "ok") and out.get("exported_serial") != stored and stored:
+        # Nothing reported a failure, yet the files hold another certificate than the store:
+        # the next start of `run`/`issue`/the homeserver module repairs that.
+        export.update(state="stale", error="the TLS files hold another certificate than the store")
+    export.setdefault("state", "ok" if stored else "none")
+    out["export"] = export
+    return out
+
+
+#: Export states that mean the homeserver would not get the stored certificate on its next start.
+_BAD_EXPORT_STATES = ("failed", "foreign", "unreadable", "stale")
 
 # status.json holds a few hundred bytes per certificate.
 _MAX_STATUS_FILE = 16 * 1024 * 1024
@@ -362,6 +403,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 ("serial", "serial"),
                 ("issuer", "issuer"),
                 ("stored in", "path"),
+                ("exported", "exported_serial"),
+                ("served", "served_serial"),
                 ("last success", "last_success"),
                 ("last attempt", "last_attempt"),
                 ("last error", "last_error"),
@@ -369,7 +412,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             ):
                 if e.get(field) is not None:
                     print(f"  {label + ':':<13} {e[field]}")
-    bad = any(e["state"] in ("missing", "expired", "unreadable") for e in report)
+            export = e.get("export")
+            if export is not None:
+                detail = f": {export['error']}" if export.get("error") else ""
+                where = f"{export['cert_path']}, {export['key_path']}"
+                print(f"  {'export:':<13} {export['state']} ({where}){detail}")
+    bad = any(
+        e["state"] in ("missing", "expired", "unreadable")
+        or e.get("export", {}).get("state") in _BAD_EXPORT_STATES
+        for e in report
+    )
     return EXIT_FAILED if bad else EXIT_OK
 
 

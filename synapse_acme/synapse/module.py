@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python import runtime
 from zope.interface import implementer
 
-from synapse_acme import crypto
+from synapse_acme import crypto, fsutil
 from synapse_acme.config import MODULE_NAME, AcmeConfig, parse_acme_config
 from synapse_acme.errors import BundleError, ConfigError, StoreBusy, StoreError, SynapseAcmeError
 from synapse_acme.interfaces import ICertificateConsumer
@@ -148,6 +148,7 @@ def _repair_from_store(config: AcmeConfig, exporter: Any) -> None:
     if not os.path.isdir(config.storage):
         return
     try:
+        fsutil.check_owned_by_us(config.storage, "the storage directory")
         lock = StoreLock.acquire(config.storage)
     except StoreError as e:  # StoreBusy included: the manager running now repaired already
         logger.info("synapse-acme: not repairing the TLS files from the store now: %s", e)
