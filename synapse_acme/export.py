@@ -531,17 +531,11 @@ class FileExporter(Service):
 
     def _flip(self, version: str) -> None:
         """``current`` -> ``version`` in one rename (the moment the exported pair changes)."""
-        current = os.path.join(self.live_dir, CURRENT)
-        tmp = fsutil.temp_name_for(current)
-        os.symlink(version, tmp)
-        try:
-            os.rename(tmp, current)
-        except BaseException:
-            fsutil.remove_quietly(tmp)
-            raise
+        self._make_link(os.path.join(self.live_dir, CURRENT), version)
         fsutil.fsync_dir(self.live_dir)
 
     def _make_link(self, path: str, target: str) -> None:
+        """``path`` becomes a symlink to ``target`` in one rename (replacing what was there)."""
         tmp = fsutil.temp_name_for(path)
         os.symlink(target, tmp)
         try:

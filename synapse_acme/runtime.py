@@ -155,7 +155,15 @@ def _build_managing(
         logger.warning("Store recovery: %s", line)
     # Never a silent new account for a store that had one (see synapse_acme.account).
     account_key = load_or_create_account_key(config.account_key_file, storage=config.storage)
-    on_account = AccountRecorder(config.storage, config.url, key_thumbprint(account_key))
+    recorder = AccountRecorder(config.storage, config.url, key_thumbprint(account_key))
+    on_account: Callable[[str], object] = recorder
+    if runner is not None:  # reads (and rarely writes) account.json: not on the host's reactor
+
+        def on_account(url: str) -> object:
+            return runner(recorder, url).addErrback(
+                lambda f: logger.error("Could not record the ACME account: %s", f.value)
+            )
+
     http = http_client if http_client is not None else make_http_client(reactor, config.ca_bundle)
     transport = JWSTransport(
         http,

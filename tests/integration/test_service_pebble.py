@@ -26,6 +26,7 @@ import yaml
 from cryptography import x509
 
 from synapse_acme import crypto
+from synapse_acme.account import load_or_create_account_key
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import names_key
 from synapse_acme.store import FileStore
@@ -423,6 +424,9 @@ def test_renew_force_against_a_silent_ca_fails_once_and_exits(
         not_after=now + datetime.timedelta(days=80),
     )
     FileStore(str(tmp_path / "store")).save(names_key(names), old)
+    # The account that certificate was issued to (without it the store's evidence of an
+    # account makes the command refuse to create a new key, before any request).
+    load_or_create_account_key(str(tmp_path / "store" / "account.key"))
     code, lines, took = _run_timed("renew", "--force", "-c", str(cfg))
     failed = _check_one_failure_and_prompt_exit(code, lines, took, names[0])
     assert "the previous certificate is kept" in failed
