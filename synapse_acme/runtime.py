@@ -26,6 +26,7 @@ from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder
 from synapse_acme.http01_server import make_factory
 from synapse_acme.interprocess import StoreLock, StoreLockService
 from synapse_acme.issuer import AcmeIssuer
+from synapse_acme.limits import ConnectionLimits, LimitedFactory, fit_to_fd_limit, raise_fd_limit
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import canonical_names, names_key
 from synapse_acme.service import AcmeService
@@ -229,7 +230,11 @@ def _build_managing(
     listener = None
     endpoints = config.http01_endpoints() if standalone_listener else []
     if endpoints:
-        listener = HTTP01ListenerService(reactor, make_factory(responder, reactor), endpoints)
+        http_limits, _ = _listener_limits(config, bool(endpoints))
+        factory = LimitedFactory(
+            make_factory(responder, reactor), http_limits, reactor, "HTTP-01 listener"
+        )
+        listener = HTTP01ListenerService(reactor, factory, endpoints)
         listener.setServiceParent(root)
     _add_tls_listeners(config, reactor, tls, root)
     acme.setServiceParent(root)
@@ -256,8 +261,31 @@ def _stored(store: FileStore, key: str) -> CertificateBundle | None:
 def _add_tls_listeners(
     config: AcmeConfig, reactor: Any, tls: HotSwapTLS, root: MultiService
 ) -> None:
+    if not config.tls_listen:
+        return
+    _, tls_limits = _listener_limits(config, bool(config.http01_endpoints()))
     for endpoint in config.tls_listen:
-        TLSListenerService(reactor, endpoint, tls).setServiceParent(root)
+        TLSListenerService(reactor, endpoint, tls, limits=tls_limits).setServiceParent(root)
+
+
+def _listener_limits(config: AcmeConfig, http01: bool) -> tuple[ConnectionLimits, ConnectionLimits]:
+    """The caps of the HTTP-01 and TLS listeners, after lifting the process's descriptor
+    limit; shrunk if all the listeners together could still exhaust it (see limits.py)."""
+    soft, hard = raise_fd_limit()
+    base = ConnectionLimits()
+    listeners = (len(config.http01_endpoints()) if http01 else 0) + len(config.tls_listen)
+    fitted = fit_to_fd_limit([base] * max(1, listeners), soft)[0]
+    if fitted != base:
+        logger.warning(
+            "The open-files limit is %d (hard %d): each listener takes at most %d connections "
+            "(raise LimitNOFILE to lift this)",
+            soft,
+            hard,
+            fitted.max_connections,
+        )
+    else:
+        logger.debug("open-files limit %d (hard %d)", soft, hard)
+    return fitted, fitted
 
 
 def _build_external(config: AcmeConfig, reactor: Any) -> Runtime:

@@ -47,6 +47,7 @@ from zope.interface import implementer
 from synapse_acme import crypto
 from synapse_acme.errors import BundleError
 from synapse_acme.interfaces import ICertificateConsumer
+from synapse_acme.limits import ConnectionLimits, HandshakeDeadlineFactory, LimitedFactory
 from synapse_acme.model import CertificateBundle
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,9 @@ def _alpn_selector(
         tls_protocol = conn.get_app_data()  # set by TLSMemoryBIOFactory
         wrapped = getattr(getattr(tls_protocol, "factory", None), "wrappedFactory", None)
         negotiation = IProtocolNegotiationFactory(wrapped, None)
+        while negotiation is None and hasattr(wrapped, "wrappedFactory"):
+            wrapped = wrapped.wrappedFactory  # through wrappers (the handshake deadline)
+            negotiation = IProtocolNegotiationFactory(wrapped, None)
         if negotiation is not None:
             speakable = set(negotiation.acceptableProtocols())
             allowed = tuple(p for p in protocols if p in speakable)
@@ -433,13 +437,26 @@ class TLSServerEndpoint:
 
     endpoint: IStreamServerEndpoint
     creator: IOpenSSLServerConnectionCreator
+    limits: ConnectionLimits | None = None  # None: no caps (the caller bounds connections)
+    clock: IReactorTime | None = None  # for the caps' handshake deadline and log pacing
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self.endpoint.listen(TLSMemoryBIOFactory(self.creator, False, protocolFactory))
+        if self.limits is None or self.clock is None:
+            return self.endpoint.listen(TLSMemoryBIOFactory(self.creator, False, protocolFactory))
+        # Outside TLS: the connection caps (a flood is dropped before any handshake work);
+        # inside: the handshake deadline (TLS tells the protocol it wraps when it is done).
+        inner = HandshakeDeadlineFactory(protocolFactory, self.limits.handshake_timeout, self.clock)
+        outer = LimitedFactory(
+            TLSMemoryBIOFactory(self.creator, False, inner), self.limits, self.clock, "TLS listener"
+        )
+        return self.endpoint.listen(outer)
 
 
 def tls_server_endpoint(
-    reactor: IReactorCore, description: str, creator: IOpenSSLServerConnectionCreator
+    reactor: IReactorCore,
+    description: str,
+    creator: IOpenSSLServerConnectionCreator,
+    limits: ConnectionLimits | None = None,
 ) -> IStreamServerEndpoint:
     """A TLS listener endpoint from a plain endpoint string, e.g. ``"tcp:8448:interface=::"``.
 
@@ -449,7 +466,8 @@ def tls_server_endpoint(
         raise ValueError(
             f"{description!r}: give a plain endpoint (tcp:...), TLS is added by the creator"
         )
-    return TLSServerEndpoint(serverFromString(reactor, description), creator)
+    clock = reactor if IReactorTime.providedBy(reactor) else None
+    return TLSServerEndpoint(serverFromString(reactor, description), creator, limits, clock)
 
 
 def _default_site() -> Site:
@@ -478,9 +496,10 @@ class TLSListenerService(StreamServerEndpointService):
         description: str,
         creator: IOpenSSLServerConnectionCreator,
         factory: IProtocolFactory | None = None,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         super().__init__(
-            tls_server_endpoint(reactor, description, creator),
+            tls_server_endpoint(reactor, description, creator, limits),
             factory if factory is not None else _default_site(),
         )
         self.description = description
