@@ -140,11 +140,15 @@ def _base_context(alpn: Sequence[bytes]) -> SSL.Context:
         SSL.OP_NO_COMPRESSION  # CRIME
         | SSL.OP_NO_RENEGOTIATION  # client-initiated renegotiation is a DoS lever
         | SSL.OP_SINGLE_ECDH_USE
+        # No session resumption at all (docs/how-it-works.md, "TLS sessions"): no tickets,
+        # whose keys would outlive certificates and let a session made for one name resume
+        # under another, and no server-side session cache.
+        | SSL.OP_NO_TICKET
     )
     ctx.set_cipher_list(INTERMEDIATE_CIPHERS.encode("ascii"))
     _set_groups(ctx)
     ctx.set_session_id(_SESSION_ID_CONTEXT)
-    ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     if alpn:
         ctx.set_alpn_select_callback(_alpn_selector(tuple(alpn)))  # type: ignore[arg-type]
     return ctx

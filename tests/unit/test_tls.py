@@ -484,3 +484,48 @@ def test_set_bundles_one_swap_bad_ones_left_out(tls: HotSwapTLS, ca: TestCA) -> 
         assert handshake(tls, ca, f"n{i}.test".encode()).serial == leaf_serial(good[f"k{i}"])
     with pytest.raises(SSL.Error):  # created before the swap: still nothing to serve
         handshake(tls, ca, b"n0.test", server=before)
+
+
+# -- no session resumption (docs/how-it-works.md, "TLS sessions") ------------------------------
+
+
+def _exchange(server: SSL.Connection, client: SSL.Connection) -> None:
+    """Application data both ways, so TLS 1.3's post-handshake tickets (if any) arrive."""
+    client.send(b"ping")
+    server.bio_write(client.bio_read(65536))
+    assert server.recv(4) == b"ping"
+    server.send(b"pong")
+    client.bio_write(server.bio_read(65536))
+    assert client.recv(4) == b"pong"
+
+
+@pytest.mark.parametrize("version", [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION])
+def test_no_session_resumes_under_the_same_or_another_name(
+    tls: HotSwapTLS, ca: TestCA, version: int
+) -> None:
+    tls.set_bundle("main", ca.issue(["a.example"]))
+    tls.set_bundle("other", ca.issue(["b.example"]))
+    ctx = client_context(ca, max_version=version)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_CLIENT)
+    server = tls.serverConnectionForTLS(None)
+    first = handshake_with(tls, ctx, b"a.example", server=server)
+    _exchange(server, first)
+    session = first.get_session()
+    assert session is not None
+    for sni in (b"a.example", b"b.example"):
+        server = tls.serverConnectionForTLS(None)
+        server.set_accept_state()
+        client = SSL.Connection(ctx, None)
+        client.set_connect_state()
+        client.set_tlsext_host_name(sni)
+        client.set_session(session)
+        from tests.certs import pump
+
+        pump(server, client)
+        assert not _reused(client) and not _reused(server), sni
+
+
+def _reused(conn: SSL.Connection) -> bool:
+    from OpenSSL._util import lib  # pyOpenSSL has no public call for this
+
+    return bool(lib.SSL_session_reused(conn._ssl))  # type: ignore[attr-defined]
