@@ -239,13 +239,15 @@ def _tighten_mode(path: str) -> None:
     for warning in fsutil.check_mode(path, fsutil.PRIVATE_FILE_MODE):
         logger.warning("account key: %s", warning)
         # A looser key (restored from a backup, copied by hand) is tightened, loudly.
-        try:
-            os.chmod(path, fsutil.PRIVATE_FILE_MODE)
-            logger.warning("account key: tightened %s to 0600", path)
+        try:  # through a descriptor: the operator's link is followed, a FIFO is refused
+            if fsutil.tighten(path, fsutil.PRIVATE_FILE_MODE, follow=True) is not None:
+                logger.warning("account key: tightened %s to 0600", path)
         except OSError as e:
             logger.warning(
                 "account key: cannot set mode 0600 on %s: %s", path, fsutil.describe_os_error(e)
             )
+        except StoreError as e:
+            logger.warning("account key: cannot set mode 0600: %s", e)
 
 
 def load_or_create_account_key(

@@ -612,22 +612,16 @@ class FileExporter(Service):
             ]
         for path in candidates:
             try:
-                fd = fsutil.open_regular(path)
+                old = fsutil.tighten(path, KEY_MODE)
             except (FileNotFoundError, StoreError):
                 continue
-            try:
-                mode = stat.S_IMODE(os.fstat(fd).st_mode)
-                if mode & ~KEY_MODE:
-                    os.fchmod(fd, KEY_MODE)
-                    logger.warning(
-                        "%s had mode %04o; tightened it to 0600 (it holds a private key)",
-                        path,
-                        mode,
-                    )
             except OSError as e:
                 logger.warning("cannot set mode 0600 on %s: %s", path, fsutil.describe_os_error(e))
-            finally:
-                os.close(fd)
+                continue
+            if old is not None:
+                logger.warning(
+                    "%s had mode %04o; tightened it to 0600 (it holds a private key)", path, old
+                )
 
     # -- the ownership record ------------------------------------------------------------
 

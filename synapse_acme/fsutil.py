@@ -291,6 +291,29 @@ def check_mode(path: str, max_mode: int) -> list[str]:
     ]
 
 
+def tighten(path: str, mode: int, *, directory: bool = False, follow: bool = False) -> int | None:
+    """Set ``path``'s permission bits to at most ``mode`` through an open descriptor; returns
+    the old mode if it changed them, else ``None``.
+
+    ``fchmod`` on a descriptor opened with ``O_NOFOLLOW`` (unless ``follow``) and checked with
+    ``fstat``: a path swapped for a symlink after a check cannot redirect the chmod to another
+    file (``chmod`` on the path would follow it). OSError/StoreError on failure.
+    """
+    if directory:
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        fd = os.open(path, flags | (0 if follow else getattr(os, "O_NOFOLLOW", 0)))
+    else:
+        fd = open_regular(path, follow=follow)
+    try:
+        old = stat.S_IMODE(os.fstat(fd).st_mode)
+        if not old & ~mode:
+            return None
+        os.fchmod(fd, old & mode)
+        return old
+    finally:
+        os.close(fd)
+
+
 def ensure_private_file(path: str, *, fix: bool = True) -> list[str]:
     """Warnings about a key file looser than 0600, tightening it to 0600 when ``fix`` is set.
 
@@ -302,22 +325,29 @@ def ensure_private_file(path: str, *, fix: bool = True) -> list[str]:
             logger.warning("%s", w)
         return loose
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-        os.chmod(path, PRIVATE_FILE_MODE)
-        warnings = [f"{path} had mode {mode:04o}; tightened it to 0600 (it holds a private key)"]
+        mode = tighten(path, PRIVATE_FILE_MODE)
+        warnings = (
+            [f"{path} had mode {mode:04o}; tightened it to 0600 (it holds a private key)"]
+            if mode is not None
+            else []
+        )
     except OSError as e:
         warnings = [*loose, f"cannot set mode 0600 on {path}: {describe_os_error(e)}"]
+    except StoreError as e:
+        warnings = [*loose, f"cannot set mode 0600: {e}"]
     for w in warnings:
         logger.warning("%s", w)
     return warnings
 
 
-def ensure_private_dir(path: str, *, fix: bool = True) -> list[str]:
+def ensure_private_dir(path: str, *, fix: bool = True, follow: bool = True) -> list[str]:
     """Make sure directory ``path`` exists and is private (0700); returns what it warned about.
 
     A new directory is created 0700 (missing parents with the default mode). An existing one
     that is looser is tightened when ``fix`` is set (it holds our keys; nobody else should
-    read it), otherwise only reported. StoreError if it cannot be created.
+    read it), otherwise only reported. ``follow``: False for directories inside the store,
+    where a symlink is never ours (the storage root itself may be a link the operator made).
+    StoreError if it cannot be created.
     """
     warnings: list[str] = []
     try:
@@ -340,9 +370,9 @@ def ensure_private_dir(path: str, *, fix: bool = True) -> list[str]:
     loose = check_mode(path, PRIVATE_DIR_MODE)
     if loose and fix:
         try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-            os.chmod(path, PRIVATE_DIR_MODE)
-            warnings.append(f"{path} had mode {mode:04o}; tightened it to 0700")
+            mode = tighten(path, PRIVATE_DIR_MODE, directory=True, follow=follow)
+            if mode is not None:
+                warnings.append(f"{path} had mode {mode:04o}; tightened it to 0700")
         except OSError as e:
             warnings.extend(loose)
             warnings.append(f"cannot set mode 0700 on {path}: {describe_os_error(e)}")

@@ -362,7 +362,7 @@ class FileStore:
         warnings: list[str] = []
         for directory in (self.root, self.certificates_dir):
             if os.path.isdir(directory) and not os.path.islink(directory):
-                warnings.extend(fsutil.ensure_private_dir(directory))
+                warnings.extend(fsutil.ensure_private_dir(directory, follow=False))
         try:
             entries = os.listdir(self.certificates_dir)
         except OSError:
@@ -371,7 +371,7 @@ class FileStore:
             path = os.path.join(self.certificates_dir, name)
             if not os.path.isdir(path) or os.path.islink(path):
                 continue
-            warnings.extend(fsutil.ensure_private_dir(path))
+            warnings.extend(fsutil.ensure_private_dir(path, follow=False))
             key_path = os.path.join(path, KEY_FILE)
             if os.path.isfile(key_path) and not os.path.islink(key_path):
                 warnings.extend(fsutil.ensure_private_file(key_path))

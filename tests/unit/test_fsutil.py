@@ -241,3 +241,29 @@ def test_check_owned_by_us(tmp_path: Path) -> None:
         fsutil.check_owned_by_us(str(link), "storage")
     assert f"it is a symbolic link to {other}" in str(err.value)
     assert f"`chown -R {me} {other}`" in str(err.value)  # the target, not the link
+
+
+def test_tighten_goes_through_a_descriptor_and_never_follows_a_swapped_link(
+    tmp_path: Path,
+) -> None:
+    key = tmp_path / "privkey.pem"
+    key.write_bytes(b"k")
+    os.chmod(key, 0o666)
+    assert fsutil.tighten(str(key), 0o600) == 0o666
+    assert _mode(key) == 0o600
+    assert fsutil.tighten(str(key), 0o600) is None  # already tight: nothing done
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"v")
+    os.chmod(victim, 0o644)
+    link = tmp_path / "swapped"
+    link.symlink_to(victim)
+    with pytest.raises(StoreError, match="symbolic link"):
+        fsutil.tighten(str(link), 0o600)
+    assert _mode(victim) == 0o644  # the link's target was not touched
+    d = tmp_path / "d"
+    d.mkdir(mode=0o755)
+    dlink = tmp_path / "dlink"
+    dlink.symlink_to(d)
+    with pytest.raises(OSError):
+        fsutil.tighten(str(dlink), 0o700, directory=True)
+    assert fsutil.tighten(str(dlink), 0o700, directory=True, follow=True) == 0o755
