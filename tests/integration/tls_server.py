@@ -25,6 +25,7 @@ from twisted.internet import reactor, stdio
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 
+from synapse_acme.limits import ConnectionLimits
 from synapse_acme.tls import HotSwapTLS, TLSListenerService
 from synapse_acme.watch import FileWatcher, install_sighup
 
@@ -98,7 +99,13 @@ def main() -> None:
         def on_start() -> None:  # type: ignore[misc]
             loop.start(args.rotate_interval, now=False)
 
-    service = TLSListenerService(reactor, "tcp:0:interface=127.0.0.1", tls)  # type: ignore[arg-type]
+    # With the caps and handshake deadline of `synapse-acme run`'s listeners.
+    service = TLSListenerService(
+        reactor,  # type: ignore[arg-type]
+        "tcp:0:interface=127.0.0.1",
+        tls,
+        limits=ConnectionLimits(),
+    )
     service.privilegedStartService()
     service.startService()
     port = service._waitingForPort.result.getHost().port  # type: ignore[union-attr]
