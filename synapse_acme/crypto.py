@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.interfaces import IReactorTime
 
 from synapse_acme.errors import BundleError
@@ -209,6 +209,26 @@ def check_key_matches(key_pem: bytes, leaf: x509.Certificate) -> None:
         raise BundleError("private key does not match the certificate")
 
 
+def check_leaf_usage(leaf: x509.Certificate) -> None:
+    """BundleError unless ``leaf`` may serve TLS: not a CA certificate (``CA:TRUE``), and an
+    extended key usage that includes serverAuth (every public CA sets it; a certificate
+    without it is refused by browsers and by Synapse's federation peers)."""
+    try:
+        bc = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is not None and bc.ca:
+        raise BundleError("the certificate is a CA certificate (CA:TRUE), not a server's")
+    try:
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise BundleError(
+            "the certificate has no extended key usage; a TLS server's needs serverAuth"
+        ) from None
+    if ExtendedKeyUsageOID.SERVER_AUTH not in eku:
+        raise BundleError("the certificate's extended key usage does not include serverAuth")
+
+
 def validate_bundle(
     bundle: CertificateBundle,
     names: Sequence[str] | None,
@@ -218,7 +238,8 @@ def validate_bundle(
 ) -> list[x509.Certificate]:
     """Check a bundle is fit to serve; return its parsed chain or raise BundleError saying why.
 
-    Checks: the key parses and matches the leaf (:func:`check_key_matches`); each certificate
+    Checks: the key parses and matches the leaf (:func:`check_key_matches`); the leaf is an
+    end-entity certificate for TLS servers (:func:`check_leaf_usage`); each certificate
     is signed by the next one (complete, in order; :func:`check_chain_order`); the leaf covers
     every name in ``names``; notBefore is not beyond ``now + skew``; and, unless
     ``allow_expired``, notAfter is after ``now``.
@@ -226,6 +247,7 @@ def validate_bundle(
     chain = parse_chain(bundle.chain_pem)
     leaf = chain[0]
     check_key_matches(bundle.key_pem, leaf)
+    check_leaf_usage(leaf)
     check_chain_order(chain)
     if names:
         have = certificate_names(leaf)
@@ -285,6 +307,7 @@ def make_placeholder_bundle(
         .not_valid_after(now + lifetime)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
         .sign(key, _hash_for(key))  # type: ignore[arg-type]
     )
     return CertificateBundle(

@@ -257,6 +257,8 @@ class FaultPlan:
     wrong_names_certificates: int = 0
     empty_chains: int = 0
     misordered_chains: int = 0
+    ca_leaves: int = 0
+    client_auth_leaves: int = 0
     annotated_chains: int = 0
     drop_nonce_headers: int = 0
     fired: list[str] = attrs.field(factory=list)
@@ -328,6 +330,14 @@ class FaultPlan:
     def empty_chain_next(self) -> None:
         """The next issued certificate is served as an empty body."""
         self.empty_chains += 1
+
+    def ca_leaf_next(self) -> None:
+        """The next issued leaf is marked ``CA:TRUE`` (right key and names)."""
+        self.ca_leaves += 1
+
+    def client_auth_leaf_next(self) -> None:
+        """The next issued leaf's extended key usage is clientAuth only, without serverAuth."""
+        self.client_auth_leaves += 1
 
     def misordered_chain_next(self) -> None:
         """The next issued chain is served intermediate first, leaf last."""
@@ -1391,7 +1401,10 @@ class FakeAcmeServer:
             .add_extension(
                 x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
             )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.BasicConstraints(ca=self.faults._take_counter("ca_leaves"), path_length=None),
+                critical=True,
+            )
             .add_extension(
                 x509.KeyUsage(
                     digital_signature=True,
@@ -1406,7 +1419,14 @@ class FakeAcmeServer:
                 ),
                 critical=True,
             )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.CLIENT_AUTH]
+                    if self.faults._take_counter("client_auth_leaves")
+                    else [ExtendedKeyUsageOID.SERVER_AUTH]
+                ),
+                critical=False,
+            )
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
                 critical=False,

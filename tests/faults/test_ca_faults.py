@@ -344,6 +344,9 @@ FAULTS: list[tuple[str, Any, type[Exception], str, float | None]] = [
      "unusable", None),
     ("misordered chain", lambda f: f.misordered_chain_next(), AcmeProtocolError, "unusable",
      None),
+    ("leaf marked CA:TRUE", lambda f: f.ca_leaf_next(), AcmeProtocolError, "CA:TRUE", None),
+    ("leaf without serverAuth", lambda f: f.client_auth_leaf_next(), AcmeProtocolError,
+     "does not include serverAuth", None),
     ("badNonce storm beyond the retry limit", lambda f: f.reject_nonce_next(100), AcmeError,
      "badNonce", None),
 ]  # fmt: skip
