@@ -30,6 +30,7 @@ from synapse_acme.errors import ConfigError
 from synapse_acme.model import CertificateSpec
 from synapse_acme.names import canonical_name
 from synapse_acme.policy import DEFAULT_REQUEST_TIMEOUT, MAX_REQUESTS_PER_MINUTE
+from synapse_acme.yamlload import MAX_BYTES, YamlBoundsError, safe_load_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -685,7 +686,7 @@ def read_config_file(path: str) -> AcmeConfig:
     """
     try:
         with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
+            doc = safe_load_bounded(f.read(MAX_BYTES + 1))
     except FileNotFoundError:
         raise ConfigError(path, "config file not found", has_value=False) from None
     except OSError as e:
@@ -696,6 +697,8 @@ def read_config_file(path: str) -> AcmeConfig:
         raise ConfigError(path, "config file is not UTF-8 text", has_value=False) from None
     except yaml.YAMLError as e:
         raise ConfigError(path, f"not valid YAML: {e}", has_value=False) from None
+    except YamlBoundsError as e:
+        raise ConfigError(path, f"refusing this YAML: {e}", has_value=False) from None
     if not isinstance(doc, Mapping):
         raise ConfigError(
             path, f"expected a YAML mapping at the top, got {_type_name(doc)}", has_value=False
