@@ -262,6 +262,7 @@ class FakeRuntime:
     acme: FakeAcme = attrs.Factory(FakeAcme)
     responder: FakeResponder = attrs.Factory(FakeResponder)
     service: FakeService = attrs.Factory(FakeService)
+    http01_listener: Any = None
 
 
 def make_module(
@@ -316,7 +317,7 @@ def test_module_wires_challenge_tls_and_start(
     mod, api, reactor, built = make_module(tmp_path, monkeypatch)
     ((rt, kw),) = built
     runner = kw.pop("runner")
-    assert kw == {"standalone_listener": False}
+    assert kw == {"standalone_listener": False, "host_serves_tls": True}
     # Store saves, exports and status writes run in the runner's one thread, not on the reactor.
     assert isinstance(runner, BlockingRunner)
     assert ("after", "shutdown", runner.stop) in [
