@@ -267,8 +267,10 @@ def _one_shot(args: argparse.Namespace, force: bool) -> int:
                     m = acme.managed(k)
                     where = os.path.join(config.storage, "certificates", k)
                     _out(
-                        f"OK      {names}: certificate in {where}"
-                        f", valid until {_fmt(m.not_after)}, renewal planned at {_fmt(m.renew_at)}"
+                        f"OK      {names}: certificate in {where}, valid until "
+                        f"{_fmt(m.not_after)}; due for renewal at {_fmt(m.renew_at)} (then run "
+                        "`synapse-acme renew`, or let `synapse-acme run` / the homeserver "
+                        "module renew it)"
                     )
             exporter = runtime.exporter
             if exporter is not None and exporter.state.failed:

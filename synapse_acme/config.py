@@ -232,10 +232,17 @@ def _name(value: Any, path: str) -> str:
 
 
 def _names(value: Any, path: str) -> list[str]:
-    return [
-        _name(v, f"{path}[{i}]")
-        for i, v in enumerate(_list(value, path, "DNS names", allow_single=True))
-    ]
+    """A list of DNS names; one name may be written as a plain string (a one-element list,
+    never split into characters), and is then named by ``path`` itself in errors."""
+    if isinstance(value, str):
+        try:
+            return [_name(value, path)]
+        except ConfigError as e:
+            if not any(c in value.strip() for c in ", ;"):
+                raise
+            hint = "several names are a YAML list, like [a.example.com, b.example.com]"
+            raise ConfigError(path, f"{e.message}; {hint}", value) from None
+    return [_name(v, f"{path}[{i}]") for i, v in enumerate(_list(value, path, "DNS names"))]
 
 
 def _dedupe(names: Iterable[str]) -> tuple[str, ...]:
@@ -617,8 +624,7 @@ def parse_acme_config(
             ) from None
     extra: list[str] = []
     if "domains" in present:
-        items = _list(present["domains"], at("domains"), "DNS names", allow_single=True)
-        extra = [_name(v, f"{at('domains')}[{i}]") for i, v in enumerate(items)]
+        extra = _names(present["domains"], at("domains"))
     if domain is None and (values.get("enabled") or extra):
         raise ConfigError(
             at("domain"), "not set and there is no server_name to default to; set domain", None

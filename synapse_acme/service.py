@@ -321,15 +321,18 @@ class AcmeService(Service):
             except BundleError as e:
                 logger.error("Stored certificate for %s is unusable: %s", _names(m), e)
                 continue
+            # A one-shot command serves nothing: it says what the store holds.
             if m.not_after is not None and m.not_after <= self._now():
                 logger.warning(
-                    "Serving the EXPIRED certificate for %s (expired %s) until a new one is issued",
+                    "The stored certificate for %s EXPIRED on %s"
+                    + ("" if self._one_shot else "; serving it until a new one is issued"),
                     _names(m),
                     _iso(m.not_after),
                 )
             elif m.placeholder:
                 logger.warning(
-                    "Serving a self-signed placeholder for %s until the real certificate is issued",
+                    "The store holds only a self-signed placeholder for %s"
+                    + ("" if self._one_shot else "; serving it until the real one is issued"),
                     _names(m),
                 )
 

@@ -531,6 +531,51 @@ def test_read_homeserver_with_module(tmp_path: pathlib.Path) -> None:
     assert config.enabled and config.http01_endpoints() == [] and config.domain == "hs.example.com"
 
 
+_MODULE = "modules:\n  - module: synapse_acme.synapse.AcmeModule\n"
+
+
+def test_read_module_config_defaults_enabled_to_true_as_the_module_does(
+    tmp_path: pathlib.Path,
+) -> None:
+    base = "server_name: hs.example.com\n" + _MODULE
+    for config_text in ("    config: {port: 0}\n", "    config:\n      enabled:\n", ""):
+        config = read_config_file(_write(tmp_path, base + config_text))
+        assert config.enabled, config_text
+        assert config.source_path == "modules[0].config"
+        assert config.key("enabled") == "modules[0].config.enabled"
+    off = read_config_file(_write(tmp_path, base + "    config: {enabled: false}\n"))
+    assert off.enabled is False and off.source_file == str(tmp_path / "homeserver.yaml")
+
+
+def test_read_both_blocks_is_refused_as_the_module_refuses(tmp_path: pathlib.Path) -> None:
+    text = "server_name: hs.example.com\nacme:\n  enabled: true\n  port: 8009\n" + _MODULE
+    with pytest.raises(ConfigError) as info:
+        read_config_file(_write(tmp_path, text + "    config: {contact: a@example.com}\n"))
+    message = str(info.value)
+    assert message.startswith("acme: both this top-level 'acme:' block and modules[0].config")
+    assert "delete the top-level block" in message
+    # Without a module config, the top-level block is read (its enabled, default false).
+    legacy = read_config_file(_write(tmp_path, text))
+    assert legacy.enabled and legacy.port == 8009 and legacy.source_path == "acme"
+
+
+def test_read_old_disabled_block_beside_the_module_is_ignored_loudly(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = "server_name: hs.example.com\nacme:\n  enabled: false\n" + _MODULE
+    config = read_config_file(_write(tmp_path, text + "    config: {port: 0}\n"))
+    assert config.enabled and config.source_path == "modules[0].config"
+    assert "ignoring the top-level 'acme: {enabled: false}' block" in caplog.text
+
+
+def test_one_name_as_a_string_is_a_one_element_list() -> None:
+    config = parse_acme_config({"domain": "a.example.com", "domains": "other.example.com"})
+    assert config.domains == ("other.example.com",)  # never split into characters
+    text = _error({"domains": "b.example.com, c.example.com"})
+    assert text.startswith("acme.domains: expected a DNS name")
+    assert "several names are a YAML list, like [a.example.com, b.example.com]" in text
+
+
 def test_read_standalone_file(tmp_path: pathlib.Path) -> None:
     path = _write(tmp_path, "acme:\n  enabled: true\n  domain: a.example.test\n", "acme.yaml")
     assert read_config_file(path).domain == "a.example.test"
