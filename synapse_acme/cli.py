@@ -203,14 +203,17 @@ async def _open_listeners(runtime: Any) -> None:
 
 
 def _one_shot(args: argparse.Namespace, force: bool) -> int:
+    from synapse_acme.runtime import check_startable
+
     config = _load_enabled(args)
     if config.external_certificates:
         raise ConfigError(
-            "acme.external_certificates",
+            config.key("external_certificates"),
             "is true: another tool issues these certificates, so there is nothing to "
             f"{args.command} here (use `synapse-acme run` to serve and hot-swap them)",
             True,
         )
+    check_startable(config)  # before anything is written
     outcome: dict[str, int] = {"code": EXIT_OK}
 
     async def main(reactor: Any) -> None:
@@ -538,7 +541,7 @@ def cmd_new_account(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config.external_certificates:
         raise ConfigError(
-            "acme.external_certificates",
+            config.key("external_certificates"),
             "is true: another tool issues these certificates and holds the ACME account",
             True,
         )
