@@ -540,6 +540,22 @@ class _Child:
     started: float = attrs.field(factory=time.monotonic)
 
 
+def _fresh_reactor() -> Any:
+    """In a forked child: a reactor of its own. One the parent created (an earlier test
+    imported it) shares its epoll descriptor and waker pipe with the parent and every other
+    child, so two children would see each other's events."""
+    import twisted.internet
+    from twisted.internet import default
+
+    sys.modules.pop("twisted.internet.reactor", None)
+    if hasattr(twisted.internet, "reactor"):
+        delattr(twisted.internet, "reactor")
+    default.install()
+    from twisted.internet import reactor
+
+    return reactor
+
+
 def _fork_cli(args: list[str], cwd: Path, seconds: float, what: str) -> _Child:
     """``cli.main(args)`` in a forked child (a reactor runs once per process), stopped after
     ``seconds`` as SIGTERM would stop `run`. Exit code 99: an exception escaped cli.main."""
@@ -554,8 +570,7 @@ def _fork_cli(args: list[str], cwd: Path, seconds: float, what: str) -> _Child:
             sys.stdout = sys.stderr = f
             logging.root.handlers.clear()  # so the CLI's logging goes to f, as in a terminal
             os.chdir(cwd)
-            from twisted.internet import reactor
-
+            reactor = _fresh_reactor()
             reactor.callWhenRunning(lambda: reactor.callLater(seconds, reactor.stop))
             from synapse_acme import cli
 
