@@ -537,6 +537,7 @@ def cmd_new_account(args: argparse.Namespace) -> int:
     """Start a new ACME account on purpose: the one way past a lost or damaged account key."""
     from synapse_acme import account
     from synapse_acme.interprocess import StoreLock
+    from synapse_acme.runtime import check_account_key_directory
 
     config = _load(args.config)
     if config.external_certificates:
@@ -545,15 +546,7 @@ def cmd_new_account(args: argparse.Namespace) -> int:
             "is true: another tool issues these certificates and holds the ACME account",
             True,
         )
-    missing = account.missing_key_directory(config.account_key_file, config.storage)
-    if missing is not None:
-        raise ConfigError(
-            config.key("account_key_file"),
-            f"its directory {missing} does not exist, and synapse-acme creates directories only "
-            f"inside the storage directory ({config.storage}): create that directory, or remove "
-            "account_key_file to keep the key in the storage directory (the default)",
-            config.account_key_file,
-        )
+    check_account_key_directory(config)  # before the storage directory is made
     now = datetime.datetime.now(datetime.timezone.utc)  # the CLI's edge: the only wall-clock read
     fsutil.check_owned_by_us(config.storage, "the storage directory")
     fsutil.ensure_private_dir(config.storage)

@@ -283,8 +283,15 @@ def check_startable(config: AcmeConfig) -> None:
             "not set, so there is no certificate to manage: set domain (or certificates)",
             has_value=False,
         )
+    if not config.external_certificates:
+        check_account_key_directory(config)
+
+
+def check_account_key_directory(config: AcmeConfig) -> None:
+    """ConfigError naming ``account_key_file`` if its directory is missing and outside the
+    storage directory (see :func:`synapse_acme.account.missing_key_directory`)."""
     missing = missing_key_directory(config.account_key_file, config.storage)
-    if missing is not None and not config.external_certificates:
+    if missing is not None:
         raise ConfigError(
             config.key("account_key_file"),
             f"its directory {missing} does not exist, and synapse-acme creates directories only "
