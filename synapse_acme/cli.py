@@ -681,9 +681,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-    except BrokenPipeError:  # --help into `| head -1`
+    except BrokenPipeError:  # --help into `| head -1`, or a usage error into a closed stderr
         _silence(sys.stdout)
-        return EXIT_OK
+        _silence(sys.stderr)
+        words = sys.argv[1:] if argv is None else list(argv)
+        asked = any(w in ("-h", "--help", "--version") for w in words)
+        return EXIT_OK if asked else EXIT_CONFIG
     quiet = args.quiet or args.sub_quiet
     _setup_logging(-1 if quiet else args.verbose + args.sub_verbose)
     try:
