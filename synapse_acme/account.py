@@ -285,14 +285,35 @@ def load_or_create_account_key(
                 f"{path} from a backup, or start a new account explicitly with "
                 f"{NEW_ACCOUNT_COMMAND}"
             )
-        jwk = _create_key(path, key_type)
+        jwk = _create_key(path, key_type, storage)
     if storage is not None:
         _check_recorded(jwk, path, storage)
     return jwk
 
 
-def _create_key(path: str, key_type: str) -> josepy.JWK:
+def missing_key_directory(path: str, storage: str) -> str | None:
+    """The directory of account key ``path`` if it is missing and outside ``storage``, else None.
+
+    synapse-acme creates directories for the key only inside the storage directory: a path
+    copied from an example (``/path/to/acme_account.key``) must be an error naming the setting,
+    not a new ``/path/to`` at the filesystem root.
+    """
     parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(parent):
+        return None
+    root = os.path.abspath(storage)
+    if parent == root or parent.startswith(root.rstrip(os.sep) + os.sep):
+        return None
+    return parent
+
+
+def _create_key(path: str, key_type: str, storage: str | None = None) -> josepy.JWK:
+    parent = os.path.dirname(os.path.abspath(path))
+    if storage is not None and missing_key_directory(path, storage) is not None:
+        raise StoreError(
+            f"cannot create the account key {path}: the directory {parent} does not exist "
+            f"(synapse-acme creates directories only inside the storage directory {storage})"
+        )
     if not os.path.isdir(parent):
         fsutil.ensure_private_dir(parent)
     pem = crypto.generate_private_key_pem(key_type)
@@ -356,6 +377,12 @@ def start_new_account(
     The caller holds the store's lock. The CA registers the new account on next use.
     """
     fsutil.check_owned_by_us(path, "the account key")  # another user's file is not ours to move
+    missing = missing_key_directory(path, storage)
+    if missing is not None:  # before anything is moved aside
+        raise StoreError(
+            f"cannot create the new account key {path}: the directory {missing} does not exist "
+            f"(synapse-acme creates directories only inside the storage directory {storage})"
+        )
     try:
         current = _read_key(path)
         problem = None

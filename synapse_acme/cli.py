@@ -1,6 +1,13 @@
 """The ``synapse-acme`` command line: generate-config, run, issue, renew, status, new-account.
 
-Exit codes: 0 success; 1 an issuance or renewal failed; 2 bad configuration or usage.
+Exit codes: 0 success; 1 an issuance or renewal failed (or anything else failed at run time:
+the CA, the store, a listener that cannot be opened); 2 bad configuration or usage, including
+``issue``/``renew``/``run`` on a block that says ``enabled: false`` (the operator asked for
+what the configuration switches off, and nothing was requested or written).
+
+Every failure is one line on stderr (``configuration error: ...`` or ``error: ...``), never a
+traceback (``-v`` logs one for an unexpected error). Output to a reader that went away
+(``status | head -1``) ends quietly; the exit code is still the command's.
 """
 
 from __future__ import annotations
@@ -12,14 +19,21 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from synapse_acme import __version__, crypto, fsutil, policy
 from synapse_acme.config import AcmeConfig, generate_config, read_config_file
-from synapse_acme.errors import BundleError, ConfigError, StoreBusy, StoreError, SynapseAcmeError
+from synapse_acme.errors import (
+    BundleError,
+    ConfigError,
+    ListenError,
+    StoreBusy,
+    StoreError,
+    SynapseAcmeError,
+)
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import names_key
 from synapse_acme.pairs import read_pair
@@ -40,27 +54,90 @@ def _setup_logging(verbosity: int) -> None:
     )
 
 
+def _write(stream: TextIO, text: str) -> None:
+    """Write and flush ``text``; a reader that went away (``| head -1``) silences the stream
+    instead of raising, so the command still finishes its work and exits with its own code."""
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:
+        _silence(stream)
+
+
+def _silence(stream: TextIO) -> None:
+    """Point ``stream``'s descriptor at /dev/null: what is still buffered, and the
+    interpreter's final flush, then go nowhere instead of failing again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file (captured in tests): nothing is flushed at exit either
+
+
+def _out(text: str = "") -> None:
+    _write(sys.stdout, text + "\n")
+
+
+def _err(text: str) -> None:
+    _write(sys.stderr, text + "\n")
+
+
 def _load(path: str) -> AcmeConfig:
     return read_config_file(path)
 
 
+def _load_enabled(args: argparse.Namespace) -> AcmeConfig:
+    """The config for a command that requests certificates; refused with ``enabled: false``
+    before anything is written (no storage directory, no account key, no order)."""
+    config = _load(args.config)
+    if not config.enabled:
+        where = f" in {config.source_file}" if config.source_file else ""
+        if config.source_path.startswith("modules"):
+            fix = "remove `enabled: false` there (listed as a module, it defaults to true)"
+        else:
+            fix = "set `enabled: true` in that block"
+        if not config.certificate_specs():
+            fix += f" and set {config.key('domain')} (there is no server_name to default to)"
+        raise ConfigError(
+            config.key("enabled"),
+            f"false{where}: certificate management is off there, so `synapse-acme "
+            f"{args.command}` requested nothing and wrote nothing (no account key, no order, "
+            f"no files). To manage certificates, {fix}",
+            has_value=False,
+        )
+    return config
+
+
 def cmd_generate_config(args: argparse.Namespace) -> int:
     text = generate_config()
-    if args.output:
-        with open(args.output, "x", encoding="utf-8") as f:
+    if not args.output:
+        _write(sys.stdout, text)
+        return EXIT_OK
+    try:
+        with open(args.output, "w" if args.force else "x", encoding="utf-8") as f:
             f.write(text)
-        print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
+    except FileExistsError:
+        _err(
+            f"error: {args.output} already exists and was left as it is: give another path "
+            "with -o, remove the file first, or add --force to replace it"
+        )
+        return EXIT_CONFIG
+    except OSError as e:
+        _err(f"error: cannot write {args.output}: {fsutil.describe_os_error(e)}")
+        return EXIT_CONFIG
+    _err(f"wrote {args.output}: edit it (enabled, domain, contact, terms_of_service_agreed)")
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    from synapse_acme import privileges
+    from synapse_acme.runtime import check_startable
+
+    config = _load_enabled(args)
+    check_startable(config)  # before --user prepares the storage directory
     run_as = None
     if args.user is not None:
-        from synapse_acme import privileges
-
         run_as = privileges.resolve(args.user, args.group)
         if privileges.needs_switch(run_as):
             privileges.check_installation(run_as)
@@ -75,17 +152,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         if run_as is None:
             runtime = build_runtime(config, reactor, standalone_listener=not args.no_listener)
-            runtime.service.privilegedStartService()
         else:
             # Build as the user (its files), bind as root, then drop root for good.
-            from synapse_acme import privileges
-
             runtime = privileges.as_user(
                 run_as, build_runtime, config, reactor, standalone_listener=not args.no_listener
             )
-            runtime.service.privilegedStartService()
-            if runtime.http01_listener is not None:
-                await runtime.http01_listener.when_listening()
+        # Nothing starts ordering before the challenge listener is bound: a CA validating
+        # against a port nobody answers counts failed validations against its limits.
+        await _open_listeners(runtime)
+        if run_as is not None:
             privileges.drop(run_as)
         if runtime.acme is not None:
             from synapse_acme.interprocess import RenewRequestWatcher
@@ -115,15 +190,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _react(main)
 
 
+async def _open_listeners(runtime: Any) -> None:
+    """Bind every listener of ``runtime`` (privileged start) and wait for the HTTP-01 one;
+    if that fails, stop what was started and raise the ListenError (nothing was ordered)."""
+    try:
+        runtime.service.privilegedStartService()
+        if runtime.http01_listener is not None:
+            await runtime.http01_listener.when_listening()
+    except BaseException:
+        await runtime.service.stopService()
+        raise
+
+
 def _one_shot(args: argparse.Namespace, force: bool) -> int:
-    config = _load(args.config)
+    from synapse_acme.runtime import check_startable
+
+    config = _load_enabled(args)
     if config.external_certificates:
         raise ConfigError(
-            "acme.external_certificates",
+            config.key("external_certificates"),
             "is true: another tool issues these certificates, so there is nothing to "
             f"{args.command} here (use `synapse-acme run` to serve and hot-swap them)",
             True,
         )
+    check_startable(config)  # before anything is written
     outcome: dict[str, int] = {"code": EXIT_OK}
 
     async def main(reactor: Any) -> None:
@@ -144,7 +234,7 @@ def _one_shot(args: argparse.Namespace, force: bool) -> int:
 
             path = request_renewal(config.storage)
             who = f"pid {e.pid}" if e.pid is not None else "another process"
-            print(
+            _out(
                 f"HANDED OVER  {config.storage} is managed by {who}; created {path}, so it "
                 f"renews every certificate within {RENEW_REQUEST_POLL:g} s. Follow with "
                 "`synapse-acme status` (or its log)."
@@ -152,11 +242,9 @@ def _one_shot(args: argparse.Namespace, force: bool) -> int:
             return
         acme = runtime.acme
         assert acme is not None  # not external_certificates, checked above
-        runtime.service.privilegedStartService()
+        await _open_listeners(runtime)
         runtime.service.startService()
         try:
-            if runtime.http01_listener is not None:
-                await runtime.http01_listener.when_listening()
             await acme.when_loaded()
             key = names_key(args.name) if args.name else None
             if key is not None and key not in acme.keys:
@@ -165,7 +253,7 @@ def _one_shot(args: argparse.Namespace, force: bool) -> int:
                 )
             results = await acme.renew(key, force=force)
             if not results:
-                print("Nothing to do: every certificate is valid and not yet due for renewal.")
+                _out("Nothing to do: every certificate is valid and not yet due for renewal.")
             again = f"synapse-acme {args.command}" + (" --force" if force else "")
             for k, result in results:
                 names = ", ".join(acme.managed(k).spec.names)
@@ -174,29 +262,29 @@ def _one_shot(args: argparse.Namespace, force: bool) -> int:
                     what = acme.failure_summary(k) or result.getErrorMessage()
                     if not result.check(SynapseAcmeError):
                         what += " (-v logs the traceback)"
-                    print(
+                    _err(
                         f"FAILED  {names}: {what}; nothing will retry it: run `{again}` again, "
-                        "or let `synapse-acme run` / the homeserver module retry",
-                        file=sys.stderr,
+                        "or let `synapse-acme run` / the homeserver module retry"
                     )
                 else:
                     m = acme.managed(k)
                     where = os.path.join(config.storage, "certificates", k)
-                    print(
-                        f"OK      {names}: certificate in {where}"
-                        f", valid until {_fmt(m.not_after)}, renewal planned at {_fmt(m.renew_at)}"
+                    _out(
+                        f"OK      {names}: certificate in {where}, valid until "
+                        f"{_fmt(m.not_after)}; due for renewal at {_fmt(m.renew_at)} (then run "
+                        "`synapse-acme renew`, or let `synapse-acme run` / the homeserver "
+                        "module renew it)"
                     )
             exporter = runtime.exporter
             if exporter is not None and exporter.state.failed:
                 # The certificate may be fine in the store, but the homeserver reads these files.
                 outcome["code"] = EXIT_FAILED
-                print(
+                _err(
                     f"FAILED  export to {exporter.cert_path} / {exporter.key_path}: "
                     f"{exporter.state.error}; the homeserver's files keep the certificate they "
                     f"had; nothing will retry it: fix that and run `{again}` again (it re-exports "
                     "the stored certificate), or let `synapse-acme run` / the homeserver module "
-                    "retry",
-                    file=sys.stderr,
+                    "retry"
                 )
         finally:
             await runtime.service.stopService()
@@ -219,12 +307,8 @@ def _react(main: Any) -> int:
     async def wrapped(reactor: Any) -> None:
         try:
             await main(reactor)
-        except ConfigError as e:
-            print(f"configuration error: {e}", file=sys.stderr)
-            result["code"] = EXIT_CONFIG
-        except SynapseAcmeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            result["code"] = EXIT_FAILED
+        except Exception as e:
+            result["code"] = _report(e)
 
     try:
         task.react(lambda reactor: defer.ensureDeferred(wrapped(reactor)))
@@ -232,6 +316,22 @@ def _react(main: Any) -> int:
         if e.code not in (0, None):
             return int(e.code) if isinstance(e.code, int) else EXIT_FAILED
     return result["code"]
+
+
+def _report(e: Exception) -> int:
+    """Print the one line for a failed command and return its exit code."""
+    if isinstance(e, ConfigError):
+        _err(f"configuration error: {e}")
+        return EXIT_CONFIG
+    if isinstance(e, ListenError):
+        _err(f"error: {e}. Nothing was ordered from the CA")
+        return EXIT_FAILED
+    if isinstance(e, SynapseAcmeError):
+        _err(f"error: {e}")
+        return EXIT_FAILED
+    logger.debug("Unexpected error", exc_info=e)
+    _err(f"error: unexpected {type(e).__name__}: {e} (-v logs the traceback)")
+    return EXIT_FAILED
 
 
 def status_report(config: AcmeConfig, now: datetime.datetime) -> list[dict[str, Any]]:
@@ -388,14 +488,22 @@ def _read_external(config: AcmeConfig) -> CertificateBundle | None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    if not config.enabled:
+        where = f" in {config.source_file}" if config.source_file else ""
+        _err(
+            f"note: {config.key('enabled')} is false{where}: nothing is issued or renewed for "
+            "this configuration (issue, renew and run refuse); this shows what the store holds"
+        )
+    if not config.certificate_specs():
+        _err(f"note: no certificate is configured ({config.key('domain')} is not set)")
     now = datetime.datetime.now(datetime.timezone.utc)  # the CLI's edge: the only wall-clock read
     report = status_report(config, now)
     if args.json:
-        print(json.dumps(report, indent=2))
+        _out(json.dumps(report, indent=2))
     else:
         for e in report:
-            print(", ".join(e["names"]))
-            print(f"  state:        {e['state']}")
+            _out(", ".join(e["names"]))
+            _out(f"  state:        {e['state']}")
             for label, field in (
                 ("error", "error"),
                 ("not after", "not_after"),
@@ -411,12 +519,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 ("next attempt", "next_attempt"),
             ):
                 if e.get(field) is not None:
-                    print(f"  {label + ':':<13} {e[field]}")
+                    _out(f"  {label + ':':<13} {e[field]}")
             export = e.get("export")
             if export is not None:
                 detail = f": {export['error']}" if export.get("error") else ""
                 where = f"{export['cert_path']}, {export['key_path']}"
-                print(f"  {'export:':<13} {export['state']} ({where}){detail}")
+                _out(f"  {'export:':<13} {export['state']} ({where}){detail}")
     bad = any(
         e["state"] in ("missing", "expired", "unreadable")
         or e.get("export", {}).get("state") in _BAD_EXPORT_STATES
@@ -429,14 +537,16 @@ def cmd_new_account(args: argparse.Namespace) -> int:
     """Start a new ACME account on purpose: the one way past a lost or damaged account key."""
     from synapse_acme import account
     from synapse_acme.interprocess import StoreLock
+    from synapse_acme.runtime import check_account_key_directory
 
     config = _load(args.config)
     if config.external_certificates:
         raise ConfigError(
-            "acme.external_certificates",
+            config.key("external_certificates"),
             "is true: another tool issues these certificates and holds the ACME account",
             True,
         )
+    check_account_key_directory(config)  # before the storage directory is made
     now = datetime.datetime.now(datetime.timezone.utc)  # the CLI's edge: the only wall-clock read
     fsutil.check_owned_by_us(config.storage, "the storage directory")
     fsutil.ensure_private_dir(config.storage)
@@ -457,16 +567,21 @@ def cmd_new_account(args: argparse.Namespace) -> int:
         )
     finally:
         lock.release()
-    print(f"NEW ACCOUNT  created a new ACME account key at {done.key_path}")
-    print(f"  thumbprint:          {done.thumbprint}")
+    _out(f"NEW ACCOUNT  created a new ACME account key at {done.key_path}")
+    _out(f"  thumbprint:          {done.thumbprint}")
     if done.old_key is not None:
-        print(f"  previous key kept:   {done.old_key}")
+        _out(f"  previous key kept:   {done.old_key}")
     if done.old_record is not None:
-        print(f"  previous record:     {done.old_record}")
-    print(
+        _out(f"  previous record:     {done.old_record}")
+    _out(
         "The CA registers the new account on the next `synapse-acme issue`, `renew` or `run`; "
         "the certificates in the store stay in use and are renewed under the new account."
     )
+    if not config.enabled:
+        _err(
+            f"note: {config.key('enabled')} is false, so issue, renew and run refuse until "
+            "it is true"
+        )
     return EXIT_OK
 
 
@@ -482,10 +597,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    # The same options after the subcommand (`synapse-acme issue -c x -v`), counted apart
+    # and added up in main(), so that neither place overrides the other.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="count", default=0, dest="sub_verbose", help="more logging"
+    )
+    common.add_argument(
+        "-q", "--quiet", action="store_true", dest="sub_quiet", help="warnings and errors only"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate-config", help="print a commented sample acme: block")
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    g = add("generate-config", help="print a commented sample acme: block")
     g.add_argument("-o", "--output", help="write to this new file instead of stdout")
+    g.add_argument("--force", action="store_true", help="with -o: replace an existing file")
     g.set_defaults(func=cmd_generate_config)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
@@ -496,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="homeserver.yaml or a standalone YAML file with an acme: block",
         )
 
-    r = sub.add_parser("run", help="answer challenges and keep certificates renewed (stays up)")
+    r = add("run", help="answer challenges and keep certificates renewed (stays up)")
     with_config(r)
     r.add_argument(
         "--no-listener",
@@ -514,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("issue", "obtain missing certificates now, then exit"),
         ("renew", "renew certificates that are due (or all with --force)"),
     ):
-        sp = sub.add_parser(name, help=help_text)
+        sp = add(name, help=help_text)
         with_config(sp)
         sp.add_argument("--name", action="append", help="only the certificate with these names")
         sp.add_argument(
@@ -531,12 +659,12 @@ def build_parser() -> argparse.ArgumentParser:
             )
         sp.set_defaults(func=cmd_issue if name == "issue" else cmd_renew)
 
-    s = sub.add_parser("status", help="show each certificate's state (reads the store only)")
+    s = add("status", help="show each certificate's state (reads the store only)")
     with_config(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
 
-    n = sub.add_parser(
+    n = add(
         "new-account",
         help="replace a lost or damaged ACME account key with a new one (a new account)",
     )
@@ -551,16 +679,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        args = build_parser().parse_args(argv)
+    except BrokenPipeError:  # --help into `| head -1`, or a usage error into a closed stderr
+        _silence(sys.stdout)
+        _silence(sys.stderr)
+        words = sys.argv[1:] if argv is None else list(argv)
+        asked = any(w in ("-h", "--help", "--version") for w in words)
+        return EXIT_OK if asked else EXIT_CONFIG
+    quiet = args.quiet or args.sub_quiet
+    _setup_logging(-1 if quiet else args.verbose + args.sub_verbose)
     try:
         return int(args.func(args))
-    except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except SynapseAcmeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    except Exception as e:
+        return _report(e)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ import yaml
 from cryptography import x509
 from twisted.internet.endpoints import quoteStringArgument
 
+from synapse_acme import fsutil
 from synapse_acme.crypto import KEY_TYPES
-from synapse_acme.errors import ConfigError
+from synapse_acme.errors import ConfigError, StoreError
 from synapse_acme.model import CertificateSpec
 from synapse_acme.names import canonical_name
 from synapse_acme.policy import DEFAULT_REQUEST_TIMEOUT, MAX_REQUESTS_PER_MINUTE
@@ -97,6 +98,8 @@ class AcmeConfig:
     """Everything the ``acme:`` block can say, validated, with defaults filled in.
 
     Paths are absolute when the config came from a file (resolved against its directory).
+    ``source_path`` and ``source_file`` say where the block was read (for messages, through
+    :meth:`key`); they are not settings.
     """
 
     enabled: bool = False
@@ -128,6 +131,13 @@ class AcmeConfig:
     max_requests_per_minute: int = MAX_REQUESTS_PER_MINUTE
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     watch_interval: float = DEFAULT_WATCH_INTERVAL
+    source_path: str = attrs.field(default="acme", eq=False, metadata={"setting": False})
+    source_file: str | None = attrs.field(default=None, eq=False, metadata={"setting": False})
+
+    def key(self, name: str) -> str:
+        """The full key path of setting ``name`` where this block was read, for messages:
+        ``acme.port``, or ``modules[0].config.port`` for the Synapse module's config."""
+        return f"{self.source_path}.{name}"
 
     def http01_endpoints(self) -> list[str]:
         """Twisted server endpoint strings for the standalone HTTP-01 listener ([] for none)."""
@@ -223,10 +233,17 @@ def _name(value: Any, path: str) -> str:
 
 
 def _names(value: Any, path: str) -> list[str]:
-    return [
-        _name(v, f"{path}[{i}]")
-        for i, v in enumerate(_list(value, path, "DNS names", allow_single=True))
-    ]
+    """A list of DNS names; one name may be written as a plain string (a one-element list,
+    never split into characters), and is then named by ``path`` itself in errors."""
+    if isinstance(value, str):
+        try:
+            return [_name(value, path)]
+        except ConfigError as e:
+            if not any(c in value.strip() for c in ", ;"):
+                raise
+            hint = "several names are a YAML list, like [a.example.com, b.example.com]"
+            raise ConfigError(path, f"{e.message}; {hint}", value) from None
+    return [_name(v, f"{path}[{i}]") for i, v in enumerate(_list(value, path, "DNS names"))]
 
 
 def _dedupe(names: Iterable[str]) -> tuple[str, ...]:
@@ -370,13 +387,13 @@ def _file_path(value: Any, path: str, base_dir: str | None) -> str:
 
 def _ca_bundle(value: Any, path: str, base_dir: str | None) -> str:
     file_path = _file_path(value, path, base_dir)
+    what = "expected a PEM file of CA certificates"
     try:
-        if not os.path.isfile(file_path):
-            raise ConfigError(path, "expected a PEM file of CA certificates that exists", value)
-        with open(file_path, "rb") as f:
-            data = f.read(_CA_BUNDLE_MAX_BYTES)
-    except OSError as e:
-        raise ConfigError(path, f"cannot read the CA bundle ({e.strerror})", value) from None
+        data = fsutil.read_regular(file_path, follow=True, limit=_CA_BUNDLE_MAX_BYTES)
+    except StoreError as e:  # the real reason: EACCES (and where), a directory, a FIFO...
+        raise ConfigError(path, f"{what}: {e}{fsutil.access_hint(file_path)}", value) from None
+    if data is None:
+        raise ConfigError(path, f"{what} that exists", value)
     try:
         x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -517,7 +534,9 @@ _FIELD_READERS: dict[str, Callable[[Any, str], Any]] = {
 }
 
 
-KNOWN_KEYS: tuple[str, ...] = tuple(sorted(f.name for f in attrs.fields(AcmeConfig)))
+KNOWN_KEYS: tuple[str, ...] = tuple(
+    sorted(f.name for f in attrs.fields(AcmeConfig) if f.metadata.get("setting", True))
+)
 
 
 def parse_acme_config(
@@ -527,13 +546,15 @@ def parse_acme_config(
     base_dir: str | None = None,
     path: str = "acme",
     defaults_from: Mapping[Any, Any] | None = None,
+    source_file: str | None = None,
 ) -> AcmeConfig:
     """Validate an ``acme:`` block (as loaded from YAML) into an :class:`AcmeConfig`.
 
     ``server_name`` is the homeserver's (the default ``domain``; a ``:port`` suffix is dropped);
     ``base_dir`` is the config file's directory (relative paths resolve against it);
     ``path`` prefixes key paths in errors; ``defaults_from`` is the surrounding homeserver
-    config, whose ``tls_certificate_path``/``tls_private_key_path`` are the defaults here.
+    config, whose ``tls_certificate_path``/``tls_private_key_path`` are the defaults here;
+    ``source_file`` is the file the block was read from (named in messages).
     """
     if block is None:
         block = {}
@@ -604,8 +625,7 @@ def parse_acme_config(
             ) from None
     extra: list[str] = []
     if "domains" in present:
-        items = _list(present["domains"], at("domains"), "DNS names", allow_single=True)
-        extra = [_name(v, f"{at('domains')}[{i}]") for i, v in enumerate(items)]
+        extra = _names(present["domains"], at("domains"))
     if domain is None and (values.get("enabled") or extra):
         raise ConfigError(
             at("domain"), "not set and there is no server_name to default to; set domain", None
@@ -668,6 +688,8 @@ def parse_acme_config(
             present.get("poll_timeout"),
         )
 
+    values["source_path"] = path
+    values["source_file"] = source_file
     return AcmeConfig(**values)
 
 
@@ -680,15 +702,84 @@ def _server_name_host(server_name: str) -> str:
     return host if sep and port.isdigit() else text
 
 
+@attrs.frozen
+class ChosenBlock:
+    """The block that configures synapse-acme, as :func:`choose_block` picked it."""
+
+    block: Any  # as loaded from YAML; parse_acme_config checks it
+    path: str  # the key path prefix its errors are named with
+    source: str  # "modules" (the module's config) or "acme" (the top-level block)
+    warning: str | None = None  # to log: the operator should change the file
+
+
+def _legacy_advice(module_path: str) -> str:
+    return (
+        "the top-level 'acme:' block is the old built-in Synapse setting; Synapse itself ignores "
+        "it since 1.30. Move its keys under the module, then delete the top-level block:\n"
+        "    modules:\n"
+        f"      - module: {MODULE_NAME}\n"
+        "        config:\n"
+        "          <the keys of your acme: block, e.g. contact, terms_of_service_agreed, port>\n"
+        f"(this config was read from the top-level block because {module_path} is empty)"
+    )
+
+
+def choose_block(module_config: Any, top_level: Any, module_path: str) -> ChosenBlock:
+    """Which block configures synapse-acme when the module is listed under ``modules:``.
+
+    One rule for the homeserver module and the command line, so both read the same settings
+    from one homeserver.yaml: the module's ``config`` (listing the module is the opt-in, so
+    ``enabled`` defaults to true there); with no module config, the old top-level ``acme:``
+    block (``top_level``, honouring its ``enabled``, default false), with a warning; both set
+    is a ConfigError, except an old ``acme: {enabled: false}`` alone, which is ignored with a
+    warning. ``module_path`` names the module's config in messages.
+    """
+    if module_config is not None and not isinstance(module_config, Mapping):
+        raise ConfigError(
+            module_path,
+            f"expected a mapping of acme settings, got {_type_name(module_config)}",
+            has_value=False,
+        )
+    legacy = top_level if isinstance(top_level, Mapping) else None
+    if legacy is not None and not module_config:
+        return ChosenBlock(legacy, "acme", "acme", _legacy_advice(module_path))
+    block = dict(module_config or {})
+    if block.get("enabled") is None:  # written with no value: the module's default
+        block["enabled"] = True
+    if legacy is None:
+        return ChosenBlock(block, module_path, "modules")
+    if legacy.get("enabled") is False and set(legacy) <= {"enabled"}:
+        return ChosenBlock(
+            block,
+            module_path,
+            "modules",
+            "ignoring the top-level 'acme: {enabled: false}' block (an old Synapse default); "
+            f"{module_path} is used. Delete the top-level block.",
+        )
+    raise ConfigError(
+        "acme",
+        f"both this top-level 'acme:' block and {module_path} (the synapse-acme module's "
+        "config) are set, and neither the homeserver module nor the command line guesses "
+        "which one counts: move every key of the top-level 'acme:' block into the module "
+        "config and delete the top-level block",
+        has_value=False,
+    )
+
+
 def read_config_file(path: str) -> AcmeConfig:
     """Read ``acme:`` settings from a YAML file: a homeserver.yaml (top-level ``acme:`` block or
-    the module under ``modules:``) or a standalone file with just ``acme:`` (+ ``server_name``).
+    the module under ``modules:``, chosen as the homeserver module does, see
+    :func:`choose_block`) or a standalone file with just ``acme:`` (+ ``server_name``).
     """
     try:
         with open(path, encoding="utf-8") as f:
             doc = safe_load_bounded(f.read(MAX_BYTES + 1))
     except FileNotFoundError:
         raise ConfigError(path, "config file not found", has_value=False) from None
+    except IsADirectoryError:
+        raise ConfigError(
+            path, "is a directory; give the YAML file (-c FILE)", has_value=False
+        ) from None
     except OSError as e:
         raise ConfigError(
             path, f"cannot read config file ({e.strerror})", has_value=False
@@ -699,6 +790,8 @@ def read_config_file(path: str) -> AcmeConfig:
         raise ConfigError(path, f"not valid YAML: {e}", has_value=False) from None
     except YamlBoundsError as e:
         raise ConfigError(path, f"refusing this YAML: {e}", has_value=False) from None
+    except RecursionError:
+        raise ConfigError(path, "not valid YAML: nested too deeply", has_value=False) from None
     if not isinstance(doc, Mapping):
         raise ConfigError(
             path, f"expected a YAML mapping at the top, got {_type_name(doc)}", has_value=False
@@ -708,6 +801,16 @@ def read_config_file(path: str) -> AcmeConfig:
     if server_name is not None and not isinstance(server_name, str):
         raise ConfigError("server_name", "expected a server name string", server_name)
 
+    def parse(chosen: ChosenBlock) -> AcmeConfig:
+        return parse_acme_config(
+            chosen.block,
+            server_name=server_name,
+            base_dir=base_dir,
+            path=chosen.path,
+            defaults_from=doc,
+            source_file=os.path.abspath(path),
+        )
+
     modules = doc.get("modules")
     if modules is not None:
         if not isinstance(modules, list):
@@ -716,17 +819,12 @@ def read_config_file(path: str) -> AcmeConfig:
             )
         for i, entry in enumerate(modules):
             if isinstance(entry, Mapping) and entry.get("module") == MODULE_NAME:
-                return parse_acme_config(
-                    entry.get("config"),
-                    server_name=server_name,
-                    base_dir=base_dir,
-                    path=f"modules[{i}].config",
-                    defaults_from=doc,
-                )
+                chosen = choose_block(entry.get("config"), doc.get("acme"), f"modules[{i}].config")
+                if chosen.warning is not None:
+                    logger.warning("%s: %s", path, chosen.warning)
+                return parse(chosen)
     if "acme" in doc:
-        return parse_acme_config(
-            doc["acme"], server_name=server_name, base_dir=base_dir, path="acme", defaults_from=doc
-        )
+        return parse(ChosenBlock(doc["acme"], "acme", "acme"))
     raise ConfigError(
         path,
         f"found neither an acme: block nor {MODULE_NAME} under modules:",

@@ -13,10 +13,16 @@ class SynapseAcmeError(Exception):
     """Base class of every error raised on purpose by synapse_acme."""
 
 
+#: How much of a bad value's repr a ConfigError shows.
+MAX_VALUE_CHARS = 160
+
+
 class ConfigError(SynapseAcmeError):
     """A configuration value is invalid.
 
-    ``str(err)`` reads like ``acme.port: expected an integer 1-65535, got 'eighty'``.
+    ``str(err)`` reads like ``acme.port: expected an integer 1-65535, got 'eighty'``. A long
+    value is cut to :data:`MAX_VALUE_CHARS` characters of its repr (a pasted certificate or a
+    whole YAML document must not drown the message).
     """
 
     def __init__(self, path: str, message: str, value: Any = None, *, has_value: bool = True):
@@ -25,7 +31,10 @@ class ConfigError(SynapseAcmeError):
         self.value = value
         text = f"{path}: {message}"
         if has_value:
-            text += f", got {value!r}"
+            shown = repr(value)
+            if len(shown) > MAX_VALUE_CHARS:
+                shown = f"{shown[: MAX_VALUE_CHARS - 3]}... ({len(shown)} characters)"
+            text += f", got {shown}"
         super().__init__(text)
 
 

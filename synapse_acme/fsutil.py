@@ -156,6 +156,29 @@ def read_regular(path: str, *, follow: bool = False, limit: int | None = None) -
     return b"".join(chunks)
 
 
+def access_hint(path: str) -> str:
+    """Why this user may not open ``path`` after EACCES, as text to append to the error:
+    ``"; the directory /srv/ca is not searchable by nobody (uid 65534)"`` when a directory on
+    the way blocks it (the file itself may be fine), else ``""``."""
+    euid = os.geteuid()
+    who = f"{_user_name(euid)} (uid {euid})"
+    effective = os.access in os.supports_effective_ids
+    parent = os.path.dirname(os.path.abspath(path))
+    chain = []
+    while True:
+        chain.append(parent)
+        up = os.path.dirname(parent)
+        if up == parent:
+            break
+        parent = up
+    for directory in reversed(chain):  # from the root down: the first one that blocks
+        if os.path.isdir(directory) and not os.access(directory, os.X_OK, effective_ids=effective):
+            return f"; the directory {directory} is not searchable by {who}"
+    if os.path.exists(path) and not os.access(path, os.R_OK, effective_ids=effective):
+        return f"; {who} may not read it"
+    return ""
+
+
 def check_owned_by_us(path: str, what: str) -> None:
     """StoreError unless ``path`` (followed if a link) belongs to the effective user.
 

@@ -217,6 +217,70 @@ def _is_dual_stack_overlap(failure: Failure, bound: Sequence[IListeningPort]) ->
     return False
 
 
+def endpoint_in_words(description: str, failure: Failure) -> str:
+    """An endpoint in plain words: ``port 80 on ::``, not ``tcp6:port=80:interface=\\:\\:``."""
+    err = failure.value
+    if isinstance(err, CannotListenError):
+        host = err.interface or "every address"
+        return f"port {err.port} on {host}"
+    return description
+
+
+def _errno(failure: Failure) -> int | None:
+    err = failure.value
+    if isinstance(err, CannotListenError):
+        err = err.socketError
+    code = getattr(err, "errno", None)
+    return code if isinstance(code, int) else None
+
+
+def bind_error_in_words(failure: Failure) -> str:
+    err = failure.value
+    if isinstance(err, CannotListenError):
+        err = err.socketError
+    if isinstance(err, OSError) and err.strerror:
+        name = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+        return f"{err.strerror}, {name}" if name else err.strerror
+    return str(err) or type(err).__name__
+
+
+# What to do about the usual reasons, by errno (the deploy pages show each way, tested).
+_LOW_PORT_ADVICE = (
+    "ports below 1024 need privileges. Either give a port such as 8009 and let the web server "
+    "forward /.well-known/acme-challenge to it (docs/deploy-nginx.md, docs/deploy-apache.md), "
+    "or start with authbind (docs/deploy-authbind.md), or start as root with `synapse-acme run "
+    "--user USER`, which binds first and then drops root (docs/deploy-root-drop.md), or let "
+    "systemd hand over the socket through listen: ['systemd:...'] "
+    "(docs/deploy-systemd-socket.md)"
+)
+_IN_USE_ADVICE = (
+    "another program listens there (often the web server: `ss -ltnp` shows which). Let it "
+    "forward /.well-known/acme-challenge to synapse-acme on a port such as 8009 "
+    "(docs/deploy-nginx.md, docs/deploy-apache.md), or stop it"
+)
+_NO_ADDRESS_ADVICE = "the address is not one of this host's: give one it has, or '::'"
+
+
+def bind_failure_message(errors: Sequence[tuple[str, Failure]], setting: str | None) -> str:
+    """The one error for a listener that could bind nothing: each endpoint in words with its OS
+    error, the setting they come from, and what to do for the errors seen."""
+    detail = "; ".join(f"{endpoint_in_words(d, f)} ({bind_error_in_words(f)})" for d, f in errors)
+    text = f"could not open any HTTP-01 challenge listener: {detail}"
+    if setting:
+        text += f". These come from {setting}"
+    codes = {_errno(f) for _, f in errors}
+    advice = []
+    if errno.EACCES in codes or errno.EPERM in codes:
+        advice.append(_LOW_PORT_ADVICE)
+    if errno.EADDRINUSE in codes:
+        advice.append(_IN_USE_ADVICE)
+    if errno.EADDRNOTAVAIL in codes:
+        advice.append(_NO_ADDRESS_ADVICE)
+    if advice:
+        text += ". " + "; ".join(a[0].upper() + a[1:] for a in advice)
+    return text
+
+
 class HTTP01ListenerService(service.Service):
     """Binds the HTTP-01 server (``http01_server.make_factory``) on several endpoints,
     tolerating all but total failure.
@@ -226,9 +290,18 @@ class HTTP01ListenerService(service.Service):
     ``0.0.0.0`` bind fails with EADDRINUSE, which is expected.
     """
 
-    def __init__(self, reactor: Any, factory: IProtocolFactory, endpoints: Sequence[str]) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        factory: IProtocolFactory,
+        endpoints: Sequence[str],
+        setting: str | None = None,
+    ) -> None:
+        """``setting`` names the configuration the endpoints come from (``acme.port (80) and
+        acme.bind_addresses``), so that a failure says what to change."""
         self._reactor = reactor
         self._factory = factory
+        self._setting = setting
         self.endpoints: list[str] = list(endpoints)
         #: The bound ports, in endpoint order (``getHost().port`` gives the number for port 0).
         self.ports: list[IListeningPort] = []
@@ -248,7 +321,9 @@ class HTTP01ListenerService(service.Service):
 
     def when_listening(self) -> defer.Deferred[list[IListeningPort]]:
         """Deferred firing with the bound ports once binding is done, or failing with
-        ListenError if no endpoint could be bound."""
+        ListenError if no endpoint could be bound (each address in words, the OS error, the
+        setting and the ways to fix it). The waiter reports that failure: this service logs
+        only the endpoints it could not bind while others work."""
         d: defer.Deferred[list[IListeningPort]] = defer.Deferred()
         if self._outcome is None:
             self._waiters.append(d)
@@ -280,16 +355,13 @@ class HTTP01ListenerService(service.Service):
             self.ports.append(port)
             logger.info("HTTP-01 challenge listener on %s (%s)", description, port.getHost())
         if self.endpoints and not self.ports:
-            detail = "; ".join(f"{d}: {f.getErrorMessage()}" for d, f in errors)
-            error = ListenError(f"could not bind any HTTP-01 challenge listener ({detail})")
-            logger.error("%s", error)
-            self._settle(Failure(error))
+            self._settle(Failure(ListenError(bind_failure_message(errors, self._setting))))
             return
         for description, failure in errors:
             logger.warning(
                 "HTTP-01 listener %s not bound (%s); the others serve challenges",
-                description,
-                failure.getErrorMessage(),
+                endpoint_in_words(description, failure),
+                bind_error_in_words(failure),
             )
         self._settle(list(self.ports))
 

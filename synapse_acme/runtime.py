@@ -17,10 +17,15 @@ from twisted.application.service import MultiService
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 
 from synapse_acme import crypto, fsutil
-from synapse_acme.account import AccountRecorder, key_thumbprint, load_or_create_account_key
+from synapse_acme.account import (
+    AccountRecorder,
+    key_thumbprint,
+    load_or_create_account_key,
+    missing_key_directory,
+)
 from synapse_acme.client import AcmeClient
 from synapse_acme.config import AcmeConfig
-from synapse_acme.errors import BundleError
+from synapse_acme.errors import BundleError, ConfigError
 from synapse_acme.export import FileExporter
 from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder
 from synapse_acme.http01_server import make_factory
@@ -62,17 +67,18 @@ def status_path(config: AcmeConfig) -> str:
 
 def _status_writer(
     config: AcmeConfig,
-    tls: HotSwapTLS,
+    tls: HotSwapTLS | None,
     exporters: dict[str, FileExporter],
     runner: Runner | None,
 ) -> Callable[[list[dict[str, Any]]], None]:
     """Writes the service's status, plus per certificate what the TLS listeners serve and
-    what the export holds, so ``synapse-acme status`` can compare stored/exported/served."""
+    what the export holds, so ``synapse-acme status`` can compare stored/exported/served
+    (``tls`` is None when no TLS listener serves them)."""
     path = status_path(config)
 
     def write(status: list[dict[str, Any]]) -> None:
         for entry in status:
-            served = tls.current(entry["key"])
+            served = tls.current(entry["key"]) if tls is not None else None
             entry["served_serial"] = _serial(served.chain_pem) if served is not None else None
             exporter = exporters.get(entry["key"])
             if exporter is not None:
@@ -107,6 +113,7 @@ def build_runtime(
     http_client: Any = None,
     runner: Runner | None = None,
     one_shot: bool = False,
+    host_serves_tls: bool = False,
 ) -> Runtime:
     """Build the provisioning service and its collaborators for ``config``.
 
@@ -119,12 +126,19 @@ def build_runtime(
     done at once, before anything reads the files.
     ``one_shot`` builds the :class:`AcmeService` in one-shot mode (the CLI's ``issue`` and
     ``renew``): no periodic check, ARI fetch or retry timer; the caller reports failures.
+    ``host_serves_tls``: the embedding host serves :attr:`Runtime.tls` on its own TLS listeners
+    (the Synapse module). Otherwise it gets the certificates only if ``tls_listen`` is set, so
+    nothing claims to serve a certificate that no listener serves.
+
+    Nothing is ordered before the standalone HTTP-01 listener is bound: the service waits for
+    it, and if it cannot be bound each attempt fails with that error without reaching the CA.
 
     The built runtime manages ``config.storage``: it holds the store's lock (see
     :mod:`synapse_acme.interprocess`) until ``service`` stops, and raises StoreBusy if another
     process holds it.
     """
     assert IReactorTime.providedBy(reactor) or hasattr(reactor, "seconds")
+    check_startable(config)
     if config.external_certificates:
         return _build_external(config, reactor)
     # Before anything is chmod-ed or created in it: run as root, a store that belongs to
@@ -135,7 +149,14 @@ def build_runtime(
     lock = StoreLock.acquire(config.storage)
     try:
         return _build_managing(
-            config, reactor, lock, standalone_listener, http_client, runner, one_shot
+            config,
+            reactor,
+            lock,
+            standalone_listener,
+            http_client,
+            runner,
+            one_shot,
+            host_serves_tls,
         )
     except BaseException:
         lock.release()
@@ -150,6 +171,7 @@ def _build_managing(
     http_client: Any,
     runner: Runner | None,
     one_shot: bool,
+    host_serves_tls: bool,
 ) -> Runtime:
     store = FileStore(config.storage)
     for line in store.recover():
@@ -173,6 +195,7 @@ def _build_managing(
         config.url,
         timeout=config.request_timeout,
         max_requests_per_minute=config.max_requests_per_minute,
+        untrusted_hint=_untrusted_hint(config),
     )
     client = AcmeClient(transport)
     responder = HTTP01Responder()
@@ -193,8 +216,19 @@ def _build_managing(
     keys = [names_key(canonical_names(spec.names)) for spec in specs]
     required = {k: canonical_names(spec.names) for k, spec in zip(keys, specs, strict=True)}
     tls = HotSwapTLS(default_key=keys[0], clock=reactor, required_names=required)
+    serves_tls = host_serves_tls or bool(config.tls_listen)
     exporters: dict[str, FileExporter] = {}
-    write_status = _status_writer(config, tls, exporters, runner)
+    write_status = _status_writer(config, tls if serves_tls else None, exporters, runner)
+    listener = None
+    endpoints = config.http01_endpoints() if standalone_listener else []
+    if endpoints:
+        http_limits, _ = _listener_limits(config, bool(endpoints))
+        factory = LimitedFactory(
+            make_factory(responder, reactor), http_limits, reactor, "HTTP-01 listener"
+        )
+        listener = HTTP01ListenerService(
+            reactor, factory, endpoints, setting=_listener_setting(config)
+        )
     acme = AcmeService(
         specs,
         ThreadedStore(store, runner) if runner is not None else store,
@@ -205,8 +239,10 @@ def _build_managing(
         check_jitter=config.check_jitter,
         on_status=write_status,
         one_shot=one_shot,
+        ready=listener.when_listening if listener is not None else None,
     )
-    acme.add_consumer(tls)
+    if serves_tls:
+        acme.add_consumer(tls)
 
     root = MultiService()
     StoreLockService(lock).setServiceParent(root)  # first in, so it is stopped last
@@ -227,14 +263,7 @@ def _build_managing(
         exporter.repair(_stored(store, exporter.key))
         exporter.setServiceParent(root)  # stopped after the provisioning service
         acme.add_consumer(exporter)
-    listener = None
-    endpoints = config.http01_endpoints() if standalone_listener else []
-    if endpoints:
-        http_limits, _ = _listener_limits(config, bool(endpoints))
-        factory = LimitedFactory(
-            make_factory(responder, reactor), http_limits, reactor, "HTTP-01 listener"
-        )
-        listener = HTTP01ListenerService(reactor, factory, endpoints)
+    if listener is not None:
         listener.setServiceParent(root)
     _add_tls_listeners(config, reactor, tls, root)
     acme.setServiceParent(root)
@@ -247,6 +276,58 @@ def _build_managing(
         store=store,
         exporter=exporter,
         http01_listener=listener,
+    )
+
+
+def check_startable(config: AcmeConfig) -> None:
+    """ConfigError, naming the key, for what would make a start fail after files were written
+    (or write them where nobody asked for them); nothing is touched before it passes."""
+    if not config.certificate_specs():
+        raise ConfigError(
+            config.key("domain"),
+            "not set, so there is no certificate to manage: set domain (or certificates)",
+            has_value=False,
+        )
+    if not config.external_certificates:
+        check_account_key_directory(config)
+
+
+def check_account_key_directory(config: AcmeConfig) -> None:
+    """ConfigError naming ``account_key_file`` if its directory is missing and outside the
+    storage directory (see :func:`synapse_acme.account.missing_key_directory`)."""
+    missing = missing_key_directory(config.account_key_file, config.storage)
+    if missing is not None:
+        raise ConfigError(
+            config.key("account_key_file"),
+            f"its directory {missing} does not exist, and synapse-acme creates directories only "
+            f"inside the storage directory ({config.storage}): create that directory, or remove "
+            "account_key_file to keep the key in the storage directory (the default)",
+            config.account_key_file,
+        )
+
+
+def _listener_setting(config: AcmeConfig) -> str:
+    """Where the standalone listener's endpoints come from, for its bind errors."""
+    if config.listen is not None:
+        return f"{config.key('listen')} ({', '.join(config.listen)})"
+    return (
+        f"{config.key('port')} ({config.port}) and {config.key('bind_addresses')} "
+        f"({', '.join(config.bind_addresses)})"
+    )
+
+
+def _untrusted_hint(config: AcmeConfig) -> str:
+    """What to do when the CA's HTTPS certificate does not verify: the setting that decides."""
+    if config.ca_bundle is not None:
+        return (
+            f"the CA's HTTPS certificate is not signed by a certificate in "
+            f"{config.key('ca_bundle')} ({config.ca_bundle}): put the CA's root certificate "
+            f"(PEM) there, or check {config.key('url')}"
+        )
+    return (
+        "the CA's HTTPS certificate is not trusted by this system's trust store: for a private "
+        f"CA (step-ca, Pebble) set {config.key('ca_bundle')} to a PEM file with its root "
+        f"certificate; otherwise check {config.key('url')} and the system clock"
     )
 
 
@@ -265,7 +346,10 @@ def _add_tls_listeners(
         return
     _, tls_limits = _listener_limits(config, bool(config.http01_endpoints()))
     for endpoint in config.tls_listen:
-        TLSListenerService(reactor, endpoint, tls, limits=tls_limits).setServiceParent(root)
+        setting = f"{config.key('tls_listen')} ({endpoint})"
+        TLSListenerService(
+            reactor, endpoint, tls, setting=setting, limits=tls_limits
+        ).setServiceParent(root)
 
 
 def _listener_limits(config: AcmeConfig, http01: bool) -> tuple[ConnectionLimits, ConnectionLimits]:

@@ -112,7 +112,10 @@ class AcmeService(Service):
     jitter and the renewal moment; ``key_generator`` makes a new private key per issuance from
     a key type; ``on_status`` receives :meth:`status` after changes (coalesced while running).
     ``one_shot`` selects one-shot mode (see the module docstring): no timers at all, failures
-    recorded without a next attempt and left for the caller to report.
+    recorded without a next attempt and left for the caller to report. ``ready`` returns a
+    Deferred that fires once challenges can be answered (the standalone HTTP-01 listener is
+    bound); every order waits for it, and if it fails the attempt fails with its error
+    without reaching the CA, whose failed validations count against its limits.
     """
 
     def __init__(
@@ -129,8 +132,10 @@ class AcmeService(Service):
         key_generator: Callable[[str], bytes] = crypto.generate_private_key_pem,
         on_status: Callable[[list[dict[str, Any]]], None] | None = None,
         one_shot: bool = False,
+        ready: Callable[[], defer.Deferred[Any]] | None = None,
     ) -> None:
         self._store = store
+        self._ready = ready
         self._issuer = issuer
         self._clock = clock
         self._threshold = (
@@ -316,15 +321,18 @@ class AcmeService(Service):
             except BundleError as e:
                 logger.error("Stored certificate for %s is unusable: %s", _names(m), e)
                 continue
+            # A one-shot command serves nothing: it says what the store holds.
             if m.not_after is not None and m.not_after <= self._now():
                 logger.warning(
-                    "Serving the EXPIRED certificate for %s (expired %s) until a new one is issued",
+                    "The stored certificate for %s EXPIRED on %s"
+                    + ("" if self._one_shot else "; serving it until a new one is issued"),
                     _names(m),
                     _iso(m.not_after),
                 )
             elif m.placeholder:
                 logger.warning(
-                    "Serving a self-signed placeholder for %s until the real certificate is issued",
+                    "The store holds only a self-signed placeholder for %s"
+                    + ("" if self._one_shot else "; serving it until the real one is issued"),
                     _names(m),
                 )
 
@@ -470,6 +478,8 @@ class AcmeService(Service):
                 bundle = m.unsaved
                 logger.info("Saving the certificate for %s issued earlier", _names(m))
             else:
+                if self._ready is not None:
+                    await self._ready()  # no order while no challenge could be answered
                 logger.info("Obtaining a certificate for %s (attempt %d)", _names(m), attempt)
                 replaces = None
                 if m.bundle is not None and not m.placeholder:

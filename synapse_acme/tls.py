@@ -28,7 +28,7 @@ import attrs
 from cryptography import x509
 from OpenSSL import SSL
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -40,12 +40,14 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from synapse_acme import crypto
-from synapse_acme.errors import BundleError
+from synapse_acme.errors import BundleError, ListenError
+from synapse_acme.http01 import bind_error_in_words, endpoint_in_words
 from synapse_acme.interfaces import ICertificateConsumer
 from synapse_acme.limits import ConnectionLimits, HandshakeDeadlineFactory, LimitedFactory
 from synapse_acme.model import CertificateBundle
@@ -491,7 +493,8 @@ class TLSListenerService(StreamServerEndpointService):
     """A TLS listener with ``creator`` on a plain endpoint description (``tcp:8448``).
 
     Binds in ``privilegedStartService`` (so port 443 can be bound before dropping privileges)
-    and raises if binding fails. Without ``factory`` it serves a one-line page.
+    and raises ListenError if binding fails, naming the address, the OS error and ``setting``
+    (the configuration the endpoint comes from). Without ``factory`` it serves a one-line page.
     """
 
     def __init__(
@@ -500,6 +503,7 @@ class TLSListenerService(StreamServerEndpointService):
         description: str,
         creator: IOpenSSLServerConnectionCreator,
         factory: IProtocolFactory | None = None,
+        setting: str | None = None,
         limits: ConnectionLimits | None = None,
     ) -> None:
         super().__init__(
@@ -507,7 +511,27 @@ class TLSListenerService(StreamServerEndpointService):
             factory if factory is not None else _default_site(),
         )
         self.description = description
+        self._setting = setting
         self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except Exception:
+            failure = Failure()
+            text = (
+                f"could not open the TLS listener: {endpoint_in_words(self.description, failure)}"
+                f" ({bind_error_in_words(failure)})"
+            )
+            if self._setting:
+                text += f". It comes from {self._setting}"
+            raise ListenError(text) from None
+
+    def stopService(self) -> Deferred[None]:
+        if self._waitingForPort is None:  # never started (a listener before it failed)
+            self.running = False
+            return succeed(None)
+        return super().stopService()  # type: ignore[no-any-return]
 
 
 __all__ = [

@@ -337,6 +337,9 @@ class JWSTransport:
     user_agent: str = f"synapse-acme/{__version__}"
     timeout: float = DEFAULT_REQUEST_TIMEOUT
     max_requests_per_minute: int = MAX_REQUESTS_PER_MINUTE
+    #: Appended to a failure to verify the CA's HTTPS certificate: what decides the trust
+    #: (the host knows its setting, e.g. ``acme.ca_bundle``).
+    untrusted_hint: str | None = None
     _limiter: RequestRateLimiter = attrs.field(init=False, repr=False)
     _alg: jose.JWASignature = attrs.field(init=False, repr=False)
     _nonces: list[str] = attrs.field(init=False, factory=list, repr=False)
@@ -471,7 +474,10 @@ class JWSTransport:
                 f"the answer is larger than {MAX_RESPONSE_BYTES} bytes", url
             ) from None
         except _TRANSPORT_FAILURES as e:
-            raise AcmeTransportError(_describe_failure(e), url) from None
+            text = _describe_failure(e)
+            if self.untrusted_hint and _UNTRUSTED in text:
+                text += f"; {self.untrusted_hint}"
+            raise AcmeTransportError(text, url) from None
         self._remember_nonce(raw_headers, url)
         retry_after = parse_retry_after(
             (raw_headers.get("retry-after") or (None,))[0], self.clock.seconds()
@@ -575,6 +581,10 @@ class JWSTransport:
 
 def _timed_out(result: object, timeout: float) -> object:
     raise defer.TimeoutError(timeout)
+
+
+# OpenSSL's reason when the server's certificate does not chain to a trusted root.
+_UNTRUSTED = "certificate verify failed"
 
 
 def _describe_failure(e: BaseException) -> str:

@@ -28,7 +28,7 @@ from twisted.python import runtime
 from zope.interface import implementer
 
 from synapse_acme import crypto, fsutil
-from synapse_acme.config import MODULE_NAME, AcmeConfig, parse_acme_config
+from synapse_acme.config import MODULE_NAME, AcmeConfig, choose_block, parse_acme_config
 from synapse_acme.errors import BundleError, ConfigError, StoreBusy, StoreError, SynapseAcmeError
 from synapse_acme.interfaces import ICertificateConsumer
 from synapse_acme.interprocess import RenewRequestWatcher, renew_request_path
@@ -57,19 +57,6 @@ class ModuleSettings:
     placeholder_written: bool = False
 
 
-def _legacy_advice(index: int | None) -> str:
-    where = f"modules[{index}]" if index is not None else "your modules: entry"
-    return (
-        "the top-level 'acme:' block is the old built-in Synapse setting; Synapse itself ignores "
-        "it since 1.30. Move its keys under the module, then delete the top-level block:\n"
-        "    modules:\n"
-        f"      - module: {MODULE_NAME}\n"
-        "        config:\n"
-        "          <the keys of your acme: block, e.g. contact, terms_of_service_agreed, port>\n"
-        f"(this config was read from the top-level block because {where} has no config)"
-    )
-
-
 def _split_path(path: str, prefix: str) -> tuple[str, ...]:
     rest = path[len(prefix) :].lstrip(".") if path.startswith(prefix) else path
     return tuple(p for p in rest.split(".") if p)
@@ -78,30 +65,22 @@ def _split_path(path: str, prefix: str) -> tuple[str, ...]:
 def _choose_block(
     module_config: Mapping[str, Any], hs: glue.HomeserverSettings | None
 ) -> tuple[Mapping[str, Any], str, str]:
-    """Pick the block to parse: the module's config, or the old top-level ``acme:`` block.
+    """Pick the block to parse: the module's config, or the old top-level ``acme:`` block
+    (:func:`synapse_acme.config.choose_block`, the rule the command line follows too).
 
     Returns ``(block, source, error_prefix)``. Never ignores a top-level block silently.
     """
     legacy = hs.top_level_acme if hs is not None else None
     index = hs.module_index if hs is not None else None
-    if legacy is None:
-        # Listing the module is the opt-in: enabled defaults to true here.
-        return {"enabled": True, **module_config}, "modules", "config"
-    if not module_config:
-        logger.warning("synapse-acme: %s", _legacy_advice(index))
-        return dict(legacy), "acme", "acme"
-    if legacy.get("enabled") is False and set(legacy) <= {"enabled"}:
-        logger.warning(
-            "synapse-acme: ignoring the top-level 'acme: {enabled: false}' block (an old Synapse "
-            "default); the module config is used. Delete the top-level block."
-        )
-        return {"enabled": True, **module_config}, "modules", "config"
-    raise glue.synapse_config_error(
-        "both a top-level 'acme:' block and this module's config are set; move every key of the "
-        "top-level block into the module config (modules[].config) and delete the top-level "
-        "'acme:' block",
-        (),
-    )
+    where = f"modules[{index}].config" if index is not None else "the module's config"
+    try:
+        chosen = choose_block(module_config, legacy, where)
+    except ConfigError as e:
+        raise glue.synapse_config_error(e.message, ()) from None
+    if chosen.warning is not None:
+        logger.warning("synapse-acme: %s", chosen.warning)
+    prefix = "config" if chosen.source == "modules" else "acme"
+    return chosen.block, chosen.source, prefix
 
 
 def prepare_tls_files(config: AcmeConfig, clock: IReactorTime) -> bool:
@@ -262,6 +241,9 @@ class AcmeModule:
             )
         except ConfigError as e:
             raise glue.synapse_config_error(str(e), _split_path(e.path, prefix)) from None
+        if source == "modules" and hs is not None and hs.module_index is not None:
+            # Runtime messages (a port that cannot be bound...) name the key as it is written.
+            acme = attrs.evolve(acme, source_path=f"modules[{hs.module_index}].config")
         if hs is not None and hs.tls_certificate_path and acme.tls_certificate_path:
             if os.path.abspath(acme.tls_certificate_path) != hs.tls_certificate_path:
                 logger.warning(
@@ -332,6 +314,7 @@ class AcmeModule:
             self.reactor,
             standalone_listener=self.settings.standalone_listener,
             runner=self._io,
+            host_serves_tls=True,  # _install_tls puts runtime.tls on Synapse's TLS listeners
         )
         self.tls = self.runtime.tls
         self.api.register_web_resource(CHALLENGE_PATH, self.runtime.responder.resource())
@@ -414,6 +397,18 @@ class AcmeModule:
         except Exception:
             logger.exception("synapse-acme: could not start provisioning; Synapse keeps running")
             return
+        listener = self.runtime.http01_listener
+        if listener is not None:
+            # The service orders nothing until this listener is bound (runtime.build_runtime);
+            # if it cannot be, say so once, now, rather than only when a renewal is due.
+            listener.when_listening().addErrback(
+                lambda f: logger.error(
+                    "synapse-acme: %s. No certificate is ordered from this process until it "
+                    "can be opened: fix it and restart Synapse (or remove port/listen from the "
+                    "module config if Synapse's own listeners receive the CA's requests)",
+                    f.getErrorMessage(),
+                )
+            )
         self._renew_watch = RenewRequestWatcher(
             self.settings.acme.storage, self.runtime.acme, self.reactor
         )

@@ -1,22 +1,33 @@
 """Fault matrix row 6: property-based fuzzing at volume (10,000 examples each), through the
 fast real code paths: whole config *documents* (YAML text, mutated), raw HTTP bytes into the
-real standalone challenge listener's protocol, and ACME answers into the real transport + client.
+real standalone challenge listener's protocol, and ACME answers into the real transport + client;
+and 2,500 documents through the command line's commands themselves.
 
 Each test asserts that only the documented outcomes happen: a value or ConfigError; a 200
 only for a live token, every answer well framed (otherwise 4xx or 505, never 500, never an
 exception); a parsed object or one
-of AcmeError / AcmeProtocolError / AcmeTransportError.
+of AcmeError / AcmeProtocolError / AcmeTransportError; exit code 0, 1 or 2 with no traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import os
 import random
+import signal
+import socket
 import string
+import sys
+import threading
+import time
+import traceback
 from pathlib import Path
 from typing import Any
 
+import attrs
 import josepy as jose
 import pytest
 import yaml
@@ -413,3 +424,277 @@ def test_fuzz_acme_answers_through_transport_and_client(caplog: pytest.LogCaptur
     assert sum(outcomes.values()) >= EXAMPLES
     assert outcomes.get("ok", 0) > 50 and outcomes.get("AcmeProtocolError", 0) > 100
     COUNTS["acme"] = sum(outcomes.values())
+
+
+# -- config documents through the CLI's commands ------------------------------------------------
+
+CLI_EXAMPLES = 2_500
+_CLI_COMMANDS: list[list[str]] = [
+    ["status"], ["status", "--json"], ["issue"], ["issue", "--no-listener"],
+    ["issue", "--name", "a.example.com"], ["renew"], ["renew", "--force"], ["run"],
+    ["run", "--no-listener"], ["new-account"], ["new-account", "--force"], ["generate-config"],
+    ["generate-config", "-o", "{case}/out.yaml"],
+    ["generate-config", "-o", "{case}/out.yaml", "--force"],
+]  # fmt: skip
+# Commands that reach the reactor with a usable config: run in a forked child (a reactor runs
+# once per process), against a loopback "CA" that closes every connection at once.
+_REACTOR_COMMANDS = ("issue", "renew", "run")
+_PATH_KEYS = ("storage", "account_key_file", "tls_certificate_path", "tls_private_key_path")
+
+
+class _ClosingCA:
+    """A loopback listener (port 0) that accepts and closes each connection: every request to
+    "the CA" fails at once, so no forked command waits for a timeout or reaches a network."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.sock.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/dir"
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            conn.close()
+
+    def close(self) -> None:
+        self.stopping = True
+        self.thread.join()
+        self.sock.close()
+
+
+def _contain(doc: Any, rng: random.Random, ca_url: str) -> Any:
+    """The document with everything that reaches out of the test made local: the CA is the
+    closing listener, listeners bind port 0 on loopback, files land in the case directory,
+    keys are quick to make and the request cap cannot stall. Applied only to documents that
+    parse, before a command that writes or listens runs on them (the rest stay as fuzzed)."""
+    if not isinstance(doc, dict):
+        return doc
+    for key, new in (
+        ("tls_certificate_path", "tls/hs.crt"),
+        ("tls_private_key_path", "tls/hs.key"),
+    ):
+        if key in doc:
+            doc[key] = new
+    blocks = [doc.get("acme")]
+    if isinstance(doc.get("modules"), list):
+        blocks += [m.get("config") for m in doc["modules"] if isinstance(m, dict)]
+    for block in blocks:
+        if not isinstance(block, dict):
+            continue
+        for key in ("staging", "port", "bind_addresses", "ca_bundle", "max_requests_per_minute"):
+            block.pop(key, None)
+        block["url"] = ca_url
+        block["listen"] = ["tcp:0:interface=127.0.0.1"] if rng.random() < 0.7 else []
+        if block.get("tls_listen"):
+            block["tls_listen"] = ["tcp:0:interface=127.0.0.1"]
+        block["storage"] = "state"
+        if "account_key_file" in block:  # inside the store, or a missing directory outside it
+            block["account_key_file"] = rng.choice(["state/a.key", "state/k/a.key", "out/a.key"])
+        for key, new in (
+            ("tls_certificate_path", "tls/c.pem"),
+            ("tls_private_key_path", "tls/k.pem"),
+        ):
+            if key in block:
+                block[key] = new
+        if "key_type" in block:
+            block["key_type"] = "ecdsa-p256"
+        for item in block.get("certificates") or []:
+            if isinstance(item, dict):
+                item.pop("key_type", None)
+        block["request_timeout"] = 2
+    return doc
+
+
+def _usable_document(rng: random.Random) -> str:
+    """A document that mostly parses and is enabled: the fuzzed documents above rarely are,
+    and the commands' paths past the parser (the reactor, the store, the exports) need them."""
+    block: dict[str, Any] = {"enabled": rng.random() < 0.9, "domain": "a.example.com"}
+    for key in rng.sample(KNOWN_KEYS, rng.randrange(6)):
+        if key not in ("enabled", "domain"):
+            block[key] = rng.choice(_GOOD[key]) if rng.random() < 0.9 else rng.choice(_JUNK)
+    doc: dict[str, Any] = {"server_name": "example.org"}
+    if rng.random() < 0.3:
+        doc["modules"] = [{"module": "synapse_acme.synapse.AcmeModule", "config": block}]
+        if rng.random() < 0.2:
+            doc["acme"] = rng.choice([{"enabled": False}, {"enabled": True, "port": 8009}])
+    else:
+        doc["acme"] = block
+    return yaml.dump(doc, Dumper=_Dumper, allow_unicode=True)
+
+
+@attrs.define
+class _Child:
+    """A forked ``cli.main`` run (see :func:`_fork_cli`)."""
+
+    pid: int
+    out: Path
+    what: str  # the case, for the failure message
+    started: float = attrs.field(factory=time.monotonic)
+
+
+def _fresh_reactor() -> Any:
+    """In a forked child: a reactor of its own. One the parent created (an earlier test
+    imported it) shares its epoll descriptor and waker pipe with the parent and every other
+    child, so two children would see each other's events."""
+    import twisted.internet
+    from twisted.internet import default
+
+    sys.modules.pop("twisted.internet.reactor", None)
+    if hasattr(twisted.internet, "reactor"):
+        delattr(twisted.internet, "reactor")
+    default.install()
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def _fork_cli(args: list[str], cwd: Path, seconds: float, what: str) -> _Child:
+    """``cli.main(args)`` in a forked child (a reactor runs once per process), stopped after
+    ``seconds`` as SIGTERM would stop `run`. Exit code 99: an exception escaped cli.main."""
+    out = cwd / "child.out"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 99
+        try:
+            f = open(out, "w", buffering=1)  # the child ends with os._exit: no close needed
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            sys.stdout = sys.stderr = f
+            logging.root.handlers.clear()  # so the CLI's logging goes to f, as in a terminal
+            os.chdir(cwd)
+            reactor = _fresh_reactor()
+            reactor.callWhenRunning(lambda: reactor.callLater(seconds, reactor.stop))
+            from synapse_acme import cli
+
+            code = cli.main(args)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+    return _Child(pid, out, what)
+
+
+def _reap(child: _Child) -> tuple[int, str]:
+    """Wait for ``child`` (killed after 60 s: a command that does not end is a failure)."""
+    while True:
+        done, status = os.waitpid(child.pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status), child.out.read_text()
+        if time.monotonic() - child.started > 60:
+            os.kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+            raise AssertionError(f"did not end within 60 s: {child.what}\n{child.out.read_text()}")
+        time.sleep(0.002)
+
+
+def _check_outcome(code: int, output: str, what: str) -> None:
+    """The documented outcome of every command: 0, 1 or 2, one message, never a traceback."""
+    assert code in (0, 1, 2), f"exit {code}: {what}\n{output}"
+    assert "Traceback" not in output and "error: unexpected" not in output, f"{what}\n{output}"
+    if code == 2:
+        assert "error" in output or "usage:" in output, f"{what}\n{output}"
+
+
+#: Forked runs (valid, enabled documents into issue/renew/run): each costs a process and up to
+#: a few tenths of a second, so they are capped; two run at a time while the rest go on.
+FORK_BUDGET = 160
+PARALLEL_FORKS = 2
+
+
+def test_fuzz_config_documents_through_every_command(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fuzzed homeserver.yaml/acme.yaml documents through the CLI's commands (not only the
+    parser): every case ends in 0, 1 or 2, with one message and no traceback, and nothing
+    escapes the case directory."""
+    from synapse_acme import cli
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # `~/acme` stays in the test's tree
+    base = tmp_path / "r" / "s" / "t" / "u"  # `../../x` from a case directory stays in here
+    ca = _ClosingCA()
+    seen: dict[str, int] = {}
+    running: list[tuple[_Child, str]] = []
+    counter = iter(range(10**9))
+
+    def reap_one() -> None:
+        child, kind = running.pop(0)
+        code, output = _reap(child)
+        _check_outcome(code, output, child.what)
+        seen[f"{kind}:{code}"] = seen.get(f"{kind}:{code}", 0) + 1
+
+    @settings(max_examples=CLI_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(seed=SEEDS)
+    def check(seed: int) -> None:
+        rng = random.Random(seed)
+        case = base / str(next(counter))
+        case.mkdir(parents=True)
+        if rng.random() < 0.5:
+            (case / "tls").mkdir()
+        text = _usable_document(rng) if rng.random() < 0.35 else _document(rng)
+        command = [a.replace("{case}", str(case)) for a in rng.choice(_CLI_COMMANDS)]
+        path = case / "homeserver.yaml"
+        path.write_text(text, encoding="utf-8")
+        try:
+            parsed: AcmeConfig | None = read_config_file(str(path))
+        except ConfigError:
+            parsed = None
+        forked = command[0] in _REACTOR_COMMANDS and parsed is not None and parsed.enabled
+        if (
+            forked
+            and sum(n for k, n in seen.items() if "/forked" in k) + len(running) >= FORK_BUDGET
+        ):
+            command, forked = ["status"], False  # over budget: the read-only command instead
+        if parsed is not None and command[0] not in ("status", "generate-config"):
+            path.write_text(yaml.safe_dump(_contain(yaml.safe_load(text), rng, ca.url)))
+            try:
+                parsed = read_config_file(str(path))
+            except ConfigError:
+                parsed = None
+            forked = forked and parsed is not None and parsed.enabled
+        flags = rng.choice([[], ["-q"], ["-v"]])
+        args = [command[0], *(["-c", str(path)] if command[0] != "generate-config" else [])]
+        args = (
+            [*flags, *args, *command[1:]] if rng.random() < 0.5 else [*args, *command[1:], *flags]
+        )
+        what = f"seed {seed}: synapse-acme {' '.join(args)}\n{path.read_text()}"
+        if forked:
+            seconds = 0.15 if command[0] == "run" else 15
+            running.append((_fork_cli(args, case, seconds, what), f"{command[0]}/forked"))
+            while len(running) >= PARALLEL_FORKS:
+                reap_one()
+            return
+        caplog.clear()
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(args)
+        _check_outcome(code, out.getvalue() + err.getvalue() + caplog.text, what)
+        assert not [r for r in caplog.records if r.exc_info], f"{what}\n{caplog.text}"
+        seen[f"{command[0]}:{code}"] = seen.get(f"{command[0]}:{code}", 0) + 1
+
+    try:
+        check()
+        while running:
+            reap_one()
+    finally:
+        for child, _ in running:
+            os.kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+        ca.close()
+    total = sum(seen.values())
+    forked = sum(n for k, n in seen.items() if "/forked" in k)
+    print(f"CLI fuzz: {total} cases, {forked} forked: {dict(sorted(seen.items()))}")
+    assert total >= 2_000, seen
+    assert forked >= 100, seen  # valid documents really ran through the reactor
+    assert {k.rsplit(":", 1)[1] for k in seen} == {"0", "1", "2"}, seen
+    COUNTS["cli"] = total

@@ -62,6 +62,7 @@ def test_run_hot_swaps_certbot_managed_files(tmp_path: Path) -> None:
         yaml.safe_dump(
             {
                 "acme": {
+                    "enabled": True,
                     "domain": NAME,
                     "external_certificates": True,
                     "watch_interval": 0.2,

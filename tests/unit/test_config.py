@@ -483,7 +483,9 @@ def test_ca_bundle_must_hold_a_certificate(tmp_path: pathlib.Path) -> None:
         "acme.ca_bundle: expected a PEM file with at least one certificate, got 'empty.pem'"
     )
     (tmp_path / "dir.pem").mkdir()
-    assert "that exists" in _error({"ca_bundle": "dir.pem"}, base_dir=str(tmp_path))
+    assert "it is a directory, not a regular file" in _error(
+        {"ca_bundle": "dir.pem"}, base_dir=str(tmp_path)
+    )
 
 
 def test_partial_homeserver_tls_paths_named_at_top_level() -> None:
@@ -527,6 +529,51 @@ def test_read_homeserver_with_module(tmp_path: pathlib.Path) -> None:
     assert str(info.value).startswith("modules[1].config.port: expected an integer 1-65535")
     config = read_config_file(_write(tmp_path, text.replace("eighty", "0")))
     assert config.enabled and config.http01_endpoints() == [] and config.domain == "hs.example.com"
+
+
+_MODULE = "modules:\n  - module: synapse_acme.synapse.AcmeModule\n"
+
+
+def test_read_module_config_defaults_enabled_to_true_as_the_module_does(
+    tmp_path: pathlib.Path,
+) -> None:
+    base = "server_name: hs.example.com\n" + _MODULE
+    for config_text in ("    config: {port: 0}\n", "    config:\n      enabled:\n", ""):
+        config = read_config_file(_write(tmp_path, base + config_text))
+        assert config.enabled, config_text
+        assert config.source_path == "modules[0].config"
+        assert config.key("enabled") == "modules[0].config.enabled"
+    off = read_config_file(_write(tmp_path, base + "    config: {enabled: false}\n"))
+    assert off.enabled is False and off.source_file == str(tmp_path / "homeserver.yaml")
+
+
+def test_read_both_blocks_is_refused_as_the_module_refuses(tmp_path: pathlib.Path) -> None:
+    text = "server_name: hs.example.com\nacme:\n  enabled: true\n  port: 8009\n" + _MODULE
+    with pytest.raises(ConfigError) as info:
+        read_config_file(_write(tmp_path, text + "    config: {contact: a@example.com}\n"))
+    message = str(info.value)
+    assert message.startswith("acme: both this top-level 'acme:' block and modules[0].config")
+    assert "delete the top-level block" in message
+    # Without a module config, the top-level block is read (its enabled, default false).
+    legacy = read_config_file(_write(tmp_path, text))
+    assert legacy.enabled and legacy.port == 8009 and legacy.source_path == "acme"
+
+
+def test_read_old_disabled_block_beside_the_module_is_ignored_loudly(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = "server_name: hs.example.com\nacme:\n  enabled: false\n" + _MODULE
+    config = read_config_file(_write(tmp_path, text + "    config: {port: 0}\n"))
+    assert config.enabled and config.source_path == "modules[0].config"
+    assert "ignoring the top-level 'acme: {enabled: false}' block" in caplog.text
+
+
+def test_one_name_as_a_string_is_a_one_element_list() -> None:
+    config = parse_acme_config({"domain": "a.example.com", "domains": "other.example.com"})
+    assert config.domains == ("other.example.com",)  # never split into characters
+    text = _error({"domains": "b.example.com, c.example.com"})
+    assert text.startswith("acme.domains: expected a DNS name")
+    assert "several names are a YAML list, like [a.example.com, b.example.com]" in text
 
 
 def test_read_standalone_file(tmp_path: pathlib.Path) -> None:
@@ -600,6 +647,8 @@ def test_every_field_is_in_the_sample_and_documented() -> None:
     sample = SAMPLE.read_text()
     docs = (ROOT / "docs" / "configuration.md").read_text()
     for field in attrs.fields(AcmeConfig):
+        if not field.metadata.get("setting", True):
+            continue  # where the block was read (source_path, source_file): not a setting
         assert re.search(rf"^  #?{field.name}:", sample, re.M), f"{field.name} not in sample"
         assert f"`{field.name}`" in docs, f"{field.name} not in docs/configuration.md"
 

@@ -363,18 +363,35 @@ def test_no_ipv6_host_warns_and_keeps_ipv4(caplog: pytest.LogCaptureFixture) -> 
     assert results == [svc.ports]
     assert [p.getHost().host for p in svc.ports] == ["0.0.0.0"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and ENDPOINTS[0] in warnings[0] and "refused" in warnings[0]
+    # The address in words, not endpoint syntax, and the OS error with its errno name.
+    assert len(warnings) == 1 and "port 80 on ::" in warnings[0]
+    assert "refused, EAFNOSUPPORT" in warnings[0]
 
 
 def test_nothing_bound_fails_naming_endpoints() -> None:
     refuse = {"::": errno.EACCES, "0.0.0.0": errno.EACCES}
-    svc, results = _start(_BindReactor(refuse=refuse), [*ENDPOINTS, "bogus:nonsense"])
+    reactor = _BindReactor(refuse=refuse)
+    svc = HTTP01ListenerService(
+        reactor,
+        make_factory(HTTP01Responder(), Clock()),
+        [*ENDPOINTS, "bogus:nonsense"],
+        setting="acme.port (80) and acme.bind_addresses (::, 0.0.0.0)",
+    )
+    results: list[Any] = []
+    svc.privilegedStartService()
+    svc.when_listening().addBoth(results.append)
     assert len(results) == 1
     failure = results[0]
     assert failure.check(ListenError)
     message = str(failure.value)
-    for endpoint in [*ENDPOINTS, "bogus:nonsense"]:
-        assert endpoint in message
+    # Each address in plain words with its OS error, the setting, and the ways out of EACCES.
+    assert "port 80 on :: (refused, EACCES)" in message
+    assert "port 80 on 0.0.0.0 (refused, EACCES)" in message
+    assert "bogus:nonsense" in message
+    assert "acme.port (80) and acme.bind_addresses" in message
+    for fix in ("8009", "authbind", "--user", "systemd", "docs/deploy-authbind.md"):
+        assert fix in message, fix
+    assert "interface=" not in message
     # a late caller gets the same failure
     late: list[Any] = []
     svc.when_listening().addErrback(late.append)

@@ -521,3 +521,29 @@ def test_running_service_still_promises_the_next_attempt(
         "_tick",
         "_write_status",
     ]
+
+
+def test_no_order_before_the_challenge_listener_is_ready() -> None:
+    bound: defer.Deferred[Any] = defer.Deferred()
+    w = World(ready=lambda: bound)
+    w.start()
+    assert w.issuer.calls == []  # waiting for the listener: nothing ordered yet
+    bound.callback([])
+    assert w.issuer.calls == [(NAMES, None)]
+
+
+def test_a_listener_that_cannot_bind_fails_each_attempt_without_an_order() -> None:
+    from synapse_acme.errors import ListenError
+
+    error = ListenError("could not open any HTTP-01 challenge listener: port 80 on :: (...)")
+    w = World(ready=lambda: defer.fail(error))
+    w.start()
+    w.clock.advance(3 * DAY)  # every retry of the back-off table meanwhile
+    assert w.issuer.calls == []  # the CA never saw an order
+    [status] = w.service.status()
+    assert status["last_error_type"] == "ListenError"
+    assert "port 80 on ::" in status["last_error"]
+    assert status["failures"] > 1 and status["next_attempt"] is not None
+    # A forced renewal (renew --force handed over) does not get past it either.
+    assert isinstance(outcome_of(w.service.renew(force=True))[0][1].value, ListenError)
+    assert w.issuer.calls == []

@@ -4,6 +4,7 @@ the renew-request trigger (with a fake runtime and a MemoryReactorClock)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import types
@@ -262,6 +263,7 @@ class FakeRuntime:
     acme: FakeAcme = attrs.Factory(FakeAcme)
     responder: FakeResponder = attrs.Factory(FakeResponder)
     service: FakeService = attrs.Factory(FakeService)
+    http01_listener: Any = None
 
 
 def make_module(
@@ -316,7 +318,7 @@ def test_module_wires_challenge_tls_and_start(
     mod, api, reactor, built = make_module(tmp_path, monkeypatch)
     ((rt, kw),) = built
     runner = kw.pop("runner")
-    assert kw == {"standalone_listener": False}
+    assert kw == {"standalone_listener": False, "host_serves_tls": True}
     # Store saves, exports and status writes run in the runner's one thread, not on the reactor.
     assert isinstance(runner, BlockingRunner)
     assert ("after", "shutdown", runner.stop) in [
@@ -335,6 +337,33 @@ def test_module_wires_challenge_tls_and_start(
     # Shutdown stops the service.
     ((_, _, trigger),) = reactor.triggers["before"]["shutdown"]
     assert trigger is not None
+
+
+@attrs.define
+class FailedListener:
+    """An HTTP-01 listener whose port could not be bound (the runtime's ListenError)."""
+
+    def when_listening(self) -> defer.Deferred[Any]:
+        from synapse_acme.errors import ListenError
+
+        return defer.fail(
+            ListenError("could not open any HTTP-01 challenge listener: port 8009 on :: (...)")
+        )
+
+
+def test_a_listener_that_cannot_bind_is_reported_once_at_start(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, _, reactor, built = make_module(tmp_path, monkeypatch)
+    ((rt, _),) = built
+    rt.http01_listener = FailedListener()
+    reactor.advance(0)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "port 8009 on ::" in errors[0]
+    assert "No certificate is ordered from this process until it can be opened" in errors[0]
+    # (The service itself waits for the listener before any order: runtime.build_runtime
+    # passes when_listening as its readiness gate; tests/unit/test_service.py shows the gate.)
 
 
 def test_renew_request_file_forces_renewal(

@@ -335,6 +335,39 @@ def test_connection_refused_is_transport_error() -> None:
     assert err.value.url == DIRECTORY_URL
 
 
+@implementer(IAgent)
+class UntrustedAgent:
+    """What treq's agent fails with when the CA's certificate chains to no trusted root."""
+
+    def request(self, method, uri, headers=None, bodyProducer=None):  # type: ignore[no-untyped-def]
+        from OpenSSL import SSL
+        from twisted.python.failure import Failure
+        from twisted.web._newclient import ResponseNeverReceived
+
+        reason = SSL.Error([("SSL routines", "", "certificate verify failed")])
+        return defer.fail(ResponseNeverReceived([Failure(reason)]))
+
+
+def test_untrusted_ca_names_the_setting_that_decides_trust() -> None:
+    key = jose.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
+    hint = "not signed by a certificate in acme.ca_bundle (/etc/ca.pem)"
+    transport = JWSTransport(
+        HTTPClient(UntrustedAgent()), Clock(), key, DIRECTORY_URL, untrusted_hint=hint
+    )
+    with pytest.raises(AcmeTransportError) as err:
+        result_of(transport.directory())
+    text = str(err.value)
+    assert "certificate verify failed" in text and text.endswith(hint)
+    assert DIRECTORY_URL in text
+    # Any other transport failure gets no such hint.
+    refusing = JWSTransport(
+        HTTPClient(RefusingAgent()), Clock(), key, DIRECTORY_URL, untrusted_hint=hint
+    )
+    with pytest.raises(AcmeTransportError) as err:
+        result_of(refusing.directory())
+    assert hint not in str(err.value)
+
+
 def test_failed_directory_fetch_is_not_cached() -> None:
     ca, stub, _, transport = make()
     saved = ca.directory.pop("newNonce")

@@ -1,0 +1,125 @@
+"""runtime.build_runtime's wiring: what the service may do before its challenge listener is up,
+who gets the certificates, and what is checked before anything is written."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock
+
+from synapse_acme.config import AcmeConfig, parse_acme_config
+from synapse_acme.errors import ConfigError
+from synapse_acme.runtime import Runtime, build_runtime
+
+
+class _RecordingHTTP:
+    """Stands for treq at the CA: records every request and never answers."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str]] = []
+
+    def request(self, method: str, url: str, **kwargs: Any) -> defer.Deferred[Any]:
+        self.requests.append((method, url))
+        return defer.Deferred()
+
+
+class _PortTakenReactor(MemoryReactorClock):
+    """A reactor on which every TCP port is taken (the kernel's EADDRINUSE)."""
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        raise CannotListenError(interface, port, OSError(errno.EADDRINUSE, "in use"))
+
+
+def _config(tmp_path: Path, **block: Any) -> AcmeConfig:
+    return parse_acme_config(
+        {
+            "enabled": True,
+            "domain": "gate.example.test",
+            "url": "https://ca.example.test/dir",
+            **block,
+        },
+        base_dir=str(tmp_path),
+        path="modules[0].config",
+    )
+
+
+def _stop(runtime: Runtime) -> None:
+    runtime.service.stopService()
+
+
+def test_nothing_reaches_the_ca_while_the_challenge_listener_cannot_be_bound(
+    tmp_path: Path,
+) -> None:
+    # The module's way: startService only (no privileged start), the service starts at once.
+    reactor = _PortTakenReactor()
+    http = _RecordingHTTP()
+    config = _config(tmp_path, port=8009, bind_addresses=["127.0.0.1"])
+    runtime = build_runtime(config, reactor, http_client=http, host_serves_tls=True)
+    runtime.service.startService()
+    try:
+        reactor.advance(0)
+        reactor.advance(3 * 86400)  # every retry of the back-off table meanwhile
+        assert http.requests == []  # no directory, no account, no order
+        assert runtime.acme is not None
+        [status] = runtime.acme.status()
+        assert status["last_error_type"] == "ListenError"
+        # In plain words, with the key as the module's config names it.
+        assert "port 8009 on 127.0.0.1 (in use, EADDRINUSE)" in status["last_error"]
+        assert "modules[0].config.port (8009)" in status["last_error"]
+    finally:
+        _stop(runtime)
+
+
+def test_the_ca_is_asked_once_the_listener_is_bound(tmp_path: Path) -> None:
+    reactor = MemoryReactorClock()
+    http = _RecordingHTTP()
+    runtime = build_runtime(_config(tmp_path, port=8009), reactor, http_client=http)
+    runtime.service.startService()
+    try:
+        reactor.advance(0)
+        assert http.requests and http.requests[0][1] == "https://ca.example.test/dir"
+    finally:
+        _stop(runtime)
+
+
+def test_certificates_go_to_the_tls_creator_only_when_something_serves_it(
+    tmp_path: Path,
+) -> None:
+    # A one-shot `issue` with no TLS listener must not claim to serve (the status's served
+    # serial stays empty); a host that installs the creator, or tls_listen, gets them.
+    for kwargs, block, serves in (
+        ({}, {}, False),
+        ({"host_serves_tls": True}, {}, True),
+        ({}, {"tls_listen": ["tcp:0:interface=127.0.0.1"]}, True),
+    ):
+        runtime = build_runtime(
+            _config(tmp_path, port=0, **block),
+            MemoryReactorClock(),
+            http_client=_RecordingHTTP(),
+            **kwargs,
+        )
+        try:
+            assert runtime.acme is not None
+            assert (runtime.tls in runtime.acme._consumers) is serves, (kwargs, block)
+        finally:
+            for child in runtime.service:
+                if hasattr(child, "lock"):
+                    child.lock.release()
+
+
+def test_an_account_key_directory_outside_the_store_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    key = tmp_path / "path" / "to" / "acme_account.key"
+    config = _config(tmp_path, port=0, storage="store", account_key_file=str(key))
+    with pytest.raises(ConfigError) as info:
+        build_runtime(config, MemoryReactorClock(), http_client=_RecordingHTTP())
+    assert str(info.value).startswith(
+        f"modules[0].config.account_key_file: its directory {key.parent} does not exist"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
