@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# The project's test command (README): dependencies, lint, types, then the whole pytest suite.
+# The project's test command (README): dependencies, lint, types, the whole pytest suite, then
+# the version range setup.py declares, tested at both ends.
 #
 #   bash scripts/test.sh [pytest args...]     e.g.  bash scripts/test.sh -m "not integration"
 #
+# With pytest args only that pytest run happens. Without, it is followed by
+#   - the Synapse integration test against the oldest supported Synapse, in a venv where
+#     `pip check` must be clean (scripts/install-synapse-oldest.sh),
+#   - the version matrix (scripts/test-versions.sh): the unit tests on the oldest and the newest
+#     supported Python with every runtime dependency at its declared minimum, and next to
+#     matrix-synapse[all] with `pip check`.
 # Fails if any step fails, including pytest collecting no tests (exit 5).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -37,4 +44,7 @@ if [ "$#" -eq 0 ]; then
     SYNAPSE_ACME_SYNAPSE_PYTHON="$PWD/.venv-synapse-oldest/bin/python" \
         SYNAPSE_ACME_EXPECT_SYNAPSE_VERSION="$SYNAPSE_OLDEST" \
         "$PY" -m pytest -q tests/integration/test_synapse.py
+
+    step "version matrix (scripts/test-versions.sh)"
+    bash scripts/test-versions.sh
 fi
