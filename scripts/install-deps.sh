@@ -98,6 +98,7 @@ if [ "$PROFILE" = demo ]; then
             find synapse_acme -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum
         } | sha256sum | cut -d' ' -f1
     )"
+    rm -rf build  # setuptools' scratch copy: a module deleted from the tree would linger in it
     install_venv .venv-demo "$stamp" .
 else
     EXTRAS="${SYNAPSE_ACME_EXTRAS:-dev,synapse}"

@@ -43,11 +43,26 @@ WHEEL_DIR="$LOGS/wheel"
 
 # One wheel for every job: building it in parallel in the same source tree would race.
 say "building the synapse-acme wheel (log: $LOGS/wheel.log)"
+rm -rf build  # setuptools' scratch copy: a module deleted from the tree would linger in it
 python3 -m pip wheel --no-deps --disable-pip-version-check -w "$WHEEL_DIR" . >"$LOGS/wheel.log" 2>&1 || {
     tail -n 30 "$LOGS/wheel.log" >&2
     exit 1
 }
 WHEEL="$(ls "$WHEEL_DIR"/synapse_acme-*.whl)"
+# An editable install (.venv) imports from the source tree and hides a module the wheel lacks
+# (a directory without __init__.py, a data file not in package_data): compare the two.
+python3 - "$WHEEL" <<'PY'
+import pathlib, sys, zipfile
+source = {
+    p.as_posix()
+    for p in pathlib.Path("synapse_acme").rglob("*")
+    if p.is_file() and "__pycache__" not in p.parts
+}
+shipped = {n for n in zipfile.ZipFile(sys.argv[1]).namelist() if n.startswith("synapse_acme/")}
+missing = sorted(source - shipped)
+if missing:
+    sys.exit("test-versions: the wheel lacks " + ", ".join(missing))
+PY
 
 stamp_of() {  # stamp_of PYTHON WHAT...: what a venv is built from
     {
