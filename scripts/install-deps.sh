@@ -65,8 +65,9 @@ apt_packages() {
 install_venv() {
     local venv=$1 stamp=$2
     shift 2
-    # (run from / so that the import cannot find the source tree instead of the install)
-    if venv_fresh "$venv" "$stamp" && (cd / && "$venv/bin/python" -c 'import synapse_acme') 2>/dev/null; then
+    # The import runs from / so that it cannot find the source tree instead of the install.
+    local python="$PWD/$venv/bin/python"
+    if venv_fresh "$venv" "$stamp" && (cd / && "$python" -c 'import synapse_acme') 2>/dev/null; then
         say "$venv is up to date"
         return
     fi
