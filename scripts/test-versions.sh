@@ -82,7 +82,9 @@ fresh_venv() {  # fresh_venv DIR PYTHON: an empty venv with a current pip
 unit_tests() {  # unit_tests VENV [pytest args...]
     local venv=$1
     shift
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/unit "$@"
+    # Its own temporary directory and no cache: other pytest runs may share this tree meanwhile.
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider --basetemp "$LOGS/tmp-${venv#.}" \
+        tests/unit "$@"
 }
 
 job_min() {  # job_min PYTHON X.Y
