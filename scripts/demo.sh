@@ -3,35 +3,38 @@
 #
 #   bash scripts/demo.sh
 #
-# Installs the dependencies (scripts/install-deps.sh), starts Pebble (a real RFC 8555 test CA)
-# on loopback, writes demo-state/acme.yaml, runs `synapse-acme issue` for demo.example.test and
-# matrix.demo.example.test (Pebble's DNS stub points every name at 127.0.0.1, where synapse-acme's
-# own HTTP-01 listener answers), verifies the chain with openssl, prints `synapse-acme status`,
-# and stops Pebble. Everything lands in ./demo-state/, wiped at each run because Pebble forgets
-# accounts and roots when it restarts.
+# Installs only what the demo runs (scripts/install-deps.sh --demo: Debian's pebble, openssl and
+# ca-certificates, and synapse-acme with its runtime dependencies in .venv-demo; the first run
+# needs the Debian and Python package archives, later runs need no network), starts Pebble (a
+# real RFC 8555 test CA) on loopback, writes demo-state/acme.yaml, runs `synapse-acme issue` for
+# demo.example.test and matrix.demo.example.test (Pebble's DNS stub points every name at
+# 127.0.0.1, where synapse-acme's own HTTP-01 listener answers), verifies the chain with openssl,
+# prints `synapse-acme status`, and stops Pebble. Everything lands in ./demo-state/, wiped at each
+# run because Pebble forgets accounts and roots when it restarts.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 STATE="$PWD/demo-state"
-PY=.venv/bin/python
-ACME=.venv/bin/synapse-acme
+# -I: the installed package, never the source tree in the current directory.
+PY=(.venv-demo/bin/python -I)
+ACME=.venv-demo/bin/synapse-acme
 DOMAIN=demo.example.test
 EXTRA=matrix.demo.example.test
 
 say() { printf '\n==> %s\n' "$*"; }
 
-say "Installing dependencies (Debian: pebble, sslscan; Python: .venv)"
-bash scripts/install-deps.sh
+say "Installing what the demo needs (Debian: pebble, openssl; Python: synapse-acme in .venv-demo)"
+bash scripts/install-deps.sh --demo
 
 rm -rf "$STATE"
 mkdir -p "$STATE"
 chmod 700 "$STATE"
 
-HTTP_PORT="$("$PY" -c 'from synapse_acme.testing.pebble import free_port; print(free_port())')"
+HTTP_PORT="$("${PY[@]}" -c 'from synapse_acme.testing.pebble import free_port; print(free_port())')"
 
 say "Starting a private Pebble ACME CA (validator dials 127.0.0.1:$HTTP_PORT for HTTP-01)"
 # --validity: 90-day certificates, like Let's Encrypt's classic profile (Pebble's default is 5 years).
-"$PY" -m synapse_acme.testing.pebble serve --workdir "$STATE/pebble" --http-port "$HTTP_PORT" \
+"${PY[@]}" -m synapse_acme.testing.pebble serve --workdir "$STATE/pebble" --http-port "$HTTP_PORT" \
     --validity $((90 * 86400)) \
     >"$STATE/pebble.json" 2>"$STATE/pebble-serve.log" &
 PEBBLE_PID=$!
@@ -57,7 +60,7 @@ if [ ! -s "$STATE/pebble.json" ]; then
     cat "$STATE/pebble-serve.log" >&2
     exit 1
 fi
-json_field() { "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$@"; }
+json_field() { "${PY[@]}" -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$@"; }
 DIRECTORY_URL="$(json_field "$STATE/pebble.json" directory_url)"
 CA_BUNDLE="$(json_field "$STATE/pebble.json" ca_bundle)"
 MANAGEMENT_URL="$(json_field "$STATE/pebble.json" management_url)"
@@ -92,9 +95,16 @@ say "synapse-acme status -c $CONFIG"
 "$ACME" status -c "$CONFIG"
 
 CERT_DIR="$("$ACME" status -c "$CONFIG" --json \
-    | "$PY" -c 'import json,sys; print(json.load(sys.stdin)[0]["path"])')"
+    | "${PY[@]}" -c 'import json,sys; print(json.load(sys.stdin)[0]["path"])')"
 say "Checking the stored chain against this Pebble's issuing root (openssl verify)"
-curl -sS --fail --noproxy '*' --cacert "$CA_BUNDLE" "$MANAGEMENT_URL/roots/0" >"$STATE/pebble-root.pem"
+"${PY[@]}" - "$MANAGEMENT_URL/roots/0" "$CA_BUNDLE" >"$STATE/pebble-root.pem" <<'PY'
+import ssl, sys, urllib.request
+opener = urllib.request.build_opener(
+    urllib.request.ProxyHandler({}),
+    urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=sys.argv[2])),
+)
+sys.stdout.buffer.write(opener.open(sys.argv[1], timeout=10).read())
+PY
 openssl verify -CAfile "$STATE/pebble-root.pem" -untrusted "$CERT_DIR/fullchain.pem" \
     "$CERT_DIR/fullchain.pem"
 openssl x509 -in "$CERT_DIR/fullchain.pem" -noout -subject -enddate -ext subjectAltName

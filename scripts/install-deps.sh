@@ -1,105 +1,119 @@
 #!/usr/bin/env bash
-# Install what synapse-acme's tests and demo need; idempotent and fast when already done.
+# Install what the demo or the test suite needs; idempotent, and quick when already done.
 #
-#   bash scripts/install-deps.sh
+#   bash scripts/install-deps.sh           # the test stack (scripts/test.sh, scripts/bench.sh)
+#   bash scripts/install-deps.sh --demo    # only what scripts/demo.sh runs
 #
-# 1. Debian packages (APT_PACKAGES below): only when one is missing, via apt-get (as root, or sudo).
-# 2. A virtualenv at .venv with `pip install -e '.[EXTRAS]'`, redone only when setup.py,
-#    pyproject.toml or the extras change (a stamp file in .venv records what was installed).
+# The demo profile is what an operator's machine gets from the README's first command:
+#   Debian: pebble, openssl, ca-certificates (+ python3-venv when the interpreter lacks ensurepip)
+#   .venv-demo: `pip install .`, i.e. synapse-acme and its runtime dependencies, nothing else.
+# The test profile adds the programs the integration tests drive and the developer tools:
+#   Debian: the demo's packages + TEST_APT below
+#   .venv: `pip install -e '.[dev,synapse]'` (ruff, mypy, pytest, matrix-synapse, ...).
+# Each venv is redone only when what it was built from changes (a stamp file inside records it).
+# pip's progress (each package as it is fetched, built and installed) is shown; its whole output
+# is kept in <venv>/pip-install.log.
 #
-# Environment: PYTHON (interpreter for the venv, default python3), SYNAPSE_ACME_EXTRAS (pip extras,
-# default below), SYNAPSE_ACME_SKIP_APT=1 (trust that the programs are there).
+# Environment: PYTHON (interpreter for the venvs, default python3), SYNAPSE_ACME_EXTRAS (pip
+# extras of the test venv, default dev,synapse), SYNAPSE_ACME_SKIP_APT=1 (trust that the
+# programs are there).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+SAY_PREFIX=install-deps
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
-# ---- Debian packages the test suite and the demo run. Add new ones HERE (one place). --------------
-#   pebble      : real ACME test CA (+ pebble-challtestsrv DNS stub)      -> synapse_acme.testing.pebble
+PROFILE="test"
+case "${1:-}" in
+    --demo) PROFILE=demo ;;
+    "") ;;
+    *)
+        echo "usage: bash scripts/install-deps.sh [--demo]" >&2
+        exit 2
+        ;;
+esac
+
+# ---- Debian packages. Add new ones HERE (one place). ---------------------------------------------
+#   pebble      : the real ACME test CA (+ pebble-challtestsrv DNS stub) -> synapse_acme.testing.pebble
+#   openssl     : the demo's `openssl verify` of the issued chain
+#   ca-certificates: the system trust store Python's ssl module and pip expect
+DEMO_APT=(pebble openssl ca-certificates)
 #   sslscan     : inspects the TLS listeners from outside                  -> tls integration tests
+#   curl        : sanity checks in the deployment tests
 #   wrk         : HTTP load generator                                      -> bench smoke test
-#   strace      : proves the crash harness traced every directory change   -> tests/faults crash tests
-#   python3-venv: `python3 -m venv` on Debian
-#   openssl, ca-certificates, curl: demo output and sanity checks
-APT_PACKAGES=(pebble sslscan python3-venv openssl ca-certificates curl wrk nginx apache2 authbind systemd util-linux strace)
+#   nginx, apache2, authbind, systemd (systemd-socket-activate), util-linux -> deployment tests
+#   strace      : proves the crash harness traced every directory change   -> tests/faults
+#   build-essential, libpq-dev: compile what has no wheel for every Python in the version matrix
+#                 (psycopg2 of matrix-synapse[all], old PyYAML)           -> scripts/test-versions.sh
+TEST_APT=(sslscan curl wrk nginx apache2 authbind systemd util-linux strace build-essential libpq-dev)
 # ------------------------------------------------------------------------------------------------
 
-# pip extras installed into .venv. The Synapse integration adds "synapse" here.
-EXTRAS="${SYNAPSE_ACME_EXTRAS:-dev,synapse}"
 PYTHON="${PYTHON:-python3}"
-VENV=.venv
 
-say() { printf 'install-deps: %s\n' "$*" >&2; }
-
-missing_apt_packages() {
-    local pkg
-    for pkg in "${APT_PACKAGES[@]}"; do
-        if [ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" != "install ok installed" ]; then
-            printf '%s\n' "$pkg"
-        fi
-    done
+apt_packages() {
+    local pkgs=("${DEMO_APT[@]}")
+    [ "$PROFILE" = test ] && pkgs+=("${TEST_APT[@]}")
+    # Debian's python3 has no `venv` without python3-venv (ensurepip is split out).
+    if ! command -v "$PYTHON" >/dev/null 2>&1 || ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+        pkgs+=(python3-venv)
+    fi
+    printf '%s\n' "${pkgs[@]}"
 }
 
-install_apt() {
-    if [ "${SYNAPSE_ACME_SKIP_APT:-0}" = 1 ]; then
-        say "SYNAPSE_ACME_SKIP_APT=1: not checking Debian packages"
-        return
-    fi
-    if ! command -v dpkg-query >/dev/null 2>&1; then
-        say "not a Debian-like system: install by hand: ${APT_PACKAGES[*]}"
-        return
-    fi
-    local missing
-    missing="$(missing_apt_packages)"
-    if [ -z "$missing" ]; then
-        return
-    fi
-    # shellcheck disable=SC2086 # word splitting of the package list is intended
-    say "installing Debian packages: $(echo $missing)"
-    local sudo=()
-    if [ "$(id -u)" != 0 ]; then
-        if command -v sudo >/dev/null 2>&1; then
-            sudo=(sudo -n)
-        else
-            say "need root (or sudo) to install: $(echo $missing)"
-            exit 1
-        fi
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    "${sudo[@]}" apt-get update -q
-    # shellcheck disable=SC2086
-    "${sudo[@]}" apt-get install -y -q --no-install-recommends $missing
-}
-
+# install_venv DIR STAMP PIP-ARGS...: (re)build DIR with `pip install PIP-ARGS` unless its stamp
+# says it already holds exactly that.
 install_venv() {
-    local stamp="$VENV/.synapse-acme-installed"
-    local want
-    want="$(
+    local venv=$1 stamp=$2
+    shift 2
+    # The import runs from / so that it cannot find the source tree instead of the install.
+    local python="$PWD/$venv/bin/python"
+    if venv_fresh "$venv" "$stamp" && (cd / && "$python" -c 'import synapse_acme') 2>/dev/null; then
+        say "$venv is up to date"
+        return
+    fi
+    if [ ! -x "$venv/bin/python" ]; then
+        say "creating $venv with $("$PYTHON" --version 2>&1)"
+        "$PYTHON" -m venv "$venv"
+    fi
+    local log="$venv/pip-install.log"
+    : >"$log"
+    say "pip install $* into $venv (full log: $log)"
+    local start=$SECONDS
+    pip_run "$log" "$venv/bin/python" -m pip install --upgrade pip
+    pip_run "$log" "$venv/bin/python" -m pip install "$@"
+    say "$venv ready in $((SECONDS - start)) s ($(du -sh "$venv" | cut -f1))"
+    venv_stamp "$venv" "$stamp"
+}
+
+mapfile -t APT < <(apt_packages)
+apt_ensure "${APT[@]}"
+
+if [ "$PROFILE" = demo ]; then
+    # A regular (not editable) install, as an operator gets from `pip install synapse-acme`: it
+    # proves the built package carries its data files and entry point. The stamp covers the
+    # sources too, so an edit is picked up at the next run.
+    stamp="$(
         {
-            echo "extras=$EXTRAS"
+            echo "demo $("$PYTHON" --version 2>&1)"
+            cat setup.py pyproject.toml
+            find synapse_acme -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum
+        } | sha256sum | cut -d' ' -f1
+    )"
+    rm -rf build  # setuptools' scratch copy: a module deleted from the tree would linger in it
+    install_venv .venv-demo "$stamp" .
+else
+    EXTRAS="${SYNAPSE_ACME_EXTRAS:-dev,synapse}"
+    stamp="$(
+        {
+            echo "extras=$EXTRAS $("$PYTHON" --version 2>&1)"
             cat setup.py pyproject.toml
         } | sha256sum | cut -d' ' -f1
     )"
-    if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-        && "$VENV/bin/python" -c 'import synapse_acme' 2>/dev/null; then
-        return
-    fi
-    if [ ! -x "$VENV/bin/python" ]; then
-        say "creating $VENV with $("$PYTHON" --version 2>&1)"
-        "$PYTHON" -m venv "$VENV"
-    fi
-    say "pip install -e '.[$EXTRAS]' into $VENV (log: $VENV/pip-install.log)"
-    if ! { "$VENV/bin/python" -m pip install --upgrade pip \
-        && "$VENV/bin/python" -m pip install -e ".[$EXTRAS]"; } >"$VENV/pip-install.log" 2>&1; then
-        tail -n 40 "$VENV/pip-install.log" >&2
-        say "pip install failed (full log: $VENV/pip-install.log)"
-        exit 1
-    fi
-    echo "$want" >"$stamp"
-}
+    install_venv .venv "$stamp" -e ".[$EXTRAS]"
+fi
 
-install_apt
-install_venv
-for prog in pebble pebble-challtestsrv sslscan; do
+for prog in pebble pebble-challtestsrv openssl $([ "$PROFILE" = test ] && echo sslscan); do
     if ! command -v "$prog" >/dev/null 2>&1; then
-        say "WARNING: $prog is still not on PATH; integration tests will fail"
+        say "WARNING: $prog is still not on PATH"
     fi
 done
