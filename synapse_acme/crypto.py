@@ -173,6 +173,15 @@ def _public_bytes(key: object) -> bytes:
     )
 
 
+def leaf_serial_hex(chain_pem: bytes) -> str | None:
+    """The leaf's serial number in hex (how status reports and compares certificates), or
+    ``None`` if the chain does not parse."""
+    try:
+        return f"{parse_chain(chain_pem)[0].serial_number:x}"
+    except BundleError:
+        return None
+
+
 def key_matches_leaf(key_pem: bytes, chain_pem: bytes) -> bool:
     """True if ``key_pem`` is the private key of the first certificate in ``chain_pem``.
 

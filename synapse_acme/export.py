@@ -88,13 +88,6 @@ def _abspath(path: str) -> str:
     return os.path.abspath(path)
 
 
-def _serial(chain_pem: bytes) -> str | None:
-    try:
-        return f"{crypto.parse_chain(chain_pem)[0].serial_number:x}"
-    except Exception:
-        return None
-
-
 class ExportOutcome(enum.Enum):
     """What the last export attempt did."""
 
@@ -302,7 +295,9 @@ class FileExporter(Service):
         if new_record != record:
             self._save_record(new_record)
         self._warned.difference_update(planned)
-        self.state = ExportState(outcome=ExportOutcome.OK, serial=_serial(bundle.chain_pem))
+        self.state = ExportState(
+            outcome=ExportOutcome.OK, serial=crypto.leaf_serial_hex(bundle.chain_pem)
+        )
         if changed:
             logger.info(
                 "Exported the certificate for %s to %s",

@@ -25,7 +25,7 @@ from synapse_acme.account import (
 )
 from synapse_acme.client import AcmeClient
 from synapse_acme.config import AcmeConfig
-from synapse_acme.errors import BundleError, ConfigError
+from synapse_acme.errors import ConfigError
 from synapse_acme.export import FileExporter
 from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder
 from synapse_acme.http01_server import make_factory
@@ -79,7 +79,9 @@ def _status_writer(
     def write(status: list[dict[str, Any]]) -> None:
         for entry in status:
             served = tls.current(entry["key"]) if tls is not None else None
-            entry["served_serial"] = _serial(served.chain_pem) if served is not None else None
+            entry["served_serial"] = (
+                crypto.leaf_serial_hex(served.chain_pem) if served is not None else None
+            )
             exporter = exporters.get(entry["key"])
             if exporter is not None:
                 entry["export"] = {
@@ -96,13 +98,6 @@ def _status_writer(
             )
 
     return write
-
-
-def _serial(chain_pem: bytes) -> str | None:
-    try:
-        return f"{crypto.parse_chain(chain_pem)[0].serial_number:x}"
-    except BundleError:
-        return None
 
 
 def build_runtime(
