@@ -80,6 +80,7 @@ class Issuance:
             "enabled": True,
             "url": self.ca.directory_url,
             "ca_bundle": self.ca.ca_bundle,
+            "issuer_roots": self.ca.issuer_roots,
             "port": self.port,
             "bind_addresses": ["127.0.0.1"],
             "domain": groups[0][0],

@@ -63,6 +63,7 @@ fi
 json_field() { "${PY[@]}" -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$@"; }
 DIRECTORY_URL="$(json_field "$STATE/pebble.json" directory_url)"
 CA_BUNDLE="$(json_field "$STATE/pebble.json" ca_bundle)"
+ISSUER_ROOTS="$(json_field "$STATE/pebble.json" issuer_roots)"
 MANAGEMENT_URL="$(json_field "$STATE/pebble.json" management_url)"
 echo "ACME directory: $DIRECTORY_URL"
 
@@ -75,6 +76,8 @@ acme:
   url: "$DIRECTORY_URL"
   # Pebble's API uses a throw-away CA; trust exactly that, not the system store.
   ca_bundle: "$CA_BUNDLE"
+  # The roots Pebble issues from (new at every start): every issued chain must reach one.
+  issuer_roots: "$ISSUER_ROOTS"
   # synapse-acme's own HTTP-01 listener, where Pebble's validator connects.
   port: $HTTP_PORT
   bind_addresses: ["127.0.0.1"]

@@ -28,6 +28,7 @@ from twisted.internet.endpoints import quoteStringArgument
 from synapse_acme import fsutil
 from synapse_acme.crypto import KEY_TYPES
 from synapse_acme.errors import ConfigError, StoreError
+from synapse_acme.limits import ConnectionLimits
 from synapse_acme.model import CertificateSpec
 from synapse_acme.names import canonical_name
 from synapse_acme.policy import DEFAULT_REQUEST_TIMEOUT, MAX_REQUESTS_PER_MINUTE
@@ -79,6 +80,8 @@ _HTTP01_ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
 # The runner wraps tls_listen endpoints in TLS itself, so "ssl:" (which needs files) is refused.
 _TLS_ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
 _CA_BUNDLE_MAX_BYTES = 10 * 1024 * 1024
+# A CA's validator sends its request within milliseconds; minutes only help a slow-loris.
+_MAX_LISTENER_TIMEOUT = 300.0
 
 
 @attrs.frozen
@@ -118,6 +121,9 @@ class AcmeConfig:
     storage: str = "./acme"
     account_key_file: str = "./acme/account.key"
     ca_bundle: str | None = None
+    issuer_roots: str | None = None
+    testing_allow_http: bool = False
+    connection_limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
     eab: EabConfig | None = None
     profile: str | None = None
     tls_certificate_path: str | None = None
@@ -261,7 +267,7 @@ def _key_type(value: Any, path: str) -> str:
     return text
 
 
-def _url(value: Any, path: str) -> str:
+def _url(value: Any, path: str, *, allow_http: bool = False) -> str:
     text = _str(value, path, "an http(s) URL of an ACME v2 directory")
     try:
         parts = urllib.parse.urlsplit(text)
@@ -277,6 +283,13 @@ def _url(value: Any, path: str) -> str:
         )
     if parts.scheme not in ("http", "https") or not host:
         raise ConfigError(path, "expected an http(s) URL of an ACME v2 directory", value)
+    if parts.scheme == "http" and not allow_http:
+        raise ConfigError(
+            path,
+            "expected an https:// URL: over plain http anyone on the path could answer in the "
+            "CA's name (a local test CA may be allowed with testing_allow_http: true)",
+            value,
+        )
     return text
 
 
@@ -385,7 +398,7 @@ def _file_path(value: Any, path: str, base_dir: str | None) -> str:
     return text
 
 
-def _ca_bundle(value: Any, path: str, base_dir: str | None) -> str:
+def _certificates_file(value: Any, path: str, base_dir: str | None) -> str:
     file_path = _file_path(value, path, base_dir)
     what = "expected a PEM file of CA certificates"
     try:
@@ -401,6 +414,38 @@ def _ca_bundle(value: Any, path: str, base_dir: str | None) -> str:
             path, "expected a PEM file with at least one certificate", value
         ) from None
     return file_path
+
+
+def _connection_limits(value: Any, path: str) -> ConnectionLimits:
+    what = "a mapping of max_connections, max_per_address, handshake_timeout, header_timeout"
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, f"expected {what}", value)
+    fields = ("max_connections", "max_per_address", "handshake_timeout", "header_timeout")
+    _check_keys(value, path, fields)
+    given = {k: v for k, v in value.items() if v is not None}
+    out: dict[str, Any] = {}
+    for key in ("max_connections", "max_per_address"):
+        if key in given:
+            out[key] = _int(given[key], f"{path}.{key}", 1, 1_000_000, "a whole number above 0")
+    for key in ("handshake_timeout", "header_timeout"):
+        if key in given:
+            seconds = _duration(given[key], f"{path}.{key}")
+            if seconds > _MAX_LISTENER_TIMEOUT:
+                raise ConfigError(
+                    f"{path}.{key}",
+                    f"expected at most {_MAX_LISTENER_TIMEOUT:g} s (a slow peer holds a "
+                    "connection this long)",
+                    given[key],
+                )
+            out[key] = seconds
+    limits = ConnectionLimits(**out)
+    if limits.max_per_address > limits.max_connections:
+        raise ConfigError(
+            f"{path}.max_per_address",
+            f"expected at most max_connections ({limits.max_connections})",
+            limits.max_per_address,
+        )
+    return limits
 
 
 def _b64url_decode(text: str) -> bytes:
@@ -517,6 +562,8 @@ _FIELD_READERS: dict[str, Callable[[Any, str], Any]] = {
     "enabled": _bool,
     "staging": _bool,
     "external_certificates": _bool,
+    "testing_allow_http": _bool,
+    "connection_limits": _connection_limits,
     "watch_interval": _duration,
     "terms_of_service_agreed": _bool,
     "port": lambda v, p: _int(v, p, 0, 65535, "an integer 1-65535 (or 0 for no listener)"),
@@ -576,7 +623,9 @@ def parse_acme_config(
 
     # url / staging
     if "url" in present:
-        values["url"] = _url(present["url"], at("url"))
+        values["url"] = _url(
+            present["url"], at("url"), allow_http=values.get("testing_allow_http", False)
+        )
         if values.get("staging") and values["url"] != LETSENCRYPT_STAGING_URL:
             raise ConfigError(
                 at("staging"),
@@ -662,7 +711,11 @@ def parse_acme_config(
         else os.path.join(storage, "account.key")
     )
     if "ca_bundle" in present:
-        values["ca_bundle"] = _ca_bundle(present["ca_bundle"], at("ca_bundle"), base_dir)
+        values["ca_bundle"] = _certificates_file(present["ca_bundle"], at("ca_bundle"), base_dir)
+    if "issuer_roots" in present:
+        values["issuer_roots"] = _certificates_file(
+            present["issuer_roots"], at("issuer_roots"), base_dir
+        )
     if "eab" in present:
         values["eab"] = _eab(present["eab"], at("eab"))
 

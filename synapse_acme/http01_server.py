@@ -47,9 +47,10 @@ logger = logging.getLogger(__name__)
 MAX_HEAD = 8192
 #: Most header fields accepted in one request.
 MAX_HEADERS = 100
-#: Seconds a connection may stay without a complete request before it is dropped. A CA's
-#: validation request arrives within milliseconds of connecting.
-IDLE_TIMEOUT = 30.0
+#: Seconds a connection may stay without a complete request before it is dropped (the
+#: default of ``acme.connection_limits.header_timeout``). A CA's validation request arrives
+#: within milliseconds of connecting.
+IDLE_TIMEOUT = 10.0
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}")
@@ -285,6 +286,9 @@ class ChallengeHTTPFactory(ServerFactory[ChallengeHTTPProtocol]):
         return self._date
 
 
-def make_factory(responder: HTTP01Responder, clock: IReactorTime) -> ChallengeHTTPFactory:
-    """The protocol factory the standalone HTTP-01 listener serves ``responder`` with."""
-    return ChallengeHTTPFactory(responder.tokens(), clock)
+def make_factory(
+    responder: HTTP01Responder, clock: IReactorTime, idle_timeout: float = IDLE_TIMEOUT
+) -> ChallengeHTTPFactory:
+    """The protocol factory the standalone HTTP-01 listener serves ``responder`` with;
+    ``idle_timeout`` bounds how long a request head may take (and idling between requests)."""
+    return ChallengeHTTPFactory(responder.tokens(), clock, idle_timeout)

@@ -33,6 +33,7 @@ from synapse_acme.errors import (
 from synapse_acme.interfaces import IIssuer, IResponder
 from synapse_acme.model import CertificateBundle, RenewalWindow
 from synapse_acme.names import canonical_names
+from synapse_acme.trust import IssuerTrust
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def _identifier(authz: messages.Authorization) -> str:
 @attrs.define
 class AcmeIssuer:
     """Obtains certificates from the CA behind ``client``, answering challenges with
-    ``responders`` (preferred first). The account is registered on first use, and
+    ``responders`` (preferred first); every issued chain must reach a root of ``trust``
+    (:class:`~synapse_acme.trust.IssuerTrust`). The account is registered on first use, and
     ``on_account`` (if given) is called with its URL each time the CA tells it (the runtime
     records it in the store; a failing callback is logged, never fails the issuance)."""
 
@@ -77,6 +79,7 @@ class AcmeIssuer:
     responders: Sequence[IResponder]
     clock: IReactorTime
     account_key: jose.JWK = attrs.field(repr=False)
+    trust: IssuerTrust = attrs.field(repr=False)
     contact: Sequence[str] = ()
     tos_agreed: bool = False
     eab: tuple[str, str] | None = attrs.field(default=None, repr=False)
@@ -368,6 +371,7 @@ class AcmeIssuer:
             chain_pem = crypto.canonical_chain_pem(chain_pem)
             bundle = CertificateBundle(key_pem=key_pem, chain_pem=chain_pem)
             chain = crypto.validate_bundle(bundle, names, now)
+            self.trust.check(chain, names[0], now)
         except BundleError as e:
             raise AcmeProtocolError(f"the issued certificate is unusable: {e}", cert_url) from None
         try:

@@ -11,7 +11,8 @@ standalone listener (HTTP-01 and TLS) is wrapped in a :class:`LimitedFactory`:
   client) out, because a fresh connection is always admitted and a working one is never the
   least recently active;
 - a connection must finish its TLS handshake within ``handshake_timeout`` seconds
-  (:class:`HandshakeDeadline`; the HTTP-01 protocol has its own head deadline).
+  (:class:`HandshakeDeadline`), and an HTTP-01 request head must arrive within
+  ``header_timeout`` seconds (the HTTP-01 protocol enforces it).
 
 :func:`raise_fd_limit` lifts the soft descriptor limit to the hard limit at start, and
 :func:`fit_to_fd_limit` shrinks the caps if the listeners together could still exhaust it.
@@ -30,6 +31,8 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from synapse_acme.http01_server import IDLE_TIMEOUT
+
 logger = logging.getLogger(__name__)
 
 #: Defaults for each standalone listener (config: ``acme.connection_limits``). 256 is far
@@ -39,6 +42,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_MAX_PER_ADDRESS = 32
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Seconds an HTTP-01 request head may take (the responder's own default).
+DEFAULT_HEADER_TIMEOUT = IDLE_TIMEOUT
 #: Descriptors kept for everything that is not a listener's connection (store, status, log
 #: files, the CA client's connections, the reactor's own).
 RESERVED_DESCRIPTORS = 128
@@ -54,6 +59,7 @@ class ConnectionLimits:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_per_address: int = DEFAULT_MAX_PER_ADDRESS
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
 
 
 def _peer(addr: IAddress | None) -> str | None:

@@ -39,6 +39,7 @@ from synapse_acme.store import FileStore
 from synapse_acme.threaded import Runner, ThreadedStore
 from synapse_acme.tls import HotSwapTLS, TLSListenerService
 from synapse_acme.transport import JWSTransport, make_http_client
+from synapse_acme.trust import IssuerTrust, load_issuer_trust
 from synapse_acme.watch import FileWatcher
 
 logger = logging.getLogger(__name__)
@@ -199,6 +200,7 @@ def _build_managing(
         responders=[responder],
         clock=reactor,
         account_key=account_key,
+        trust=_issuer_trust(config),
         contact=config.contact,
         tos_agreed=config.terms_of_service_agreed,
         eab=(config.eab.kid, config.eab.hmac_key) if config.eab is not None else None,
@@ -219,7 +221,10 @@ def _build_managing(
     if endpoints:
         http_limits, _ = _listener_limits(config, bool(endpoints))
         factory = LimitedFactory(
-            make_factory(responder, reactor), http_limits, reactor, "HTTP-01 listener"
+            make_factory(responder, reactor, http_limits.header_timeout),
+            http_limits,
+            reactor,
+            "HTTP-01 listener",
         )
         listener = HTTP01ListenerService(
             reactor, factory, endpoints, setting=_listener_setting(config)
@@ -347,11 +352,22 @@ def _add_tls_listeners(
         ).setServiceParent(root)
 
 
+def _issuer_trust(config: AcmeConfig) -> IssuerTrust:
+    """The roots issued chains must reach: the system store, ``ca_bundle`` (a private CA
+    serves its API under the root it issues from) and ``issuer_roots``."""
+    files = [
+        (config.key(key), path)
+        for key, path in (("ca_bundle", config.ca_bundle), ("issuer_roots", config.issuer_roots))
+        if path is not None
+    ]
+    return load_issuer_trust(files)
+
+
 def _listener_limits(config: AcmeConfig, http01: bool) -> tuple[ConnectionLimits, ConnectionLimits]:
     """The caps of the HTTP-01 and TLS listeners, after lifting the process's descriptor
     limit; shrunk if all the listeners together could still exhaust it (see limits.py)."""
     soft, hard = raise_fd_limit()
-    base = ConnectionLimits()
+    base = config.connection_limits
     listeners = (len(config.http01_endpoints()) if http01 else 0) + len(config.tls_listen)
     fitted = fit_to_fd_limit([base] * max(1, listeners), soft)[0]
     if fitted != base:

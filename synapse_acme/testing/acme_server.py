@@ -44,6 +44,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from synapse_acme.testing.certificates import ca_certificate
+from synapse_acme.trust import IssuerTrust
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +260,8 @@ class FaultPlan:
     misordered_chains: int = 0
     ca_leaves: int = 0
     client_auth_leaves: int = 0
+    leaf_only_chains: int = 0
+    foreign_root_chains: int = 0
     annotated_chains: int = 0
     drop_nonce_headers: int = 0
     fired: list[str] = attrs.field(factory=list)
@@ -339,6 +342,15 @@ class FaultPlan:
         """The next issued leaf's extended key usage is clientAuth only, without serverAuth."""
         self.client_auth_leaves += 1
 
+    def leaf_only_next(self) -> None:
+        """The next issued certificate is served alone, without its intermediate."""
+        self.leaf_only_chains += 1
+
+    def foreign_root_next(self) -> None:
+        """The next issued chain (right key and names) comes from another hierarchy: an
+        intermediate and root that no client trusts."""
+        self.foreign_root_chains += 1
+
     def misordered_chain_next(self) -> None:
         """The next issued chain is served intermediate first, leaf last."""
         self.misordered_chains += 1
@@ -361,6 +373,10 @@ class FaultPlan:
             + self.wrong_names_certificates
             + self.empty_chains
             + self.misordered_chains
+            + self.ca_leaves
+            + self.client_auth_leaves
+            + self.leaf_only_chains
+            + self.foreign_root_chains
             + self.annotated_chains
             + self.drop_nonce_headers
         )
@@ -509,6 +525,12 @@ class FakeAcmeServer:
     @property
     def intermediate_pem(self) -> bytes:
         return _pem(self._ca.intermediate)
+
+    @property
+    def trust(self) -> IssuerTrust:
+        """Both roots (default and alternate chain), as a private CA's operator configures
+        them in ``issuer_roots``."""
+        return IssuerTrust((self._ca.root, self._ca.alt_root), ("the fake CA's roots",))
 
     @property
     def alternate_root_pem(self) -> bytes:
@@ -1386,6 +1408,8 @@ class FakeAcmeServer:
         if self.faults._take_counter("wrong_names_certificates"):
             names = ["unexpected.invalid"]
         ca = self._ca
+        if self.faults._take_counter("foreign_root_chains"):
+            ca = _CA.create(now)
         builder = (
             x509.CertificateBuilder()
             .subject_name(
@@ -1441,6 +1465,8 @@ class FakeAcmeServer:
         leaf = builder.sign(ca.intermediate_key, hashes.SHA256())
         cert_id = ari_cert_id(leaf)
         chain = _pem(leaf) + _pem(ca.intermediate)
+        if self.faults._take_counter("leaf_only_chains"):
+            chain = _pem(leaf)
         if self.faults._take_counter("misordered_chains"):
             chain = _pem(ca.intermediate) + _pem(leaf)
         if self.faults._take_counter("empty_chains"):

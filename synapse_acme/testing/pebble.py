@@ -199,6 +199,8 @@ class PebbleCA:
     dns_port: int = attrs.field(default=0, init=False)
     challtestsrv_port: int = attrs.field(default=0, init=False)
     ca_bundle: str = attrs.field(default="", init=False)
+    #: PEM of the roots Pebble issues from (new at every start): ``acme.issuer_roots``.
+    issuer_roots: str = attrs.field(default="", init=False)
     _cert_path: str = attrs.field(default="", init=False)
     _key_path: str = attrs.field(default="", init=False)
     _procs: list[subprocess.Popen[bytes]] = attrs.field(factory=list, init=False)
@@ -307,7 +309,17 @@ class PebbleCA:
             pebble_log,
             "pebble",
         )
+        self._write_issuer_roots()
         log.info("Pebble up at %s (DNS stub 127.0.0.1:%d)", self.directory_url, self.dns_port)
+
+    def _write_issuer_roots(self) -> None:
+        """Write :attr:`issuer_roots`: the roots this start of Pebble issues from."""
+        path = os.path.join(self.workdir, "issuer-roots.pem")
+        with open(path + ".tmp", "wb") as f:
+            f.write(b"".join(self.roots()))
+        os.chmod(path + ".tmp", 0o644)
+        os.replace(path + ".tmp", path)
+        self.issuer_roots = path
 
     def dump_goroutines(self, dest: str) -> bool:
         """Make Pebble print every goroutine's stack and exit (Go does this on SIGQUIT), then
@@ -419,6 +431,7 @@ class PebbleCA:
             "enabled": True,
             "url": self.directory_url,
             "ca_bundle": self.ca_bundle,
+            "issuer_roots": self.issuer_roots,
             "domain": names[0],
             "domains": list(names[1:]),
             "storage": str(directory / "store"),
@@ -691,6 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {
                     "directory_url": ca.directory_url,
                     "ca_bundle": ca.ca_bundle,
+                    "issuer_roots": ca.issuer_roots,
                     "http_port": ca.http_port,
                     "management_url": ca.management_url,
                     "dns_port": ca.dns_port,

@@ -154,6 +154,7 @@ class World:
                 responders=[self.responder],
                 clock=self.clock,
                 account_key=key,
+                trust=self.server.trust,
                 tos_agreed=True,
                 poll_interval=0.5,
             )
@@ -347,6 +348,10 @@ FAULTS: list[tuple[str, Any, type[Exception], str, float | None]] = [
     ("leaf marked CA:TRUE", lambda f: f.ca_leaf_next(), AcmeProtocolError, "CA:TRUE", None),
     ("leaf without serverAuth", lambda f: f.client_auth_leaf_next(), AcmeProtocolError,
      "does not include serverAuth", None),
+    ("leaf without its intermediate", lambda f: f.leaf_only_next(), AcmeProtocolError,
+     "without any intermediate", None),
+    ("chain to an unknown root", lambda f: f.foreign_root_next(), AcmeProtocolError,
+     "does not reach a trusted root (the fake CA's roots)", None),
     ("badNonce storm beyond the retry limit", lambda f: f.reject_nonce_next(100), AcmeError,
      "badNonce", None),
 ]  # fmt: skip

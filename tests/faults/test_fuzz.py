@@ -489,9 +489,17 @@ def _contain(doc: Any, rng: random.Random, ca_url: str) -> Any:
     for block in blocks:
         if not isinstance(block, dict):
             continue
-        for key in ("staging", "port", "bind_addresses", "ca_bundle", "max_requests_per_minute"):
+        for key in (
+            "staging",
+            "port",
+            "bind_addresses",
+            "ca_bundle",
+            "issuer_roots",
+            "max_requests_per_minute",
+        ):
             block.pop(key, None)
         block["url"] = ca_url
+        block["testing_allow_http"] = True  # the closing "CA" speaks plain http on loopback
         block["listen"] = ["tcp:0:interface=127.0.0.1"] if rng.random() < 0.7 else []
         if block.get("tls_listen"):
             block["tls_listen"] = ["tcp:0:interface=127.0.0.1"]

@@ -27,6 +27,7 @@ from synapse_acme.client import AcmeClient
 from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.issuer import AcmeIssuer
 from synapse_acme.transport import JWSTransport, make_http_client
+from synapse_acme.trust import load_issuer_trust
 
 
 class _BadNonceCounter(logging.Handler):
@@ -79,6 +80,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         responders=[responder],
         clock=reactor,
         account_key=key,
+        trust=load_issuer_trust([("--issuer-roots", args.issuer_roots)], use_system=False),
         contact=("mailto:admin@example.test",),
         tos_agreed=True,
         eab=eab,
@@ -112,6 +114,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--directory", required=True)
     parser.add_argument("--ca-bundle", required=True)
+    parser.add_argument("--issuer-roots", required=True)
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--names", action="append", required=True)
     parser.add_argument("--eab-kid")

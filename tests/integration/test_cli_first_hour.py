@@ -295,7 +295,12 @@ def test_port_80_without_privileges_names_the_setting_and_every_way_out(
         ca_bundle = d / "pebble-ca.pem"
         shutil.copy(pebble.ca_bundle, ca_bundle)
         ca_bundle.chmod(0o644)
-        acme = block(pebble, d, ["eighty.example.test"], ca_bundle=str(ca_bundle))
+        roots = d / "pebble-roots.pem"
+        shutil.copy(pebble.issuer_roots, roots)
+        roots.chmod(0o644)
+        acme = block(
+            pebble, d, ["eighty.example.test"], ca_bundle=str(ca_bundle), issuer_roots=str(roots)
+        )
         del acme["port"], acme["bind_addresses"]  # the defaults: port 80 on :: and 0.0.0.0
         cfg = write_yaml(d / "acme.yaml", {"acme": acme})
         cfg.chmod(0o644)

@@ -32,6 +32,8 @@ def run_issuance(
         ca.directory_url,
         "--ca-bundle",
         ca.ca_bundle,
+        "--issuer-roots",
+        ca.issuer_roots,
         "--http-port",
         str(ca.http_port),
         *extra,

@@ -209,6 +209,7 @@ def module_config(ca: PebbleCA) -> str:
     return f"""
 url: "{ca.directory_url}"
 ca_bundle: "{ca.ca_bundle}"
+issuer_roots: "{ca.issuer_roots}"
 terms_of_service_agreed: true
 contact: admin@example.test
 poll_interval: 0.1

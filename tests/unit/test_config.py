@@ -29,6 +29,7 @@ from synapse_acme.config import (
     read_config_file,
 )
 from synapse_acme.errors import ConfigError
+from synapse_acme.limits import ConnectionLimits
 from synapse_acme.model import CertificateSpec
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -488,6 +489,65 @@ def test_ca_bundle_must_hold_a_certificate(tmp_path: pathlib.Path) -> None:
     )
 
 
+def test_issuer_roots_is_a_file_of_certificates_resolved_like_ca_bundle(
+    tmp_path: pathlib.Path,
+) -> None:
+    (tmp_path / "empty.pem").write_text("no certificate here\n")
+    assert _error({"issuer_roots": "empty.pem"}, base_dir=str(tmp_path)) == (
+        "acme.issuer_roots: expected a PEM file with at least one certificate, got 'empty.pem'"
+    )
+    assert "that exists" in _error({"issuer_roots": "missing.pem"}, base_dir=str(tmp_path))
+
+
+def test_plain_http_ca_url_is_refused_unless_testing_allows_it() -> None:
+    text = _error({"url": "http://ca.example/dir"})
+    assert text.startswith("acme.url: expected an https:// URL")
+    assert "testing_allow_http: true" in text and text.endswith("got 'http://ca.example/dir'")
+    config = parse_acme_config({"url": "http://127.0.0.1:14000/dir", "testing_allow_http": True})
+    assert config.url == "http://127.0.0.1:14000/dir" and config.testing_allow_http
+    assert _error({"testing_allow_http": "yes"}).startswith(
+        "acme.testing_allow_http: expected true or false"
+    )
+
+
+def test_connection_limits_defaults_and_each_key() -> None:
+    assert parse_acme_config({}).connection_limits == ConnectionLimits()
+    limits = parse_acme_config(
+        {
+            "connection_limits": {
+                "max_connections": 50,
+                "max_per_address": 5,
+                "handshake_timeout": "3s",
+                "header_timeout": 2,
+            }
+        }
+    ).connection_limits
+    assert limits == ConnectionLimits(50, 5, 3.0, 2.0)
+    # Unset keys keep their defaults.
+    assert parse_acme_config(
+        {"connection_limits": {"max_connections": 1000}}
+    ).connection_limits == ConnectionLimits(max_connections=1000)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ([1], "acme.connection_limits: expected a mapping of max_connections"),
+        ({"max_conns": 5}, "acme.connection_limits.max_conns: unknown key (did you mean"),
+        ({"max_connections": 0}, "acme.connection_limits.max_connections: expected a whole"),
+        ({"max_per_address": -1}, "acme.connection_limits.max_per_address: expected a whole"),
+        (
+            {"max_connections": 10, "max_per_address": 20},
+            "acme.connection_limits.max_per_address: expected at most max_connections (10)",
+        ),
+        ({"handshake_timeout": 0}, "acme.connection_limits.handshake_timeout: expected a dur"),
+        ({"header_timeout": "1h"}, "acme.connection_limits.header_timeout: expected at most 300"),
+    ],
+)
+def test_connection_limits_errors_name_the_key(value: Any, expected: str) -> None:
+    assert _error({"connection_limits": value}).startswith(expected)
+
+
 def test_partial_homeserver_tls_paths_named_at_top_level() -> None:
     text = _error({}, defaults_from={"tls_certificate_path": "/c.pem"})
     assert text.startswith("tls_private_key_path: missing: set both")
@@ -743,6 +803,14 @@ _GOOD: dict[str, list[Any]] = {
     "external_certificates": [True, False],
     "watch_interval": [5, "1m"],
     "max_requests_per_minute": [1, 1200, 100000],
+    "testing_allow_http": [True, False],
+    "issuer_roots": [None],
+    "connection_limits": [
+        {},
+        {"max_connections": 10, "max_per_address": 10},
+        {"handshake_timeout": "5s", "header_timeout": 2},
+        {"max_per_address": 64},
+    ],
 }
 
 

@@ -69,6 +69,7 @@ class World:
             responders=[self.responder],
             clock=self.clock,
             account_key=self.key,
+            trust=self.server.trust,
             contact=("mailto:admin@example.test",),
             tos_agreed=True,
             **(issuer_kw or {}),

@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from synapse_acme.config import AcmeConfig, parse_acme_config
 from synapse_acme.errors import ConfigError
+from synapse_acme.limits import ConnectionLimits, HandshakeDeadlineFactory, LimitedFactory
 from synapse_acme.runtime import Runtime, build_runtime
 
 
@@ -123,3 +124,37 @@ def test_an_account_key_directory_outside_the_store_is_refused_before_anything_i
         f"modules[0].config.account_key_file: its directory {key.parent} does not exist"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_connection_limits_from_the_config_reach_every_standalone_listener(
+    tmp_path: Path,
+) -> None:
+    reactor = MemoryReactorClock()
+    limits = {
+        "max_connections": 7,
+        "max_per_address": 3,
+        "handshake_timeout": "4s",
+        "header_timeout": "2s",
+    }
+    config = _config(
+        tmp_path,
+        port=8009,
+        bind_addresses=["127.0.0.1"],
+        tls_listen=["tcp:8448:interface=127.0.0.1"],
+        connection_limits=limits,
+    )
+    runtime = build_runtime(config, reactor, http_client=_RecordingHTTP())
+    runtime.service.startService()
+    try:
+        by_port = {port: factory for port, factory, _, _ in reactor.tcpServers}
+        assert set(by_port) == {8009, 8448}
+        for factory in by_port.values():
+            assert isinstance(factory, LimitedFactory)
+            assert factory.limits == ConnectionLimits(7, 3, 4.0, 2.0)
+        # The HTTP-01 protocol drops a slow request head after header_timeout...
+        assert by_port[8009].wrappedFactory.idle_timeout == 2.0
+        # ...and the TLS listener a handshake after handshake_timeout.
+        deadline = by_port[8448].wrappedFactory.wrappedFactory
+        assert isinstance(deadline, HandshakeDeadlineFactory) and deadline.timeout == 4.0
+    finally:
+        _stop(runtime)

@@ -131,6 +131,7 @@ def start_pebble(workdir: Path, http_port: int) -> PebbleCA:
     ca.start()
     (workdir / "pebble").chmod(0o755)
     Path(ca.ca_bundle).chmod(0o644)
+    Path(ca.issuer_roots).chmod(0o644)
     return ca
 
 

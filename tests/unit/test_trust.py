@@ -1,0 +1,139 @@
+"""The check that an issued chain reaches a trusted root (synapse_acme.trust)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from synapse_acme import crypto
+from synapse_acme.errors import BundleError, ConfigError
+from synapse_acme.trust import IssuerTrust, load_issuer_trust, load_pem_certificates
+from tests.certs import TestCA
+
+NOW = datetime.datetime(2026, 11, 30, 12, 0, tzinfo=datetime.timezone.utc)
+NAMES = ["matrix.example.test", "*.example.test"]
+
+
+def _chain(pem: bytes) -> list[x509.Certificate]:
+    return crypto.parse_chain(pem)
+
+
+@pytest.fixture
+def ca() -> TestCA:
+    return TestCA(now=NOW)
+
+
+def test_a_complete_chain_to_a_configured_root_passes(ca: TestCA) -> None:
+    trust = IssuerTrust((ca.root,), ("issuer_roots",))
+    chain = _chain(ca.issue(NAMES).chain_pem)
+    for name in NAMES:  # a wildcard is checked through a name it covers
+        trust.check(chain, name, NOW)
+
+
+def test_a_leaf_without_its_intermediate_is_refused(ca: TestCA) -> None:
+    trust = IssuerTrust((ca.root,), ("issuer_roots x.pem",))
+    leaf_only = _chain(ca.issue(NAMES).chain_pem)[:1]
+    with pytest.raises(BundleError, match=r"does not reach a trusted root \(issuer_roots x\.pem\)"):
+        trust.check(leaf_only, NAMES[0], NOW)
+    with pytest.raises(BundleError, match="without any intermediate"):
+        trust.check(leaf_only, NAMES[0], NOW)
+
+
+def test_an_unknown_root_is_refused(ca: TestCA) -> None:
+    other = TestCA(now=NOW, name="Other")
+    trust = IssuerTrust((other.root,), ("issuer_roots",))
+    with pytest.raises(BundleError, match="does not reach a trusted root"):
+        trust.check(_chain(ca.issue(NAMES).chain_pem), NAMES[0], NOW)
+
+
+def test_a_configured_intermediate_is_no_root(ca: TestCA) -> None:
+    # Only a self-signed root anchors a chain: naming the intermediate does not excuse a
+    # chain served without it (clients that only know the root would fail).
+    trust = IssuerTrust((ca.root, ca.intermediate), ("issuer_roots",))
+    leaf_only = _chain(ca.issue(NAMES).chain_pem)[:1]
+    with pytest.raises(BundleError, match="without any intermediate"):
+        trust.check(leaf_only, NAMES[0], NOW)
+    with pytest.raises(ValueError, match="at least one root"):
+        IssuerTrust((ca.intermediate,), ())
+
+
+def test_an_issuer_roots_file_of_intermediates_only_is_refused(ca: TestCA, tmp_path: Path) -> None:
+    path = tmp_path / "intermediate.pem"
+    path.write_bytes(ca.intermediate_pem)
+    with pytest.raises(ConfigError, match=r"^acme\.issuer_roots: expected the CA's root"):
+        load_issuer_trust([("acme.issuer_roots", str(path))], use_system=False)
+
+
+def test_the_time_of_the_check_is_the_clocks(ca: TestCA) -> None:
+    trust = IssuerTrust((ca.root,), ())
+    chain = _chain(ca.issue(NAMES, not_after=NOW + datetime.timedelta(days=1)).chain_pem)
+    trust.check(chain, NAMES[0], NOW)
+    with pytest.raises(BundleError):
+        trust.check(chain, NAMES[0], NOW + datetime.timedelta(days=2))
+
+
+def test_a_name_the_leaf_does_not_cover_fails(ca: TestCA) -> None:
+    trust = IssuerTrust((ca.root,), ())
+    with pytest.raises(BundleError):
+        trust.check(_chain(ca.issue(NAMES).chain_pem), "other.test", NOW)
+
+
+def test_no_roots_at_all_is_an_error() -> None:
+    with pytest.raises(ValueError):
+        IssuerTrust((), ())
+
+
+def test_load_reads_the_system_store_and_the_configured_files(
+    ca: TestCA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system = tmp_path / "system.pem"
+    other = TestCA(now=NOW, name="System")
+    system.write_bytes(b"junk before\n" + other.root_pem + b"\nnot a certificate\n")
+    monkeypatch.setenv("SSL_CERT_FILE", str(system))
+    roots = tmp_path / "roots.pem"
+    roots.write_bytes(ca.root_pem)
+    trust = load_issuer_trust([("acme.issuer_roots", str(roots))])
+    assert {c.subject for c in trust.roots} == {other.root.subject, ca.root.subject}
+    assert trust.sources == (f"the system trust store {system}", f"acme.issuer_roots {roots}")
+    trust.check(_chain(ca.issue(NAMES).chain_pem), NAMES[0], NOW)
+    # Without the system store, only the configured roots count.
+    only = load_issuer_trust([("acme.issuer_roots", str(roots))], use_system=False)
+    assert [c.subject for c in only.roots] == [ca.root.subject]
+
+
+def test_load_names_the_key_of_a_bad_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pem"
+    empty.write_text("no certificates here\n")
+    with pytest.raises(ConfigError, match=r"^acme\.issuer_roots: expected a PEM file"):
+        load_issuer_trust([("acme.issuer_roots", str(empty))], use_system=False)
+    with pytest.raises(ConfigError, match=r"^acme\.issuer_roots: cannot read"):
+        load_issuer_trust([("acme.issuer_roots", str(tmp_path))], use_system=False)
+
+
+def test_load_with_no_root_anywhere_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="install ca-certificates"):
+        load_issuer_trust([])
+
+
+def test_the_real_system_store_loads() -> None:
+    # The machine's own trust store (ca-certificates): well over a handful of roots, none of
+    # which raises or warns on load.
+    found = load_issuer_trust([]).roots
+    assert len(found) > 20
+    assert os.path.exists("/etc/ssl/certs/ca-certificates.crt")
+
+
+def test_pem_parsing_skips_what_is_not_a_certificate(ca: TestCA) -> None:
+    data = ca.root_pem + b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    assert [c.subject for c in load_pem_certificates(data + ca.intermediate_pem)] == [
+        ca.root.subject,
+        ca.intermediate.subject,
+    ]
