@@ -96,78 +96,6 @@ class EabConfig:
         return _b64url_decode(self.hmac_key)
 
 
-@attrs.frozen
-class AcmeConfig:
-    """Everything the ``acme:`` block can say, validated, with defaults filled in.
-
-    Paths are absolute when the config came from a file (resolved against its directory).
-    ``source_path`` and ``source_file`` say where the block was read (for messages, through
-    :meth:`key`); they are not settings.
-    """
-
-    enabled: bool = False
-    url: str = LETSENCRYPT_URL
-    staging: bool = False
-    port: int = 80
-    bind_addresses: tuple[str, ...] = ("::", "0.0.0.0")
-    listen: tuple[str, ...] | None = None
-    reprovision_threshold: int = DEFAULT_REPROVISION_THRESHOLD
-    domain: str | None = None
-    domains: tuple[str, ...] = ()
-    certificates: tuple[CertificateSpec, ...] = ()
-    contact: tuple[str, ...] = ()
-    terms_of_service_agreed: bool = False
-    key_type: str = "ecdsa-p256"
-    storage: str = "./acme"
-    account_key_file: str = "./acme/account.key"
-    ca_bundle: str | None = None
-    issuer_roots: str | None = None
-    testing_allow_http: bool = False
-    connection_limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
-    eab: EabConfig | None = None
-    profile: str | None = None
-    tls_certificate_path: str | None = None
-    tls_private_key_path: str | None = None
-    check_interval: float = DEFAULT_CHECK_INTERVAL
-    check_jitter: float = DEFAULT_CHECK_JITTER
-    poll_interval: float = DEFAULT_POLL_INTERVAL
-    poll_timeout: float = DEFAULT_POLL_TIMEOUT
-    tls_listen: tuple[str, ...] = ()
-    external_certificates: bool = False
-    max_requests_per_minute: int = MAX_REQUESTS_PER_MINUTE
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
-    watch_interval: float = DEFAULT_WATCH_INTERVAL
-    source_path: str = attrs.field(default="acme", eq=False, metadata={"setting": False})
-    source_file: str | None = attrs.field(default=None, eq=False, metadata={"setting": False})
-
-    def key(self, name: str) -> str:
-        """The full key path of setting ``name`` where this block was read, for messages:
-        ``acme.port``, or ``modules[0].config.port`` for the Synapse module's config."""
-        return f"{self.source_path}.{name}"
-
-    def http01_endpoints(self) -> list[str]:
-        """Twisted server endpoint strings for the standalone HTTP-01 listener ([] for none)."""
-        if self.listen is not None:
-            return list(self.listen)
-        if self.port == 0:
-            return []
-        endpoints = []
-        for address in self.bind_addresses:
-            kind = "tcp6" if ipaddress.ip_address(address).version == 6 else "tcp"
-            endpoints.append(f"{kind}:port={self.port}:interface={quoteStringArgument(address)}")
-        return endpoints
-
-    def certificate_specs(self) -> list[CertificateSpec]:
-        """The certificates to manage: ``(domain, *domains)`` first, then ``certificates``."""
-        specs = []
-        if self.domain is not None:
-            specs.append(
-                CertificateSpec(names=(self.domain, *self.domains), key_type=self.key_type)
-            )
-        specs.extend(self.certificates)
-        return specs
-
-
 # ---------------------------------------------------------------------------------------------
 # value readers: each takes the value and its full key path, returns the clean value or raises
 
@@ -267,7 +195,7 @@ def _key_type(value: Any, path: str) -> str:
     return text
 
 
-def _url(value: Any, path: str, *, allow_http: bool = False) -> str:
+def _url(value: Any, path: str) -> str:
     text = _str(value, path, "an http(s) URL of an ACME v2 directory")
     try:
         parts = urllib.parse.urlsplit(text)
@@ -283,13 +211,6 @@ def _url(value: Any, path: str, *, allow_http: bool = False) -> str:
         )
     if parts.scheme not in ("http", "https") or not host:
         raise ConfigError(path, "expected an http(s) URL of an ACME v2 directory", value)
-    if parts.scheme == "http" and not allow_http:
-        raise ConfigError(
-            path,
-            "expected an https:// URL: over plain http anyone on the path could answer in the "
-            "CA's name (a local test CA may be allowed with testing_allow_http: true)",
-            value,
-        )
     return text
 
 
@@ -558,32 +479,451 @@ def _fraction(value: Any, path: str) -> float:
     return float(value)
 
 
-_FIELD_READERS: dict[str, Callable[[Any, str], Any]] = {
-    "enabled": _bool,
-    "staging": _bool,
-    "external_certificates": _bool,
-    "testing_allow_http": _bool,
-    "connection_limits": _connection_limits,
-    "watch_interval": _duration,
-    "terms_of_service_agreed": _bool,
-    "port": lambda v, p: _int(v, p, 0, 65535, "an integer 1-65535 (or 0 for no listener)"),
-    "reprovision_threshold": lambda v, p: _int(v, p, 1, None, "a whole number of days above 0"),
-    "max_requests_per_minute": lambda v, p: _int(
-        v, p, 1, None, "a whole number of requests per minute above 0"
-    ),
-    "key_type": _key_type,
-    "check_jitter": _fraction,
-    "check_interval": _duration,
-    "poll_interval": _duration,
-    "poll_timeout": _duration,
-    "request_timeout": _duration,
-    "profile": lambda v, p: _str(v, p, "a profile name the CA offers, like 'tlsserver'"),
-}
+def _port(value: Any, path: str) -> int:
+    return _int(value, path, 0, 65535, "an integer 1-65535 (or 0 for no listener)")
 
 
-KNOWN_KEYS: tuple[str, ...] = tuple(
-    sorted(f.name for f in attrs.fields(AcmeConfig) if f.metadata.get("setting", True))
-)
+def _days(value: Any, path: str) -> int:
+    return _int(value, path, 1, None, "a whole number of days above 0")
+
+
+def _requests_per_minute(value: Any, path: str) -> int:
+    return _int(value, path, 1, None, "a whole number of requests per minute above 0")
+
+
+def _profile(value: Any, path: str) -> str:
+    return _str(value, path, "a profile name the CA offers, like 'tlsserver'")
+
+
+def _addresses(value: Any, path: str) -> tuple[str, ...]:
+    addresses = _list(value, path, "IP addresses", allow_single=True)
+    return _dedupe(_address(v, f"{path}[{i}]") for i, v in enumerate(addresses))
+
+
+def _http01_endpoints(value: Any, path: str) -> tuple[str, ...]:
+    return _endpoints(value, path, _HTTP01_ENDPOINT_TYPES)
+
+
+def _tls_endpoints(value: Any, path: str) -> tuple[str, ...]:
+    return _endpoints(value, path, _TLS_ENDPOINT_TYPES)
+
+
+def _contacts(value: Any, path: str) -> tuple[str, ...]:
+    contacts = _list(value, path, "email addresses", allow_single=True)
+    return _dedupe(_contact(v, f"{path}[{i}]") for i, v in enumerate(contacts))
+
+
+# ---------------------------------------------------------------------------------------------
+# the settings: each key once, with its reader and its line in docs/configuration.md
+
+
+@attrs.frozen
+class _Context:
+    """What a reader may need besides its value: where relative paths start, and the block
+    (``certificates`` items default to the block's ``key_type``)."""
+
+    base_dir: str | None
+    block: Mapping[Any, Any]
+
+
+def _path_in(value: Any, path: str, ctx: _Context) -> str:
+    return _file_path(value, path, ctx.base_dir)
+
+
+def _certificates_file_in(value: Any, path: str, ctx: _Context) -> str:
+    return _certificates_file(value, path, ctx.base_dir)
+
+
+def _certificates_in(value: Any, path: str, ctx: _Context) -> tuple[CertificateSpec, ...]:
+    key_type = "ecdsa-p256"
+    if ctx.block.get("key_type") is not None:
+        key_type = _key_type(ctx.block["key_type"], path.rsplit(".", 1)[0] + ".key_type")
+    return _certificates(value, path, key_type)
+
+
+def _setting(
+    default: Any = attrs.NOTHING,
+    *,
+    read: Callable[..., Any],
+    shown_default: str,
+    doc: str,
+    uses_context: bool = False,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """One ``acme:`` key: its default, the reader that turns a YAML value into it (called as
+    ``read(value, key_path)``, plus a :class:`_Context` with ``uses_context``), and its row in
+    the table of docs/configuration.md (:func:`settings_table`)."""
+    metadata = {"read": read, "context": uses_context, "shown_default": shown_default, "doc": doc}
+    if factory is not None:
+        return attrs.field(factory=factory, metadata=metadata)
+    return attrs.field(default=default, metadata=metadata)
+
+
+@attrs.frozen
+class AcmeConfig:
+    """Everything the ``acme:`` block can say, validated, with defaults filled in.
+
+    Each setting is declared once, here: its default, its reader and its documentation line.
+    Rules across keys (``staging`` and ``url``, ``listen`` and ``port``, the defaults taken
+    from ``server_name`` and the homeserver's TLS paths) are in :func:`parse_acme_config`.
+    Paths are absolute when the config came from a file (resolved against its directory).
+    ``source_path`` and ``source_file`` say where the block was read (for messages, through
+    :meth:`key`); they are not settings.
+    """
+
+    enabled: bool = _setting(
+        False,
+        read=_bool,
+        shown_default="`false` (`true` in the module's `config:`)",
+        doc=(
+            "Manage certificates at all. Nothing is requested from a CA while false: `issue`, "
+            "`renew` and `run` refuse with exit code 2 and write nothing (see *`enabled: false`* "
+            "above)."
+        ),
+    )
+    url: str = _setting(
+        LETSENCRYPT_URL,
+        read=_url,
+        shown_default="`https://acme-v02.api.letsencrypt.org/directory`",
+        doc=(
+            "The CA's ACME v2 directory URL (`https://`; `http://` only with "
+            "`testing_allow_http`). ACME v1 URLs (`acme-v01.api.letsencrypt.org`, "
+            "`acme-staging.api.letsencrypt.org`, Synapse's old default) are refused: Let's Encrypt"
+            " switched v1 off in 2021; the error gives the v2 URL."
+        ),
+    )
+    testing_allow_http: bool = _setting(
+        False,
+        read=_bool,
+        shown_default="`false`",
+        doc=(
+            "Testing only: accept an `http://` `url` (a CA on this machine). Otherwise `http://` "
+            "is refused, because over plain http anyone on the path could answer in the CA's name."
+        ),
+    )
+    staging: bool = _setting(
+        False,
+        read=_bool,
+        shown_default="`false`",
+        doc=(
+            "Shortcut: `true` means `url: https://acme-staging-v02.api.letsencrypt.org/directory`."
+            " Setting both `staging: true` and a different `url` is an error."
+        ),
+    )
+    port: int = _setting(
+        80,
+        read=_port,
+        shown_default="`80`",
+        doc="Port of the standalone HTTP-01 challenge listener; `0` means none.",
+    )
+    bind_addresses: tuple[str, ...] = _setting(
+        ("::", "0.0.0.0"),
+        read=_addresses,
+        shown_default="`['::', '0.0.0.0']`",
+        doc="IP addresses that listener binds (one address may be given as a plain string).",
+    )
+    listen: tuple[str, ...] | None = _setting(
+        None,
+        read=_http01_endpoints,
+        shown_default="none",
+        doc=(
+            "List of Twisted server endpoint strings replacing `port` and `bind_addresses` (set "
+            "one or the other): `tcp:8009:interface=127.0.0.1`, `tcp6:port=80:interface=\\:\\:`, "
+            "`unix:/run/acme.sock`, `systemd:domain=INET:index=0`, "
+            "`systemd:domain=INET6:name=synapse-acme-http` (socket activation: the name is the "
+            "socket unit's `FileDescriptorName`; see "
+            "[deploy-systemd-socket.md](deploy-systemd-socket.md)). `[]` means none."
+        ),
+    )
+    reprovision_threshold: int = _setting(
+        DEFAULT_REPROVISION_THRESHOLD,
+        read=_days,
+        shown_default="`30`",
+        doc=(
+            "Days before expiry by which a certificate is renewed at the latest. An upper bound "
+            "only; see *When certificates are renewed*."
+        ),
+    )
+    domain: str | None = _setting(
+        None,
+        read=_name,
+        shown_default="the homeserver's `server_name`, without a `:port`",
+        doc="First name on the certificate. Required when `enabled` and there is no `server_name`.",
+    )
+    domains: tuple[str, ...] = _setting(
+        (),
+        read=_names,
+        shown_default="`[]`",
+        doc=(
+            "More names (SANs) for the same certificate. Duplicates of `domain` are dropped. One "
+            "name may be a plain string (`domains: www.example.com`); several need a list."
+        ),
+    )
+    certificates: tuple[CertificateSpec, ...] = _setting(
+        (),
+        read=_certificates_in,
+        uses_context=True,
+        shown_default="`[]`",
+        doc=(
+            "More certificates (standalone runner): a list of `{domains: [...], key_type: ...}`; "
+            "`key_type` defaults to the top-level `key_type`."
+        ),
+    )
+    contact: tuple[str, ...] = _setting(
+        (),
+        read=_contacts,
+        shown_default="`[]`",
+        doc=(
+            "Email address(es) for the CA account, plain (`ops@example.com`) or as `mailto:` URIs;"
+            " stored as `mailto:` URIs."
+        ),
+    )
+    terms_of_service_agreed: bool = _setting(
+        False,
+        read=_bool,
+        shown_default="`false`",
+        doc="Agree to the CA's terms of service; CAs refuse new accounts without it.",
+    )
+    key_type: str = _setting(
+        "ecdsa-p256",
+        read=_key_type,
+        shown_default="`ecdsa-p256`",
+        doc=(
+            "Certificate key: `ecdsa-p256`, `ecdsa-p384`, `rsa-2048`, `rsa-3072`, `rsa-4096`. Also"
+            " accepted: `ec256`, `p256`, `ecdsa`, `ec384`, `p384`, `rsa` (= `rsa-2048`), "
+            "`rsa2048`, `rsa3072`, `rsa4096`."
+        ),
+    )
+    storage: str = _setting(
+        "./acme",
+        read=_path_in,
+        uses_context=True,
+        shown_default="`acme` next to the config file (`./acme` without one)",
+        doc=(
+            "Directory for certificates, keys and state (0700; keys 0600). Must belong to the user"
+            " synapse-acme runs as (a directory of another user, or a symlink to one, is refused "
+            "before anything in it is changed; with `run --user` it must belong to that user)."
+        ),
+    )
+    account_key_file: str = _setting(
+        "./acme/account.key",
+        read=_path_in,
+        uses_context=True,
+        shown_default="`<storage>/account.key`",
+        doc=(
+            "The ACME account key. Created on the first run only: once the store shows an account "
+            "existed (`<storage>/account.json`, or any issued certificate), a missing or "
+            "unreadable key is an error, never silently a new account; see *The ACME account* "
+            "below. May be a symbolic link (e.g. into a secrets directory); the file it leads to "
+            "must be a regular file owned by the user synapse-acme runs as. Its directory must "
+            "exist unless it is inside `storage`: synapse-acme creates directories only there, so "
+            "a path copied from an example (`/path/to/acme_account.key`) is an error naming this "
+            "key (exit code 2, nothing written), never a new `/path/to`."
+        ),
+    )
+    ca_bundle: str | None = _setting(
+        None,
+        read=_certificates_file_in,
+        uses_context=True,
+        shown_default="none (system trust)",
+        doc=(
+            "PEM file of CA certificate(s) to trust for the ACME server's HTTPS (private CAs, "
+            "Pebble). Must be a readable regular file with at least one certificate; the error "
+            "gives the real reason, e.g. `Permission denied (EACCES); the directory /srv/ca is not"
+            " searchable by synapse-acme (uid 998)`. When the CA's HTTPS certificate does not "
+            "verify, the failure names this key and `url`."
+        ),
+    )
+    issuer_roots: str | None = _setting(
+        None,
+        read=_certificates_file_in,
+        uses_context=True,
+        shown_default="none (system trust and `ca_bundle`)",
+        doc=(
+            "PEM file of the root certificate(s) a private CA issues from (step-ca; Pebble's "
+            "`/roots/0`). Every issued chain is checked before it is stored or served: the leaf is"
+            " `CA:FALSE` with serverAuth, each certificate is signed by the next, and the chain "
+            "reaches a root in the system trust store, in `ca_bundle` or in this file. A leaf "
+            "without its intermediate, or one from an unknown root, is refused with an error "
+            "naming this key, and the last good certificate keeps serving. Read at start."
+        ),
+    )
+    eab: EabConfig | None = _setting(  # noqa: RUF009 (an attrs.field)
+        None,
+        read=_eab,
+        shown_default="none",
+        doc=(
+            "External Account Binding: `{kid: ..., hmac_key: ...}` as given by the CA (ZeroSSL, "
+            "Google, ...). `hmac_key` is base64url text."
+        ),
+    )
+    profile: str | None = _setting(
+        None,
+        read=_profile,
+        shown_default="none",
+        doc=(
+            "ACME profile to request, if the CA offers profiles (Let's Encrypt: `classic`, "
+            "`tlsserver`, `shortlived`)."
+        ),
+    )
+    tls_certificate_path: str | None = _setting(
+        None,
+        read=_path_in,
+        uses_context=True,
+        shown_default="the homeserver's `tls_certificate_path`",
+        doc=(
+            "Where the issued certificate chain is written for the homeserver. Set both paths or "
+            "neither."
+        ),
+    )
+    tls_private_key_path: str | None = _setting(
+        None,
+        read=_path_in,
+        uses_context=True,
+        shown_default="the homeserver's `tls_private_key_path`",
+        doc="Where the certificate's private key is written.",
+    )
+    check_interval: float = _setting(
+        DEFAULT_CHECK_INTERVAL,
+        read=_duration,
+        shown_default="`600` (10 minutes)",
+        doc=(
+            "How often to check whether renewal is due. Seconds, or text like `90s`, `10m`, `1h`, "
+            "`1d`, `500ms`."
+        ),
+    )
+    check_jitter: float = _setting(
+        DEFAULT_CHECK_JITTER,
+        read=_fraction,
+        shown_default="`0.1`",
+        doc=(
+            "Random extra wait per check, as a fraction of `check_interval` (0 up to, not "
+            "including, 1)."
+        ),
+    )
+    poll_interval: float = _setting(
+        DEFAULT_POLL_INTERVAL,
+        read=_duration,
+        shown_default="`0.5`",
+        doc=(
+            "Seconds between polls of an order or authorization when the CA sends no `Retry-After`."
+        ),
+    )
+    poll_timeout: float = _setting(
+        DEFAULT_POLL_TIMEOUT,
+        read=_duration,
+        shown_default="`300`",
+        doc="Give up on one issuance's polling after this long (at least `poll_interval`).",
+    )
+    request_timeout: float = _setting(
+        DEFAULT_REQUEST_TIMEOUT,
+        read=_duration,
+        shown_default="`45`",
+        doc=(
+            "Give up on one request to the CA (connect to the last byte of the answer) after this "
+            "long; the attempt fails with `no answer within N s`. Seconds, or text like `90s`, "
+            "`1m`. Lower it only for a CA on a fast local network (tests)."
+        ),
+    )
+    connection_limits: ConnectionLimits = _setting(  # noqa: RUF009 (an attrs.field)
+        factory=ConnectionLimits,
+        read=_connection_limits,
+        shown_default="see right",
+        doc=(
+            "Caps on each standalone listener (HTTP-01 and every `tls_listen` endpoint): "
+            "`max_connections` (`256` open connections), `max_per_address` (`32` from one peer "
+            "address, at most `max_connections`), `handshake_timeout` (`10s` for a TLS handshake),"
+            " `header_timeout` (`10s` for an HTTP-01 request head, and idling between requests; at"
+            " most 300 s each). At a cap, the connection idle longest is dropped, so a fresh one "
+            "(a CA's validator) always gets in. The caps shrink to fit the open-files limit, which"
+            " is raised to its hard limit at start (logged). Synapse's own listeners are Synapse's"
+            " to limit."
+        ),
+    )
+    tls_listen: tuple[str, ...] = _setting(
+        (),
+        read=_tls_endpoints,
+        shown_default="`[]`",
+        doc=(
+            "Standalone runner: Twisted endpoint strings (`tcp`, `tcp6`, `unix`, `systemd`; not "
+            "`ssl`) on which to serve TLS with the managed certificates, e.g. `tcp:8448`."
+        ),
+    )
+    external_certificates: bool = _setting(
+        False,
+        read=_bool,
+        shown_default="`false`",
+        doc=(
+            "Certificates are kept up to date by another tool (certbot, an operator): synapse-acme"
+            " issues nothing and only watches `tls_certificate_path`/`tls_private_key_path`, "
+            "hot-swapping them into the TLS listeners when both files changed and match (a "
+            "half-replaced pair is waited out). Needs both paths."
+        ),
+    )
+    watch_interval: float = _setting(
+        DEFAULT_WATCH_INTERVAL,
+        read=_duration,
+        shown_default="`5s`",
+        doc=(
+            "With `external_certificates` (and in Synapse worker processes): how often the two "
+            "files are looked at (one `stat` each; read and hashed only when that changes)."
+        ),
+    )
+    max_requests_per_minute: int = _setting(
+        MAX_REQUESTS_PER_MINUTE,
+        read=_requests_per_minute,
+        shown_default="`1200`",
+        doc=(
+            "A cap on requests to the CA in any 60 s (queued in order, never dropped). 1200 is "
+            "Let's Encrypt's 20 requests/s averaged over a minute; 100 certificates issued at once"
+            " make about 1,000-2,000 requests. Raise it only for a private CA without rate limits."
+        ),
+    )
+    source_path: str = attrs.field(default="acme", eq=False)
+    source_file: str | None = attrs.field(default=None, eq=False)
+
+    def key(self, name: str) -> str:
+        """The full key path of setting ``name`` where this block was read, for messages:
+        ``acme.port``, or ``modules[0].config.port`` for the Synapse module's config."""
+        return f"{self.source_path}.{name}"
+
+    def http01_endpoints(self) -> list[str]:
+        """Twisted server endpoint strings for the standalone HTTP-01 listener ([] for none)."""
+        if self.listen is not None:
+            return list(self.listen)
+        if self.port == 0:
+            return []
+        endpoints = []
+        for address in self.bind_addresses:
+            kind = "tcp6" if ipaddress.ip_address(address).version == 6 else "tcp"
+            endpoints.append(f"{kind}:port={self.port}:interface={quoteStringArgument(address)}")
+        return endpoints
+
+    def certificate_specs(self) -> list[CertificateSpec]:
+        """The certificates to manage: ``(domain, *domains)`` first, then ``certificates``."""
+        specs = []
+        if self.domain is not None:
+            specs.append(
+                CertificateSpec(names=(self.domain, *self.domains), key_type=self.key_type)
+            )
+        specs.extend(self.certificates)
+        return specs
+
+
+def _settings() -> list[attrs.Attribute[Any]]:
+    return [f for f in attrs.fields(AcmeConfig) if "read" in f.metadata]
+
+
+KNOWN_KEYS: tuple[str, ...] = tuple(sorted(f.name for f in _settings()))
+
+
+def settings_table() -> str:
+    """The table of keys in docs/configuration.md, made from the declarations above (a unit
+    test keeps the document equal to it)."""
+    rows = ["| Key | Default | Meaning |", "| --- | --- | --- |"]
+    for f in _settings():
+        rows.append(f"| `{f.name}` | {f.metadata['shown_default']} | {f.metadata['doc']} |")
+    return "\n".join(rows) + "\n"
 
 
 def parse_acme_config(
@@ -615,18 +955,25 @@ def parse_acme_config(
     def at(key: str) -> str:
         return f"{path}.{key}"
 
+    ctx = _Context(base_dir, present)
     values: dict[str, Any] = {}
-    for key, reader in _FIELD_READERS.items():
-        if key in present:
-            values[key] = reader(present[key], at(key))
-    key_type = values.get("key_type", "ecdsa-p256")
+    for field in _settings():
+        if field.name in present:
+            read = field.metadata["read"]
+            args = (ctx,) if field.metadata["context"] else ()
+            values[field.name] = read(present[field.name], at(field.name), *args)
 
     # url / staging
-    if "url" in present:
-        values["url"] = _url(
-            present["url"], at("url"), allow_http=values.get("testing_allow_http", False)
-        )
-        if values.get("staging") and values["url"] != LETSENCRYPT_STAGING_URL:
+    url = values.get("url")
+    if url is not None:
+        if url.lower().startswith("http:") and not values.get("testing_allow_http"):
+            raise ConfigError(
+                at("url"),
+                "expected an https:// URL: over plain http anyone on the path could answer in "
+                "the CA's name (a local test CA may be allowed with testing_allow_http: true)",
+                present["url"],
+            )
+        if values.get("staging") and url != LETSENCRYPT_STAGING_URL:
             raise ConfigError(
                 at("staging"),
                 f"staging: true selects {LETSENCRYPT_STAGING_URL}, but url is also set; "
@@ -637,15 +984,7 @@ def parse_acme_config(
         values["url"] = LETSENCRYPT_STAGING_URL
 
     # listeners
-    if "bind_addresses" in present:
-        addresses = _list(
-            present["bind_addresses"], at("bind_addresses"), "IP addresses", allow_single=True
-        )
-        values["bind_addresses"] = _dedupe(
-            _address(v, f"{at('bind_addresses')}[{i}]") for i, v in enumerate(addresses)
-        )
-    if "listen" in present:
-        values["listen"] = _endpoints(present["listen"], at("listen"), _HTTP01_ENDPOINT_TYPES)
+    if "listen" in values:
         for other in ("port", "bind_addresses"):
             if other in present:
                 raise ConfigError(
@@ -653,16 +992,10 @@ def parse_acme_config(
                     f"listen replaces port and bind_addresses; remove {other} or listen",
                     present["listen"],
                 )
-    if "tls_listen" in present:
-        values["tls_listen"] = _endpoints(
-            present["tls_listen"], at("tls_listen"), _TLS_ENDPOINT_TYPES
-        )
 
     # names
-    domain: str | None = None
-    if "domain" in present:
-        domain = _name(present["domain"], at("domain"))
-    elif server_name is not None:
+    domain: str | None = values.get("domain")
+    if domain is None and server_name is not None:
         host = _server_name_host(server_name)
         try:
             domain = canonical_name(host)
@@ -672,19 +1005,16 @@ def parse_acme_config(
                 f"not set, and server_name cannot be used as a certificate name ({e}); set domain",
                 server_name,
             ) from None
-    extra: list[str] = []
-    if "domains" in present:
-        extra = _names(present["domains"], at("domains"))
+    extra: list[str] = values.get("domains", [])
     if domain is None and (values.get("enabled") or extra):
         raise ConfigError(
             at("domain"), "not set and there is no server_name to default to; set domain", None
         )
     values["domain"] = domain
     values["domains"] = tuple(n for n in _dedupe(extra) if n != domain)
-    if "certificates" in present:
-        specs = _certificates(present["certificates"], at("certificates"), key_type)
+    if "certificates" in values:
         seen = {frozenset((domain, *values["domains"]))} if domain is not None else set()
-        for i, spec in enumerate(specs):
+        for i, spec in enumerate(values["certificates"]):
             if frozenset(spec.names) in seen:
                 raise ConfigError(
                     f"{at('certificates')}[{i}].domains",
@@ -692,38 +1022,25 @@ def parse_acme_config(
                     list(spec.names),
                 )
             seen.add(frozenset(spec.names))
-        values["certificates"] = specs
-
-    if "contact" in present:
-        contacts = _list(present["contact"], at("contact"), "email addresses", allow_single=True)
-        values["contact"] = _dedupe(
-            _contact(v, f"{at('contact')}[{i}]") for i, v in enumerate(contacts)
-        )
 
     # files
-    storage = os.path.normpath(base_dir + "/acme") if base_dir is not None else "./acme"
-    if "storage" in present:
-        storage = _file_path(present["storage"], at("storage"), base_dir)
-    values["storage"] = storage
-    values["account_key_file"] = (
-        _file_path(present["account_key_file"], at("account_key_file"), base_dir)
-        if "account_key_file" in present
-        else os.path.join(storage, "account.key")
-    )
-    if "ca_bundle" in present:
-        values["ca_bundle"] = _certificates_file(present["ca_bundle"], at("ca_bundle"), base_dir)
-    if "issuer_roots" in present:
-        values["issuer_roots"] = _certificates_file(
-            present["issuer_roots"], at("issuer_roots"), base_dir
+    if "storage" not in values:
+        values["storage"] = (
+            os.path.normpath(base_dir + "/acme") if base_dir is not None else "./acme"
         )
-    if "eab" in present:
-        values["eab"] = _eab(present["eab"], at("eab"))
-
-    cert_path, key_path = _pair_from(present, path + ".", base_dir)
-    if cert_path is None and defaults_from is not None:
-        cert_path, key_path = _pair_from(defaults_from, "", base_dir)
-    values["tls_certificate_path"] = cert_path
-    values["tls_private_key_path"] = key_path
+    values.setdefault("account_key_file", os.path.join(values["storage"], "account.key"))
+    cert_key, key_key = "tls_certificate_path", "tls_private_key_path"
+    if (cert_key in values) != (key_key in values):
+        missing = key_key if key_key not in values else cert_key
+        raise ConfigError(
+            at(missing),
+            f"missing: set both {cert_key} and {key_key}, or neither",
+            None,
+            has_value=False,
+        )
+    if cert_key not in values and defaults_from is not None:
+        values[cert_key], values[key_key] = _pair_from(defaults_from, "", base_dir)
+    cert_path, key_path = values.get(cert_key), values.get(key_key)
 
     if values.get("external_certificates") and not (cert_path and key_path):
         raise ConfigError(
