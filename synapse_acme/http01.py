@@ -26,7 +26,7 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromSt
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.python.failure import Failure
-from twisted.web.resource import IResource, Resource
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -73,7 +73,7 @@ class HTTP01Responder:
         """A read-only live view of the tokens being answered (values: the response bodies)."""
         return types.MappingProxyType(self._tokens)
 
-    def resource(self) -> IResource:
+    def resource(self) -> Resource:
         """The resource to mount as the ``acme-challenge`` child of ``.well-known``."""
         return _ChallengeResource(self.tokens())
 
