@@ -5,7 +5,7 @@ fakes live in :mod:`synapse_acme.testing` and pass the same contract tests as th
 
 The methods are annotated (without ``self``, as zope.interface declares them), so mypy's zope
 plugin checks every ``@implementer`` class against them: an implementation whose signature
-drifts from its contract is a type error (``tests/unit/test_contracts_typed.py`` proves it).
+drifts from its contract is a type error (``tests/contracts/test_contracts_typed.py`` proves it).
 
 The storage contract is split the way a second backend (PostgreSQL) needs it, each part with
 what it guarantees beside each method: certificates (:class:`ICertificateStore`), listing
