@@ -71,7 +71,9 @@ class FileBackend:
     ``clock`` measures leases and drives change notification (the reactor in production).
     ``account_key_file`` is where the account key lives (default ``<root>/account.key``; an
     operator may keep it elsewhere, the ``account_key_file`` setting). ``notify_interval``: see
-    :data:`NOTIFY_INTERVAL`. ``auto_recover`` is passed to the :class:`FileStore`.
+    :data:`NOTIFY_INTERVAL`. ``auto_recover`` is passed to the :class:`FileStore`: crash
+    recovery assumes no other writer, so only the process holding the store's lock
+    (:class:`~synapse_acme.interprocess.StoreLock`) may leave it on.
     """
 
     root: str

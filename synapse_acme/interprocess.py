@@ -112,7 +112,7 @@ def _read_pid(fd: int) -> int | None:
 
 #: What :meth:`AcmeService.renew <synapse_acme.service.AcmeService.renew>` fires with: per
 #: certificate key, the new bundle or the failure.
-RenewalResults = list[tuple[str, "CertificateBundle | Failure"]]
+RenewalResults = list[tuple[str, CertificateBundle | Failure]]
 
 
 class Renewer(Protocol):
