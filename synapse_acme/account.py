@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from synapse_acme import crypto, fsutil
 from synapse_acme.errors import StoreError
+from synapse_acme.model import AccountRecord
 from synapse_acme.names import is_safe_key
 from synapse_acme.store import CERTIFICATES_DIR, METADATA_FILE
 
@@ -112,18 +113,6 @@ def key_thumbprint(jwk: josepy.JWK) -> str:
 
 
 # -- the account record ------------------------------------------------------------------------
-
-
-@attrs.frozen
-class AccountRecord:
-    """What the store remembers of the ACME account: that it exists, where, and whose key."""
-
-    url: str  # the account URL (the JWS ``kid``)
-    directory: str  # the CA's directory URL
-    thumbprint: str  # :func:`key_thumbprint` of the account key
-
-    def to_json(self) -> bytes:
-        return (json.dumps(attrs.asdict(self), indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def record_path(storage: str) -> str:

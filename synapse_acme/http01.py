@@ -26,23 +26,19 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromSt
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.python.failure import Failure
-from twisted.web.resource import IResource, Resource
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from synapse_acme.errors import ListenError
 from synapse_acme.interfaces import IResponder
+from synapse_acme.names import is_safe_token
 
 logger = logging.getLogger(__name__)
 
-# RFC 8555 §8.3: the token is base64url; real CAs send 43 characters. 256 bounds the work
-# done for junk requests while leaving room for any CA.
+# names.is_safe_token's rule, on the raw bytes of a request path segment.
 _TOKEN = re.compile(rb"[A-Za-z0-9_-]{1,256}")
 _ALLOWED_METHODS = (b"GET", b"HEAD")
-
-
-def _valid_token(token: str) -> bool:
-    return isinstance(token, str) and _TOKEN.fullmatch(token.encode("ascii", "replace")) is not None
 
 
 @implementer(IResponder)
@@ -63,7 +59,7 @@ class HTTP01Responder:
         Raises ValueError for a token no HTTP-01 resource could serve (not base64url), so an
         issuance fails with a clear reason instead of a validation timeout.
         """
-        if not _valid_token(token):
+        if not is_safe_token(token):
             raise ValueError(f"HTTP-01 token is not base64url (1-256 characters): {token!r}")
         self._tokens[token] = key_authorization.encode("ascii")
         logger.debug("Answering the HTTP-01 challenge for %s (token %s)", identifier, token)
@@ -77,7 +73,7 @@ class HTTP01Responder:
         """A read-only live view of the tokens being answered (values: the response bodies)."""
         return types.MappingProxyType(self._tokens)
 
-    def resource(self) -> IResource:
+    def resource(self) -> Resource:
         """The resource to mount as the ``acme-challenge`` child of ``.well-known``."""
         return _ChallengeResource(self.tokens())
 

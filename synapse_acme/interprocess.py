@@ -17,12 +17,14 @@ import errno
 import fcntl
 import logging
 import os
-from typing import Any
+from typing import Protocol
 
 import attrs
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 from synapse_acme import fsutil
 from synapse_acme.errors import StoreBusy, StoreError
@@ -47,20 +49,25 @@ class StoreLock:
     _fd: int | None
 
     @classmethod
-    def acquire(cls, storage: str) -> StoreLock:
+    def acquire(cls, storage: str, name: str = LOCK_FILE, *, wait: bool = False) -> StoreLock:
         """Take the lock on ``storage`` (an existing directory) or raise StoreBusy/StoreError.
 
         The lock file is opened without following a symlink and without blocking, and must be
         a regular file: run as root, a symlink planted at ``<storage>/lock`` would otherwise
         make us truncate whatever it points to, and a FIFO would hang the start forever.
+
+        ``name``: another lock file in ``storage`` (the file backend's short guards around a
+        lease update, :mod:`synapse_acme.filebackend`). ``wait``: block until the lock is free
+        instead of raising StoreBusy; only for locks held for a few system calls, never for
+        the manager's lifetime lock.
         """
-        path = os.path.join(storage, LOCK_FILE)
+        path = os.path.join(storage, name)
         try:
             fd = fsutil.open_regular(path, os.O_RDWR | os.O_CREAT, mode=fsutil.PRIVATE_FILE_MODE)
         except FileNotFoundError as e:  # the storage directory itself is missing
             raise StoreError(f"cannot open {path}: {fsutil.describe_os_error(e)}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = _read_pid(fd)
             os.close(fd)
@@ -103,6 +110,19 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+#: What :meth:`AcmeService.renew <synapse_acme.service.AcmeService.renew>` fires with: per
+#: certificate key, the new bundle or the failure.
+RenewalResults = list[tuple[str, CertificateBundle | Failure]]
+
+
+class Renewer(Protocol):
+    """What :class:`RenewRequestWatcher` needs of the provisioning service."""
+
+    def renew(self, key: str | None = None, force: bool = False) -> Deferred[RenewalResults]:
+        """Renew ``key`` (every certificate if ``None``); fires with the outcome per key."""
+        ...
+
+
 class StoreLockService(Service):
     """Releases ``lock`` when its parent service stops (the lock was taken at build time)."""
 
@@ -130,13 +150,13 @@ def request_renewal(storage: str) -> str:
 class RenewRequestWatcher(Service):
     """In the managing process: a forced renewal of everything when renew-request appears.
 
-    ``acme`` is the provisioning service (anything with ``renew(key, force=...)`` returning a
-    Deferred of ``[(key, bundle or Failure)]``). Each request file causes one renewal.
+    ``acme`` is the provisioning service (a :class:`Renewer`). Each request file causes one
+    renewal.
     """
 
     name = "renew-request"
 
-    def __init__(self, storage: str, acme: Any, clock: IReactorTime) -> None:
+    def __init__(self, storage: str, acme: Renewer, clock: IReactorTime) -> None:
         self.path = renew_request_path(storage)
         self._acme = acme
         self._loop = LoopingCall(self.check)
@@ -171,7 +191,7 @@ class RenewRequestWatcher(Service):
         d.addErrback(lambda f: logger.error("synapse-acme: forced renewal failed: %s", f.value))
 
 
-def _log_renewals(results: list[tuple[str, Any]]) -> None:
+def _log_renewals(results: RenewalResults) -> None:
     for key, outcome in results:
         if isinstance(outcome, CertificateBundle):
             logger.info("synapse-acme: forced renewal of %s succeeded", key)
@@ -184,6 +204,8 @@ __all__ = [
     "RENEW_REQUEST_FILE",
     "RENEW_REQUEST_POLL",
     "RenewRequestWatcher",
+    "RenewalResults",
+    "Renewer",
     "StoreLock",
     "StoreLockService",
     "renew_request_path",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,3 +42,15 @@ class CertificateSpec:
 
     names: tuple[str, ...]
     key_type: str = "ecdsa-p256"  # "ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096"
+
+
+@attrs.frozen
+class AccountRecord:
+    """What the store remembers of the ACME account: that it exists, where, and whose key."""
+
+    url: str  # the account URL (the JWS ``kid``)
+    directory: str  # the CA's directory URL
+    thumbprint: str  # RFC 7638 thumbprint of the account key (synapse_acme.account.key_thumbprint)
+
+    def to_json(self) -> bytes:
+        return (json.dumps(attrs.asdict(self), indent=2, sort_keys=True) + "\n").encode("utf-8")

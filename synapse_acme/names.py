@@ -13,6 +13,9 @@ from collections.abc import Iterable
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _KEY_SAFE = re.compile(r"^[a-z0-9._-]+$")
+# RFC 8555 §8.3: a challenge token is base64url; real CAs send 43 characters. 256 bounds the
+# work done for junk while leaving room for any CA.
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 _MAX_NAME = 253
 # A key stays readable for one name; several names get the (sorted) first plus a digest of all,
 # so the key never depends on the order the operator wrote them in.
@@ -88,3 +91,9 @@ def names_key(names: Iterable[str]) -> str:
 def is_safe_key(key: str) -> bool:
     """True if ``key`` is usable as one path component: ``[a-z0-9._-]+``, no ``..``, not ``.``."""
     return bool(_KEY_SAFE.match(key)) and ".." not in key and key not in (".",) and len(key) <= 255
+
+
+def is_safe_token(token: object) -> bool:
+    """True if ``token`` is a string an ACME challenge token can be: base64url, 1-256 characters
+    (safe in a URL path segment and as a lookup key in any store)."""
+    return isinstance(token, str) and _TOKEN.fullmatch(token) is not None

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 
@@ -29,6 +30,7 @@ from synapse_acme.errors import ConfigError
 from synapse_acme.export import FileExporter
 from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder
 from synapse_acme.http01_server import make_factory
+from synapse_acme.interfaces import IReactor
 from synapse_acme.interprocess import StoreLock, StoreLockService
 from synapse_acme.issuer import AcmeIssuer
 from synapse_acme.limits import ConnectionLimits, LimitedFactory, fit_to_fd_limit, raise_fd_limit
@@ -103,17 +105,19 @@ def _status_writer(
 
 def build_runtime(
     config: AcmeConfig,
-    reactor: Any,
+    reactor: IReactor,
     *,
     standalone_listener: bool = True,
-    http_client: Any = None,
+    http_client: HTTPClient | None = None,
     runner: Runner | None = None,
     one_shot: bool = False,
     host_serves_tls: bool = False,
 ) -> Runtime:
     """Build the provisioning service and its collaborators for ``config``.
 
-    ``reactor`` provides time, TCP and DNS (``IReactorTime``, ``IReactorCore``...).
+    ``reactor`` provides time, TCP, DNS, shutdown triggers and calls from threads
+    (:class:`~synapse_acme.interfaces.IReactor`). ``http_client``: the treq client for the CA
+    (tests stub the CA with one); default: :func:`~synapse_acme.transport.make_http_client`.
     ``standalone_listener`` opens the HTTP-01 listener(s) of ``acme.port``/``acme.listen``;
     an embedding host that mounts :meth:`HTTP01Responder.resource` itself passes False.
     ``runner``: where the running service's file writes (store saves, exports, the status file)
@@ -161,10 +165,10 @@ def build_runtime(
 
 def _build_managing(
     config: AcmeConfig,
-    reactor: Any,
+    reactor: IReactor,
     lock: StoreLock,
     standalone_listener: bool,
-    http_client: Any,
+    http_client: HTTPClient | None,
     runner: Runner | None,
     one_shot: bool,
     host_serves_tls: bool,
@@ -340,7 +344,7 @@ def _stored(store: FileStore, key: str) -> CertificateBundle | None:
 
 
 def _add_tls_listeners(
-    config: AcmeConfig, reactor: Any, tls: HotSwapTLS, root: MultiService
+    config: AcmeConfig, reactor: IReactor, tls: HotSwapTLS, root: MultiService
 ) -> None:
     if not config.tls_listen:
         return
@@ -383,7 +387,7 @@ def _listener_limits(config: AcmeConfig, http01: bool) -> tuple[ConnectionLimits
     return fitted, fitted
 
 
-def _build_external(config: AcmeConfig, reactor: Any) -> Runtime:
+def _build_external(config: AcmeConfig, reactor: IReactor) -> Runtime:
     """Certificates kept by another tool (certbot): watch the two files and hot-swap them."""
     assert config.tls_certificate_path and config.tls_private_key_path  # config.py checks
     spec = config.certificate_specs()[0]

@@ -214,7 +214,9 @@ class AcmeService(Service):
         self._loading.addBoth(fire)
         return d
 
-    def renew(self, key: str | None = None, force: bool = False) -> defer.Deferred[Any]:
+    def renew(
+        self, key: str | None = None, force: bool = False
+    ) -> defer.Deferred[list[tuple[str, CertificateBundle | Failure]]]:
         """Issue now: ``key`` or every certificate. Without ``force`` only those due (or missing).
 
         Fires with a list of ``(key, CertificateBundle | Failure)``, one per certificate tried;
@@ -223,11 +225,10 @@ class AcmeService(Service):
         targets = [self._managed[key]] if key is not None else list(self._managed.values())
         now = self._now()
         chosen = [m for m in targets if force or self._due(m, now)]
-        ds = []
+        ds: list[defer.Deferred[tuple[str, CertificateBundle | Failure]]] = []
         for m in chosen:
             d = self._obtain(m)
-            d.addCallbacks(lambda b, k=m.key: (k, b), lambda f, k=m.key: (k, f))
-            ds.append(d)
+            ds.append(d.addCallbacks(lambda b, k=m.key: (k, b), lambda f, k=m.key: (k, f)))
         return defer.gatherResults(ds)
 
     def status(self) -> list[dict[str, Any]]:

@@ -7,10 +7,15 @@ Layout under the storage root::
     certificates/<key>/metadata.json   the bundle's metadata
     certificates/<key>~new-<hex>/      a save in progress (or interrupted)
     certificates/<key>~old-<hex>/      the bundle being replaced
-    certificates/<key>~del-<hex>/      a delete in progress
+    certificates/<key>~del-<hex>/      left by an interrupted delete of earlier versions
 
 A save writes the three files into a fresh ``~new-`` sibling, fsyncs, then swaps directories
 with two renames; :meth:`FileStore.recover` finishes or undoes whatever a crash left behind.
+
+:class:`FileStore` is the certificate part of the storage contract
+(:class:`~synapse_acme.interfaces.ICertificateStore` and its listing,
+:class:`~synapse_acme.interfaces.IStoreAdmin`); :class:`synapse_acme.filebackend.FileBackend` adds
+the account, challenge tokens, the issuance lock and change notification around it.
 
 Staging directories use ``~``, which a key can never contain, so ``a.example.new-1`` (a
 legal DNS name, hence a legal key) can never be mistaken for a leftover of ``a.example``.
@@ -42,7 +47,7 @@ from zope.interface import implementer
 
 from synapse_acme import crypto, fsutil
 from synapse_acme.errors import BundleError, StoreError
-from synapse_acme.interfaces import ICertificateStore
+from synapse_acme.interfaces import ICertificateStore, IStoreAdmin
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import is_safe_key
 
@@ -141,7 +146,7 @@ def _chain_digest(chain_pem: bytes) -> str:
     return hashlib.sha256(chain_pem).hexdigest()
 
 
-def _as_deferred(f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+def as_deferred(f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
     """Run blocking-but-tiny file work now; any OSError becomes a StoreError failure."""
     try:
         return defer.succeed(f(*args))
@@ -153,7 +158,7 @@ def _as_deferred(f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
         return defer.fail()  # a bug, but still reported through the Deferred
 
 
-@implementer(ICertificateStore)
+@implementer(ICertificateStore, IStoreAdmin)
 @attrs.define
 class FileStore:
     """Certificates on the local filesystem under ``root`` (see the module docstring).
@@ -180,20 +185,18 @@ class FileStore:
     def load(self, key: str) -> defer.Deferred[CertificateBundle | None]:
         """Deferred firing with the bundle under ``key``, ``None`` if absent; StoreError naming
         the file if the entry is corrupt (the caller keeps serving what it has)."""
-        return _as_deferred(self._load, key)
+        return as_deferred(self._load, key)
 
     def save(self, key: str, bundle: CertificateBundle) -> defer.Deferred[None]:
         """Deferred firing with ``None`` once ``bundle`` durably replaced what was under ``key``.
         Fails with StoreError; the old bundle is then untouched."""
-        return _as_deferred(self._save, key, bundle)
+        return as_deferred(self._save, key, bundle)
+
+    # -- IStoreAdmin ------------------------------------------------------------------
 
     def keys(self) -> defer.Deferred[list[str]]:
         """Deferred firing with the sorted keys that have a certificate directory."""
-        return _as_deferred(self._keys)
-
-    def delete(self, key: str) -> defer.Deferred[None]:
-        """Deferred firing with ``None`` once ``key`` is gone (no error if it was absent)."""
-        return _as_deferred(self._delete, key)
+        return as_deferred(self._keys)
 
     # -- the blocking work ---------------------------------------------------------------
 
@@ -283,18 +286,6 @@ class FileStore:
             and os.path.isdir(os.path.join(self.certificates_dir, n))
             and not os.path.islink(os.path.join(self.certificates_dir, n))
         )
-
-    def _delete(self, key: str) -> None:
-        path = self.path_for(key)
-        self._maybe_recover()
-        if not os.path.lexists(path):
-            return
-        doomed = self._staging(key, _DEL)
-        try:
-            os.rename(path, doomed)  # gone for readers in one step
-        except OSError as e:
-            raise StoreError(f"cannot delete {path}: {fsutil.describe_os_error(e)}") from None
-        _rmtree_quietly(doomed)
 
     # -- crash recovery ----------------------------------------------------------------
 

@@ -25,8 +25,9 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from synapse_acme.interfaces import ICertificateStore
+from synapse_acme.interfaces import ICertificateStore, IStoreAdmin
 from synapse_acme.model import CertificateBundle
+from synapse_acme.store import FileStore
 
 _T = TypeVar("_T")
 
@@ -82,13 +83,13 @@ def _result_of(d: defer.Deferred[_T]) -> _T:
     return box[0]  # type: ignore[no-any-return]
 
 
-@implementer(ICertificateStore)
+@implementer(ICertificateStore, IStoreAdmin)
 @attrs.define(eq=False)
 class ThreadedStore:
     """An :class:`~synapse_acme.interfaces.ICertificateStore` whose calls run ``inner``'s
     (synchronously answering) methods in ``runner``'s thread. Same contract, same errors."""
 
-    inner: Any  # a store whose Deferreds have fired when its methods return (FileStore)
+    inner: FileStore  # its Deferreds have fired when its methods return, as _result_of needs
     runner: Runner
 
     def load(self, key: str) -> defer.Deferred[CertificateBundle | None]:
@@ -99,6 +100,3 @@ class ThreadedStore:
 
     def keys(self) -> defer.Deferred[list[str]]:
         return self.runner(lambda: _result_of(self.inner.keys()))
-
-    def delete(self, key: str) -> defer.Deferred[None]:
-        return self.runner(lambda: _result_of(self.inner.delete(key)))

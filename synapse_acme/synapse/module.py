@@ -20,22 +20,32 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python import runtime
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from synapse_acme import crypto, fsutil
 from synapse_acme.config import MODULE_NAME, AcmeConfig, choose_block, parse_acme_config
 from synapse_acme.errors import BundleError, ConfigError, StoreBusy, StoreError, SynapseAcmeError
-from synapse_acme.interfaces import ICertificateConsumer
+from synapse_acme.interfaces import ICertificateConsumer, IReactor
 from synapse_acme.interprocess import RenewRequestWatcher, renew_request_path
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import canonical_names, names_key
 from synapse_acme.pairs import read_pair
 from synapse_acme.synapse import glue
+
+if TYPE_CHECKING:  # imported when needed at run time: parse_config must stay light
+    from synapse.module_api import ModuleApi
+
+    from synapse_acme.export import FileExporter
+    from synapse_acme.runtime import Runtime
+    from synapse_acme.tls import HotSwapTLS
+    from synapse_acme.watch import FileWatcher
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +128,7 @@ def prepare_tls_files(config: AcmeConfig, clock: IReactorTime) -> bool:
     return written
 
 
-def _repair_from_store(config: AcmeConfig, exporter: Any) -> None:
+def _repair_from_store(config: AcmeConfig, exporter: FileExporter) -> None:
     """The repair half of :func:`prepare_tls_files`; a busy or unusable store is left alone
     (its manager repairs at its own start) and never stops Synapse."""
     from synapse_acme.interprocess import StoreLock
@@ -134,7 +144,7 @@ def _repair_from_store(config: AcmeConfig, exporter: Any) -> None:
         return
     try:
         store = FileStore(config.storage)
-        loaded: list[Any] = []
+        loaded: list[CertificateBundle | Failure | None] = []
         store.load(exporter.key).addCallbacks(loaded.append, loaded.append)
         bundle = loaded[0] if loaded and isinstance(loaded[0], CertificateBundle) else None
         if loaded and not isinstance(loaded[0], CertificateBundle) and loaded[0] is not None:
@@ -261,22 +271,23 @@ class AcmeModule:
             acme=acme, source=source, standalone_listener=standalone, placeholder_written=written
         )
 
-    def __init__(self, config: ModuleSettings, api: Any) -> None:
+    def __init__(self, config: ModuleSettings, api: ModuleApi) -> None:
         self.settings = config
         self.api = api
-        self.runtime: Any = None
-        self.tls: Any = None
+        self.runtime: Runtime | None = None
+        self.tls: HotSwapTLS | None = None
         self.glue = glue.SynapseGlue.from_module_api(api)
-        self.reactor: Any = self.glue.reactor() if self.glue.hs is not None else None
-        if self.reactor is None:
+        if self.glue.hs is not None:
+            self.reactor: IReactor = self.glue.reactor()
+        else:
             from twisted.internet import reactor
 
-            self.reactor = reactor
+            self.reactor = cast(IReactor, reactor)
         acme = config.acme
         specs = acme.certificate_specs()
         self.key = names_key(canonical_names(specs[0].names)) if specs else ""
         self._renew_watch: RenewRequestWatcher | None = None
-        self._watcher: Any = None
+        self._watcher: FileWatcher | None = None
         if not acme.enabled or not specs:
             logger.info("synapse-acme: disabled (enabled: false); nothing to do")
             return
@@ -318,6 +329,7 @@ class AcmeModule:
         )
         self.tls = self.runtime.tls
         self.api.register_web_resource(CHALLENGE_PATH, self.runtime.responder.resource())
+        assert self.runtime.acme is not None  # None only with external_certificates
         self.runtime.acme.add_consumer(_ListenerKeeper(self))
         self.reactor.callLater(0, self._start)
         self.reactor.addSystemEventTrigger("before", "shutdown", self._stop)
@@ -392,6 +404,7 @@ class AcmeModule:
     # -- running -------------------------------------------------------------------------------
 
     def _start(self) -> None:
+        assert self.runtime is not None and self.runtime.acme is not None  # provisioning
         try:
             self.runtime.service.startService()
         except Exception:
@@ -414,7 +427,7 @@ class AcmeModule:
         )
         self._renew_watch.startService()
 
-    def _stop(self) -> Any:
+    def _stop(self) -> Deferred[None] | None:
         if self._renew_watch is not None and self._renew_watch.running:
             self._renew_watch.stopService()
         if self._watcher is not None and self._watcher.running:
@@ -447,7 +460,7 @@ class AcmeModule:
             except Exception:
                 logger.exception("synapse-acme: refresh_certificate failed")
 
-    def _on_sighup(self, *args: Any) -> None:
+    def _on_sighup(self, *args: object) -> None:
         """After Synapse's own SIGHUP reload (which puts its file-based factory back)."""
         acme = self.settings.acme
         if self.tls is not None and acme.tls_certificate_path and acme.tls_private_key_path:

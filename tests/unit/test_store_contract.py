@@ -1,4 +1,10 @@
-"""One contract for every ICertificateStore (FileStore and the in-memory fake), plus the
+"""One contract for every storage backend, plus the file store's own guarantees.
+
+The certificate part (ICertificateStore, IStoreAdmin) runs against FileStore, the whole file
+backend and the in-memory fake; the rest of the storage contract (account, challenge tokens,
+the issuance lock with its lease, change notification: IStorageBackend) against the file
+backend and the fake, each through two handles on one store (two processes), on a Clock.
+A new backend (PostgreSQL) joins by adding itself to the two fixtures' params. Then the
 FileStore-only guarantees: file modes, crash leftovers, disk-full."""
 
 from __future__ import annotations
@@ -6,18 +12,31 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 import os
-import shutil
 import stat
+import subprocess
+import sys
 from typing import Any
 
+import attrs
 import pytest
+from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from synapse_acme import fsutil
 from synapse_acme.errors import StoreError
-from synapse_acme.interfaces import ICertificateStore
-from synapse_acme.model import CertificateBundle
+from synapse_acme.filebackend import NOTIFY_INTERVAL, FileBackend
+from synapse_acme.interfaces import (
+    IAccountStore,
+    ICertificateChanges,
+    ICertificateStore,
+    IChallengeStore,
+    IIssuanceLock,
+    IStorageBackend,
+    IStoreAdmin,
+)
+from synapse_acme.model import AccountRecord, CertificateBundle
 from synapse_acme.names import names_key
 from synapse_acme.store import FileStore
 from synapse_acme.testing.store import MemoryStore
@@ -46,10 +65,12 @@ def bundle(n: int = 1, **meta: Any) -> CertificateBundle:
     )
 
 
-@pytest.fixture(params=["file", "memory"])
+@pytest.fixture(params=["file", "file-backend", "memory"])
 def store(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
     if request.param == "file":
         return FileStore(str(tmp_path / "storage"))
+    if request.param == "file-backend":
+        return FileBackend(str(tmp_path / "storage"), Clock())
     return MemoryStore()
 
 
@@ -58,6 +79,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
 
 def test_provides_interface(store: Any) -> None:
     assert verifyObject(ICertificateStore, store)
+    assert verifyObject(IStoreAdmin, store)
 
 
 def test_load_missing_is_none(store: Any) -> None:
@@ -88,18 +110,14 @@ def test_replace_keeps_only_the_new_bundle(store: Any) -> None:
     assert result_of(store.keys()) == ["a.example"]
 
 
-def test_keys_sorted_and_delete(store: Any) -> None:
+def test_keys_sorted(store: Any) -> None:
     wild = names_key(["*.b.example"])
     multi = names_key(["c.example", "a.example"])
     for k in ("z.example", wild, multi, "a.example"):
         result_of(store.save(k, bundle(1)))
     assert result_of(store.keys()) == sorted(["z.example", wild, multi, "a.example"])
-    assert result_of(store.delete("z.example")) is None
-    assert result_of(store.load("z.example")) is None
-    assert "z.example" not in result_of(store.keys())
-    # deleting something absent is not an error
-    assert result_of(store.delete("z.example")) is None
-    assert result_of(store.delete("never.example")) is None
+    assert result_of(store.load("never.example")) is None
+    assert "never.example" not in result_of(store.keys())
 
 
 @pytest.mark.parametrize(
@@ -127,7 +145,6 @@ def test_keys_sorted_and_delete(store: Any) -> None:
 def test_unsafe_keys_are_refused_everywhere(store: Any, bad: Any) -> None:
     failure_of(store.save(bad, bundle(1)), StoreError)
     failure_of(store.load(bad), StoreError)
-    failure_of(store.delete(bad), StoreError)
     assert result_of(store.keys()) == []
 
 
@@ -178,6 +195,287 @@ def test_failed_save_leaves_old_bundle(store: Any, monkeypatch: pytest.MonkeyPat
     # and the store still works afterwards
     result_of(store.save("a.example", bundle(3)))
     assert result_of(store.load("a.example")) == bundle(3)
+
+
+# -- the rest of the storage contract (IStorageBackend), through two handles -----------------
+
+LEASE = 30.0
+
+
+@attrs.define
+class Handles:
+    """Two handles on one store (two processes), the clock both use, and how long a change
+    may take to be reported."""
+
+    a: Any
+    b: Any
+    clock: Clock
+    notify_within: float
+
+
+@pytest.fixture(params=["file", "memory"])
+def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Handles:
+    clock = Clock()
+    clock.advance(1_000_000)  # leases are compared on this clock; start far from zero
+    if request.param == "file":
+        root = str(tmp_path / "storage")
+        return Handles(
+            FileBackend(root, clock), FileBackend(root, clock), clock, NOTIFY_INTERVAL + 0.1
+        )
+    a = MemoryStore(clock=clock)
+    return Handles(a, a.another_handle(), clock, 0.0)
+
+
+@pytest.mark.parametrize(
+    "interface",
+    [
+        IStorageBackend,
+        ICertificateStore,
+        IStoreAdmin,
+        IAccountStore,
+        IChallengeStore,
+        IIssuanceLock,
+        ICertificateChanges,
+    ],
+)
+def test_backend_provides_every_part(backend: Handles, interface: Any) -> None:
+    assert verifyObject(interface, backend.a)
+
+
+def test_account_key_is_created_once_and_shared(backend: Handles) -> None:
+    a, b = backend.a, backend.b
+    assert result_of(a.load_account_key()) is None
+    assert result_of(a.create_account_key(b"first key")) is True
+    # the other process lost the race: nothing replaced, it loads the winner's key
+    assert result_of(b.create_account_key(b"second key")) is False
+    assert result_of(b.load_account_key()) == b"first key"
+    assert result_of(a.load_account_key()) == b"first key"
+    failure_of(a.create_account_key(b""), StoreError)
+    assert result_of(a.load_account_key()) == b"first key"
+
+
+def test_account_record_round_trips_and_is_replaced(backend: Handles) -> None:
+    a, b = backend.a, backend.b
+    assert result_of(a.load_account_record()) is None
+    first = AccountRecord(url="https://ca/acct/1", directory="https://ca/dir", thumbprint="t1")
+    assert result_of(a.save_account_record(first)) is None
+    assert result_of(b.load_account_record()) == first
+    second = AccountRecord(url="https://ca/acct/2", directory="https://ca/dir", thumbprint="t2")
+    result_of(b.save_account_record(second))
+    assert result_of(a.load_account_record()) == second
+
+
+def test_any_handle_answers_a_challenge(backend: Handles) -> None:
+    a, b = backend.a, backend.b
+    token = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"
+    assert result_of(b.get_challenge(token)) is None
+    assert result_of(a.put_challenge(token, f"{token}.thumb")) is None
+    assert result_of(b.get_challenge(token)) == f"{token}.thumb"
+    result_of(a.put_challenge(token, f"{token}.other"))  # replaced
+    assert result_of(b.get_challenge(token)) == f"{token}.other"
+    long_token = "A" * 256  # the longest a CA may send; longer than a file name may be
+    result_of(a.put_challenge(long_token, "x.y"))
+    assert result_of(b.get_challenge(long_token)) == "x.y"
+    assert result_of(b.remove_challenge(token)) is None
+    assert result_of(a.get_challenge(token)) is None
+    assert result_of(a.get_challenge(long_token)) == "x.y"  # only that one went
+    assert result_of(a.remove_challenge(token)) is None  # unknown: not an error
+
+
+@pytest.mark.parametrize("bad", ["", "../etc", "a/b", "a.b", "é", "A" * 257, None, b"tok"])
+def test_malformed_tokens_are_never_stored(backend: Handles, bad: Any) -> None:
+    failure_of(backend.a.put_challenge(bad, "x.y"), ValueError)
+    assert result_of(backend.a.get_challenge(bad)) is None
+    assert result_of(backend.a.remove_challenge(bad)) is None
+
+
+def test_non_ascii_answer_is_refused(backend: Handles) -> None:
+    failure_of(backend.a.put_challenge("tok", "é"), ValueError)
+    assert result_of(backend.b.get_challenge("tok")) is None
+
+
+def test_lease_excludes_other_holders_until_it_expires(backend: Handles) -> None:
+    a, b, clock = backend.a, backend.b, backend.clock
+    assert result_of(a.acquire("a.example", "host1:1", LEASE)) is True
+    assert result_of(b.acquire("a.example", "host2:2", LEASE)) is False
+    assert result_of(b.acquire("b.example", "host2:2", LEASE)) is True  # names are independent
+    clock.advance(LEASE - 0.01)
+    assert result_of(b.acquire("a.example", "host2:2", LEASE)) is False
+    clock.advance(0.01)  # the holder died and never renewed: at expiry the lock is free
+    assert result_of(b.acquire("a.example", "host2:2", LEASE)) is True
+    assert result_of(a.acquire("a.example", "host1:1", LEASE)) is False
+
+
+def test_acquire_again_by_the_holder_extends(backend: Handles) -> None:
+    a, b, clock = backend.a, backend.b, backend.clock
+    assert result_of(a.acquire("a.example", "h1", LEASE)) is True
+    clock.advance(20)
+    assert result_of(b.acquire("a.example", "h1", LEASE)) is True  # same holder, other handle
+    clock.advance(20)  # 40 s after the first acquire, 20 s into the second lease
+    assert result_of(a.acquire("a.example", "h2", LEASE)) is False
+
+
+def test_renew_keeps_the_lease_and_fails_once_it_expired(backend: Handles) -> None:
+    a, b, clock = backend.a, backend.b, backend.clock
+    assert result_of(a.renew("a.example", "h1", LEASE)) is False  # never taken
+    assert result_of(a.acquire("a.example", "h1", LEASE)) is True
+    for _ in range(5):  # renewing every 20 s keeps it for as long as the job runs
+        clock.advance(20)
+        assert result_of(a.renew("a.example", "h1", LEASE)) is True
+        assert result_of(b.acquire("a.example", "h2", LEASE)) is False
+    assert result_of(b.renew("a.example", "h2", LEASE)) is False  # not its lease
+    clock.advance(LEASE)  # the holder stalled past its lease: it must stop, even if
+    assert result_of(a.renew("a.example", "h1", LEASE)) is False  # nobody took it since
+    assert result_of(b.acquire("a.example", "h2", LEASE)) is True
+    assert result_of(a.renew("a.example", "h1", LEASE)) is False
+
+
+def test_release_frees_only_the_holders_own_lease(backend: Handles) -> None:
+    a, b = backend.a, backend.b
+    assert result_of(a.release("a.example", "h1")) is None  # nothing held: fine
+    assert result_of(a.acquire("a.example", "h1", LEASE)) is True
+    assert result_of(b.release("a.example", "h2")) is None
+    assert result_of(b.acquire("a.example", "h2", LEASE)) is False  # still h1's
+    assert result_of(b.release("a.example", "h1")) is None  # the holder, from any handle
+    assert result_of(b.acquire("a.example", "h2", LEASE)) is True
+
+
+@pytest.mark.parametrize("bad", ["../x", "", "A.example", "a/b", None])
+def test_lock_names_are_store_keys(backend: Handles, bad: Any) -> None:
+    failure_of(backend.a.acquire(bad, "h1", LEASE), StoreError)
+    failure_of(backend.a.renew(bad, "h1", LEASE), StoreError)
+    failure_of(backend.a.release(bad, "h1"), StoreError)
+
+
+@pytest.mark.parametrize(
+    ("holder", "seconds"), [("", LEASE), (None, LEASE), ("h1", 0), ("h1", -1), ("h1", math.inf)]
+)
+def test_bad_holder_or_lease_is_refused(backend: Handles, holder: Any, seconds: Any) -> None:
+    failure_of(backend.a.acquire("a.example", holder, seconds), ValueError)
+    failure_of(backend.a.renew("a.example", holder, seconds), ValueError)
+    assert result_of(backend.a.acquire("a.example", "h1", LEASE)) is True  # nothing was taken
+
+
+def test_change_notification_reaches_every_handle(backend: Handles) -> None:
+    a, b, clock = backend.a, backend.b, backend.clock
+    seen_a: list[str] = []
+    seen_b: list[str] = []
+    unsubscribe_a = a.subscribe(seen_a.append)
+    b.subscribe(seen_b.append)
+    clock.advance(backend.notify_within * 3)
+    assert seen_a == [] and seen_b == []  # nothing changed, nothing reported
+    result_of(b.save("a.example", bundle(1)))  # another process saves
+    clock.advance(backend.notify_within)
+    assert set(seen_a) == {"a.example"} and set(seen_b) == {"a.example"}
+    seen_a.clear()
+    seen_b.clear()
+    result_of(a.save("a.example", bundle(2)))  # a replacement is a change too
+    result_of(a.save("b.example", bundle(1)))
+    clock.advance(backend.notify_within)
+    assert set(seen_a) == {"a.example", "b.example"} == set(seen_b)
+    unsubscribe_a()
+    seen_a.clear()
+    result_of(b.save("a.example", bundle(3)))
+    clock.advance(backend.notify_within)
+    assert seen_a == [] and "a.example" in seen_b
+    unsubscribe_a()  # twice is harmless
+
+
+def test_a_failing_subscriber_does_not_stop_the_others(
+    backend: Handles, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[str] = []
+
+    def broken(key: str) -> None:
+        raise RuntimeError("subscriber bug")
+
+    backend.a.subscribe(broken)
+    backend.a.subscribe(seen.append)
+    with caplog.at_level("ERROR"):
+        result_of(backend.b.save("a.example", bundle(1)))
+        backend.clock.advance(backend.notify_within)
+    assert seen == ["a.example"]
+    assert "subscriber failed for a.example" in caplog.text
+    seen.clear()
+    result_of(backend.b.save("a.example", bundle(2)))  # and notification keeps working
+    backend.clock.advance(backend.notify_within)
+    assert seen == ["a.example"]
+
+
+def test_a_failed_save_is_not_a_change(backend: Handles) -> None:
+    seen: list[str] = []
+    backend.a.subscribe(seen.append)
+    bad = CertificateBundle(key_pem=b"k", chain_pem=b"c")
+    failure_of(backend.b.save("a.example", bad), StoreError)
+    backend.clock.advance(backend.notify_within * 2)
+    assert seen == []
+
+
+# -- FileBackend specifics -------------------------------------------------------------------
+
+
+def test_file_backend_layout_and_modes(tmp_path: Any) -> None:
+    root = tmp_path / "storage"
+    fb = FileBackend(str(root), Clock())
+    result_of(fb.create_account_key(b"key"))
+    result_of(fb.put_challenge("tok", "tok.thumb"))
+    result_of(fb.acquire("a.example", "h1", LEASE))
+    assert _mode(root / "account.key") == 0o600
+    assert _mode(root / "challenges") == 0o700 and _mode(root / "locks") == 0o700
+    assert json.loads((root / "locks" / "a.example.lease").read_text()) == {
+        "holder": "h1",
+        "expires": LEASE,
+    }
+
+
+def test_file_backend_account_key_file_elsewhere(tmp_path: Any) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    fb = FileBackend(str(tmp_path / "storage"), Clock(), account_key_file=str(secrets / "acct"))
+    assert result_of(fb.create_account_key(b"key")) is True
+    assert (secrets / "acct").read_bytes() == b"key"
+    # a missing directory outside the storage directory is not created (a typo is not a path)
+    fb = FileBackend(str(tmp_path / "storage"), Clock(), account_key_file="/nonexistent/x/acct")
+    assert "does not exist" in str(failure_of(fb.create_account_key(b"key"), StoreError))
+
+
+def test_file_backend_damaged_lease_is_free(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    fb = FileBackend(str(tmp_path), Clock())
+    result_of(fb.acquire("a.example", "h1", LEASE))
+    (tmp_path / "locks" / "a.example.lease").write_text("{not json")
+    with caplog.at_level("WARNING"):
+        assert result_of(fb.acquire("a.example", "h2", LEASE)) is True
+    assert "damaged lease" in caplog.text
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_OTHER_PROCESS = """
+import sys, time
+from synapse_acme.filebackend import NOTIFY_INTERVAL, FileBackend
+class Wall:
+    def seconds(self): return time.time()
+fb = FileBackend(sys.argv[1], Wall())
+fb.acquire("a.example", sys.argv[2], 60).addCallback(lambda ok: print(ok))
+"""
+
+
+def test_file_backend_lease_holds_across_processes(tmp_path: Any) -> None:
+    def other(holder: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", _OTHER_PROCESS, str(tmp_path), holder],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": _REPO},  # this checkout, not an installed copy
+        )
+        return out.stdout.strip()
+
+    assert other("process-1") == "True"
+    assert other("process-2") == "False"  # process-1 exited, but its lease is in force
+    assert other("process-1") == "True"  # its holder name may take it again
 
 
 # -- MemoryStore specifics -----------------------------------------------------------------
@@ -478,20 +776,12 @@ def test_crash_at_every_step_of_a_save_leaves_old_or_new(
     assert n > 10  # the save really went through many steps
 
 
-def test_crash_during_delete_completes_on_recover(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    s = FileStore(str(tmp_path))
-    result_of(s.save("a.example", bundle(1)))
-    real_rmtree = shutil.rmtree
-
-    def crash(*args: Any, **kw: Any) -> None:
-        raise _Crash()
-
-    monkeypatch.setattr(shutil, "rmtree", crash)
-    with pytest.raises(_Crash):
-        result_of(s.delete("a.example"))
-    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+def test_interrupted_delete_leftover_completes_on_recover(tmp_path: Any) -> None:
+    """A ``~del-`` directory (an entry renamed away by a delete that was killed before its
+    rmtree, as earlier versions could leave) is finished, never restored."""
+    certs = tmp_path / "certificates"
+    certs.mkdir(parents=True)
+    _make_entry(certs / "a.example~del-dddddddddddd", 1)
     restarted = FileStore(str(tmp_path))
     assert result_of(restarted.load("a.example")) is None
-    assert os.listdir(tmp_path / "certificates") == []
+    assert os.listdir(certs) == []
