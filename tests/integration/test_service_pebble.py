@@ -337,6 +337,7 @@ def _silent_config(tmp: Path, url: str, names: Sequence[str]) -> Path:
         "terms_of_service_agreed": True,
         "port": 0,  # no HTTP-01 listener: no challenge is ever reached
         "request_timeout": SILENT_TIMEOUT,
+        "testing_allow_http": True,  # the silent "CA" is a plain TCP listener on loopback
         "check_interval": 1,  # a running service would check every second; one-shot never
     }
     path = tmp / "acme.yaml"
