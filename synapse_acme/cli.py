@@ -191,12 +191,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _open_listeners(runtime: Any) -> None:
-    """Bind every listener of ``runtime`` (privileged start) and wait for the HTTP-01 one;
-    if that fails, stop what was started and raise the ListenError (nothing was ordered)."""
+    """Bind every listener of ``runtime`` (privileged start) and wait until all are bound
+    (:meth:`Runtime.when_ready`); if one fails, stop what was started and raise its
+    ListenError (nothing was ordered)."""
     try:
         runtime.service.privilegedStartService()
-        if runtime.http01_listener is not None:
-            await runtime.http01_listener.when_listening()
+        await runtime.when_ready()
     except BaseException:
         await runtime.service.stopService()
         raise

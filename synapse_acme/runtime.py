@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 from treq.client import HTTPClient
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 
 from synapse_acme import crypto, fsutil
@@ -28,18 +29,19 @@ from synapse_acme.client import AcmeClient
 from synapse_acme.config import AcmeConfig
 from synapse_acme.errors import ConfigError
 from synapse_acme.export import FileExporter
-from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder
+from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.http01_server import make_factory
 from synapse_acme.interfaces import IReactor
 from synapse_acme.interprocess import StoreLock, StoreLockService
 from synapse_acme.issuer import AcmeIssuer
 from synapse_acme.limits import ConnectionLimits, LimitedFactory, fit_to_fd_limit, raise_fd_limit
+from synapse_acme.listeners import ListenerService, tls_listener
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import canonical_names, names_key
 from synapse_acme.service import AcmeService
 from synapse_acme.store import FileStore
 from synapse_acme.threaded import Runner, ThreadedStore
-from synapse_acme.tls import HotSwapTLS, TLSListenerService
+from synapse_acme.tls import HotSwapTLS
 from synapse_acme.transport import JWSTransport, make_http_client
 from synapse_acme.trust import IssuerTrust, load_issuer_trust
 from synapse_acme.watch import FileWatcher
@@ -60,8 +62,19 @@ class Runtime:
     tls: HotSwapTLS
     store: FileStore | None
     exporter: FileExporter | None = None
-    http01_listener: HTTP01ListenerService | None = None
+    http01_listener: ListenerService | None = None
+    #: Every listener this runtime opens (HTTP-01 first, then each TLS listener).
+    listeners: list[ListenerService] = attrs.field(factory=list)
     watcher: FileWatcher | None = None
+
+    def when_ready(self) -> Deferred[None]:
+        """The one readiness signal: a Deferred firing with ``None`` once every listener is
+        bound, or failing with the first ListenError (each names the address, the OS error and
+        the setting). ``run``, the one-shot commands and the Synapse module await it after
+        ``privilegedStartService`` (or ``startService``)."""
+        waits = [listener.when_listening() for listener in self.listeners]
+        done = gatherResults(waits, consumeErrors=True)
+        return done.addCallbacks(lambda _: None, lambda f: f.value.subFailure)
 
 
 def status_path(config: AcmeConfig) -> str:
@@ -230,9 +243,7 @@ def _build_managing(
             reactor,
             "HTTP-01 listener",
         )
-        listener = HTTP01ListenerService(
-            reactor, factory, endpoints, setting=_listener_setting(config)
-        )
+        listener = ListenerService(reactor, factory, endpoints, setting=_listener_setting(config))
     acme = AcmeService(
         specs,
         ThreadedStore(store, runner) if runner is not None else store,
@@ -269,7 +280,8 @@ def _build_managing(
         acme.add_consumer(exporter)
     if listener is not None:
         listener.setServiceParent(root)
-    _add_tls_listeners(config, reactor, tls, root)
+    listeners = [listener] if listener is not None else []
+    listeners += _add_tls_listeners(config, reactor, tls, root)
     acme.setServiceParent(root)
     return Runtime(
         config=config,
@@ -280,6 +292,7 @@ def _build_managing(
         store=store,
         exporter=exporter,
         http01_listener=listener,
+        listeners=listeners,
     )
 
 
@@ -345,15 +358,17 @@ def _stored(store: FileStore, key: str) -> CertificateBundle | None:
 
 def _add_tls_listeners(
     config: AcmeConfig, reactor: IReactor, tls: HotSwapTLS, root: MultiService
-) -> None:
+) -> list[ListenerService]:
+    listeners: list[ListenerService] = []
     if not config.tls_listen:
-        return
+        return listeners
     _, tls_limits = _listener_limits(config, bool(config.http01_endpoints()))
     for endpoint in config.tls_listen:
         setting = f"{config.key('tls_listen')} ({endpoint})"
-        TLSListenerService(
-            reactor, endpoint, tls, setting=setting, limits=tls_limits
-        ).setServiceParent(root)
+        listener = tls_listener(reactor, endpoint, tls, setting=setting, limits=tls_limits)
+        listener.setServiceParent(root)
+        listeners.append(listener)
+    return listeners
 
 
 def _issuer_trust(config: AcmeConfig) -> IssuerTrust:
@@ -403,7 +418,7 @@ def _build_external(config: AcmeConfig, reactor: IReactor) -> Runtime:
         interval=config.watch_interval,
     )
     watcher.setServiceParent(root)
-    _add_tls_listeners(config, reactor, tls, root)
+    listeners = _add_tls_listeners(config, reactor, tls, root)
     return Runtime(
         config=config,
         service=root,
@@ -412,6 +427,7 @@ def _build_external(config: AcmeConfig, reactor: IReactor) -> Runtime:
         tls=tls,
         store=None,
         watcher=watcher,
+        listeners=listeners,
     )
 
 

@@ -27,29 +27,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import attrs
 from cryptography import x509
 from OpenSSL import SSL
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
-    IListeningPort,
     IOpenSSLServerConnectionCreator,
-    IProtocolFactory,
     IProtocolNegotiationFactory,
-    IReactorCore,
     IReactorTime,
-    IStreamServerEndpoint,
 )
-from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.failure import Failure
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from synapse_acme import crypto
-from synapse_acme.errors import BundleError, ListenError
-from synapse_acme.http01 import bind_error_in_words, endpoint_in_words
+from synapse_acme.errors import BundleError
 from synapse_acme.interfaces import ICertificateConsumer
-from synapse_acme.limits import ConnectionLimits, HandshakeDeadlineFactory, LimitedFactory
 from synapse_acme.model import CertificateBundle
 
 log = logging.getLogger(__name__)
@@ -436,110 +423,9 @@ class HotSwapTLS:
         return None
 
 
-@implementer(IStreamServerEndpoint)
-@attrs.frozen
-class TLSServerEndpoint:
-    """Runs TLS with ``creator`` over any stream server endpoint (tcp:, systemd:, unix:)."""
-
-    endpoint: IStreamServerEndpoint
-    creator: IOpenSSLServerConnectionCreator
-    limits: ConnectionLimits | None = None  # None: no caps (the caller bounds connections)
-    clock: IReactorTime | None = None  # for the caps' handshake deadline and log pacing
-
-    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        if self.limits is None or self.clock is None:
-            return self.endpoint.listen(TLSMemoryBIOFactory(self.creator, False, protocolFactory))
-        # Outside TLS: the connection caps (a flood is dropped before any handshake work);
-        # inside: the handshake deadline (TLS tells the protocol it wraps when it is done).
-        inner = HandshakeDeadlineFactory(protocolFactory, self.limits.handshake_timeout, self.clock)
-        outer = LimitedFactory(
-            TLSMemoryBIOFactory(self.creator, False, inner), self.limits, self.clock, "TLS listener"
-        )
-        return self.endpoint.listen(outer)
-
-
-def tls_server_endpoint(
-    reactor: IReactorCore,
-    description: str,
-    creator: IOpenSSLServerConnectionCreator,
-    limits: ConnectionLimits | None = None,
-) -> IStreamServerEndpoint:
-    """A TLS listener endpoint from a plain endpoint string, e.g. ``"tcp:8448:interface=::"``.
-
-    Use ``tcp:``/``systemd:``/``unix:`` descriptions; ``ssl:`` would add a second TLS layer.
-    """
-    if description.split(":", 1)[0].lower() in ("ssl", "tls"):
-        raise ValueError(
-            f"{description!r}: give a plain endpoint (tcp:...), TLS is added by the creator"
-        )
-    clock = reactor if IReactorTime.providedBy(reactor) else None
-    return TLSServerEndpoint(serverFromString(reactor, description), creator, limits, clock)
-
-
-def _default_site() -> Site:
-    """A one-line page, so a bare ``synapse-acme run`` TLS listener can be checked by hand."""
-    return Site(_Hello())
-
-
-class _Hello(Resource):
-    isLeaf = True
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"synapse-acme: TLS is being served\n"
-
-
-class TLSListenerService(StreamServerEndpointService):
-    """A TLS listener with ``creator`` on a plain endpoint description (``tcp:8448``).
-
-    Binds in ``privilegedStartService`` (so port 443 can be bound before dropping privileges)
-    and raises ListenError if binding fails, naming the address, the OS error and ``setting``
-    (the configuration the endpoint comes from). Without ``factory`` it serves a one-line page.
-    """
-
-    def __init__(
-        self,
-        reactor: IReactorCore,
-        description: str,
-        creator: IOpenSSLServerConnectionCreator,
-        factory: IProtocolFactory | None = None,
-        setting: str | None = None,
-        limits: ConnectionLimits | None = None,
-    ) -> None:
-        super().__init__(
-            tls_server_endpoint(reactor, description, creator, limits),
-            factory if factory is not None else _default_site(),
-        )
-        self.description = description
-        self._setting = setting
-        self._raiseSynchronously = True
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except Exception:
-            failure = Failure()
-            text = (
-                f"could not open the TLS listener: {endpoint_in_words(self.description, failure)}"
-                f" ({bind_error_in_words(failure)})"
-            )
-            if self._setting:
-                text += f". It comes from {self._setting}"
-            raise ListenError(text) from None
-
-    def stopService(self) -> Deferred[None]:
-        if self._waitingForPort is None:  # never started (a listener before it failed)
-            self.running = False
-            return succeed(None)
-        return super().stopService()  # type: ignore[no-any-return]
-
-
 __all__ = [
     "DEFAULT_ALPN",
     "INTERMEDIATE_CIPHERS",
     "HotSwapTLS",
-    "TLSListenerService",
-    "TLSServerEndpoint",
     "build_context",
-    "tls_server_endpoint",
 ]

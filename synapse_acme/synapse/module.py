@@ -410,11 +410,10 @@ class AcmeModule:
         except Exception:
             logger.exception("synapse-acme: could not start provisioning; Synapse keeps running")
             return
-        listener = self.runtime.http01_listener
-        if listener is not None:
-            # The service orders nothing until this listener is bound (runtime.build_runtime);
-            # if it cannot be, say so once, now, rather than only when a renewal is due.
-            listener.when_listening().addErrback(
+        if self.runtime.listeners:
+            # The service orders nothing until the HTTP-01 listener is bound (runtime.py);
+            # if a listener cannot be, say so once, now, rather than only when a renewal is due.
+            self.runtime.when_ready().addErrback(
                 lambda f: logger.error(
                     "synapse-acme: %s. No certificate is ordered from this process until it "
                     "can be opened: fix it and restart Synapse (or remove port/listen from the "

@@ -264,8 +264,8 @@ def test_a_taken_tls_port_is_named_too(pebble: PebbleCA, tmp_path: Path, taken_p
     r = cli("run", "-c", str(cfg), timeout=60)
     assert r.returncode == 1, r.stderr
     assert (
-        f"error: could not open the TLS listener: port {taken_port} on 127.0.0.1 (Address "
-        f"already in use, EADDRINUSE). It comes from acme.tls_listen ({listen})"
+        f"error: could not open any TLS listener: port {taken_port} on 127.0.0.1 (Address "
+        f"already in use, EADDRINUSE). These come from acme.tls_listen ({listen})"
     ) in r.stderr
     assert not (tmp_path / "store" / "account.json").exists()
 

@@ -17,7 +17,8 @@ _SCRIPT = textwrap.dedent(
     import urllib.error, urllib.request
     from twisted.internet import defer, task, threads
     from synapse_acme.errors import ListenError
-    from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder
+    from synapse_acme.http01 import HTTP01Responder
+    from synapse_acme.listeners import ListenerService
     from synapse_acme.http01_server import make_factory
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
@@ -52,7 +53,7 @@ _SCRIPT = textwrap.dedent(
                     blockers.append(s)
                 except OSError:
                     s.close()  # dual-stack: the first socket already took IPv4 too
-        svc = HTTP01ListenerService(reactor, make_factory(responder, reactor), endpoints)
+        svc = ListenerService(reactor, make_factory(responder, reactor), endpoints)
         svc.privilegedStartService()
         svc.startService()
         out = {}

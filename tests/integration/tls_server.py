@@ -26,7 +26,8 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 
 from synapse_acme.limits import ConnectionLimits
-from synapse_acme.tls import HotSwapTLS, TLSListenerService
+from synapse_acme.listeners import tls_listener
+from synapse_acme.tls import HotSwapTLS
 from synapse_acme.watch import FileWatcher, install_sighup
 
 
@@ -100,7 +101,7 @@ def main() -> None:
             loop.start(args.rotate_interval, now=False)
 
     # With the caps and handshake deadline of `synapse-acme run`'s listeners.
-    service = TLSListenerService(
+    service = tls_listener(
         reactor,  # type: ignore[arg-type]
         "tcp:0:interface=127.0.0.1",
         tls,
@@ -108,7 +109,7 @@ def main() -> None:
     )
     service.privilegedStartService()
     service.startService()
-    port = service._waitingForPort.result.getHost().port  # type: ignore[union-attr]
+    port = service.ports[0].getHost().port  # a TCP bind is done when startService returns
     stdio.StandardIO(Control(on_start))
     say(f"PORT {port}")
     reactor.run()  # type: ignore[attr-defined]

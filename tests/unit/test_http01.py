@@ -23,15 +23,15 @@ from twisted.web import pages
 from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
-from synapse_acme import http01
+from synapse_acme import listeners
 from synapse_acme.errors import ListenError
 from synapse_acme.http01 import (
-    HTTP01ListenerService,
     HTTP01Responder,
     _ChallengeResource,
 )
 from synapse_acme.http01_server import ChallengeHTTPFactory, make_factory
 from synapse_acme.interfaces import IResponder
+from synapse_acme.listeners import ListenerService
 from tests.http_raw import raw_request
 
 TOKEN = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"
@@ -328,8 +328,8 @@ class _BindReactor(MemoryReactor):
 ENDPOINTS = [r"tcp6:port=80:interface=\:\:", "tcp:port=80:interface=0.0.0.0"]
 
 
-def _start(reactor: Any, endpoints: list[str]) -> tuple[HTTP01ListenerService, list[Any]]:
-    svc = HTTP01ListenerService(reactor, make_factory(HTTP01Responder(), Clock()), endpoints)
+def _start(reactor: Any, endpoints: list[str]) -> tuple[ListenerService, list[Any]]:
+    svc = ListenerService(reactor, make_factory(HTTP01Responder(), Clock()), endpoints)
     results: list[Any] = []
     svc.privilegedStartService()
     svc.startService()
@@ -339,7 +339,7 @@ def _start(reactor: Any, endpoints: list[str]) -> tuple[HTTP01ListenerService, l
 
 def test_listener_binds_every_endpoint_in_privileged_start() -> None:
     reactor = _BindReactor()
-    svc = HTTP01ListenerService(reactor, make_factory(HTTP01Responder(), Clock()), ENDPOINTS)
+    svc = ListenerService(reactor, make_factory(HTTP01Responder(), Clock()), ENDPOINTS)
     svc.privilegedStartService()
     assert [(p, i) for p, _, _, i in reactor.tcpServers] == [(80, "::"), (80, "0.0.0.0")]
     svc.startService()  # does not bind twice
@@ -350,7 +350,7 @@ def test_listener_binds_every_endpoint_in_privileged_start() -> None:
 
 
 def test_dual_stack_overlap_logged_at_info(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="synapse_acme.http01")
+    caplog.set_level(logging.INFO, logger="synapse_acme.listeners")
     svc, results = _start(_BindReactor(dual_stack=True), ENDPOINTS)
     assert results == [svc.ports] and len(svc.ports) == 1
     overlap = [r for r in caplog.records if "dual-stack" in r.getMessage()]
@@ -371,7 +371,7 @@ def test_no_ipv6_host_warns_and_keeps_ipv4(caplog: pytest.LogCaptureFixture) -> 
 def test_nothing_bound_fails_naming_endpoints() -> None:
     refuse = {"::": errno.EACCES, "0.0.0.0": errno.EACCES}
     reactor = _BindReactor(refuse=refuse)
-    svc = HTTP01ListenerService(
+    svc = ListenerService(
         reactor,
         make_factory(HTTP01Responder(), Clock()),
         [*ENDPOINTS, "bogus:nonsense"],
@@ -441,10 +441,8 @@ def test_stop_while_binding_cancels_and_fails_waiters(monkeypatch: pytest.Monkey
         def listen(self, factory: Any) -> defer.Deferred[Any]:
             return pending
 
-    monkeypatch.setattr(http01, "serverFromString", lambda reactor, text: _NeverListening())
-    svc = HTTP01ListenerService(
-        _BindReactor(), make_factory(HTTP01Responder(), Clock()), ["tcp:80"]
-    )
+    monkeypatch.setattr(listeners, "serverFromString", lambda reactor, text: _NeverListening())
+    svc = ListenerService(_BindReactor(), make_factory(HTTP01Responder(), Clock()), ["tcp:80"])
     svc.privilegedStartService()
     results: list[Any] = []
     svc.when_listening().addBoth(results.append)

@@ -11,7 +11,8 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.testing import MemoryReactor
 
 from synapse_acme.errors import ListenError
-from synapse_acme.http01 import HTTP01Responder, _with_real_family, server_endpoint
+from synapse_acme.http01 import HTTP01Responder
+from synapse_acme.listeners import _with_real_family, server_endpoint
 from tests.unit.test_http01 import KEY_AUTH, SERVERS, TOKEN, _request, serve
 
 

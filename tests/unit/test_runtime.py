@@ -13,7 +13,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 
 from synapse_acme.config import AcmeConfig, parse_acme_config
-from synapse_acme.errors import ConfigError
+from synapse_acme.errors import ConfigError, ListenError
 from synapse_acme.limits import ConnectionLimits, HandshakeDeadlineFactory, LimitedFactory
 from synapse_acme.runtime import Runtime, build_runtime
 
@@ -158,3 +158,37 @@ def test_connection_limits_from_the_config_reach_every_standalone_listener(
         assert isinstance(deadline, HandshakeDeadlineFactory) and deadline.timeout == 4.0
     finally:
         _stop(runtime)
+
+
+def test_when_ready_waits_for_every_listener_and_names_a_tls_one_that_fails(
+    tmp_path: Path,
+) -> None:
+    reactor = _PortTakenReactor()
+    listen = "tcp:8448:interface=127.0.0.1"
+    config = _config(tmp_path, port=0, tls_listen=[listen])
+    runtime = build_runtime(config, reactor, http_client=_RecordingHTTP())
+    assert runtime.http01_listener is None and len(runtime.listeners) == 1
+    runtime.service.privilegedStartService()
+    outcome: list[Any] = []
+    runtime.when_ready().addBoth(outcome.append)
+    [failure] = outcome
+    assert failure.check(ListenError)
+    assert str(failure.value) == (
+        "could not open any TLS listener: port 8448 on 127.0.0.1 (in use, EADDRINUSE). "
+        f"These come from modules[0].config.tls_listen ({listen})"
+    )
+    _stop(runtime)
+
+
+def test_when_ready_fires_once_the_http01_and_tls_listeners_are_bound(tmp_path: Path) -> None:
+    reactor = MemoryReactorClock()
+    config = _config(tmp_path, port=8009, bind_addresses=["127.0.0.1"], tls_listen=["tcp:8448"])
+    runtime = build_runtime(config, reactor, http_client=_RecordingHTTP())
+    assert runtime.listeners[0] is runtime.http01_listener and len(runtime.listeners) == 2
+    outcome: list[Any] = []
+    runtime.when_ready().addBoth(outcome.append)
+    assert outcome == []  # nothing bound before the (privileged) start
+    runtime.service.privilegedStartService()
+    assert outcome == [None]
+    assert sorted(port for port, *_ in reactor.tcpServers) == [8009, 8448]
+    _stop(runtime)

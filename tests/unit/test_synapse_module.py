@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from synapse_acme import crypto, interprocess
 from synapse_acme.config import MODULE_NAME
 from synapse_acme.model import CertificateBundle
+from synapse_acme.runtime import Runtime
 from synapse_acme.synapse import AcmeModule, glue
 from synapse_acme.synapse import module as module_mod
 from synapse_acme.threaded import BlockingRunner
@@ -264,6 +265,11 @@ class FakeRuntime:
     responder: FakeResponder = attrs.Factory(FakeResponder)
     service: FakeService = attrs.Factory(FakeService)
     http01_listener: Any = None
+    listeners: list[Any] = attrs.Factory(list)
+
+    def when_ready(self) -> defer.Deferred[None]:
+        # The real Runtime.when_ready, run on this runtime's listeners.
+        return Runtime.when_ready(self)  # type: ignore[arg-type]
 
 
 def make_module(
@@ -357,6 +363,7 @@ def test_a_listener_that_cannot_bind_is_reported_once_at_start(
     _, _, reactor, built = make_module(tmp_path, monkeypatch)
     ((rt, _),) = built
     rt.http01_listener = FailedListener()
+    rt.listeners = [rt.http01_listener]
     reactor.advance(0)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1, errors

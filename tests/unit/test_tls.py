@@ -10,6 +10,7 @@ import builtins
 import datetime
 import logging
 import os
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -27,10 +28,11 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from synapse_acme import tls as tls_module
-from synapse_acme.errors import BundleError
+from synapse_acme.errors import BundleError, ListenError
 from synapse_acme.interfaces import ICertificateConsumer
+from synapse_acme.listeners import tls_listener, tls_server_endpoint
 from synapse_acme.model import CertificateBundle
-from synapse_acme.tls import HotSwapTLS, TLSListenerService, build_context, tls_server_endpoint
+from synapse_acme.tls import HotSwapTLS, build_context
 from tests.certs import TestCA, client_context, handshake, handshake_with, leaf_serial
 
 NOW = datetime.datetime(2026, 11, 23, 12, 0, tzinfo=datetime.timezone.utc)
@@ -464,7 +466,7 @@ def test_alpn_never_picks_what_the_wrapped_factory_cannot_speak(
 
 def test_listener_service_binds_tls_on_start(tls: HotSwapTLS) -> None:
     reactor = MemoryReactor()
-    service = TLSListenerService(reactor, "tcp:0:interface=127.0.0.1", tls)
+    service = tls_listener(reactor, "tcp:0:interface=127.0.0.1", tls)
     service.privilegedStartService()
     [(port, factory, _backlog, interface)] = reactor.tcpServers
     assert (port, interface) == (0, "127.0.0.1")
@@ -529,3 +531,27 @@ def _reused(conn: SSL.Connection) -> bool:
     from OpenSSL._util import lib  # pyOpenSSL has no public call for this
 
     return bool(lib.SSL_session_reused(conn._ssl))  # type: ignore[attr-defined]
+
+
+def test_a_systemd_tls_listener_without_its_socket_says_why(tls: HotSwapTLS) -> None:
+    # TLS listeners go through the same endpoint parsing as the HTTP-01 one (listeners.py):
+    # a systemd: socket that was not handed over is a ListenError naming the setting.
+    service = tls_listener(
+        MemoryReactor(),
+        "systemd:domain=INET6:name=synapse-acme-tls",
+        tls,
+        setting="acme.tls_listen (systemd:domain=INET6:name=synapse-acme-tls)",
+    )
+    service.privilegedStartService()
+    outcome: list[Any] = []
+    service.when_listening().addBoth(outcome.append)
+    [failure] = outcome
+    assert failure.check(ListenError)
+    text = str(failure.value)
+    assert text.startswith(
+        "could not open any TLS listener: systemd:domain=INET6:name=synapse-acme-tls "
+        "(no listening socket inherited for"
+    )
+    assert "LISTEN_FDNAMES" in text and text.endswith(
+        "These come from acme.tls_listen (systemd:domain=INET6:name=synapse-acme-tls)"
+    )

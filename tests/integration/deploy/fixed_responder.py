@@ -14,8 +14,9 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from synapse_acme.http01 import HTTP01ListenerService, HTTP01Responder
+from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.http01_server import ChallengeHTTPProtocol, make_factory
+from synapse_acme.listeners import ListenerService
 
 
 class _Recording(ChallengeHTTPProtocol):
@@ -38,7 +39,7 @@ async def main(reactor: Any, endpoint: str, token: str, key_authorization: str) 
     responder.start_responding("fixed.example.test", token, key_authorization)
     factory = make_factory(responder, reactor)
     factory.protocol = _Recording
-    listener = HTTP01ListenerService(reactor, factory, [endpoint])
+    listener = ListenerService(reactor, factory, [endpoint])
     listener.startService()
     ports = await listener.when_listening()
     print(f"listening {ports[0].getHost().port}", flush=True)
