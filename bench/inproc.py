@@ -10,7 +10,7 @@ pays when it needs certificates.
 
 ``floor``: the least a client can do: one account, then for every certificate (all concurrent)
 newOrder -> authorization -> challenge -> poll with *no* delay -> finalize -> poll -> download.
-Built from the project's transport.py/client.py (signed requests, nonce reuse) and its
+Built from the project's acme/transport.py and acme/client.py (signed requests, nonce reuse) and its
 HTTP-01 resource; no store, no validation, no policy. Nothing can be much faster against the
 same CA, so it is the yardstick for the 100-certificate goal.
 """
@@ -30,10 +30,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import defer, task
 
 from synapse_acme import crypto
-from synapse_acme.client import AcmeClient
+from synapse_acme.acme.client import AcmeClient
+from synapse_acme.acme.csr import make_csr_pem
+from synapse_acme.acme.transport import JWSTransport, make_http_client
 from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.http01_server import make_factory
-from synapse_acme.transport import JWSTransport, make_http_client
 
 
 async def run_service(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -95,7 +96,7 @@ async def _floor_one(
     )
     polls += sum(counts)
     key_pem = crypto.generate_private_key_pem()
-    csr = x509.load_pem_x509_csr(crypto.make_csr_pem(key_pem, names))
+    csr = x509.load_pem_x509_csr(make_csr_pem(key_pem, names))
     from cryptography.hazmat.primitives import serialization
 
     order = await client.finalize(order, csr.public_bytes(serialization.Encoding.DER))

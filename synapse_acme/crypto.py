@@ -1,17 +1,15 @@
-"""Keys, CSRs and certificate parsing/validation (cryptography + acme.crypto_util).
+"""Keys and certificate parsing/validation (cryptography).
 
 Everything here is pure and synchronous; time comes in as an argument (see :func:`now_from_clock`).
 """
 
 from __future__ import annotations
 
-import base64
 import datetime
 import itertools
 import re
 from collections.abc import Sequence
 
-from acme import crypto_util
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -53,11 +51,6 @@ def load_private_key(key_pem: bytes) -> PrivateKeyTypes:
         return serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as e:
         raise BundleError(f"private key does not parse: {type(e).__name__}") from None
-
-
-def make_csr_pem(key_pem: bytes, names: Sequence[str]) -> bytes:
-    """A PEM CSR for ``names`` signed by ``key_pem`` (acme.crypto_util's, as certbot builds it)."""
-    return crypto_util.make_csr(key_pem, list(names))
 
 
 _PEM_CERT_BEGIN = b"-----BEGIN CERTIFICATE-----"
@@ -272,25 +265,6 @@ def validate_bundle(
     return chain
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def ari_cert_id(cert: x509.Certificate) -> str:
-    """RFC 9773 CertID: base64url(AKI keyIdentifier) "." base64url(DER serial number octets)."""
-    try:
-        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
-    except x509.ExtensionNotFound:
-        raise BundleError("certificate has no Authority Key Identifier; no ARI CertID") from None
-    key_id = aki.value.key_identifier
-    if key_id is None:
-        raise BundleError("certificate's Authority Key Identifier has no keyIdentifier")
-    serial = cert.serial_number
-    # DER INTEGER content octets: big-endian two's complement, minimal, positive.
-    length = serial.bit_length() // 8 + 1
-    return f"{_b64url(key_id)}.{_b64url(serial.to_bytes(length, 'big'))}"
-
-
 def make_placeholder_bundle(
     names: Sequence[str],
     now: datetime.datetime,
@@ -346,7 +320,6 @@ def now_from_clock(clock: IReactorTime) -> datetime.datetime:
 __all__ = [
     "DEFAULT_SKEW",
     "KEY_TYPES",
-    "ari_cert_id",
     "canonical_chain_pem",
     "certificate_names",
     "check_chain_order",
@@ -354,7 +327,6 @@ __all__ = [
     "generate_private_key_pem",
     "is_placeholder",
     "load_private_key",
-    "make_csr_pem",
     "make_placeholder_bundle",
     "name_matches",
     "not_after",

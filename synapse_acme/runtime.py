@@ -25,7 +25,10 @@ from synapse_acme.account import (
     load_or_create_account_key,
     missing_key_directory,
 )
-from synapse_acme.client import AcmeClient
+from synapse_acme.acme.client import AcmeClient
+from synapse_acme.acme.issuer import AcmeIssuer
+from synapse_acme.acme.transport import JWSTransport, make_http_client
+from synapse_acme.acme.trust import IssuerTrust, load_issuer_trust
 from synapse_acme.config import AcmeConfig
 from synapse_acme.errors import ConfigError
 from synapse_acme.export import FileExporter
@@ -33,7 +36,6 @@ from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.http01_server import make_factory
 from synapse_acme.interfaces import IReactor
 from synapse_acme.interprocess import StoreLock, StoreLockService
-from synapse_acme.issuer import AcmeIssuer
 from synapse_acme.limits import ConnectionLimits, LimitedFactory, fit_to_fd_limit, raise_fd_limit
 from synapse_acme.listeners import ListenerService, tls_listener
 from synapse_acme.model import CertificateBundle
@@ -42,8 +44,6 @@ from synapse_acme.service import AcmeService
 from synapse_acme.store import FileStore
 from synapse_acme.threaded import Runner, ThreadedStore
 from synapse_acme.tls import HotSwapTLS
-from synapse_acme.transport import JWSTransport, make_http_client
-from synapse_acme.trust import IssuerTrust, load_issuer_trust
 from synapse_acme.watch import FileWatcher
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def build_runtime(
 
     ``reactor`` provides time, TCP, DNS, shutdown triggers and calls from threads
     (:class:`~synapse_acme.interfaces.IReactor`). ``http_client``: the treq client for the CA
-    (tests stub the CA with one); default: :func:`~synapse_acme.transport.make_http_client`.
+    (tests stub the CA with one); default: :func:`~synapse_acme.acme.transport.make_http_client`.
     ``standalone_listener`` opens the HTTP-01 listener(s) of ``acme.port``/``acme.listen``;
     an embedding host that mounts :meth:`HTTP01Responder.resource` itself passes False.
     ``runner``: where the running service's file writes (store saves, exports, the status file)

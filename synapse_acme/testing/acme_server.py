@@ -43,8 +43,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from synapse_acme.acme.trust import IssuerTrust
 from synapse_acme.testing.certificates import ca_certificate
-from synapse_acme.trust import IssuerTrust
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from synapse_acme import crypto
+from synapse_acme.acme.ari import ari_cert_id
 from synapse_acme.interfaces import IIssuer
 from synapse_acme.model import CertificateBundle, RenewalWindow
 
@@ -79,7 +80,7 @@ class FakeIssuer:
             chain_pem=chain,
             metadata={
                 "names": list(names),
-                "ari_cert_id": crypto.ari_cert_id(cert),
+                "ari_cert_id": ari_cert_id(cert),
                 "issued_at": now.isoformat(),
             },
         )
@@ -98,7 +99,7 @@ class FakeIssuer:
 
     def renewal_info(self, chain_pem: bytes) -> defer.Deferred[RenewalWindow | None]:
         self.renewal_info_calls += 1
-        cert_id = crypto.ari_cert_id(crypto.parse_chain(chain_pem)[0])
+        cert_id = ari_cert_id(crypto.parse_chain(chain_pem)[0])
         if self.hold_renewal_info:
             d: defer.Deferred[RenewalWindow | None] = self._held()
             self.pending_renewal_info.append((d, cert_id))

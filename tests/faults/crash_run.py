@@ -139,7 +139,8 @@ def main() -> int:
     for name in TRACED_OS_CALLS:
         _wrap_os(name)
 
-    from synapse_acme import cli, transport
+    from synapse_acme import cli
+    from synapse_acme.acme import transport
 
     real_send = transport.JWSTransport._send
 

@@ -31,7 +31,9 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from synapse_acme import policy
-from synapse_acme.client import AcmeClient
+from synapse_acme.acme.client import AcmeClient
+from synapse_acme.acme.issuer import AcmeIssuer
+from synapse_acme.acme.transport import JWSTransport
 from synapse_acme.errors import (
     AcmeError,
     AcmeProtocolError,
@@ -40,13 +42,11 @@ from synapse_acme.errors import (
 )
 from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.interfaces import IIssuer
-from synapse_acme.issuer import AcmeIssuer
 from synapse_acme.model import CertificateBundle, CertificateSpec
 from synapse_acme.names import names_key
 from synapse_acme.service import AcmeService
 from synapse_acme.store import FileStore
 from synapse_acme.testing.acme_server import PEM_CHAIN, FakeAcmeServer
-from synapse_acme.transport import JWSTransport
 from tests.certs import TestCA
 
 START = datetime.datetime(2026, 11, 1, 12, 0, tzinfo=datetime.timezone.utc)

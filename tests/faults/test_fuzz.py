@@ -42,12 +42,12 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from synapse_acme.client import AcmeClient
+from synapse_acme.acme.client import AcmeClient
+from synapse_acme.acme.transport import JWSTransport
 from synapse_acme.config import KNOWN_KEYS, AcmeConfig, read_config_file
 from synapse_acme.errors import AcmeError, AcmeProtocolError, AcmeTransportError, ConfigError
 from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.http01_server import make_factory
-from synapse_acme.transport import JWSTransport
 from tests.http_raw import connect, parse_all
 from tests.unit.test_config import _GOOD
 

@@ -23,11 +23,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from synapse_acme import crypto
-from synapse_acme.client import AcmeClient
+from synapse_acme.acme.client import AcmeClient
+from synapse_acme.acme.issuer import AcmeIssuer
+from synapse_acme.acme.transport import JWSTransport, make_http_client
+from synapse_acme.acme.trust import load_issuer_trust
 from synapse_acme.http01 import HTTP01Responder
-from synapse_acme.issuer import AcmeIssuer
-from synapse_acme.transport import JWSTransport, make_http_client
-from synapse_acme.trust import load_issuer_trust
 
 
 class _BadNonceCounter(logging.Handler):
@@ -98,7 +98,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         return _outcome(names, result, time.monotonic() - start)
 
     counter = _BadNonceCounter()
-    transport_log = logging.getLogger("synapse_acme.transport")
+    transport_log = logging.getLogger("synapse_acme.acme.transport")
     transport_log.setLevel(logging.DEBUG)
     transport_log.addHandler(counter)
 

@@ -38,7 +38,8 @@ def _opener(ca: PebbleCA) -> urllib.request.OpenerDirector:
 
 def _issue(ca: PebbleCA, names: Sequence[str], eab: tuple[str, str] | None = None) -> bytes:
     """Get a certificate from ``ca`` with certbot's acme client; returns the PEM chain."""
-    from synapse_acme.crypto import generate_private_key_pem, make_csr_pem
+    from synapse_acme.acme.csr import make_csr_pem
+    from synapse_acme.crypto import generate_private_key_pem
 
     account_key = josepy.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
     net = client.ClientNetwork(account_key, alg=josepy.ES256, verify_ssl=ca.ca_bundle)  # type: ignore[arg-type]

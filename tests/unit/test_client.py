@@ -17,10 +17,12 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from synapse_acme import crypto
-from synapse_acme.client import AcmeClient
+from synapse_acme.acme.ari import ari_cert_id
+from synapse_acme.acme.client import AcmeClient
+from synapse_acme.acme.csr import make_csr_pem
+from synapse_acme.acme.transport import JWSTransport
 from synapse_acme.errors import AcmeError, ConfigError
 from synapse_acme.testing.acme_server import FakeAcmeServer
-from synapse_acme.transport import JWSTransport
 from tests.deferreds import result_of
 
 START = 1_800_000_000.0
@@ -149,7 +151,7 @@ def _issue(w: World, names: list[str]) -> tuple[Any, bytes]:
         challb = next(c for c in authz.body.challenges if c.chall.typ == "http-01")
         w.run(w.client.answer_challenge(challb.uri))
     key_pem = crypto.generate_private_key_pem()
-    csr = x509.load_pem_x509_csr(crypto.make_csr_pem(key_pem, names))
+    csr = x509.load_pem_x509_csr(make_csr_pem(key_pem, names))
     for _ in range(10):
         order = w.run(w.client.get_order(order.url))
         if order.body.status == messages.STATUS_READY:
@@ -177,7 +179,7 @@ def test_manual_flow_download_chain_with_alternates_and_ari() -> None:
     assert alt_chain != chain
     assert crypto.parse_chain(alt_chain)[0] == certs[0]
 
-    window = w.run(w.client.renewal_info(crypto.ari_cert_id(certs[0])))
+    window = w.run(w.client.renewal_info(ari_cert_id(certs[0])))
     assert window is not None
     assert window.start < window.end
     assert window.start.tzinfo is not None

@@ -18,13 +18,13 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from synapse_acme import crypto
-from synapse_acme.client import AcmeClient
+from synapse_acme.acme.client import AcmeClient
+from synapse_acme.acme.issuer import AcmeIssuer
+from synapse_acme.acme.transport import JWSTransport
 from synapse_acme.errors import AcmeError, AcmeProtocolError, AcmeTransportError, ChallengeFailed
 from synapse_acme.interfaces import IIssuer, IResponder
-from synapse_acme.issuer import AcmeIssuer
 from synapse_acme.model import CertificateBundle
 from synapse_acme.testing.acme_server import FakeAcmeServer
-from synapse_acme.transport import JWSTransport
 from tests.deferreds import result_of
 
 START = 1_800_000_000.0

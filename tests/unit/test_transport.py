@@ -20,8 +20,7 @@ from twisted.web import resource, server
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from synapse_acme.errors import AcmeError, AcmeProtocolError, AcmeTransportError, ConfigError
-from synapse_acme.transport import (
+from synapse_acme.acme.transport import (
     MAX_BAD_NONCE_RETRIES,
     AcmeResponse,
     JWSTransport,
@@ -30,6 +29,7 @@ from synapse_acme.transport import (
     parse_links,
     parse_retry_after,
 )
+from synapse_acme.errors import AcmeError, AcmeProtocolError, AcmeTransportError, ConfigError
 from tests.deferreds import result_of
 
 BASE = "https://ca.test"

@@ -1,4 +1,4 @@
-"""The check that an issued chain reaches a trusted root (synapse_acme.trust)."""
+"""The check that an issued chain reaches a trusted root (synapse_acme.acme.trust)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from cryptography import x509
 
 from synapse_acme import crypto
+from synapse_acme.acme.trust import IssuerTrust, load_issuer_trust, load_pem_certificates
 from synapse_acme.errors import BundleError, ConfigError
-from synapse_acme.trust import IssuerTrust, load_issuer_trust, load_pem_certificates
 from tests.certs import TestCA
 
 NOW = datetime.datetime(2026, 11, 30, 12, 0, tzinfo=datetime.timezone.utc)

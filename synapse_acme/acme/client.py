@@ -1,6 +1,6 @@
 """RFC 8555 resources, one method each, typed with certbot's ``acme.messages``.
 
-No flow logic lives here (that is :mod:`synapse_acme.issuer`): each method is one request and
+No flow logic lives here (that is :mod:`synapse_acme.acme.issuer`): each method is one request and
 one parsed answer, so the issuer reads like the RFC's section 7.1 diagram.
 """
 
@@ -17,9 +17,9 @@ from acme import challenges, messages
 from cryptography import x509
 from twisted.internet.defer import Deferred
 
+from synapse_acme.acme.transport import JSON, PEM_CHAIN, AcmeResponse, JWSTransport, check_url
 from synapse_acme.errors import AcmeProtocolError, ConfigError
 from synapse_acme.model import RenewalWindow
-from synapse_acme.transport import JSON, PEM_CHAIN, AcmeResponse, JWSTransport, check_url
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _check_urls(obj: Any, where: str) -> None:
 
 @attrs.define
 class AcmeClient:
-    """The CA's resources, over one :class:`~synapse_acme.transport.JWSTransport`.
+    """The CA's resources, over one :class:`~synapse_acme.acme.transport.JWSTransport`.
 
     ``account_url`` is set by :meth:`register` and used as the JWS ``kid`` afterwards.
     """

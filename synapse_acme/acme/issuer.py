@@ -22,7 +22,10 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from synapse_acme import crypto
-from synapse_acme.client import AcmeClient, Fetched
+from synapse_acme.acme.ari import ari_cert_id
+from synapse_acme.acme.client import AcmeClient, Fetched
+from synapse_acme.acme.csr import make_csr_pem
+from synapse_acme.acme.trust import IssuerTrust
 from synapse_acme.errors import (
     AcmeError,
     AcmeProtocolError,
@@ -33,7 +36,6 @@ from synapse_acme.errors import (
 from synapse_acme.interfaces import IIssuer, IResponder
 from synapse_acme.model import CertificateBundle, RenewalWindow
 from synapse_acme.names import canonical_names
-from synapse_acme.trust import IssuerTrust
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ def _identifier(authz: messages.Authorization) -> str:
 class AcmeIssuer:
     """Obtains certificates from the CA behind ``client``, answering challenges with
     ``responders`` (preferred first); every issued chain must reach a root of ``trust``
-    (:class:`~synapse_acme.trust.IssuerTrust`). The account is registered on first use, and
+    (:class:`~synapse_acme.acme.trust.IssuerTrust`). The account is registered on first use, and
     ``on_account`` (if given) is called with its URL each time the CA tells it (the runtime
     records it in the store; a failing callback is logged, never fails the issuance)."""
 
@@ -287,7 +289,7 @@ class AcmeIssuer:
         Every authorization is valid when this runs, so the order is normally ``ready``: it
         is finalized at once, without first fetching it again. A CA that is not there yet
         answers ``orderNotReady``, and then the order is polled like any other."""
-        csr_pem = crypto.make_csr_pem(key_pem, names)
+        csr_pem = make_csr_pem(key_pem, names)
         csr_der = x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER)
         deadline = self.clock.seconds() + self.poll_timeout
         current = order
@@ -375,7 +377,7 @@ class AcmeIssuer:
         except BundleError as e:
             raise AcmeProtocolError(f"the issued certificate is unusable: {e}", cert_url) from None
         try:
-            cert_id: str | None = crypto.ari_cert_id(chain[0])
+            cert_id: str | None = ari_cert_id(chain[0])
         except BundleError:
             cert_id = None
         metadata = {
@@ -394,7 +396,7 @@ class AcmeIssuer:
     async def _renewal_info(self, chain_pem: bytes) -> RenewalWindow | None:
         leaf = crypto.parse_chain(chain_pem)[0]
         try:
-            cert_id = crypto.ari_cert_id(leaf)
+            cert_id = ari_cert_id(leaf)
         except BundleError:
             return None
         return await self.client.renewal_info(cert_id)
