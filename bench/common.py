@@ -25,8 +25,9 @@ CERTBOT_VENV = os.environ.get("BENCH_CERTBOT_VENV", os.path.join(BENCH, ".venv-c
 CERTBOT = os.path.join(CERTBOT_VENV, "bin", "certbot")
 CERTBOT_PY = os.path.join(CERTBOT_VENV, "bin", "python")
 
-#: Pebble settings for every run: no random validation sleep (FACTS.md), no rejected nonces and
-#: no authorization reuse, so each client does the same protocol work on every run.
+#: Pebble settings for every run: no random validation sleep (Pebble otherwise waits 0-15 s
+#: before each validation), no rejected nonces and no authorization reuse, so each client does
+#: the same protocol work on every run.
 PEBBLE_ENV = {"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"}
 
 
