@@ -24,6 +24,7 @@ same way. So, in order of preference:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -84,9 +85,15 @@ class PortReservation:
 
     port: int
     _lock_fd: int | None = attrs.field(repr=False)
+    _lock_path: str | None = attrs.field(default=None, repr=False)
 
     def release(self) -> None:
         if self._lock_fd is not None:
+            if self._lock_path is not None:
+                # Removed while still locked, so nobody holds a lock on a file that is gone
+                # (reserve_port checks that the file it locked is still the one at the path).
+                with contextlib.suppress(OSError):
+                    os.unlink(self._lock_path)
             os.close(self._lock_fd)  # drops the flock
             self._lock_fd = None
 
@@ -138,11 +145,13 @@ def reserve_port(
             continue  # another user's lock file we may not open: theirs
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                raise FileNotFoundError(path)  # released and removed meanwhile: not a lock
         except OSError:
             os.close(fd)
             continue  # another process holds it
         if _free_now(port, host, udp):
-            return PortReservation(port, fd)
+            return PortReservation(port, fd, path)
         os.close(fd)
     raise OSError(errno.EADDRINUSE, f"no free port to reserve in {low}-{high - 1}")
 

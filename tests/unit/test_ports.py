@@ -56,6 +56,7 @@ def test_reserved_ports_are_below_the_ephemeral_range_and_exclusive() -> None:
     finally:
         for r in held:
             r.release()
+    assert not os.path.exists(lock)  # released: removed, so the directory does not fill up
     again = ports.reserve_port()
     again.release()
 
