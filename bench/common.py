@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,8 +25,9 @@ CERTBOT_VENV = os.environ.get("BENCH_CERTBOT_VENV", os.path.join(BENCH, ".venv-c
 CERTBOT = os.path.join(CERTBOT_VENV, "bin", "certbot")
 CERTBOT_PY = os.path.join(CERTBOT_VENV, "bin", "python")
 
-#: Pebble settings for every run: no random validation sleep (FACTS.md), no rejected nonces and
-#: no authorization reuse, so each client does the same protocol work on every run.
+#: Pebble settings for every run: no random validation sleep (Pebble otherwise waits 0-15 s
+#: before each validation), no rejected nonces and no authorization reuse, so each client does
+#: the same protocol work on every run.
 PEBBLE_ENV = {"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"}
 
 
@@ -201,8 +202,10 @@ def machine_info() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def pebble(workdir: str, http_port: int) -> Iterator[Any]:
-    """One private Pebble for a whole group of measurements (PEBBLE_ENV)."""
+def pebble(workdir: str, http_port: int = 0) -> Iterator[Any]:
+    """One private Pebble for a whole group of measurements (PEBBLE_ENV). Without
+    ``http_port`` it reserves the port its validator dials (``ca.http_port``) until it stops:
+    every client measured binds that number in turn."""
     from synapse_acme.testing.pebble import PebbleCA
 
     ca = PebbleCA(workdir, http_port=http_port, env=PEBBLE_ENV)
@@ -213,18 +216,46 @@ def pebble(workdir: str, http_port: int) -> Iterator[Any]:
         ca.stop()
 
 
-def free_port() -> int:
-    from synapse_acme.testing.pebble import free_port as fp
+def start_on_reserved_port(
+    start: Callable[[int], subprocess.Popen[bytes]], path: str = "/", attempts: int = 3
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a server that must be told its port (``start(port)``) on a reserved one
+    (synapse_acme.testing.ports), held until the server answers; if the server exits instead
+    (its port was taken after all), start it again on another, at most ``attempts`` times."""
+    from synapse_acme.testing.ports import reserve_port
 
-    return fp()
+    for attempt in range(1, attempts + 1):
+        with reserve_port() as reservation:
+            proc = start(reservation.port)
+            try:
+                wait_http(reservation.port, path, proc=proc)
+            except RuntimeError:
+                exited = proc.poll() is not None
+                if not exited:
+                    proc.kill()
+                    proc.wait()
+                if not exited or attempt == attempts:
+                    raise
+                continue
+            if proc.poll() is None:  # not another program answering in its place
+                return proc, reservation.port
+    raise RuntimeError(f"the server exited at start {attempts} times")
 
 
-def wait_http(port: int, path: str = "/", timeout: float = 15.0) -> None:
-    """Block until something answers HTTP on 127.0.0.1:port (any status)."""
+def wait_http(
+    port: int,
+    path: str = "/",
+    timeout: float = 15.0,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Block until something answers HTTP on 127.0.0.1:port (any status); RuntimeError on
+    timeout, or at once if ``proc`` (the server expected to answer) exits."""
     import http.client
 
     deadline = time.monotonic() + timeout
     while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server for 127.0.0.1:{port} exited ({proc.returncode})")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
             conn.request("GET", path)

@@ -427,8 +427,9 @@ def pair_ratio(a: Sequence[float | None], b: Sequence[float | None]) -> float | 
     return pairs[mid] if len(pairs) % 2 else (pairs[mid - 1] + pairs[mid]) / 2
 
 
-def start_nginx(workdir: str, port: int, root: str) -> subprocess.Popen[bytes]:
-    """nginx serving ``root`` as static files on 127.0.0.1:port, in the foreground."""
+def start_nginx(workdir: str, port: int, root: str, wait: bool = True) -> subprocess.Popen[bytes]:
+    """nginx serving ``root`` as static files on 127.0.0.1:port, in the foreground; with
+    ``wait``, once it answers (else the caller waits: common.start_on_reserved_port)."""
     prefix = os.path.join(workdir, f"nginx-{port}")
     os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
     conf = os.path.join(prefix, "nginx.conf")
@@ -463,8 +464,10 @@ http {{
         stdout=subprocess.DEVNULL,
         stderr=open(os.path.join(prefix, "logs", "stderr.log"), "wb"),
     )
+    if not wait:
+        return proc
     try:
-        wait_http(port)
+        wait_http(port, proc=proc)
     except RuntimeError:
         proc.kill()
         raise

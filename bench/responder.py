@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bench.common import CERTBOT_PY, PY, ROOT, free_port, summary, wait_http
+from bench.common import CERTBOT_PY, PY, ROOT, start_on_reserved_port, summary
 from bench.issuance import pair_ratio, start_nginx
 
 TOKEN = "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1-f4CBgoM"  # base64url of 32 bytes, as CAs send
@@ -31,29 +31,30 @@ SERVERS = ("synapse-acme", SITE, "certbot standalone", "nginx static file")
 
 
 def _start(server: str, workdir: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    if server in ("synapse-acme", SITE):
-        cmd = [PY, os.path.join(ROOT, "bench", "serve_responder.py"), str(port), TOKEN, VALIDATION]
-        cmd += ["--site"] if server == SITE else []
-    elif server == "certbot standalone":
-        cmd = [CERTBOT_PY, os.path.join(ROOT, "bench", "certbot_responder.py"), str(port)]
-        cmd += [TOKEN, VALIDATION]
-    else:
+    """The server on a reserved port, started again on another if it was taken anyway."""
+    if server == "nginx static file":
         root = os.path.join(workdir, "www")
         d = os.path.join(root, ".well-known", "acme-challenge")
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, TOKEN), "w", encoding="ascii") as f:
             f.write(VALIDATION)
-        return start_nginx(workdir, port, root), port
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_http(port, PATH)
-    except RuntimeError:
-        proc.kill()
-        raise
-    return proc, port
+        return start_on_reserved_port(
+            lambda port: start_nginx(workdir, port, root, wait=False), PATH
+        )
+    if server in ("synapse-acme", SITE):
+        cmd = [PY, os.path.join(ROOT, "bench", "serve_responder.py"), "{port}", TOKEN, VALIDATION]
+        cmd += ["--site"] if server == SITE else []
+    else:
+        cmd = [CERTBOT_PY, os.path.join(ROOT, "bench", "certbot_responder.py"), "{port}"]
+        cmd += [TOKEN, VALIDATION]
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        argv = [str(port) if arg == "{port}" else arg for arg in cmd]
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    return start_on_reserved_port(start, PATH)
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}

@@ -22,7 +22,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import responder
-from bench.common import PY, ROOT, dump_json, free_port, machine_info, pebble
+from bench.common import PY, ROOT, dump_json, machine_info, pebble
 from bench.issuance import Issuance, Scenario, pair_ratio
 
 CLI_SEQ = "synapse-acme CLI, one process per cert"
@@ -219,9 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="synapse-acme-bench-") as work:
         if "issuance" in args.only:
-            port = free_port()
-            with pebble(os.path.join(work, "pebble"), port) as ca:
-                iss = Issuance(ca, port, work, parallel=p["parallel"])
+            with pebble(os.path.join(work, "pebble")) as ca:  # reserves ca.http_port
+                iss = Issuance(ca, ca.http_port, work, parallel=p["parallel"])
                 try:
                     results["commands"] = {n: c.command for n, c in iss.clients.items()}
                     results["issuance"] = []

@@ -30,11 +30,11 @@ rm -rf "$STATE"
 mkdir -p "$STATE"
 chmod 700 "$STATE"
 
-HTTP_PORT="$("${PY[@]}" -c 'from synapse_acme.testing.pebble import free_port; print(free_port())')"
-
-say "Starting a private Pebble ACME CA (validator dials 127.0.0.1:$HTTP_PORT for HTTP-01)"
+say "Starting a private Pebble ACME CA"
 # --validity: 90-day certificates, like Let's Encrypt's classic profile (Pebble's default is 5 years).
-"${PY[@]}" -m synapse_acme.testing.pebble serve --workdir "$STATE/pebble" --http-port "$HTTP_PORT" \
+# No --http-port: it reserves the port its validator dials for HTTP-01 for as long as it runs
+# (synapse_acme/testing/ports.py) and reports it in pebble.json.
+"${PY[@]}" -m synapse_acme.testing.pebble serve --workdir "$STATE/pebble" \
     --validity $((90 * 86400)) \
     >"$STATE/pebble.json" 2>"$STATE/pebble-serve.log" &
 PEBBLE_PID=$!
@@ -65,7 +65,8 @@ DIRECTORY_URL="$(json_field "$STATE/pebble.json" directory_url)"
 CA_BUNDLE="$(json_field "$STATE/pebble.json" ca_bundle)"
 ISSUER_ROOTS="$(json_field "$STATE/pebble.json" issuer_roots)"
 MANAGEMENT_URL="$(json_field "$STATE/pebble.json" management_url)"
-echo "ACME directory: $DIRECTORY_URL"
+HTTP_PORT="$(json_field "$STATE/pebble.json" http_port)"
+echo "ACME directory: $DIRECTORY_URL (its validator dials 127.0.0.1:$HTTP_PORT for HTTP-01)"
 
 CONFIG="$STATE/acme.yaml"
 cat >"$CONFIG" <<YAML

@@ -36,7 +36,13 @@ from synapse_acme.errors import (
 )
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import names_key
-from synapse_acme.pairs import read_pair
+from synapse_acme.pairs import PairMismatch, read_pair
+from synapse_acme.status import (
+    MAX_STATUS_FILE,
+    CertificateStatus,
+    format_time,
+    parse_status_file,
+)
 
 logger = logging.getLogger("synapse_acme.cli")
 
@@ -172,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         reactor.addSystemEventTrigger("before", "shutdown", runtime.service.stopService)
         if runtime.acme is not None:
             acme = runtime.acme
-            what = "; ".join(", ".join(acme.managed(k).spec.names) for k in acme.keys)
+            what = "; ".join(", ".join(s.names) for s in acme.status())
             logger.info("synapse-acme %s running for %s", __version__, what)
         if runtime.watcher is not None:
             from synapse_acme.watch import install_sighup
@@ -256,7 +262,8 @@ def _one_shot(args: argparse.Namespace, force: bool) -> int:
                 _out("Nothing to do: every certificate is valid and not yet due for renewal.")
             again = f"synapse-acme {args.command}" + (" --force" if force else "")
             for k, result in results:
-                names = ", ".join(acme.managed(k).spec.names)
+                status = acme.status_of(k)
+                names = ", ".join(status.names)
                 if isinstance(result, Failure):
                     outcome["code"] = EXIT_FAILED
                     what = acme.failure_summary(k) or result.getErrorMessage()
@@ -267,11 +274,11 @@ def _one_shot(args: argparse.Namespace, force: bool) -> int:
                         "or let `synapse-acme run` / the homeserver module retry"
                     )
                 else:
-                    m = acme.managed(k)
                     where = os.path.join(config.storage, "certificates", k)
                     _out(
                         f"OK      {names}: certificate in {where}, valid until "
-                        f"{_fmt(m.not_after)}; due for renewal at {_fmt(m.renew_at)} (then run "
+                        f"{format_time(status.not_after)}; due for renewal at "
+                        f"{format_time(status.renew_at)} (then run "
                         "`synapse-acme renew`, or let `synapse-acme run` / the homeserver "
                         "module renew it)"
                     )
@@ -346,12 +353,12 @@ def status_report(config: AcmeConfig, now: datetime.datetime) -> list[dict[str, 
 
     # Read-only: the service may be saving right now, so no crash recovery from here.
     store = FileStore(config.storage, auto_recover=False)
-    last: dict[str, dict[str, Any]] = {}
+    last: dict[str, CertificateStatus] = {}
     try:
-        data = fsutil.read_regular(status_path(config), limit=_MAX_STATUS_FILE)
+        data = fsutil.read_regular(status_path(config), limit=MAX_STATUS_FILE)
         if data is not None:
-            last = {entry["key"]: entry for entry in json.loads(data)}
-    except (SynapseAcmeError, ValueError, KeyError, TypeError) as e:
+            last = {status.key: status for status in parse_status_file(data)}
+    except (SynapseAcmeError, ValueError) as e:
         logger.warning("Ignoring the status file of the last run: %s", e)
     threshold = datetime.timedelta(days=config.reprovision_threshold)
     out = []
@@ -365,42 +372,48 @@ def status_report(config: AcmeConfig, now: datetime.datetime) -> list[dict[str, 
         except Exception as e:  # one bad certificate must not hide the others
             entry["state"] = "unreadable"
             entry["error"] = str(e) if isinstance(e, SynapseAcmeError) else repr(e)
-        prev = last.get(key, {})
-        for field in (
-            "last_error",
-            "last_error_type",
-            "last_attempt",
-            "last_success",
-            "next_attempt",
-            "failures",
-            "renew_at",
-            "ari_window",
-        ):
-            if prev.get(field) is not None:
-                entry["last_run_" + field if field == "renew_at" else field] = prev[field]
+        prev = last.get(key)
+        if prev is not None:
+            entry.update(_last_run(prev))
         if index == 0 and not config.external_certificates:
             entry.update(_export_report(config, entry, prev))
         out.append(entry)
     return out
 
 
+def _last_run(prev: CertificateStatus) -> dict[str, Any]:
+    """What the last run's status adds to the report: its attempts, failures and plans."""
+    window = prev.ari_window
+    carried: dict[str, Any] = {
+        "last_error": prev.last_error,
+        "last_error_type": prev.last_error_type,
+        "last_attempt": format_time(prev.last_attempt),
+        "last_success": format_time(prev.last_success),
+        "next_attempt": format_time(prev.next_attempt),
+        "failures": prev.failures,
+        "last_run_renew_at": format_time(prev.renew_at),
+        "ari_window": [format_time(t) for t in window] if window is not None else None,
+    }
+    return {k: v for k, v in carried.items() if v is not None}
+
+
 def _export_report(
-    config: AcmeConfig, entry: dict[str, Any], prev: dict[str, Any]
+    config: AcmeConfig, entry: dict[str, Any], prev: CertificateStatus | None
 ) -> dict[str, Any]:
     """What the homeserver's TLS files hold (the first certificate is exported there) and what
     the running process serves, beside the stored ``serial``: three serials to compare."""
     out: dict[str, Any] = {}
-    if prev.get("served_serial") is not None:
-        out["served_serial"] = prev["served_serial"]
+    if prev is not None and prev.served_serial is not None:
+        out["served_serial"] = prev.served_serial
     cert_path, key_path = config.tls_certificate_path, config.tls_private_key_path
     if not cert_path or not key_path:
         return out
     export: dict[str, Any] = {"cert_path": cert_path, "key_path": key_path}
-    last = prev.get("export")
-    if isinstance(last, dict):
-        export.update(
-            {k: last[k] for k in ("state", "error", "failures") if last.get(k) is not None}
-        )
+    last = prev.export if prev is not None else None
+    if last is not None:
+        export.update(state=last.state, failures=last.failures)
+        if last.error is not None:
+            export["error"] = last.error
     try:
         chain, _ = read_pair(cert_path, key_path)
         out["exported_serial"] = f"{crypto.parse_chain(chain)[0].serial_number:x}"
@@ -422,26 +435,11 @@ def _export_report(
 #: Export states that mean the homeserver would not get the stored certificate on its next start.
 _BAD_EXPORT_STATES = ("failed", "foreign", "unreadable", "stale")
 
-# status.json holds a few hundred bytes per certificate.
-_MAX_STATUS_FILE = 16 * 1024 * 1024
-
 
 def _stored_bundle(config: AcmeConfig, store: Any, key: str) -> CertificateBundle | None:
     """The bundle status reports on; raises what makes it unreadable."""
     if config.external_certificates:
-        bundle = _read_external(config)
-        if bundle is not None:
-            # Another tool's files (it may add text around the PEM blocks, so no strict parse):
-            # the key must be the leaf's and the chain in order, or they cannot be served.
-            try:
-                chain = crypto.parse_chain(bundle.chain_pem)
-                crypto.check_key_matches(bundle.key_pem, chain[0])
-                crypto.check_chain_order(chain)
-            except BundleError as e:
-                raise BundleError(
-                    f"{config.tls_certificate_path} / {config.tls_private_key_path}: {e}"
-                ) from None
-        return bundle
+        return _read_external(config)
     loaded: list[Any] = []
     failure: list[Failure] = []
     store.load(key).addCallbacks(loaded.append, failure.append)
@@ -465,9 +463,9 @@ def _describe(
         "state": "placeholder" if placeholder else "expired" if na <= now else "valid",
         "serial": f"{chain[0].serial_number:x}",
         "issuer": chain[0].issuer.rfc4514_string(),
-        "not_before": _fmt(nb),
-        "not_after": _fmt(na),
-        "renew_at": _fmt(renew_at) if not placeholder else "now",
+        "not_before": format_time(nb),
+        "not_after": format_time(na),
+        "renew_at": format_time(renew_at) if not placeholder else "now",
         "path": os.path.join(config.storage, "certificates", key),
     }
     if config.external_certificates:
@@ -476,14 +474,25 @@ def _describe(
 
 
 def _read_external(config: AcmeConfig) -> CertificateBundle | None:
-    """The externally managed pair, or None if a file is missing. Followed through symlinks
-    (certbot's live/ files are links), but a FIFO or another non-file is refused unread."""
-    assert config.tls_certificate_path and config.tls_private_key_path
-    chain = fsutil.read_regular(config.tls_certificate_path, follow=True, limit=_MAX_STATUS_FILE)
-    key = fsutil.read_regular(config.tls_private_key_path, follow=True, limit=_MAX_STATUS_FILE)
-    if chain is None or key is None:
+    """The externally managed pair, or None if a file is missing. Read as the watcher reads it
+    (:func:`~synapse_acme.pairs.read_pair`: through symlinks, as certbot's live/ files are
+    links, a FIFO refused unread, re-read if it straddled a renewal); another tool may add
+    text around the PEM blocks, so no strict parse, but the key must be the leaf's and the
+    chain in order, or they cannot be served."""
+    cert_path, key_path = config.tls_certificate_path, config.tls_private_key_path
+    assert cert_path and key_path
+    try:
+        chain_pem, key_pem = read_pair(cert_path, key_path)
+        crypto.check_chain_order(crypto.parse_chain(chain_pem))
+    except FileNotFoundError:
         return None
-    return CertificateBundle(key_pem=key, chain_pem=chain)
+    except PairMismatch:
+        raise BundleError(
+            f"{cert_path} / {key_path}: private key does not match the certificate"
+        ) from None
+    except BundleError as e:
+        raise BundleError(f"{cert_path} / {key_path}: {e}") from None
+    return CertificateBundle(key_pem=key_pem, chain_pem=chain_pem)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -583,10 +592,6 @@ def cmd_new_account(args: argparse.Namespace) -> int:
             "it is true"
         )
     return EXIT_OK
-
-
-def _fmt(value: datetime.datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value is not None else None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,9 @@ from synapse_acme.model import CertificateBundle
 
 KEY_TYPES: tuple[str, ...] = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 PLACEHOLDER_ORG = "synapse-acme placeholder (not a real certificate)"
+#: How long a self-signed placeholder is valid: long enough for the first issuance to be
+#: retried for days, short enough that a forgotten one is noticed.
+PLACEHOLDER_LIFETIME = datetime.timedelta(days=7)
 # Clocks of the CA and of this host disagree a little; a certificate dated a few minutes ahead is
 # normal right after issuance and must not be refused.
 DEFAULT_SKEW = datetime.timedelta(minutes=5)
@@ -268,7 +271,7 @@ def validate_bundle(
 def make_placeholder_bundle(
     names: Sequence[str],
     now: datetime.datetime,
-    lifetime: datetime.timedelta = datetime.timedelta(days=7),
+    lifetime: datetime.timedelta = PLACEHOLDER_LIFETIME,
     key_type: str = "ecdsa-p256",
 ) -> CertificateBundle:
     """A self-signed, clearly labelled stand-in so a homeserver can start before issuance."""
@@ -320,6 +323,7 @@ def now_from_clock(clock: IReactorTime) -> datetime.datetime:
 __all__ = [
     "DEFAULT_SKEW",
     "KEY_TYPES",
+    "PLACEHOLDER_LIFETIME",
     "canonical_chain_pem",
     "certificate_names",
     "check_chain_order",

@@ -47,7 +47,6 @@ import re
 import shutil
 import stat
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import attrs
 from twisted.application.service import Service
@@ -58,6 +57,7 @@ from synapse_acme import crypto, fsutil, policy
 from synapse_acme.errors import StoreError
 from synapse_acme.interfaces import ICertificateConsumer
 from synapse_acme.model import CertificateBundle
+from synapse_acme.status import ExportStatus
 from synapse_acme.threaded import Runner
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,6 @@ KEEP_PREVIOUS = 1
 MAX_EXPORT_FILE = 1024 * 1024
 _RECORD_VERSION = 1
 _VERSION_RE = re.compile(r"^v([0-9]{1,12})$")
-DEFAULT_PLACEHOLDER_LIFETIME = datetime.timedelta(days=7)
 
 
 def _sha256(data: bytes) -> str:
@@ -110,14 +109,6 @@ class ExportState:
     @property
     def failed(self) -> bool:
         return self.outcome in (ExportOutcome.FAILED, ExportOutcome.FOREIGN)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "state": self.outcome.value,
-            "serial": self.serial,
-            "error": self.error,
-            "failures": self.failures,
-        }
 
 
 class ForeignFiles(StoreError):
@@ -160,6 +151,17 @@ class FileExporter(Service):
     _warned: set[str] = attrs.field(factory=set, init=False)
     _pending: CertificateBundle | None = attrs.field(default=None, init=False, repr=False)
     _retry_call: IDelayedCall | None = attrs.field(default=None, init=False)
+
+    def status(self) -> ExportStatus:
+        """:attr:`state` with the paths, as status reports show it."""
+        return ExportStatus(
+            state=self.state.outcome.value,
+            cert_path=self.cert_path,
+            key_path=self.key_path,
+            serial=self.state.serial,
+            error=self.state.error,
+            failures=self.state.failures,
+        )
 
     @property
     def record_path(self) -> str:
@@ -332,7 +334,7 @@ class FileExporter(Service):
         self,
         names: Sequence[str],
         now: datetime.datetime,
-        lifetime: datetime.timedelta = DEFAULT_PLACEHOLDER_LIFETIME,
+        lifetime: datetime.timedelta = crypto.PLACEHOLDER_LIFETIME,
     ) -> bool:
         """Write a self-signed placeholder pair if a target file is missing, so a homeserver
         that insists on TLS files can start before the first issuance. True if written.

@@ -4,10 +4,10 @@
 ``GET|HEAD /.well-known/acme-challenge/<token>`` on a port that faces the internet. That needs a
 fraction of HTTP: no bodies, no uploads, no chunked coding, no upgrades. This protocol parses
 exactly that fraction and refuses the rest with a 4xx and a closed connection, instead of
-building a full ``twisted.web`` Request per hit. Measured with wrk on one connection it answers
-~1.8x as many requests per second as ``twisted.web.server.Site`` with the same resource
-(docs/BENCHMARKS.md section 2). What it answers, and when, is decided by the same function
-as the resource Synapse mounts (:func:`synapse_acme.http01.answer`).
+building a full ``twisted.web`` Request per hit, so it answers more requests per second than
+``twisted.web.server.Site`` with the same resource (measured with wrk: docs/BENCHMARKS.md,
+section 2, has the current figures). What it answers, and when, is decided by the same
+function as the resource Synapse mounts (:func:`synapse_acme.http01.answer`).
 
 Rules (RFC 9112 where it says MUST, strict where it allows a choice):
 

@@ -6,13 +6,12 @@ the CLI's one-shot commands and the Synapse module all build through :func:`buil
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
 
 import attrs
+from cryptography import x509
 from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
@@ -30,7 +29,7 @@ from synapse_acme.acme.issuer import AcmeIssuer
 from synapse_acme.acme.transport import JWSTransport, make_http_client
 from synapse_acme.acme.trust import IssuerTrust, load_issuer_trust
 from synapse_acme.config import AcmeConfig
-from synapse_acme.errors import ConfigError
+from synapse_acme.errors import BundleError, ConfigError
 from synapse_acme.export import FileExporter
 from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.http01_server import make_factory
@@ -41,6 +40,7 @@ from synapse_acme.listeners import ListenerService, tls_listener
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import canonical_names, names_key
 from synapse_acme.service import AcmeService
+from synapse_acme.status import CertificateStatus, dump_status_file
 from synapse_acme.store import FileStore
 from synapse_acme.threaded import Runner, ThreadedStore
 from synapse_acme.tls import HotSwapTLS
@@ -66,6 +66,15 @@ class Runtime:
     #: Every listener this runtime opens (HTTP-01 first, then each TLS listener).
     listeners: list[ListenerService] = attrs.field(factory=list)
     watcher: FileWatcher | None = None
+    serves_tls: bool = False  # runtime.tls is served (tls_listen, or the host's listeners)
+
+    def status(self) -> list[CertificateStatus]:
+        """Every managed certificate's status now, with what is served and exported (empty
+        with ``external_certificates``: nothing is managed here)."""
+        if self.acme is None:
+            return []
+        exporters = {self.exporter.key: self.exporter} if self.exporter is not None else {}
+        return complete_status(self.acme.status(), self.tls if self.serves_tls else None, exporters)
 
     def when_ready(self) -> Deferred[None]:
         """The one readiness signal: a Deferred firing with ``None`` once every listener is
@@ -81,31 +90,48 @@ def status_path(config: AcmeConfig) -> str:
     return os.path.join(config.storage, STATUS_FILE)
 
 
+def complete_status(
+    statuses: list[CertificateStatus],
+    tls: HotSwapTLS | None,
+    exporters: Mapping[str, FileExporter],
+) -> list[CertificateStatus]:
+    """The service's ``statuses`` with, per certificate, what the TLS listeners serve and what
+    the export holds, so ``synapse-acme status`` can compare stored/exported/served (``tls``
+    is None when no TLS listener serves them)."""
+    out = []
+    for status in statuses:
+        served = tls.current(status.key) if tls is not None else None
+        leaf = _leaf(served.chain_pem) if served is not None else None
+        exporter = exporters.get(status.key)
+        out.append(
+            attrs.evolve(
+                status,
+                served_serial=f"{leaf.serial_number:x}" if leaf is not None else None,
+                served_not_after=crypto.not_after(leaf) if leaf is not None else None,
+                export=exporter.status() if exporter is not None else None,
+            )
+        )
+    return out
+
+
+def _leaf(chain_pem: bytes) -> x509.Certificate | None:
+    try:
+        return crypto.parse_chain(chain_pem)[0]
+    except BundleError:
+        return None
+
+
 def _status_writer(
     config: AcmeConfig,
     tls: HotSwapTLS | None,
     exporters: dict[str, FileExporter],
     runner: Runner | None,
-) -> Callable[[list[dict[str, Any]]], None]:
-    """Writes the service's status, plus per certificate what the TLS listeners serve and
-    what the export holds, so ``synapse-acme status`` can compare stored/exported/served
-    (``tls`` is None when no TLS listener serves them)."""
+) -> Callable[[list[CertificateStatus]], None]:
+    """Writes ``status.json``: the service's status, completed by :func:`complete_status`."""
     path = status_path(config)
 
-    def write(status: list[dict[str, Any]]) -> None:
-        for entry in status:
-            served = tls.current(entry["key"]) if tls is not None else None
-            entry["served_serial"] = (
-                crypto.leaf_serial_hex(served.chain_pem) if served is not None else None
-            )
-            exporter = exporters.get(entry["key"])
-            if exporter is not None:
-                entry["export"] = {
-                    **exporter.state.as_dict(),
-                    "cert_path": exporter.cert_path,
-                    "key_path": exporter.key_path,
-                }
-        data = json.dumps(status, indent=2).encode("utf-8")
+    def write(statuses: list[CertificateStatus]) -> None:
+        data = dump_status_file(complete_status(statuses, tls, exporters))
         if runner is None:
             fsutil.atomic_write(path, data, 0o600)
         else:
@@ -293,6 +319,7 @@ def _build_managing(
         exporter=exporter,
         http01_listener=listener,
         listeners=listeners,
+        serves_tls=serves_tls,
     )
 
 

@@ -5,7 +5,7 @@ for certificates, the :class:`~synapse_acme.interfaces.ICertificateStore` to kee
 :mod:`~synapse_acme.policy` when to renew and how long to back off, and tells every
 :class:`~synapse_acme.interfaces.ICertificateConsumer` when a certificate changes.
 
-Rules it keeps (FACTS.md, certmagic, txacme):
+Rules it keeps (after certmagic and txacme):
 - start serving what the store has at once (even expired or a placeholder, loudly logged) and
   issue in the background; the host's start is never blocked or failed by the CA;
 - at most one order per certificate at a time: a second request joins the one in flight;
@@ -44,6 +44,7 @@ from synapse_acme.errors import AcmeError, BundleError, ChallengeFailed, Synapse
 from synapse_acme.interfaces import ICertificateConsumer, ICertificateStore, IIssuer
 from synapse_acme.model import CertificateBundle, CertificateSpec, RenewalWindow
 from synapse_acme.names import canonical_names, names_key
+from synapse_acme.status import CertificateStatus, format_time, time_from_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +74,15 @@ def _retry_after(exc: BaseException) -> float | None:
 
 
 @attrs.define(eq=False)
-class ManagedCertificate:
-    """What the service knows about one configured certificate (mutable, service-private)."""
+class _Managed:
+    """What the service knows about one configured certificate (mutable, private to the
+    service; others read :class:`~synapse_acme.status.CertificateStatus`)."""
 
     spec: CertificateSpec
     key: str
     bundle: CertificateBundle | None = None
+    serial: str | None = None  # of bundle's leaf (hex)
+    issuer: str | None = None  # bundle's leaf's issuer name (RFC 4514)
     not_before: datetime.datetime | None = None
     not_after: datetime.datetime | None = None
     renew_at: datetime.datetime | None = None
@@ -91,6 +95,7 @@ class ManagedCertificate:
     ca_retry_at: float | None = None  # clock seconds; the CA's Retry-After with the last error
     last_attempt: float | None = None
     last_success: float | None = None
+    last_failure: float | None = None  # when the last failed attempt started
     unsaved: CertificateBundle | None = attrs.field(default=None, repr=False)
     in_flight: defer.Deferred[CertificateBundle] | None = None
     waiters: list[defer.Deferred[CertificateBundle]] = attrs.Factory(list)
@@ -130,7 +135,7 @@ class AcmeService(Service):
         check_jitter: float = 0.1,
         rand: random.Random | None = None,
         key_generator: Callable[[str], bytes] = crypto.generate_private_key_pem,
-        on_status: Callable[[list[dict[str, Any]]], None] | None = None,
+        on_status: Callable[[list[CertificateStatus]], None] | None = None,
         one_shot: bool = False,
         ready: Callable[[], defer.Deferred[Any]] | None = None,
     ) -> None:
@@ -148,13 +153,13 @@ class AcmeService(Service):
         self._on_status = on_status
         self._one_shot = one_shot
         self._consumers: list[ICertificateConsumer] = []
-        self._managed: dict[str, ManagedCertificate] = {}
+        self._managed: dict[str, _Managed] = {}
         for spec in specs:
             names = canonical_names(spec.names)
             key = names_key(names)
             if key in self._managed:
                 raise ValueError(f"certificate for {', '.join(names)} is configured twice")
-            self._managed[key] = ManagedCertificate(spec=attrs.evolve(spec, names=names), key=key)
+            self._managed[key] = _Managed(spec=attrs.evolve(spec, names=names), key=key)
         self._tick_call: IDelayedCall | None = None
         self._loading: defer.Deferred[None] | None = None
         self._running_check: defer.Deferred[None] | None = None
@@ -170,8 +175,9 @@ class AcmeService(Service):
         """The store keys of the managed certificates, in configuration order."""
         return list(self._managed)
 
-    def managed(self, key: str) -> ManagedCertificate:
-        return self._managed[key]
+    def status_of(self, key: str) -> CertificateStatus:
+        """The status of certificate ``key`` now (KeyError if it is not managed here)."""
+        return self._status(self._managed[key], self._clock.seconds())
 
     def failure_summary(self, key: str) -> str | None:
         """The last failure of ``key`` as one sentence for an operator (the error, its type,
@@ -184,7 +190,7 @@ class AcmeService(Service):
         if m.unsaved is not None and self._one_shot:
             text += " (it is lost when this process exits)"
         if m.ca_retry_at is not None:
-            text += f"; the CA asks not to try again before {_iso_ts(m.ca_retry_at)}"
+            text += f"; the CA asks not to try again before {_at(m.ca_retry_at)}"
         return text
 
     def key_for(self, names: Iterable[str]) -> str:
@@ -231,33 +237,37 @@ class AcmeService(Service):
             ds.append(d.addCallbacks(lambda b, k=m.key: (k, b), lambda f, k=m.key: (k, f)))
         return defer.gatherResults(ds)
 
-    def status(self) -> list[dict[str, Any]]:
-        """One JSON-serialisable dict per certificate: names, validity, next renewal, last error."""
+    def status(self) -> list[CertificateStatus]:
+        """The status of every certificate, in configuration order. What the TLS listeners
+        serve and the export are not known here (``served_serial`` and ``export`` are None):
+        :meth:`synapse_acme.runtime.Runtime.status` adds them."""
         now = self._clock.seconds()
-        out = []
-        for m in self._managed.values():
-            out.append(
-                {
-                    "key": m.key,
-                    "names": list(m.spec.names),
-                    "has_certificate": m.bundle is not None,
-                    "placeholder": m.placeholder,
-                    "not_before": _iso(m.not_before),
-                    "not_after": _iso(m.not_after),
-                    "renew_at": _iso(m.renew_at),
-                    "ari_window": (
-                        [_iso(m.ari.start), _iso(m.ari.end)] if m.ari is not None else None
-                    ),
-                    "failures": m.failures,
-                    "next_attempt": _iso_ts(m.next_attempt) if m.next_attempt > now else None,
-                    "last_error": m.last_error,
-                    "last_error_type": m.last_error_type,
-                    "last_attempt": _iso_ts(m.last_attempt),
-                    "last_success": _iso_ts(m.last_success),
-                    "issuing": m.in_flight is not None,
-                }
-            )
-        return out
+        return [self._status(m, now) for m in self._managed.values()]
+
+    def _status(self, m: _Managed, now: float) -> CertificateStatus:
+        ca_url = m.bundle.metadata.get("issuer_directory") if m.bundle is not None else None
+        return CertificateStatus(
+            key=m.key,
+            names=m.spec.names,
+            has_certificate=m.bundle is not None,
+            placeholder=m.placeholder,
+            serial=m.serial,
+            issuer=m.issuer,
+            ca_url=ca_url if isinstance(ca_url, str) else None,
+            not_before=m.not_before,
+            not_after=m.not_after,
+            renew_at=m.renew_at,
+            ari_window=(m.ari.start, m.ari.end) if m.ari is not None else None,
+            failures=m.failures,
+            next_attempt=time_from_seconds(m.next_attempt) if m.next_attempt > now else None,
+            last_error=m.last_error,
+            last_error_type=m.last_error_type,
+            last_attempt=time_from_seconds(m.last_attempt),
+            last_success=time_from_seconds(m.last_success),
+            last_failure=time_from_seconds(m.last_failure),
+            issuing=m.in_flight is not None,
+            unsaved=m.unsaved is not None,
+        )
 
     # -- Service lifecycle ------------------------------------------------------------------
 
@@ -328,7 +338,7 @@ class AcmeService(Service):
                     "The stored certificate for %s EXPIRED on %s"
                     + ("" if self._one_shot else "; serving it until a new one is issued"),
                     _names(m),
-                    _iso(m.not_after),
+                    format_time(m.not_after),
                 )
             elif m.placeholder:
                 logger.warning(
@@ -337,13 +347,13 @@ class AcmeService(Service):
                     _names(m),
                 )
 
-    def _adopt(
-        self, m: ManagedCertificate, bundle: CertificateBundle, allow_expired: bool = False
-    ) -> None:
+    def _adopt(self, m: _Managed, bundle: CertificateBundle, allow_expired: bool = False) -> None:
         """Make ``bundle`` the served certificate of ``m`` and tell the consumers."""
         names = None if bundle.metadata.get("placeholder") else m.spec.names
         chain = crypto.validate_bundle(bundle, names, self._now(), allow_expired=allow_expired)
         m.bundle = bundle
+        m.serial = f"{chain[0].serial_number:x}"
+        m.issuer = chain[0].issuer.rfc4514_string()
         m.not_before = crypto.not_before(chain[0])
         m.not_after = crypto.not_after(chain[0])
         m.ari = None
@@ -360,7 +370,7 @@ class AcmeService(Service):
         except Exception:
             logger.exception("Certificate consumer %r failed for %s", consumer, key)
 
-    def _compute_renew_at(self, m: ManagedCertificate) -> None:
+    def _compute_renew_at(self, m: _Managed) -> None:
         if m.bundle is None or m.not_before is None or m.not_after is None or m.placeholder:
             m.renew_at = None
             return
@@ -373,7 +383,7 @@ class AcmeService(Service):
             rand=self._rand,
         )
 
-    def _due(self, m: ManagedCertificate, now: datetime.datetime) -> bool:
+    def _due(self, m: _Managed, now: datetime.datetime) -> bool:
         if m.bundle is None or m.placeholder or m.renew_at is None or m.not_after is None:
             return True
         return policy.needs_renewal(now, m.renew_at, m.not_after, not_before=m.not_before)
@@ -445,7 +455,7 @@ class AcmeService(Service):
                 self._compute_renew_at(m)
             m.ari_next_fetch = self._clock.seconds() + recheck
 
-    def _obtain(self, m: ManagedCertificate) -> defer.Deferred[CertificateBundle]:
+    def _obtain(self, m: _Managed) -> defer.Deferred[CertificateBundle]:
         """A Deferred for a new certificate for ``m``, joining the issuance in flight if any."""
         waiter: defer.Deferred[CertificateBundle] = defer.Deferred(
             lambda d: m.waiters.remove(d) if d in m.waiters else None
@@ -459,7 +469,7 @@ class AcmeService(Service):
             m.in_flight.addBoth(self._finished, m)
         return waiter
 
-    def _finished(self, result: CertificateBundle | Failure, m: ManagedCertificate) -> None:
+    def _finished(self, result: CertificateBundle | Failure, m: _Managed) -> None:
         m.in_flight = None
         waiters, m.waiters = m.waiters, []
         for w in waiters:
@@ -471,7 +481,7 @@ class AcmeService(Service):
             result.trap(Exception)  # consumed: every waiter got it, and it was logged
         self._publish_status()
 
-    async def _issue(self, m: ManagedCertificate) -> CertificateBundle:
+    async def _issue(self, m: _Managed) -> CertificateBundle:
         m.last_attempt = self._clock.seconds()
         attempt = m.failures + 1
         try:
@@ -509,13 +519,14 @@ class AcmeService(Service):
         logger.info(
             "Certificate for %s obtained; valid until %s, renewal planned at %s",
             _names(m),
-            _iso(m.not_after),
-            _iso(m.renew_at),
+            format_time(m.not_after),
+            format_time(m.renew_at),
         )
         return bundle
 
-    def _record_failure(self, m: ManagedCertificate, e: BaseException, attempt: int) -> None:
+    def _record_failure(self, m: _Managed, e: BaseException, attempt: int) -> None:
         m.failures += 1
+        m.last_failure = m.last_attempt
         m.last_error = str(e) if isinstance(e, SynapseAcmeError) else f"{type(e).__name__}: {e}"
         m.last_error_type = _error_type(e)
         retry_after = _retry_after(e)
@@ -547,14 +558,14 @@ class AcmeService(Service):
             m.last_error_type,
             m.last_error,
             "the previous certificate" if m.bundle is not None else "no certificate",
-            _iso_ts(m.next_attempt),
+            _at(m.next_attempt),
             delay,
             exc_info=not isinstance(e, SynapseAcmeError),
         )
         if self.running:
             m.retry_call = self._clock.callLater(delay, self._retry, m)
 
-    def _retry(self, m: ManagedCertificate) -> None:
+    def _retry(self, m: _Managed) -> None:
         m.retry_call = None
         if m.unsaved is not None or (m.in_flight is None and self._due(m, self._now())):
             self._obtain(m).addErrback(lambda _: None)
@@ -580,11 +591,11 @@ class AcmeService(Service):
         logger.error("Unexpected error in %s", what, exc_info=failure.value)
 
 
-def _names(m: ManagedCertificate) -> str:
+def _names(m: _Managed) -> str:
     return ", ".join(m.spec.names)
 
 
-def _kept(m: ManagedCertificate) -> str:
+def _kept(m: _Managed) -> str:
     """What the store still holds for ``m`` after a failed attempt."""
     if m.unsaved is not None:
         return "the certificate was issued but could not be saved"
@@ -595,11 +606,6 @@ def _kept(m: ManagedCertificate) -> str:
     return "the previous certificate is kept"
 
 
-def _iso(value: datetime.datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value is not None else None
-
-
-def _iso_ts(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    return _iso(datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc))
+def _at(seconds: float | None) -> str | None:
+    """Clock seconds as written in log lines and messages."""
+    return format_time(time_from_seconds(seconds))

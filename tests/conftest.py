@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from synapse_acme.testing.pebble import PebbleCA
-from synapse_acme.testing.pebble import free_port as _free_port
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -26,23 +25,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def free_port() -> Callable[[], int]:
-    """A function returning a loopback TCP port that was free a moment ago."""
-    return _free_port
-
-
-@pytest.fixture
 def pebble_factory(tmp_path: Path) -> Iterator[Callable[..., PebbleCA]]:
     """Start PebbleCA instances with custom options; all are stopped after the test.
 
-    ``pebble_factory(http_port=..., env=..., validity=..., blocklist=..., eab=...)``; ``http_port``
-    defaults to a free port (where Pebble's validator will dial for HTTP-01).
+    ``pebble_factory(http_port=..., env=..., validity=..., blocklist=..., eab=...)``; without
+    ``http_port`` (where Pebble's validator dials for HTTP-01) each reserves one until it stops
+    (see :class:`PebbleCA`).
     """
     started: list[PebbleCA] = []
     counter = itertools.count()
 
     def make(**kwargs: Any) -> PebbleCA:
-        kwargs.setdefault("http_port", _free_port())
         ca = PebbleCA(str(tmp_path / f"pebble-{next(counter)}"), **kwargs)
         started.append(ca)
         return ca.start()
@@ -61,7 +54,7 @@ def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PebbleCA]:
     Serve HTTP-01 on ``pebble.http_port``; names resolve to 127.0.0.1.
     """
     workdir = tmp_path_factory.mktemp("pebble")
-    ca = PebbleCA(str(workdir), http_port=_free_port())
+    ca = PebbleCA(str(workdir))  # reserves its http_port until it stops
     ca.start()
     try:
         yield ca

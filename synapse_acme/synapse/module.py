@@ -37,6 +37,7 @@ from synapse_acme.interprocess import RenewRequestWatcher, renew_request_path
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import canonical_names, names_key
 from synapse_acme.pairs import read_pair
+from synapse_acme.status import MAX_STATUS_FILE, CertificateStatus, parse_status_file
 from synapse_acme.synapse import glue
 
 if TYPE_CHECKING:  # imported when needed at run time: parse_config must stay light
@@ -51,8 +52,6 @@ logger = logging.getLogger(__name__)
 
 #: Where the challenge resource is mounted on every Synapse HTTP listener.
 CHALLENGE_PATH = "/.well-known/acme-challenge"
-#: Lifetime of the self-signed placeholder written when no certificate exists yet.
-PLACEHOLDER_DAYS = 7
 #: Keys of the module config that the standalone ``acme:`` block does not have.
 _EXPLICIT_LISTENER_KEYS = ("port", "listen")
 
@@ -123,7 +122,7 @@ def prepare_tls_files(config: AcmeConfig, clock: IReactorTime) -> bool:
             "days) so Synapse can start; it is replaced as soon as the real one is issued",
             ", ".join(names),
             cert_path,
-            PLACEHOLDER_DAYS,
+            crypto.PLACEHOLDER_LIFETIME.days,
         )
     return written
 
@@ -434,6 +433,25 @@ class AcmeModule:
         if self.runtime is not None and self.runtime.service.running:
             return self.runtime.service.stopService()
         return None
+
+    def status(self) -> list[CertificateStatus]:
+        """Each managed certificate's status (what metrics and health checks read).
+
+        The provisioning process answers from memory; the others read the ``status.json`` it
+        last wrote (empty if there is none yet, or it cannot be read).
+        """
+        if self.runtime is not None:
+            return list(self.runtime.status())
+        if not self.settings.acme.enabled or not self.key:
+            return []
+        from synapse_acme.runtime import status_path
+
+        try:
+            data = fsutil.read_regular(status_path(self.settings.acme), limit=MAX_STATUS_FILE)
+            return parse_status_file(data) if data is not None else []
+        except (SynapseAcmeError, ValueError) as e:
+            logger.warning("synapse-acme: cannot read the provisioning status: %s", e)
+            return []
 
     def renew_request_path(self) -> str:
         """The file whose appearance forces a renewal (documented in docs/synapse.md)."""

@@ -58,7 +58,6 @@ ALLOWED_ALGS: tuple[str, ...] = ("RS256", "ES256", "ES384", "ES512")
 _EAB_ALGS = {"HS256": jose.HS256, "HS384": jose.HS384, "HS512": jose.HS512}
 _EC_ALG_CURVE = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
 # RFC 5280 CRLReason values a subscriber may use; 7 is unassigned, 8 (removeFromCRL) is CRL-only.
-_REVOCATION_REASONS = frozenset({0, 1, 2, 3, 4, 5, 6, 9, 10})
 # Orders and authorizations live this long (Let's Encrypt: 7 days).
 _ORDER_LIFETIME = datetime.timedelta(days=7)
 # RFC 9773 4.3.3 suggests clients re-check about every 6 hours.
@@ -71,8 +70,6 @@ PATH_KINDS: tuple[str, ...] = (
     "newNonce",
     "newAccount",
     "newOrder",
-    "revokeCert",
-    "keyChange",
     "renewalInfo",
     "account",
     "orders",
@@ -216,8 +213,6 @@ class IssuedCertificate:
     certificate: x509.Certificate
     chain_pem: bytes
     alternate_chain_pem: bytes
-    revoked_reason: int | None = None
-    revoked_at: datetime.datetime | None = None
 
 
 @attrs.define
@@ -541,13 +536,6 @@ class FakeAcmeServer:
     def alternate_intermediate_pem(self) -> bytes:
         return _pem(self._ca.cross_intermediate)
 
-    @property
-    def revoked(self) -> dict[str, int]:
-        """Cert id -> revocation reason, for every revoked certificate."""
-        return {
-            cid: c.revoked_reason for cid, c in self.issued.items() if c.revoked_reason is not None
-        }
-
     def order_by_cert_id(self, cert_id: str) -> Order | None:
         issued = self.issued.get(cert_id)
         return self.orders.get(issued.order_url) if issued else None
@@ -584,8 +572,6 @@ class FakeAcmeServer:
             "newNonce": self._url("/new-nonce"),
             "newAccount": self._url("/new-account"),
             "newOrder": self._url("/new-order"),
-            "revokeCert": self._url("/revoke-cert"),
-            "keyChange": self._url("/key-change"),
             "meta": meta,
         }
         if self.ari:
@@ -601,8 +587,6 @@ class FakeAcmeServer:
             "/new-nonce": "newNonce",
             "/new-account": "newAccount",
             "/new-order": "newOrder",
-            "/revoke-cert": "revokeCert",
-            "/key-change": "keyChange",
         }
         if path in fixed:
             return fixed[path], []
@@ -762,10 +746,8 @@ class FakeAcmeServer:
             raise _Problem(400, "malformed", "exactly one of jwk and kid must be present")
         account: Account | None = None
         if has_jwk:
-            if kind not in ("newAccount", "revokeCert"):
-                raise _Problem(
-                    400, "malformed", f"jwk is only allowed for newAccount/revokeCert, not {kind}"
-                )
+            if kind != "newAccount":
+                raise _Problem(400, "malformed", f"jwk is only allowed for newAccount, not {kind}")
             key = self._parse_jwk(header["jwk"], header["alg"])
         else:
             kid = header["kid"]
@@ -987,39 +969,6 @@ class FakeAcmeServer:
         if req.account is not account:
             raise _Problem(403, "unauthorized", "this is not your account")
         return account
-
-    def _post_keyChange(self, request: Request, req: _SignedRequest) -> bytes:
-        assert req.account is not None
-        inner = self._object_payload(req)
-        header, payload, jws = self._parse_jws(inner, "keyChange inner JWS")
-        if "jwk" not in header or "kid" in header:
-            raise _Problem(400, "malformed", "inner JWS must carry jwk and no kid")
-        if header.get("url") != req.url:
-            raise _Problem(400, "malformed", "inner JWS url must equal the outer url")
-        new_key = self._parse_jwk(header["jwk"], header["alg"])
-        try:
-            ok = jws.verify(new_key)
-        except Exception:
-            ok = False
-        if not ok:
-            raise _Problem(400, "malformed", "inner JWS signature verification failed")
-        try:
-            body = json.loads(payload)
-            old_key = cast(jose.JWK, jose.JWK.from_json(body["oldKey"]))
-            account_url = body["account"]
-        except Exception:
-            raise _Problem(400, "malformed", "inner payload needs account and oldKey") from None
-        if account_url != req.account.url:
-            raise _Problem(403, "unauthorized", "inner payload names another account")
-        if old_key.thumbprint() != req.account.jwk.thumbprint():
-            raise _Problem(403, "unauthorized", "oldKey is not the account's current key")
-        other = self._account_by_key(new_key)
-        if other is not None:
-            raise _Problem(
-                409, "malformed", "new key is already in use", headers={"Location": other.url}
-            )
-        req.account.jwk = new_key
-        return self._json(request, 200, self._account_doc(req.account), req.account.url)
 
     # ---- orders ----------------------------------------------------------------------------
 
@@ -1519,62 +1468,12 @@ class FakeAcmeServer:
         request.setHeader(b"Content-Type", PEM_CHAIN.encode())
         return body
 
-    def _post_revokeCert(self, request: Request, req: _SignedRequest) -> bytes:
-        payload = self._object_payload(req)
-        try:
-            cert = messages.Revocation.from_json({"reason": 0, **payload}).certificate
-        except Exception:
-            raise _Problem(400, "malformed", "certificate is not base64url DER") from None
-        reason = payload.get("reason", 0)
-        if (
-            not isinstance(reason, int)
-            or isinstance(reason, bool)
-            or reason not in _REVOCATION_REASONS
-        ):
-            raise _Problem(400, "badRevocationReason", f"reason {reason!r} is not allowed")
-        try:
-            issued = self.issued.get(ari_cert_id(cert))
-        except (ValueError, x509.ExtensionNotFound):
-            issued = None
-        if issued is None or issued.certificate != cert:
-            raise _Problem(404, "malformed", "this server did not issue that certificate")
-        if req.account is not None:
-            if not self._account_may_revoke(req.account, issued):
-                raise _Problem(403, "unauthorized", "this account may not revoke that certificate")
-        else:
-            spki = serialization.PublicFormat.SubjectPublicKeyInfo
-            der = serialization.Encoding.DER
-            if req.key.key.public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
-                raise _Problem(403, "unauthorized", "jwk is not the certificate's key")
-        if issued.revoked_reason is not None:
-            raise _Problem(400, "alreadyRevoked", "certificate is already revoked")
-        issued.revoked_reason = reason
-        issued.revoked_at = _now(self.clock)
-        request.setResponseCode(200)
-        return b""
-
-    def _account_may_revoke(self, account: Account, issued: IssuedCertificate) -> bool:
-        if issued.account_url == account.url:
-            return True
-        valid = {
-            ("*." if a.wildcard else "") + a.identifier
-            for a in self.authorizations.values()
-            if a.account_url == account.url and a.status == "valid"
-        }
-        return set(issued.names) <= valid
-
     # ---- ARI ---------------------------------------------------------------------------------
 
     def renewal_window(self, cert_id: str) -> tuple[datetime.datetime, datetime.datetime]:
         """The window the server would suggest now for ``cert_id`` (KeyError if unknown)."""
         issued = self.issued[cert_id]
         cert = issued.certificate
-        if issued.revoked_at is not None:
-            # RFC 9773 4.2: a window in the past tells the client to renew immediately.
-            return (
-                issued.revoked_at - datetime.timedelta(hours=2),
-                issued.revoked_at - datetime.timedelta(hours=1),
-            )
         if self.ari_window is not None:
             return self.ari_window(cert)
         start, end = cert.not_valid_before_utc, cert.not_valid_after_utc

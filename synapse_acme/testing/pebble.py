@@ -1,4 +1,4 @@
-"""Run Debian's real Pebble ACME test CA (and its DNS stub) on free loopback ports.
+"""Run Debian's real Pebble ACME test CA (and its DNS stub) on reserved loopback ports.
 
 Why: the integration tests, the CI and the demo all need a real RFC 8555 server, and each must be
 able to start a private, throw-away one (Pebble keeps no state across restarts, and its issuing root
@@ -44,13 +44,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from synapse_acme.testing import ports
 from synapse_acme.testing.certificates import ca_certificate
 
 log = logging.getLogger(__name__)
 
 #: How long :meth:`PebbleCA.start` waits for both programs to answer (they need ~0.1 s).
 START_TIMEOUT = 15.0
-#: Attempts when a port picked by :func:`free_port` was taken in the meantime.
+#: Starts with newly reserved ports when a program says its port was taken (see
+#: :mod:`synapse_acme.testing.ports`: a reserved port is not bound, so another program can
+#: still take it; Pebble and its DNS stub must be told their ports and cannot take a socket).
 START_ATTEMPTS = 3
 #: Environment Pebble always gets: no random 0-15 s sleep before each validation.
 BASE_ENV = {"PEBBLE_VA_NOSLEEP": "1"}
@@ -62,26 +65,6 @@ _INSTALL_HINT = (
 
 class PebbleError(RuntimeError):
     """Pebble or its DNS stub is missing, did not start, or a management call failed."""
-
-
-def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    """Return a port that was free a moment ago (bind to 0, then close; a tiny race we retry)."""
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _free_tcp_udp_port(host: str = "127.0.0.1") -> int:
-    """A port free for both TCP and UDP (the DNS stub listens on both)."""
-    for _ in range(50):
-        port = free_port(host, socket.SOCK_DGRAM)
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise PebbleError("could not find a port free for both TCP and UDP")
 
 
 def _which(binary: str) -> str:
@@ -176,6 +159,10 @@ class PebbleCA:
     """A private Pebble + pebble-challtestsrv pair on loopback ports.
 
     ``http_port`` is where Pebble's validator connects for HTTP-01 (point it at the responder);
+    0 (the default) reserves one until :meth:`stop`
+    (:func:`~synapse_acme.testing.ports.reserve_port`: no other user of that function gets
+    it, nor the kernel as an ephemeral port; the listener under test binds it by number, and
+    fails loudly with EADDRINUSE in the rare case that an unrelated program took it first);
     every name resolves to 127.0.0.1 through the DNS stub unless changed with :meth:`add_a`.
     ``env`` is merged over :data:`BASE_ENV` (e.g. ``{"PEBBLE_WFE_NONCEREJECT": "0"}``; Pebble's
     own default rejects 5% of nonces, which exercises badNonce retries for free).
@@ -184,7 +171,7 @@ class PebbleCA:
     """
 
     workdir: str
-    http_port: int = attrs.field(kw_only=True)
+    http_port: int = attrs.field(default=0, kw_only=True)
     env: Mapping[str, str] | None = attrs.field(default=None, kw_only=True)
     validity: int | None = attrs.field(default=None, kw_only=True)
     blocklist: Sequence[str] = attrs.field(default=(), kw_only=True)
@@ -204,6 +191,8 @@ class PebbleCA:
     _cert_path: str = attrs.field(default="", init=False)
     _key_path: str = attrs.field(default="", init=False)
     _procs: list[subprocess.Popen[bytes]] = attrs.field(factory=list, init=False)
+    _reserved: list[ports.PortReservation] = attrs.field(factory=list, init=False)
+    _http_reserved: ports.PortReservation | None = attrs.field(default=None, init=False)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -239,25 +228,32 @@ class PebbleCA:
         challtestsrv = _which(self.challtestsrv_bin)
         os.makedirs(self.workdir, mode=0o700, exist_ok=True)
         self.ca_bundle, self._cert_path, self._key_path = make_api_certificate(self.workdir)
+        if self.http_port == 0:
+            self._http_reserved = ports.reserve_port()
+            self.http_port = self._http_reserved.port
         last: PebbleError | None = None
         for attempt in range(START_ATTEMPTS):
             try:
                 self._start_once(pebble, challtestsrv)
                 return self
             except PebbleError as e:
-                self.stop()
+                self._stop_programs()
                 last = e
-                if "address already in use" not in str(e).lower():
+                if not ports.port_in_use(str(e)):
+                    self.stop()
                     raise
                 log.info("port conflict starting Pebble (attempt %d), retrying", attempt + 1)
+        self.stop()
         assert last is not None
         raise last
 
     def _start_once(self, pebble: str, challtestsrv: str) -> None:
-        self.api_port = free_port()
-        self.management_port = free_port()
-        self.challtestsrv_port = free_port()
-        self.dns_port = _free_tcp_udp_port()
+        # Told to the programs in their command line and config; a port taken anyway makes a
+        # program exit with EADDRINUSE in its log, and start() tries again with new ones.
+        self.api_port = self._reserve().port
+        self.management_port = self._reserve().port
+        self.challtestsrv_port = self._reserve().port
+        self.dns_port = self._reserve(udp=True).port  # the DNS stub listens on TCP and UDP
         config_path = os.path.join(self.workdir, "pebble-config.json")
         with open(config_path, "w", encoding="utf-8") as f:
             json.dump(self.config(), f, indent=2)
@@ -335,8 +331,19 @@ class PebbleCA:
         shutil.copyfile(os.path.join(self.workdir, "pebble.log"), dest)
         return True
 
+    def _reserve(self, udp: bool = False) -> ports.PortReservation:
+        reservation = ports.reserve_port(udp=udp)
+        self._reserved.append(reservation)
+        return reservation
+
     def stop(self) -> None:
-        """Terminate both programs and wait for them (idempotent)."""
+        """Terminate both programs, wait for them and release their ports (idempotent)."""
+        self._stop_programs()
+        if self._http_reserved is not None:
+            self._http_reserved.release()
+            self._http_reserved = None
+
+    def _stop_programs(self) -> None:
         for proc in reversed(self._procs):
             if proc.poll() is None:
                 proc.terminate()
@@ -347,6 +354,9 @@ class PebbleCA:
                 proc.kill()
                 proc.wait()
         self._procs.clear()
+        for reservation in self._reserved:
+            reservation.release()
+        self._reserved.clear()
 
     def __enter__(self) -> PebbleCA:
         return self.start()
@@ -658,7 +668,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run a private Pebble + DNS stub until killed")
     serve.add_argument("--workdir", required=True, help="directory for config, API CA and logs")
     serve.add_argument(
-        "--http-port", type=int, required=True, help="port Pebble's validator dials for HTTP-01"
+        "--http-port",
+        type=int,
+        default=0,
+        help="port Pebble's validator dials for HTTP-01 (default: reserve one; see http_port)",
     )
     serve.add_argument("--validity", type=int, help="certificate lifetime in seconds")
     serve.add_argument(

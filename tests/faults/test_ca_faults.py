@@ -45,6 +45,7 @@ from synapse_acme.interfaces import IIssuer
 from synapse_acme.model import CertificateBundle, CertificateSpec
 from synapse_acme.names import names_key
 from synapse_acme.service import AcmeService
+from synapse_acme.status import CertificateStatus
 from synapse_acme.store import FileStore
 from synapse_acme.testing.acme_server import PEM_CHAIN, FakeAcmeServer
 from tests.certs import TestCA
@@ -188,15 +189,20 @@ class World:
         return bundle.chain_pem if bundle is not None else None
 
     @property
-    def m(self) -> Any:
-        return self.service.managed(KEY)
+    def m(self) -> CertificateStatus:
+        return self.service.status_of(KEY)
+
+    def until_retry(self) -> float:
+        """Seconds until the next attempt in force (0 if none is scheduled)."""
+        at = self.m.next_attempt
+        return 0.0 if at is None else max(0.0, at.timestamp() - self.clock.seconds())
 
     def settle(self, limit: float = 120.0, step: float = 0.05) -> None:
         """Move the clock in small steps (flushing the in-memory HTTP) until no issuance runs."""
         end = self.clock.seconds() + limit
         while True:
             self.agent.flush()
-            busy = self.m.in_flight is not None or self.service._running_check is not None
+            busy = self.m.issuing or self.service._running_check is not None
             if not busy or self.clock.seconds() > end:
                 break
             self.clock.advance(step)
@@ -254,7 +260,7 @@ def test_ca_unreachable_for_a_day(
     assert len(attempts) == w.m.failures
     # The CA comes back: the very next attempt succeeds, and only one more attempt is made.
     w.agent.mode = "up"
-    w.clock.advance(max(0.0, w.m.next_attempt - w.clock.seconds()))
+    w.clock.advance(w.until_retry())
     w.settle()
     assert w.served() != w.old.chain_pem
     assert len(w.issuer.outcomes) == len(attempts) + 1
@@ -279,7 +285,7 @@ def test_stop_while_the_ca_is_silent_is_prompt(
     w.clock.advance(0)
     renewal = w.service.renew(KEY, force=True)
     w.agent.flush()
-    assert w.service._running_check is not None and w.m.in_flight is not None
+    assert w.service._running_check is not None and w.m.issuing
     assert w.agent.requests >= 1
     started = w.clock.seconds()
     stopped = w.service.stopService()
@@ -378,7 +384,8 @@ def test_bad_answer_is_typed_keeps_old_writes_nothing(
     assert w.served() == w.old.chain_pem
     assert snapshot(w.root) == before
     assert w.m.last_error_type is not None and w.m.failures == 1
-    waited = w.m.next_attempt - w.clock.seconds()
+    assert w.m.next_attempt is not None
+    waited = w.until_retry()
     assert waited == pytest.approx(
         delay if delay is not None else policy.backoff_delay(1, None, 0.5), abs=1.0
     )

@@ -23,6 +23,7 @@ from synapse_acme import fsutil
 from synapse_acme.model import CertificateBundle, CertificateSpec
 from synapse_acme.names import names_key
 from synapse_acme.service import AcmeService
+from synapse_acme.status import CertificateStatus
 from synapse_acme.store import FileStore
 from synapse_acme.testing.issuer import FakeIssuer
 from tests.certs import TestCA
@@ -87,8 +88,13 @@ class World:
         )
 
     @property
-    def m(self) -> Any:
-        return self.service.managed(KEY)
+    def m(self) -> CertificateStatus:
+        return self.service.status_of(KEY)
+
+    def until_retry(self) -> float:
+        """Seconds until the next attempt in force (0 if none is scheduled)."""
+        at = self.m.next_attempt
+        return 0.0 if at is None else max(0.0, at.timestamp() - self.clock.seconds())
 
     def served(self) -> bytes:
         bundle = self.service.current(KEY)
@@ -106,7 +112,7 @@ class World:
 
 
 def _check_failed_save(w: World, reason: str) -> None:
-    assert w.m.failures == 1 and w.m.unsaved is not None
+    assert w.m.failures == 1 and w.m.unsaved
     assert reason in (w.m.last_error or ""), w.m.last_error
     assert w.served() == w.old.chain_pem  # the old certificate keeps serving
     disk = w.on_disk()
@@ -115,8 +121,8 @@ def _check_failed_save(w: World, reason: str) -> None:
 
 
 def _check_recovered(w: World) -> None:
-    w.clock.advance(w.m.next_attempt - w.clock.seconds())
-    assert w.m.failures == 0 and w.m.unsaved is None, w.m.last_error
+    w.clock.advance(w.until_retry() + 0.001)  # status times are in microseconds
+    assert w.m.failures == 0 and not w.m.unsaved, w.m.last_error
     assert len(w.issuer.calls) == 1  # saved later, not ordered again
     assert w.served() != w.old.chain_pem
     assert w.on_disk().chain_pem == w.served()

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from synapse_acme import crypto
-from synapse_acme.testing.pebble import PebbleCA, free_port
+from synapse_acme.testing.pebble import PebbleCA
+from synapse_acme.testing.ports import handover, listening_socket, systemd_endpoint
 from tests.faults.cli_harness import CLI, ROOT, check_valid, load_bundle, save_figures
 
 NAMES = ["flooded.example.test"]
@@ -71,24 +72,29 @@ def test_flood_of_idle_connections_under_1024_descriptors(
     assert hard >= 2 * FLOOD + 256, f"the test itself needs more descriptors (hard limit {hard})"
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ca = pebble_factory()
-    tls_port = free_port()
+    # The TLS listener's socket is bound here and handed over (systemd socket activation).
+    tls_socket = listening_socket()
+    tls_port = tls_socket.getsockname()[1]
     store = tmp_path / "store"
     export = tmp_path / "tls"
     cfg = ca.write_acme_config(
         tmp_path,
         NAMES,
-        tls_listen=[f"tcp:{tls_port}:interface=127.0.0.1"],
+        tls_listen=[systemd_endpoint(0)],
         tls_certificate_path=str(export / "tls.crt"),
         tls_private_key_path=str(export / "tls.key"),
     )
-    proc = subprocess.Popen(
-        [*CLI, "run", "-c", str(cfg)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=ROOT),
-        preexec_fn=_limit_fds,
-    )
+    argv, fds = handover([*CLI, "run", "-c", str(cfg)], [tls_socket])
+    with tls_socket:  # the child's copy is the only one left
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+            preexec_fn=_limit_fds,
+            pass_fds=fds,
+        )
     flood: list[socket.socket] = []
     figures: dict[str, object] = {}
     try:

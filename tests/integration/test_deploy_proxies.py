@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import shutil
 import socket
 import ssl
 from collections.abc import Iterator
@@ -21,7 +22,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from synapse_acme import crypto
 from synapse_acme.export import FileExporter
 from synapse_acme.names import names_key
-from synapse_acme.testing.pebble import free_port
+from synapse_acme.testing.ports import (
+    handover,
+    listening_socket,
+    reserve_port,
+    systemd_endpoint,
+)
 from tests.integration.deploy.common import (
     Proc,
     check_issued,
@@ -35,11 +41,20 @@ from tests.integration.deploy.common import (
     wait_for,
     world_dir,
 )
-from tests.integration.deploy.proxies import Apache, Nginx, Ports, apache_site, nginx_site
+from tests.integration.deploy.proxies import (
+    Apache,
+    Nginx,
+    Ports,
+    PortTaken,
+    apache_site,
+    nginx_site,
+)
 
 TOKEN = "tok_EN-0123456789abcdefghijklmnopqrstuvwxyzAB"
 KEY_AUTH = TOKEN + ".thumbprint_0123456789abcdefghijklmnopqrstuv"
 PROXIES = ["nginx", "apache"]
+#: Starts of a proxy on newly reserved ports when one of its ports was taken after all.
+PROXY_ATTEMPTS = 3
 
 
 def make_proxy(kind: str, directory: Path, ports: Ports, name: str) -> Nginx | Apache:
@@ -52,12 +67,32 @@ def make_proxy(kind: str, directory: Path, ports: Ports, name: str) -> Nginx | A
         (tls_dir / "fullchain.pem").write_bytes(placeholder.chain_pem)
         (tls_dir / "privkey.pem").write_bytes(placeholder.key_pem)
     if kind == "nginx":
-        return Nginx(directory, nginx_site(ports, name, tls_dir))
+        return Nginx(directory, nginx_site(ports, name, tls_dir), ports)
     return Apache(directory, apache_site(ports, name, tls_dir), ports)
 
 
-def new_ports() -> Ports:
-    return Ports(http=free_port(), tls=free_port(), responder=free_port(), homeserver=free_port())
+def start_proxy(
+    kind: str, directory: Path, name: str, *, responder: int, homeserver: int
+) -> Nginx | Apache:
+    """The proxy in front of ``responder`` and ``homeserver``, listening on two reserved ports
+    (``proxy.ports``: nginx and Apache must be told their ports and cannot take a socket). If
+    one was taken anyway it exits saying so (PortTaken): started again on other ports, at
+    most PROXY_ATTEMPTS times."""
+    for attempt in range(1, PROXY_ATTEMPTS + 1):
+        http, tls = reserve_port(), reserve_port()
+        ports = Ports(http=http.port, tls=tls.port, responder=responder, homeserver=homeserver)
+        proxy = make_proxy(kind, directory, ports, name)
+        try:
+            proxy.start()
+            return proxy
+        except PortTaken:
+            if attempt == PROXY_ATTEMPTS:
+                raise
+            shutil.rmtree(proxy.dir)
+        finally:
+            http.release()  # the proxy holds them now, or they were given up
+            tls.release()
+    raise AssertionError("not reached")
 
 
 @pytest.fixture
@@ -70,16 +105,18 @@ def workdir() -> Iterator[Path]:
 def test_challenge_path_through_proxy(kind: str, workdir: Path) -> None:
     """GET/HEAD, trailing slash, odd Host and spoofed X-Forwarded-* all reach the token."""
     name = f"{kind}.proxy.example.test"
-    ports = new_ports()
     started: list[Proc | Nginx | Apache] = []
     try:
-        started.append(start_homeserver_stub(workdir, ports.homeserver))
-        responder = start_fixed_responder(workdir, ports.responder, TOKEN, KEY_AUTH)
+        # Each binds a port the kernel picks and reports it; the proxy is told those.
+        homeserver, homeserver_port = start_homeserver_stub(workdir)
+        started.append(homeserver)
+        responder, responder_port = start_fixed_responder(workdir, TOKEN, KEY_AUTH)
         started.append(responder)
-        proxy = make_proxy(kind, workdir, ports, name)
+        proxy = start_proxy(
+            kind, workdir, name, responder=responder_port, homeserver=homeserver_port
+        )
         started.append(proxy)
-        proxy.start(ports.http)
-        base = f"http://127.0.0.1:{ports.http}"
+        base = f"http://127.0.0.1:{proxy.ports.http}"
         path = f"/.well-known/acme-challenge/{TOKEN}"
         for url, headers in [
             (base + path, {"Host": name}),
@@ -135,8 +172,10 @@ def served_certificate(port: int, name: str) -> x509.Certificate:
 def test_certificate_through_proxy(kind: str, workdir: Path) -> None:
     """Pebble validates through the proxy; the proxy then serves the issued certificate."""
     names = [f"{kind}.example.test", f"www.{kind}.example.test"]
-    ports = new_ports()
-    ca = start_pebble(workdir, ports.http)
+    # The listeners first, Pebble last: its validator is told the port the proxy has bound.
+    # synapse-acme's challenge listener gets a socket bound here (systemd socket activation).
+    responder = listening_socket()
+    homeserver = reserve_port()  # nothing listens there in this test; the proxy is told it
     # synapse-acme's own placeholder (as the Synapse module writes one): files it wrote are
     # files it may replace; a file someone else wrote is never overwritten.
     FileExporter(
@@ -145,19 +184,26 @@ def test_certificate_through_proxy(kind: str, workdir: Path) -> None:
         key_path=str(workdir / "tls" / "privkey.pem"),
         storage=str(workdir / "store"),
     ).write_placeholder_if_missing(names, datetime.datetime.now(datetime.timezone.utc))
-    proxy = make_proxy(kind, workdir, ports, names[0])
+    proxy = start_proxy(
+        kind,
+        workdir,
+        names[0],
+        responder=responder.getsockname()[1],
+        homeserver=homeserver.port,
+    )
+    ports = proxy.ports
+    ca = start_pebble(workdir, ports.http)
     try:
-        proxy.start(ports.http)
         cfg = ca.write_acme_config(
             workdir,
             names,
             listener=False,
-            port=ports.responder,
-            bind_addresses=["127.0.0.1"],
+            listen=[systemd_endpoint(0)],
             tls_certificate_path=str(workdir / "tls" / "fullchain.pem"),
             tls_private_key_path=str(workdir / "tls" / "privkey.pem"),
         )
-        r = cli("issue", "-c", str(cfg))
+        prefix, fds = handover([], [responder])
+        r = cli("issue", "-c", str(cfg), prefix=prefix, pass_fds=fds)
         assert r.returncode == 0, r.stdout + r.stderr
         check_issued(ca, workdir / "store", names)
         # Every validation went through the proxy (Pebble checks each token 3 times).
@@ -182,3 +228,5 @@ def test_certificate_through_proxy(kind: str, workdir: Path) -> None:
     finally:
         proxy.stop()
         ca.stop()
+        responder.close()
+        homeserver.release()

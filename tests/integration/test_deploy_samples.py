@@ -63,7 +63,7 @@ PORTS = Ports(http=18080, tls=18443, responder=18009, homeserver=18008)
 
 
 def test_nginx_accepts_the_sample_site(workdir: Path) -> None:
-    nginx = Nginx(workdir, nginx_site(PORTS, "matrix.example.test", _tls_files(workdir)))
+    nginx = Nginx(workdir, nginx_site(PORTS, "matrix.example.test", _tls_files(workdir)), PORTS)
     r = nginx.check()
     assert r.returncode == 0, r.stderr
     assert "syntax is ok" in r.stderr and "test is successful" in r.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from synapse_acme.model import CertificateBundle
-from synapse_acme.testing.pebble import free_port
+from synapse_acme.testing.ports import handover, listening_socket, systemd_endpoint
 from tests.certs import TestCA, leaf_serial
 from tests.integration.test_service_pebble import _served_serial
 
@@ -56,7 +56,9 @@ def test_run_hot_swaps_certbot_managed_files(tmp_path: Path) -> None:
     c1, k1 = _archive(tmp_path, 1, first)
     os.symlink(c1, cert_link)
     os.symlink(k1, key_link)
-    port = free_port()
+    # The TLS listener's socket is bound here and handed over (systemd socket activation).
+    tls_socket = listening_socket()
+    port = tls_socket.getsockname()[1]
     cfg = tmp_path / "acme.yaml"
     cfg.write_text(
         yaml.safe_dump(
@@ -70,7 +72,7 @@ def test_run_hot_swaps_certbot_managed_files(tmp_path: Path) -> None:
                     "tls_private_key_path": str(key_link),
                     "storage": str(tmp_path / "state"),
                     "port": 0,
-                    "tls_listen": [f"tcp:{port}:interface=127.0.0.1"],
+                    "tls_listen": [systemd_endpoint(0)],
                 }
             }
         )
@@ -84,12 +86,12 @@ def test_run_hot_swaps_certbot_managed_files(tmp_path: Path) -> None:
         check=False,
     )
     assert refused.returncode == 2 and "acme.external_certificates" in refused.stderr
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "synapse_acme", "run", "-c", str(cfg)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    run = [sys.executable, "-m", "synapse_acme", "run", "-c", str(cfg)]
+    argv, fds = handover(run, [tls_socket])
+    with tls_socket:  # the child's copy is the only one left
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, pass_fds=fds
+        )
     try:
         _wait_for_serial(port, leaf_serial(first), timeout=20)
         pid = proc.pid

@@ -20,6 +20,7 @@ _SCRIPT = textwrap.dedent(
     from synapse_acme.http01 import HTTP01Responder
     from synapse_acme.listeners import ListenerService
     from synapse_acme.http01_server import make_factory
+    from synapse_acme.testing.ports import reserve_port
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
     MODE = sys.argv[1]
@@ -31,15 +32,18 @@ _SCRIPT = textwrap.dedent(
         except urllib.error.HTTPError as e:
             return [e.code, ""]
 
-    def free_port():
-        s = socket.socket(socket.AF_INET6)
-        s.bind(("::", 0))
-        port = s.getsockname()[1]
-        s.close()
-        return port
-
     async def main(reactor):
-        port = free_port()
+        # The endpoints name one port number for both families, so it is picked up front:
+        # reserved (synapse_acme.testing.ports), and if it was taken anyway, another one.
+        for attempt in range(1, 4):
+            with reserve_port() as reservation:
+                done = await listen(reactor, reservation.port)
+            if done or MODE != "free" or attempt == 3:
+                return
+            print(f"port {reservation.port} was taken: another one", file=sys.stderr)
+
+    async def listen(reactor, port):
+        # False if the port was taken by someone else (free mode): try another.
         endpoints = [rf"tcp6:port={port}:interface=\:\:", f"tcp:port={port}:interface=0.0.0.0"]
         responder = HTTP01Responder()
         responder.start_responding("a.example.test", "tok_1", "tok_1.thumb")
@@ -60,10 +64,12 @@ _SCRIPT = textwrap.dedent(
         try:
             ports = await svc.when_listening()
         except ListenError as e:
-            out["error"] = str(e)
             await svc.stopService()
+            if MODE == "free" and "EADDRINUSE" in str(e):
+                return False
+            out["error"] = str(e)
             print(json.dumps(out))
-            return
+            return True
         out["bound"] = [p.getHost().host for p in ports]
         # A plain HTTP client in a thread (treq's URL handling rejects IPv6 literals).
         for host in ("127.0.0.1", "[::1]"):
@@ -79,6 +85,7 @@ _SCRIPT = textwrap.dedent(
         s.close()
         out["freed"] = True
         print(json.dumps(out))
+        return True
 
     task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
     """

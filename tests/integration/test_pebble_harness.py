@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import josepy
 import pytest
@@ -225,20 +226,22 @@ def test_serve_command_prints_json_and_exits_cleanly_on_sigterm(tmp_path: Path) 
 def test_start_retries_when_a_picked_port_was_taken(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from synapse_acme.testing import pebble as harness
+    from synapse_acme.testing import ports
 
-    real_free_port = harness.free_port
+    real_reserve = ports.reserve_port
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
         calls: list[int] = []
 
-        def first_one_taken(*args: object) -> int:
+        def first_one_taken(*args: Any, **kwargs: Any) -> ports.PortReservation:
             calls.append(1)
-            return taken if len(calls) == 1 else real_free_port(*args)  # type: ignore[arg-type]
+            if len(calls) == 1:
+                return ports.PortReservation(taken, None)
+            return real_reserve(*args, **kwargs)
 
-        monkeypatch.setattr(harness, "free_port", first_one_taken)
+        monkeypatch.setattr(ports, "reserve_port", first_one_taken)
         ca = PebbleCA(str(tmp_path), http_port=5002)
         try:
             ca.start()
@@ -247,6 +250,23 @@ def test_start_retries_when_a_picked_port_was_taken(
             assert "newOrder" in ca.directory()
         finally:
             ca.stop()
+
+
+def test_http_port_is_reserved_until_stop(tmp_path: Path) -> None:
+    from synapse_acme.testing import ports
+
+    ca = PebbleCA(str(tmp_path)).start()
+    try:
+        assert ca.http_port != 0 and ca.config()["pebble"]["httpPort"] == ca.http_port
+        low = ports._ephemeral_low()
+        assert ports.RESERVED_LOW <= ca.http_port < low  # never an ephemeral port
+        # Held against every other user of reserve_port until stop().
+        others = [ports.reserve_port() for _ in range(20)]
+        assert ca.http_port not in {r.port for r in others}
+        for r in others:
+            r.release()
+    finally:
+        ca.stop()
 
 
 def test_dump_goroutines_keeps_pebbles_stacks(tmp_path: Path) -> None:

@@ -30,7 +30,8 @@ from synapse_acme.account import load_or_create_account_key
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import names_key
 from synapse_acme.store import FileStore
-from synapse_acme.testing.pebble import PebbleCA, free_port
+from synapse_acme.testing.pebble import PebbleCA
+from synapse_acme.testing.ports import handover, listening_socket, systemd_endpoint
 from tests.certs import TestCA
 
 CLI = [sys.executable, "-m", "synapse_acme"]
@@ -196,16 +197,15 @@ def test_running_service_renews_short_certificates_by_itself(
     each new one reaching the store and the TLS listener before the old one expires."""
     ca = pebble_factory(validity=30)
     names = ["live.example.test"]
-    tls_port = free_port()
-    cfg = ca.write_acme_config(
-        tmp_path, names, check_interval=1, tls_listen=[f"tcp:{tls_port}:interface=127.0.0.1"]
-    )
-    proc = subprocess.Popen(
-        [*CLI, "run", "-c", str(cfg)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    # The TLS listener's socket is bound here and handed over (systemd socket activation).
+    tls_socket = listening_socket()
+    tls_port = tls_socket.getsockname()[1]
+    cfg = ca.write_acme_config(tmp_path, names, check_interval=1, tls_listen=[systemd_endpoint(0)])
+    argv, fds = handover([*CLI, "run", "-c", str(cfg)], [tls_socket])
+    with tls_socket:  # the child's copy is the only one left
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, pass_fds=fds
+        )
     seen: dict[int, tuple[datetime.datetime, float]] = {}  # serial -> (notAfter, first seen)
     served: set[int] = set()
     handshakes = failed_handshakes = 0

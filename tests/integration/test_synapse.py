@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
 from synapse_acme import crypto
-from synapse_acme.testing.pebble import PebbleCA, free_port
+from synapse_acme.testing import ports
+from synapse_acme.testing.pebble import PebbleCA
 
 # The interpreter that runs Synapse: this one, or (scripts/test.sh) a venv with the oldest
 # Synapse release of the declared range, so both ends of the range run the same test.
@@ -37,6 +38,8 @@ SYNAPSE_PYTHON = os.environ.get("SYNAPSE_ACME_SYNAPSE_PYTHON", sys.executable)
 HERE = pathlib.Path(__file__).parent / "synapse"
 SERVER_NAME = "a.example.test"
 START_TIMEOUT = 60.0
+#: Starts of Synapse with a newly reserved TLS port when its port was taken after all.
+START_ATTEMPTS = 3
 ISSUE_TIMEOUT = 60.0
 
 
@@ -101,7 +104,11 @@ class Synapse:
 
     def __init__(self, workdir: pathlib.Path, ca: PebbleCA, module_config: str) -> None:
         self.dir = workdir
-        self.tls_port = free_port()
+        # Synapse must be told its ports in homeserver.yaml and cannot take a socket: the TLS
+        # port is reserved (synapse_acme.testing.ports), and start() retries with another if
+        # it was taken anyway. The HTTP port is where Pebble validates (reserved by PebbleCA).
+        self._tls_reserved: ports.PortReservation | None = ports.reserve_port()
+        self.tls_port = self._tls_reserved.port
         self.http_port = ca.http_port
         self.config_path = workdir / "homeserver.yaml"
         self.log_path = workdir / "synapse.log"
@@ -161,6 +168,55 @@ class Synapse:
         return "\n".join(text)
 
     def start(self) -> int:
+        """Start Synapse and wait for its TLS listener. If it exits saying its port was taken,
+        start it again on another reserved TLS port (at most START_ATTEMPTS times)."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            marks = self._log_sizes()
+            try:
+                pid = self._start_once()
+            except AssertionError:
+                if attempt == START_ATTEMPTS or not ports.port_in_use(self._log_since(marks)):
+                    raise
+                self._move_tls_port()
+                continue
+            self._release_tls_port()  # Synapse holds it now
+            return pid
+        raise AssertionError("not reached")
+
+    def _log_paths(self) -> list[pathlib.Path]:
+        return [self.dir / "app.log", self.log_path]
+
+    def _log_sizes(self) -> list[int]:
+        return [p.stat().st_size if p.exists() else 0 for p in self._log_paths()]
+
+    def _log_since(self, marks: list[int]) -> str:
+        text = []
+        for path, mark in zip(self._log_paths(), marks, strict=True):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(mark)
+                    text.append(f.read().decode(errors="replace"))
+            except OSError:
+                pass
+        return "\n".join(text)
+
+    def _move_tls_port(self) -> None:
+        """Another reserved TLS port, written into homeserver.yaml in place (a test may have
+        edited the rest of it)."""
+        self._release_tls_port()
+        self._tls_reserved = ports.reserve_port()
+        old, self.tls_port = self.tls_port, self._tls_reserved.port
+        text = self.config_path.read_text()
+        assert f"- port: {old}\n" in text
+        self.config_path.write_text(text.replace(f"- port: {old}\n", f"- port: {self.tls_port}\n"))
+
+    def _release_tls_port(self) -> None:
+        if self._tls_reserved is not None:
+            self._tls_reserved.release()
+            self._tls_reserved = None
+
+    def _start_once(self) -> int:
+        self.stop()  # a previous attempt that exited
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [SYNAPSE_PYTHON, "-m", "synapse.app.homeserver", "-c", str(self.config_path)],
@@ -180,6 +236,7 @@ class Synapse:
         return self.proc.pid
 
     def run_to_exit(self, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        self._release_tls_port()  # for a config that does not parse: nothing listens
         return subprocess.run(
             [SYNAPSE_PYTHON, "-m", "synapse.app.homeserver", "-c", str(self.config_path)],
             cwd=self.dir,
@@ -201,7 +258,7 @@ class Synapse:
 
 @pytest.fixture
 def pebble_ca(tmp_path: pathlib.Path) -> Iterator[PebbleCA]:
-    with PebbleCA(str(tmp_path / "pebble"), http_port=free_port()) as ca:
+    with PebbleCA(str(tmp_path / "pebble")) as ca:  # reserves its http_port until it stops
         yield ca
 
 

@@ -231,7 +231,7 @@ def test_directory_shape(clock: Clock) -> None:
     assert r.header("Replay-Nonce")
     assert r.header("Link") == '<https://acme.test/directory>;rel="index"'
     d = r.json()
-    for k in ("newNonce", "newAccount", "newOrder", "revokeCert", "keyChange", "renewalInfo"):
+    for k in ("newNonce", "newAccount", "newOrder", "renewalInfo"):
         assert d[k].startswith("https://acme.test/"), k
     assert d["meta"]["termsOfService"] == "https://acme.test/tos"
     assert d["meta"]["externalAccountRequired"] is True
@@ -420,25 +420,6 @@ def test_eab_required_and_verified(clock: Clock) -> None:
     assert r.code == 201, r.body
     assert server.accounts[r.location].eab_kid == "kid-1"
     assert json.dumps(r.json()).find(hmac_key.decode()) == -1
-
-
-def test_key_change(clock: Clock) -> None:
-    _server, client = make(clock)
-    client.register()
-    new_key = ec_key()
-    url = client.dir["keyChange"]
-    inner = acme_jws.JWS.sign(
-        json.dumps({"account": client.kid, "oldKey": client.key.public_key().to_json()}).encode(),
-        key=new_key,
-        alg=jose.ES256,
-        nonce=None,
-        url=url,
-    )
-    r = client.post(url, inner.to_partial_json())
-    assert r.code == 200, r.body
-    assert client.new_order(["a.example.test"]).problem == "malformed"  # old key no longer verifies
-    client.key = new_key
-    assert client.new_order(["a.example.test"]).code == 201
 
 
 # ---- the happy path ---------------------------------------------------------------------------
@@ -706,10 +687,10 @@ def test_ari_window_replaces_and_already_replaced(clock: Clock) -> None:
     assert client.new_order(["ari.example.test"]).code == 201
 
 
-def test_custom_ari_window_and_revocation(clock: Clock) -> None:
+def test_custom_ari_window(clock: Clock) -> None:
     start = datetime.datetime(2027, 1, 1, tzinfo=UTC)
     end = datetime.datetime(2027, 1, 2, tzinfo=UTC)
-    server, client = make(clock, ari_window=lambda cert: (start, end), ari_retry_after=60)
+    _server, client = make(clock, ari_window=lambda cert: (start, end), ari_retry_after=60)
     client.register()
     _, cert = client.issue(["rev.example.test"])
     leaf = _chain(cert.body)[0]
@@ -720,41 +701,6 @@ def test_custom_ari_window_and_revocation(clock: Clock) -> None:
         "end": "2027-01-02T00:00:00Z",
     }
     assert r.header("Retry-After") == "60"
-
-    der = jose.encode_cert(leaf)
-    assert client.post(client.dir["revokeCert"], {"certificate": der, "reason": 7}).problem == (
-        "badRevocationReason"
-    )
-    stranger = Client(server)
-    stranger.register()
-    assert stranger.post(stranger.dir["revokeCert"], {"certificate": der}).problem == "unauthorized"
-    r = client.post(client.dir["revokeCert"], {"certificate": der, "reason": 4})
-    assert r.code == 200
-    assert server.revoked == {ari_cert_id(leaf): 4}
-    assert client.post(client.dir["revokeCert"], {"certificate": der}).problem == "alreadyRevoked"
-    window = messages.RenewalInfo.from_json(client.get(url).json()).suggested_window
-    now = datetime.datetime.fromtimestamp(START, UTC)
-    assert window.end < now, "a revoked certificate's window is in the past"
-
-
-def test_revoke_with_certificate_key(clock: Clock) -> None:
-    server, client = make(clock, authz_delay_polls=0, finalize_delay_polls=0)
-    client.register()
-    key = key_pem()
-    r = client.new_order(["k.example.test"])
-    client.answer_all(r.json())
-    csr = _load_csr(crypto_util.make_csr(key, ["k.example.test"]))
-    fin = client.post(r.json()["finalize"], {"csr": jose.encode_csr(csr)}).json()
-    leaf = _chain(client.post(fin["certificate"]).body)[0]
-    cert_jwk = jose.JWKEC(key=serialization.load_pem_private_key(key, None))
-    r = client.post(
-        client.dir["revokeCert"],
-        {"certificate": jose.encode_cert(leaf)},
-        key=cert_jwk,
-        use_jwk=True,
-    )
-    assert r.code == 200, r.body
-    assert ari_cert_id(leaf) in server.revoked
 
 
 # ---- faults -------------------------------------------------------------------------------------

@@ -68,10 +68,10 @@ def test_nothing_reaches_the_ca_while_the_challenge_listener_cannot_be_bound(
         assert http.requests == []  # no directory, no account, no order
         assert runtime.acme is not None
         [status] = runtime.acme.status()
-        assert status["last_error_type"] == "ListenError"
+        assert status.last_error_type == "ListenError"
         # In plain words, with the key as the module's config names it.
-        assert "port 8009 on 127.0.0.1 (in use, EADDRINUSE)" in status["last_error"]
-        assert "modules[0].config.port (8009)" in status["last_error"]
+        assert "port 8009 on 127.0.0.1 (in use, EADDRINUSE)" in status.last_error
+        assert "modules[0].config.port (8009)" in status.last_error
     finally:
         _stop(runtime)
 

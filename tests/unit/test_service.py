@@ -19,6 +19,7 @@ from synapse_acme.interfaces import ICertificateConsumer
 from synapse_acme.model import CertificateBundle, CertificateSpec, RenewalWindow
 from synapse_acme.names import names_key
 from synapse_acme.service import AcmeService
+from synapse_acme.status import CertificateStatus, format_time
 from synapse_acme.testing.issuer import FakeIssuer
 from synapse_acme.testing.store import MemoryStore
 from tests.certs import TestCA, leaf_serial
@@ -47,7 +48,7 @@ class World:
         self.store = MemoryStore()
         self.issuer = FakeIssuer(ca=self.ca, clock=self.clock)
         self.consumer = Recorder()
-        self.statuses: list[list[dict[str, Any]]] = []
+        self.statuses: list[list[CertificateStatus]] = []
         kw.setdefault("check_interval", 600.0)
         kw.setdefault("check_jitter", 0.0)
         self.service = AcmeService(
@@ -84,15 +85,15 @@ def test_first_start_issues_in_background_and_tells_consumers() -> None:
     assert w.consumer.changes[0][1] == stored
     crypto.validate_bundle(stored, NAMES, w.now())
     status = w.service.status()[0]
-    assert status["names"] == list(NAMES)
-    assert status["failures"] == 0 and status["last_error"] is None
+    assert status.names == tuple(NAMES)
+    assert status.failures == 0 and status.last_error is None
     # 90-day certificate, no ARI: renewal with a third of the lifetime left (30 days), which
     # reprovision_threshold (30 days) caps to exactly 30 days before notAfter.
-    assert status["renew_at"] == "2026-12-31T12:00:00Z"
+    assert format_time(status.renew_at) == "2026-12-31T12:00:00Z"
     # The status file is written once per burst of changes, a moment later.
     assert w.statuses == []
     w.clock.advance(service_mod.STATUS_COALESCE_SECONDS)
-    assert len(w.statuses) == 1 and w.statuses[0][0]["last_success"] is not None
+    assert len(w.statuses) == 1 and w.statuses[0][0].last_success is not None
 
 
 def test_status_is_published_once_per_burst_and_flushed_at_stop() -> None:
@@ -101,7 +102,7 @@ def test_status_is_published_once_per_burst_and_flushed_at_stop() -> None:
     w.clock.advance(0)
     w.clock.advance(1)  # five certificates finished; one write for the lot
     assert len(w.statuses) == 1 and len(w.statuses[0]) == 5
-    assert all(s["last_success"] is not None for s in w.statuses[0])
+    assert all(s.last_success is not None for s in w.statuses[0])
     w.service.renew(None, force=True)
     w.clock.advance(0)
     assert len(w.statuses) == 1  # changed, not yet written ...
@@ -171,15 +172,15 @@ def test_failure_keeps_old_certificate_logs_type_and_backs_off(
     assert len(errors) == 1
     assert "rateLimited" in errors[0] and "next attempt at" in errors[0]
     status = w.service.status()[0]
-    assert status["last_error_type"] == "rateLimited"
-    assert status["failures"] == 1
+    assert status.last_error_type == "rateLimited"
+    assert status.failures == 1
     # Retry-After (2 h) wins over the first backoff step; no attempt before it.
     w.clock.advance(7199)
     assert len(w.issuer.calls) == 1
     w.clock.advance(2)
     assert len(w.issuer.calls) == 2
     assert w.service.current(KEY) != old
-    assert w.service.status()[0]["failures"] == 0
+    assert w.service.status()[0].failures == 0
 
 
 def test_ca_down_for_a_day_follows_backoff_table_then_recovers() -> None:
@@ -212,7 +213,7 @@ def test_ca_down_for_a_day_follows_backoff_table_then_recovers() -> None:
     w.issuer.failures.clear()
     w.clock.advance(policy.BACKOFF_SCHEDULE[-1] * 1.5)
     assert w.service.current(KEY) != old
-    assert w.service.status()[0]["failures"] == 0
+    assert w.service.status()[0].failures == 0
 
 
 def test_concurrent_requests_share_one_order() -> None:
@@ -279,7 +280,7 @@ def test_ari_window_drives_renewal() -> None:
     start = START + datetime.timedelta(days=5)
     w.issuer.windows[cert_id] = RenewalWindow(start, start + datetime.timedelta(hours=1))
     w.clock.advance(600)  # the next check fetches the window
-    renew_at = w.service.managed(KEY).renew_at
+    renew_at = w.service.status_of(KEY).renew_at
     assert renew_at is not None and start <= renew_at <= start + datetime.timedelta(hours=1)
     w.clock.pump([600.0] * int(5 * DAY / 600 + 12))
     assert len(w.issuer.calls) == 2
@@ -292,7 +293,7 @@ def test_issued_certificate_that_cannot_be_saved_is_saved_later_not_reordered() 
     w.start()
     assert len(w.issuer.calls) == 1
     assert w.stored() is None
-    assert w.service.status()[0]["last_error"] is not None
+    assert w.service.status()[0].last_error is not None
     w.clock.advance(policy.backoff_delay(1, None, 0.5) * 1.2)
     assert len(w.issuer.calls) == 1  # not ordered again
     assert w.stored() is not None
@@ -307,7 +308,7 @@ def test_three_certificates_are_independent() -> None:
     assert len(w.issuer.calls) == 3
     got = {k for k, _ in w.consumer.changes}
     assert got == {names_key(s) for s in specs[1:]}
-    assert w.service.status()[0]["last_error_type"] == "rejectedIdentifier"
+    assert w.service.status()[0].last_error_type == "rejectedIdentifier"
 
 
 def test_stop_cancels_in_flight_and_goes_quiet() -> None:
@@ -416,7 +417,7 @@ def test_stop_cancels_a_hung_issuance_without_reporting_a_failure(
         assert outcome_of(w.service.stopService()) is None
     assert w.clock.getDelayedCalls() == []
     status = w.service.status()[0]
-    assert status["failures"] == 0 and status["last_error"] is None
+    assert status.failures == 0 and status.last_error is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "cancelled" in caplog.text and "next attempt" not in caplog.text
 
@@ -438,7 +439,7 @@ def test_one_shot_does_only_what_is_asked_and_schedules_nothing() -> None:
     assert w.issuer.renewal_info_calls == 0
     # The status is written at once (no coalescing timer) and nothing is left scheduled.
     assert w.clock.getDelayedCalls() == []
-    assert len(w.statuses) == 1 and w.statuses[0][0]["last_success"] is not None
+    assert len(w.statuses) == 1 and w.statuses[0][0].last_success is not None
     assert outcome_of(w.service.stopService()) is None
     w.clock.advance(100 * DAY)
     assert len(w.issuer.calls) == 1
@@ -459,11 +460,11 @@ def test_one_shot_failure_is_recorded_without_next_attempt_and_left_to_the_calle
     assert key == KEY and result.check(AcmeError)
     # Recorded for `status`: the error and its type, but no next attempt (nothing retries).
     for status in (w.service.status()[0], w.statuses[-1][0]):
-        assert status["last_error_type"] == "rateLimited"
-        assert status["last_error"] == str(limited)
-        assert status["failures"] == 1
-        assert status["next_attempt"] is None
-    assert w.service.managed(KEY).next_attempt == 0.0
+        assert status.last_error_type == "rateLimited"
+        assert status.last_error == str(limited)
+        assert status.failures == 1
+        assert status.next_attempt is None
+    assert w.service._managed[KEY].next_attempt == 0.0  # none stored, not only none shown
     assert w.clock.getDelayedCalls() == []
     # The caller reports it (the CLI's FAILED line): the service logs it at DEBUG only, and
     # promises no next attempt.
@@ -514,7 +515,7 @@ def test_running_service_still_promises_the_next_attempt(
     assert re.search(
         r"still serving no certificate; next attempt at 2026-11-01T12:0\S+Z \(in \d+ s\)$", error
     ), error
-    assert w.service.status()[0]["next_attempt"] is not None
+    assert w.service.status()[0].next_attempt is not None
     # The retry, the next periodic check and the coalesced status write.
     assert sorted(c.func.__name__ for c in w.clock.getDelayedCalls()) == [
         "_retry",
@@ -541,9 +542,9 @@ def test_a_listener_that_cannot_bind_fails_each_attempt_without_an_order() -> No
     w.clock.advance(3 * DAY)  # every retry of the back-off table meanwhile
     assert w.issuer.calls == []  # the CA never saw an order
     [status] = w.service.status()
-    assert status["last_error_type"] == "ListenError"
-    assert "port 80 on ::" in status["last_error"]
-    assert status["failures"] > 1 and status["next_attempt"] is not None
+    assert status.last_error_type == "ListenError"
+    assert "port 80 on ::" in status.last_error
+    assert status.failures > 1 and status.next_attempt is not None
     # A forced renewal (renew --force handed over) does not get past it either.
     assert isinstance(outcome_of(w.service.renew(force=True))[0][1].value, ListenError)
     assert w.issuer.calls == []

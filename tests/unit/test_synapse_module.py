@@ -24,6 +24,7 @@ from synapse_acme import crypto, interprocess
 from synapse_acme.config import MODULE_NAME
 from synapse_acme.model import CertificateBundle
 from synapse_acme.runtime import Runtime
+from synapse_acme.status import CertificateStatus, dump_status_file
 from synapse_acme.synapse import AcmeModule, glue
 from synapse_acme.synapse import module as module_mod
 from synapse_acme.threaded import BlockingRunner
@@ -271,6 +272,11 @@ class FakeRuntime:
         # The real Runtime.when_ready, run on this runtime's listeners.
         return Runtime.when_ready(self)  # type: ignore[arg-type]
 
+    statuses: list[CertificateStatus] = attrs.Factory(list)
+
+    def status(self) -> list[CertificateStatus]:
+        return self.statuses
+
 
 def make_module(
     tmp_path: pathlib.Path,
@@ -413,6 +419,30 @@ def test_sighup_puts_the_creator_back(
     (callback,) = api._hs.sighup_hooks
     callback()  # as Synapse's SIGHUP handler would, after its own refresh_certificate
     assert api._hs.tls_server_context_factory is rt.tls
+
+
+def test_status_comes_from_the_runtime_in_the_provisioning_process(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mod, _, _, built = make_module(tmp_path, monkeypatch)
+    ((rt, _),) = built
+    rt.statuses = [CertificateStatus(key=mod.key, names=(NAME,), failures=3)]
+    assert mod.status() == rt.statuses
+
+
+def test_status_in_other_processes_is_the_status_file_of_the_provisioning_one(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    mod, _, _, _ = make_module(tmp_path, monkeypatch, bg=False)
+    assert mod.status() == []  # nothing written yet
+    written = [CertificateStatus(key=mod.key, names=(NAME,), has_certificate=True)]
+    storage = pathlib.Path(mod.settings.acme.storage)
+    storage.mkdir()
+    (storage / "status.json").write_bytes(dump_status_file(written))
+    assert mod.status() == written
+    (storage / "status.json").write_text("{half a file")
+    assert mod.status() == []
+    assert "cannot read the provisioning status" in caplog.text
 
 
 def test_follower_process_reloads_changed_files(

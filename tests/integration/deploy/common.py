@@ -29,7 +29,7 @@ import pytest
 from synapse_acme import crypto
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import names_key
-from synapse_acme.testing.pebble import PebbleCA, free_port
+from synapse_acme.testing.pebble import PebbleCA
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLES = ROOT / "sample_config"
@@ -243,37 +243,50 @@ class Proc:
         return self.popen.returncode
 
 
-def start_homeserver_stub(directory: Path, port: int) -> Proc:
-    """A static stand-in for Synapse's client API, to prove the proxies also forward /_matrix."""
+_HOMESERVER_STUB = """
+import functools, http.server, sys
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+print("listening", server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def reported_port(proc: Proc, timeout: float = 15) -> int:
+    """The port a program bound to port 0 reports (a ``listening <port>`` line)."""
+
+    def port() -> int | None:
+        for line in proc.output().splitlines():
+            if line.startswith("listening "):
+                return int(line.split()[1])
+        if not proc.alive():
+            raise AssertionError(f"{proc.argv} exited:\n{proc.output()[-3000:]}")
+        return None
+
+    found: int = wait_for(port, timeout, f"{proc.argv} to report its port")
+    return found
+
+
+def start_homeserver_stub(directory: Path) -> tuple[Proc, int]:
+    """A static stand-in for Synapse's client API, to prove the proxies also forward /_matrix;
+    it binds a port the kernel picks and says which: ``(proc, port)``."""
     root = directory / "homeserver"
     (root / "_matrix" / "client").mkdir(parents=True)
     (root / "_matrix" / "client" / "versions").write_text('{"versions": ["v1.11"]}')
-    proc = Proc(
-        [
-            sys.executable,
-            "-m",
-            "http.server",
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            str(root),
-            str(port),
-        ],
-        directory / "homeserver.log",
-    )
-    wait_listening(port)
-    return proc
+    proc = Proc([sys.executable, "-c", _HOMESERVER_STUB, str(root)], directory / "homeserver.log")
+    return proc, reported_port(proc)
 
 
-def start_fixed_responder(directory: Path, port: int, token: str, key_auth: str) -> Proc:
+def start_fixed_responder(directory: Path, token: str, key_auth: str) -> tuple[Proc, int]:
+    """The real HTTP-01 listener serving one token (fixed_responder.py) on a port the kernel
+    picks: ``(proc, port)``."""
     script = Path(__file__).with_name("fixed_responder.py")
     proc = Proc(
-        [sys.executable, str(script), f"tcp:{port}:interface=127.0.0.1", token, key_auth],
+        [sys.executable, str(script), "tcp:0:interface=127.0.0.1", token, key_auth],
         directory / "responder.log",
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    wait_listening(port)
-    return proc
+    return proc, reported_port(proc)
 
 
 def responder_requests(proc: Proc) -> list[dict[str, Any]]:
@@ -291,9 +304,6 @@ def cli(
         check=False,
         **kwargs,
     )
-
-
-__all__ = ["free_port"]
 
 
 #: A virtualenv other users can run: this machine's interpreter may live under /root (0700).

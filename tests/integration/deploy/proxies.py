@@ -11,7 +11,36 @@ from pathlib import Path
 
 import attrs
 
-from tests.integration.deploy.common import APACHE_MODULES, Proc, program, render, wait_listening
+from synapse_acme.testing.ports import port_in_use
+from tests.integration.deploy.common import (
+    APACHE_MODULES,
+    Proc,
+    program,
+    render,
+    wait_for,
+    wait_listening,
+)
+
+
+class PortTaken(AssertionError):
+    """The proxy could not bind a port it was told: another program has it (start again
+    with other ports)."""
+
+
+def _start(argv: list[str], log: Path, pid_file: Path, error_log: Path, ports: Ports) -> Proc:
+    """Start a proxy and wait until it has bound its ports. Both write their pid file only
+    after binding every listener, and exit if one cannot be bound (nginx after retrying for
+    2.5 s); only then is "something listens on the port" known to be the proxy."""
+    proc = Proc(argv, log)
+    wait_for(lambda: pid_file.exists() or not proc.alive(), 30, f"{argv[0]} to start")
+    if not proc.alive():
+        text = proc.output() + (error_log.read_text(errors="replace") if error_log.exists() else "")
+        proc.stop()
+        kind = PortTaken if port_in_use(text) else AssertionError
+        raise kind(f"{argv[0]} exited at start:\n{text[-3000:]}")
+    for port in (ports.http, ports.tls):
+        wait_listening(port)
+    return proc
 
 
 @attrs.define
@@ -60,7 +89,8 @@ def apache_site(ports: Ports, name: str, tls_dir: Path) -> str:
 class Nginx:
     name = "nginx"
 
-    def __init__(self, directory: Path, site: str) -> None:
+    def __init__(self, directory: Path, site: str, ports: Ports) -> None:
+        self.ports = ports
         self.dir = directory / "nginx"
         (self.dir / "tmp").mkdir(parents=True)
         (self.dir / "site.conf").write_text(site)
@@ -93,9 +123,15 @@ http {{
     def check(self) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.base(), "-t"], capture_output=True, text=True, check=False)
 
-    def start(self, port: int) -> None:
-        self.proc = Proc([*self.base(), "-g", "daemon off;"], self.dir / "stdout.log")
-        wait_listening(port)
+    def start(self) -> None:
+        """Start; PortTaken if a port was taken (see :func:`_start`)."""
+        self.proc = _start(
+            [*self.base(), "-g", "daemon off;"],
+            self.dir / "stdout.log",
+            self.dir / "nginx.pid",
+            self.error_log,
+            self.ports,
+        )
 
     def reload(self) -> None:
         subprocess.run([*self.base(), "-s", "reload"], check=True, capture_output=True)
@@ -109,6 +145,7 @@ class Apache:
     name = "apache"
 
     def __init__(self, directory: Path, site: str, ports: Ports) -> None:
+        self.ports = ports
         self.dir = directory / "apache"
         (self.dir / "run").mkdir(parents=True)
         (self.dir / "site.conf").write_text(site)
@@ -155,9 +192,15 @@ Include {self.dir}/site.conf
     def check(self) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.base(), "-t"], capture_output=True, text=True, check=False)
 
-    def start(self, port: int) -> None:
-        self.proc = Proc([*self.base(), "-DFOREGROUND"], self.dir / "stdout.log")
-        wait_listening(port)
+    def start(self) -> None:
+        """Start; PortTaken if a port was taken (see :func:`_start`)."""
+        self.proc = _start(
+            [*self.base(), "-DFOREGROUND"],
+            self.dir / "stdout.log",
+            self.dir / "apache2.pid",
+            self.error_log,
+            self.ports,
+        )
 
     def reload(self) -> None:
         subprocess.run([*self.base(), "-k", "graceful"], check=True, capture_output=True)
