@@ -10,12 +10,14 @@ never a dead listener.
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import logging
 import os
 import re
 import socket
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -45,6 +47,47 @@ def _valid_token(token: str) -> bool:
     return isinstance(token, str) and _TOKEN.fullmatch(token.encode("ascii", "replace")) is not None
 
 
+#: Tokens a responder with a ``probe_secret`` answers without being told (see
+#: :mod:`synapse_acme.preflight`): ``synapse-acme check`` proves that the process serving the
+#: store's challenges answers, without talking to it. A token the issuer registered always wins
+#: (a CA's random token starting like this is as likely as guessing 114 bits).
+PROBE_PREFIX = "synapse-acme-probe-"
+
+
+def probe_answer(secret: bytes, token: str) -> bytes:
+    """The body a responder with ``secret`` serves for the probe ``token``: an HMAC, so only a
+    process that holds the secret (derived from the account key) can answer it."""
+    return hmac.new(secret, token.encode("ascii"), hashlib.sha256).hexdigest().encode("ascii")
+
+
+def probe_secret_from_key(private_key_der: bytes) -> bytes:
+    """The probe secret of a store: derived from its account key's private bytes, which every
+    process serving the store reads; the HMAC never reveals it."""
+    return hashlib.sha256(b"synapse-acme preflight probe\0" + private_key_der).digest()
+
+
+class _WithProbes(Mapping[str, bytes]):
+    """The live token map, plus an answer for every probe token (never listed)."""
+
+    def __init__(self, tokens: Mapping[str, bytes], secret: bytes) -> None:
+        self._tokens = tokens
+        self._secret = secret
+
+    def __getitem__(self, token: str) -> bytes:
+        found = self._tokens.get(token)
+        if found is not None:
+            return found
+        if token.startswith(PROBE_PREFIX) and _valid_token(token):
+            return probe_answer(self._secret, token)
+        raise KeyError(token)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tokens)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+
 @implementer(IResponder)
 @attrs.define
 class HTTP01Responder:
@@ -52,9 +95,12 @@ class HTTP01Responder:
 
     The issuer calls :meth:`start_responding` before telling the CA to validate and
     :meth:`stop_responding` afterwards; the resource from :meth:`resource` reads the map live.
+    With ``probe_secret`` it also answers every preflight probe token (:data:`PROBE_PREFIX`)
+    with :func:`probe_answer`.
     """
 
     challenge_type = "http-01"
+    probe_secret: bytes | None = attrs.field(default=None, repr=False, kw_only=True)
     _tokens: dict[str, bytes] = attrs.field(factory=dict, init=False)
 
     def start_responding(self, identifier: str, token: str, key_authorization: str) -> None:
@@ -74,8 +120,10 @@ class HTTP01Responder:
             logger.debug("Stopped answering the HTTP-01 challenge for %s", identifier)
 
     def tokens(self) -> Mapping[str, bytes]:
-        """A read-only live view of the tokens being answered (values: the response bodies)."""
-        return types.MappingProxyType(self._tokens)
+        """A read-only live view of the tokens being answered (values: the response bodies),
+        answering probe tokens too when the responder has a ``probe_secret``."""
+        view = types.MappingProxyType(self._tokens)
+        return view if self.probe_secret is None else _WithProbes(view, self.probe_secret)
 
     def resource(self) -> IResource:
         """The resource to mount as the ``acme-challenge`` child of ``.well-known``."""
