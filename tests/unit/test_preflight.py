@@ -11,7 +11,7 @@ from treq.testing import RequestTraversalAgent
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.web.iweb import IAgent
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -30,7 +30,7 @@ NAME = "pf.example.test"
 TIMEOUT = 5.0
 
 
-def site(challenge: Resource) -> Resource:
+def site(challenge: IResource) -> Resource:
     """A root with ``challenge`` at /.well-known/acme-challenge (as a proxy would forward)."""
     root, well_known = Resource(), Resource()
     root.putChild(b".well-known", well_known)
@@ -135,7 +135,7 @@ def test_each_probe_has_its_own_token_and_body() -> None:
         isLeaf = True
 
         def render(self, request: Request) -> bytes:
-            token = request.postpath[0].decode()
+            token = (request.postpath or [b""])[0].decode()
             bodies.append(responder.tokens()[token])
             return bodies[-1]
 
