@@ -65,6 +65,7 @@ DIRECTORY_URL="$(json_field "$STATE/pebble.json" directory_url)"
 CA_BUNDLE="$(json_field "$STATE/pebble.json" ca_bundle)"
 ISSUER_ROOTS="$(json_field "$STATE/pebble.json" issuer_roots)"
 MANAGEMENT_URL="$(json_field "$STATE/pebble.json" management_url)"
+DNS_PORT="$(json_field "$STATE/pebble.json" dns_port)"
 echo "ACME directory: $DIRECTORY_URL"
 
 CONFIG="$STATE/acme.yaml"
@@ -86,6 +87,8 @@ acme:
   storage: "$STATE/store"
   terms_of_service_agreed: true
   contact: ["admin@$DOMAIN"]
+  # Before ordering, probe each name as Pebble will: through Pebble's DNS stub, on its port.
+  preflight: {port: $HTTP_PORT, resolver: "127.0.0.1:$DNS_PORT"}
 YAML
 echo "Config: $CONFIG"
 
