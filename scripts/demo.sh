@@ -66,6 +66,7 @@ CA_BUNDLE="$(json_field "$STATE/pebble.json" ca_bundle)"
 ISSUER_ROOTS="$(json_field "$STATE/pebble.json" issuer_roots)"
 MANAGEMENT_URL="$(json_field "$STATE/pebble.json" management_url)"
 HTTP_PORT="$(json_field "$STATE/pebble.json" http_port)"
+DNS_PORT="$(json_field "$STATE/pebble.json" dns_port)"
 echo "ACME directory: $DIRECTORY_URL (its validator dials 127.0.0.1:$HTTP_PORT for HTTP-01)"
 
 CONFIG="$STATE/acme.yaml"
@@ -87,6 +88,8 @@ acme:
   storage: "$STATE/store"
   terms_of_service_agreed: true
   contact: ["admin@$DOMAIN"]
+  # Before ordering, probe each name as Pebble will: through Pebble's DNS stub, on its port.
+  preflight: {port: $HTTP_PORT, resolver: "127.0.0.1:$DNS_PORT"}
 YAML
 echo "Config: $CONFIG"
 

@@ -1,4 +1,5 @@
-"""The ``synapse-acme`` command line: generate-config, run, issue, renew, status, new-account.
+"""The ``synapse-acme`` command line: generate-config, run, issue, renew, check, status,
+new-account.
 
 Exit codes: 0 success; 1 an issuance or renewal failed (or anything else failed at run time:
 the CA, the store, a listener that cannot be opened); 2 bad configuration or usage, including
@@ -305,7 +306,176 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_renew(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return _dry_run(args)
     return _one_shot(args, force=args.force)
+
+
+def _chosen_specs(config: AcmeConfig, args: argparse.Namespace) -> list[Any]:
+    """The configured certificates, or only the one ``--name`` picks (ConfigError if none)."""
+    specs = config.certificate_specs()
+    if getattr(args, "name", None):
+        key = names_key(args.name)
+        specs = [s for s in specs if names_key(s.names) == key]
+        if not specs:
+            raise ConfigError(
+                "--name", "no configured certificate has exactly these names", args.name
+            )
+    return specs
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """``renew --dry-run``: each certificate issued by ``dry_run_url`` into a scratch store;
+    the live store, the exported files and what is served stay as they are."""
+    from synapse_acme.dryrun import dry_run
+    from synapse_acme.errors import DryRunFailed
+    from synapse_acme.http01 import HTTP01Responder
+    from synapse_acme.runtime import http01_listener_for, make_preflight
+
+    config = _load_enabled(args)
+    if config.external_certificates:
+        raise ConfigError(
+            config.key("external_certificates"),
+            "is true: another tool issues these certificates, so there is nothing to dry-run",
+            True,
+        )
+    specs = _chosen_specs(config, args)
+    if not specs:
+        raise ConfigError(config.key("domain"), "not set: no certificate to dry-run", None)
+    if not config.http01_endpoints():
+        raise ConfigError(
+            config.key("port"),
+            "0 (no standalone HTTP-01 listener): a dry run's challenges are known only to this "
+            "command, so it needs its own listener (port or listen)",
+            config.port,
+        )
+    outcome = {"code": EXIT_OK}
+
+    async def main(reactor: Any) -> None:
+        responder = HTTP01Responder()
+        listener = http01_listener_for(config, reactor, responder)
+        assert listener is not None  # http01_endpoints() checked above
+        listener.privilegedStartService()
+        listener.startService()
+        try:
+            await listener.when_listening()
+            preflight = make_preflight(config, reactor, responder)
+            for spec in specs:
+                names = ", ".join(spec.names)
+                try:
+                    if config.preflight.enabled:
+                        await preflight.require(spec.names)
+                    bundle = await dry_run(config, reactor, spec, responder)
+                except (DryRunFailed, SynapseAcmeError) as e:
+                    outcome["code"] = EXIT_FAILED
+                    _err(f"DRY RUN FAILED  {names}: {e}")
+                    continue
+                leaf = crypto.parse_chain(bundle.chain_pem)[0]
+                _out(
+                    f"DRY RUN OK  {names}: {config.dry_run_url} issued a certificate (valid "
+                    f"until {format_time(crypto.not_after(leaf))}) to a scratch account; it was "
+                    "discarded: nothing was saved, exported or served"
+                )
+        finally:
+            await listener.stopService()
+
+    code = _react(main)
+    return code if code != EXIT_OK else outcome["code"]
+
+
+def _store_manager(storage: str) -> tuple[bool, int | None]:
+    """Whether a running process manages ``storage`` (holds its lock), and its pid if it
+    recorded one; read-only (a shared lock is tried and dropped at once, nothing is written)."""
+    import errno
+    import fcntl
+
+    from synapse_acme.interprocess import LOCK_FILE
+
+    try:
+        fd = fsutil.open_regular(os.path.join(storage, LOCK_FILE), os.O_RDONLY)
+    except (OSError, StoreError):
+        return False, None  # no lock file: nothing has managed this store yet
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False, None
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            return True, int(text) if text.isdigit() else None
+        return False, None
+    finally:
+        os.close(fd)  # drops the shared lock, if taken
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """The preflight on demand: one verdict line per name; 0 when every name passes."""
+    from synapse_acme.account import parse_account_key
+    from synapse_acme.http01 import HTTP01Responder
+    from synapse_acme.preflight import probe_secret_for
+    from synapse_acme.runtime import http01_listener_for, make_preflight
+
+    config = _load(args.config)
+    if config.external_certificates:
+        raise ConfigError(
+            config.key("external_certificates"),
+            "is true: another tool answers the CA's challenges, so there is nothing to check",
+            True,
+        )
+    names = list(dict.fromkeys(n for spec in config.certificate_specs() for n in spec.names))
+    if not names:
+        raise ConfigError(config.key("domain"), "not set: no name to check", None)
+    managed, pid = _store_manager(config.storage)
+    secret = None
+    if managed:
+        data = fsutil.read_regular(config.account_key_file, follow=True, limit=1 << 20)
+        if data is not None:
+            secret = probe_secret_for(parse_account_key(data, config.account_key_file))
+    outcome = {"code": EXIT_OK}
+
+    async def main(reactor: Any) -> None:
+        listener = None
+        if secret is not None:
+            who = f"pid {pid}" if pid is not None else "another process"
+            _err(
+                f"note: {config.storage} is managed by {who}; the probes are answered by it "
+                "(no listener opened here)"
+            )
+            preflight = make_preflight(config, reactor, None, probe_secret=secret)
+        else:
+            responder = HTTP01Responder()
+            if not args.no_listener:
+                listener = http01_listener_for(config, reactor, responder)
+            if listener is None:
+                _err(
+                    "note: no synapse-acme process serves challenges for this store and this "
+                    "command opens no listener (port 0 or --no-listener): a FAIL below may "
+                    "only mean that; start `synapse-acme run` or the homeserver and check again"
+                )
+            else:
+                listener.privilegedStartService()
+                listener.startService()
+            preflight = make_preflight(config, reactor, responder)
+        try:
+            if listener is not None:
+                await listener.when_listening()
+            verdicts = await preflight.check(names)
+        finally:
+            if listener is not None:
+                await listener.stopService()
+        for v in verdicts:
+            if not v.ok:
+                outcome["code"] = EXIT_FAILED
+            word = "PASS" if v.ok else "FAIL"
+            _out(f"{word}  {v.name}: [{v.kind}] {v.message}")
+        if not config.preflight.enabled:
+            _err(
+                f"note: {config.key('preflight')}.enabled is false: orders are placed without "
+                "this check"
+            )
+
+    code = _react(main)
+    return code if code != EXIT_OK else outcome["code"]
 
 
 def _react(main: Any) -> int:
@@ -657,12 +827,30 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "renew":
             sp.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="issue against dry_run_url (staging) into a scratch store: nothing is "
+                "saved, exported or served",
+            )
+            sp.add_argument(
                 "--force",
                 action="store_true",
                 help="renew even if not due; if a running synapse-acme manages the store, ask "
                 "it to renew every certificate now",
             )
         sp.set_defaults(func=cmd_issue if name == "issue" else cmd_renew)
+
+    c = add(
+        "check",
+        help="preflight: probe each name as the CA would; one verdict per name (0: all pass)",
+    )
+    with_config(c)
+    c.add_argument(
+        "--no-listener",
+        action="store_true",
+        help="do not open the HTTP-01 listener (challenges served elsewhere)",
+    )
+    c.set_defaults(func=cmd_check)
 
     s = add("status", help="show each certificate's state (reads the store only)")
     with_config(s)

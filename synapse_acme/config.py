@@ -32,6 +32,7 @@ from synapse_acme.limits import ConnectionLimits
 from synapse_acme.model import CertificateSpec
 from synapse_acme.names import canonical_name
 from synapse_acme.policy import DEFAULT_REQUEST_TIMEOUT, MAX_REQUESTS_PER_MINUTE
+from synapse_acme.preflight import DEFAULT_TIMEOUT as DEFAULT_PREFLIGHT_TIMEOUT
 from synapse_acme.yamlload import MAX_BYTES, YamlBoundsError, safe_load_bounded
 
 logger = logging.getLogger(__name__)
@@ -367,6 +368,63 @@ def _connection_limits(value: Any, path: str) -> ConnectionLimits:
             limits.max_per_address,
         )
     return limits
+
+
+@attrs.frozen
+class PreflightConfig:
+    """``preflight:``: probe each name as the CA would before every order (see
+    :mod:`synapse_acme.preflight`). ``resolver`` None is the system's resolver, else a DNS
+    server ``(host, port)`` asked directly."""
+
+    enabled: bool = True
+    port: int = 80
+    timeout: float = DEFAULT_PREFLIGHT_TIMEOUT
+    resolver: tuple[str, int] | None = None
+
+
+def _dns_server(value: Any, path: str) -> tuple[str, int] | None:
+    what = "'system', or a DNS server as an IP address with an optional port ('192.0.2.53:53')"
+    text = _str(value, path, what)
+    if text == "system":
+        return None
+    host, port_text = text, "53"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else port_text
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    try:
+        address = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ConfigError(path, f"expected {what}", value) from None
+    if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise ConfigError(path, f"expected {what}", value)
+    return address, int(port_text)
+
+
+def _preflight(value: Any, path: str) -> PreflightConfig:
+    what = "a mapping of enabled, port, timeout, resolver"
+    if isinstance(value, bool):  # `preflight: false` reads naturally
+        return PreflightConfig(enabled=value)
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, f"expected {what} (or true/false)", value)
+    _check_keys(value, path, ("enabled", "port", "timeout", "resolver"))
+    given = {k: v for k, v in value.items() if v is not None}
+    out: dict[str, Any] = {}
+    if "enabled" in given:
+        out["enabled"] = _bool(given["enabled"], f"{path}.enabled")
+    if "port" in given:
+        out["port"] = _int(given["port"], f"{path}.port", 1, 65535, "an integer 1-65535")
+    if "timeout" in given:
+        seconds = _duration(given["timeout"], f"{path}.timeout")
+        if seconds > _MAX_LISTENER_TIMEOUT:
+            raise ConfigError(
+                f"{path}.timeout", f"expected at most {_MAX_LISTENER_TIMEOUT:g} s", given["timeout"]
+            )
+        out["timeout"] = seconds
+    if "resolver" in given:
+        out["resolver"] = _dns_server(given["resolver"], f"{path}.resolver")
+    return PreflightConfig(**out)
 
 
 def _b64url_decode(text: str) -> bytes:
@@ -879,6 +937,41 @@ class AcmeConfig:
             " make about 1,000-2,000 requests. Raise it only for a private CA without rate limits."
         ),
     )
+    preflight: PreflightConfig = _setting(  # noqa: RUF009 (an attrs.field)
+        factory=PreflightConfig,
+        read=_preflight,
+        shown_default="see right",
+        doc=(
+            "Before every order, fetch `http://NAME/.well-known/acme-challenge/<probe>` for each "
+            "name as the CA would, and order only when this synapse-acme answered (a failed "
+            "validation counts against the CA's limits; this costs nothing). `enabled` (`true`; "
+            "`preflight: false` also works) turns it off for hosts that cannot reach their own "
+            "public name; `port` (`80`) is the port probed; `timeout` (`10s`) bounds each name; "
+            "`resolver` (`system`: this host's resolver, `/etc/hosts` included) or a DNS server "
+            "`IP[:PORT]` asked directly, as the CA's resolver would be. `synapse-acme check` runs "
+            "it on demand; see [troubleshooting](troubleshooting.md#preflight-verdicts)."
+        ),
+    )
+    dry_run_url: str = _setting(
+        LETSENCRYPT_STAGING_URL,
+        read=_url,
+        shown_default="`https://acme-staging-v02.api.letsencrypt.org/directory`",
+        doc=(
+            "The ACME directory of `synapse-acme renew --dry-run` and `dry_run_on_change`: a full "
+            "issuance against this (staging) CA into a scratch store, with a scratch account; "
+            "nothing is saved, exported or served. `http://` only with `testing_allow_http`."
+        ),
+    )
+    dry_run_on_change: bool = _setting(
+        False,
+        read=_bool,
+        shown_default="`false`",
+        doc=(
+            "When the names of a certificate or the CA (`url`) differ from those of its last "
+            "issuance, do one dry run against `dry_run_url` before the real order; if it fails, "
+            "the real order is not placed (the attempt fails, saying why, and is retried later)."
+        ),
+    )
     source_path: str = attrs.field(default="acme", eq=False)
     source_file: str | None = attrs.field(default=None, eq=False)
 
@@ -982,6 +1075,16 @@ def parse_acme_config(
             )
     elif values.get("staging"):
         values["url"] = LETSENCRYPT_STAGING_URL
+
+    dry_url = values.get("dry_run_url")
+    if dry_url is not None and dry_url.lower().startswith("http:"):
+        if not values.get("testing_allow_http"):
+            raise ConfigError(
+                at("dry_run_url"),
+                "expected an https:// URL (a local test CA may be allowed with "
+                "testing_allow_http: true)",
+                present["dry_run_url"],
+            )
 
     # listeners
     if "listen" in values:

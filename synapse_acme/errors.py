@@ -125,3 +125,37 @@ class StoreBusy(StoreError):
 
 class ListenError(SynapseAcmeError):
     """None of a listener's endpoints could be bound (each endpoint and its error are named)."""
+
+
+class PreflightFailed(SynapseAcmeError):
+    """The preflight found that the CA's HTTP-01 request for some names would not reach this
+    synapse-acme, so nothing was ordered (a failed validation counts against the CA's limits).
+    ``failures`` lists ``(name, kind, message)`` per failed name; ``kind`` is one of the verdict
+    kinds of :mod:`synapse_acme.preflight` (``dns``, ``unreachable``, ``not-forwarded``,
+    ``redirected``, ``other-answer``)."""
+
+    def __init__(self, failures: list[tuple[str, str, str]]) -> None:
+        self.failures = failures
+        detail = "; ".join(f"{name}: [{kind}] {message}" for name, kind, message in failures)
+        super().__init__(
+            f"preflight failed, so nothing was ordered from the CA: {detail}. "
+            "`synapse-acme check` repeats this check on demand; "
+            "preflight: {enabled: false} turns it off"
+        )
+
+
+class DryRunFailed(SynapseAcmeError):
+    """A dry run (a full issuance against a staging CA into a scratch store) failed, so the
+    real order was not placed; ``cause`` is the dry run's own error."""
+
+    def __init__(self, url: str, cause: BaseException) -> None:
+        self.url = url
+        self.cause = cause
+        why = (
+            str(cause)
+            if isinstance(cause, SynapseAcmeError)
+            else f"{type(cause).__name__}: {cause}"
+        )
+        super().__init__(
+            f"the dry run against {url} failed, so the real order was not placed: {why}"
+        )

@@ -9,10 +9,12 @@ never a dead listener.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import re
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -29,6 +31,46 @@ logger = logging.getLogger(__name__)
 _TOKEN = re.compile(rb"[A-Za-z0-9_-]{1,256}")
 _ALLOWED_METHODS = (b"GET", b"HEAD")
 
+#: Tokens a responder with a ``probe_secret`` answers without being told (see
+#: :mod:`synapse_acme.preflight`): ``synapse-acme check`` proves that the process serving the
+#: store's challenges answers, without talking to it. A token the issuer registered always wins
+#: (a CA's random token starting like this is as likely as guessing 114 bits).
+PROBE_PREFIX = "synapse-acme-probe-"
+
+
+def probe_answer(secret: bytes, token: str) -> bytes:
+    """The body a responder with ``secret`` serves for the probe ``token``: an HMAC, so only a
+    process that holds the secret (derived from the account key) can answer it."""
+    return hmac.new(secret, token.encode("ascii"), hashlib.sha256).hexdigest().encode("ascii")
+
+
+def probe_secret_from_key(private_key_der: bytes) -> bytes:
+    """The probe secret of a store: derived from its account key's private bytes, which every
+    process serving the store reads; the HMAC never reveals it."""
+    return hashlib.sha256(b"synapse-acme preflight probe\0" + private_key_der).digest()
+
+
+class _WithProbes(Mapping[str, bytes]):
+    """The live token map, plus an answer for every probe token (never listed)."""
+
+    def __init__(self, tokens: Mapping[str, bytes], secret: bytes) -> None:
+        self._tokens = tokens
+        self._secret = secret
+
+    def __getitem__(self, token: str) -> bytes:
+        found = self._tokens.get(token)
+        if found is not None:
+            return found
+        if token.startswith(PROBE_PREFIX) and is_safe_token(token):
+            return probe_answer(self._secret, token)
+        raise KeyError(token)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tokens)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
 
 @implementer(IResponder)
 @attrs.define
@@ -37,9 +79,12 @@ class HTTP01Responder:
 
     The issuer calls :meth:`start_responding` before telling the CA to validate and
     :meth:`stop_responding` afterwards; the resource from :meth:`resource` reads the map live.
+    With ``probe_secret`` it also answers every preflight probe token (:data:`PROBE_PREFIX`)
+    with :func:`probe_answer`.
     """
 
     challenge_type = "http-01"
+    probe_secret: bytes | None = attrs.field(default=None, repr=False, kw_only=True)
     _tokens: dict[str, bytes] = attrs.field(factory=dict, init=False)
 
     def start_responding(self, identifier: str, token: str, key_authorization: str) -> None:
@@ -59,8 +104,10 @@ class HTTP01Responder:
             logger.debug("Stopped answering the HTTP-01 challenge for %s", identifier)
 
     def tokens(self) -> Mapping[str, bytes]:
-        """A read-only live view of the tokens being answered (values: the response bodies)."""
-        return types.MappingProxyType(self._tokens)
+        """A read-only live view of the tokens being answered (values: the response bodies),
+        answering probe tokens too when the responder has a ``probe_secret``."""
+        view = types.MappingProxyType(self._tokens)
+        return view if self.probe_secret is None else _WithProbes(view, self.probe_secret)
 
     def resource(self) -> Resource:
         """The resource to mount as the ``acme-challenge`` child of ``.well-known``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 from cryptography import x509
@@ -37,14 +38,18 @@ from synapse_acme.interfaces import IReactor
 from synapse_acme.interprocess import StoreLock, StoreLockService
 from synapse_acme.limits import ConnectionLimits, LimitedFactory, fit_to_fd_limit, raise_fd_limit
 from synapse_acme.listeners import ListenerService, tls_listener
-from synapse_acme.model import CertificateBundle
+from synapse_acme.model import CertificateBundle, CertificateSpec
 from synapse_acme.names import canonical_names, names_key
+from synapse_acme.preflight import Preflight, direct_agent, lookup_from_setting, probe_secret_for
 from synapse_acme.service import AcmeService
 from synapse_acme.status import CertificateStatus, dump_status_file
 from synapse_acme.store import FileStore
 from synapse_acme.threaded import Runner, ThreadedStore
 from synapse_acme.tls import HotSwapTLS
 from synapse_acme.watch import FileWatcher
+
+if TYPE_CHECKING:  # imported where used: a dry run is rare
+    from synapse_acme.dryrun import ListableStore
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +71,7 @@ class Runtime:
     #: Every listener this runtime opens (HTTP-01 first, then each TLS listener).
     listeners: list[ListenerService] = attrs.field(factory=list)
     watcher: FileWatcher | None = None
+    preflight: Preflight | None = None  # None when acme.preflight.enabled is false
     serves_tls: bool = False  # runtime.tls is served (tls_listen, or the host's listeners)
 
     def status(self) -> list[CertificateStatus]:
@@ -237,7 +243,8 @@ def _build_managing(
         untrusted_hint=_untrusted_hint(config),
     )
     client = AcmeClient(transport)
-    responder = HTTP01Responder()
+    # Its probe secret lets `synapse-acme check` prove that this process answers challenges.
+    responder = HTTP01Responder(probe_secret=probe_secret_for(account_key))
     issuer = AcmeIssuer(
         client=client,
         responders=[responder],
@@ -259,20 +266,12 @@ def _build_managing(
     serves_tls = host_serves_tls or bool(config.tls_listen)
     exporters: dict[str, FileExporter] = {}
     write_status = _status_writer(config, tls if serves_tls else None, exporters, runner)
-    listener = None
-    endpoints = config.http01_endpoints() if standalone_listener else []
-    if endpoints:
-        http_limits, _ = _listener_limits(config, bool(endpoints))
-        factory = LimitedFactory(
-            make_factory(responder, reactor, http_limits.header_timeout),
-            http_limits,
-            reactor,
-            "HTTP-01 listener",
-        )
-        listener = ListenerService(reactor, factory, endpoints, setting=_listener_setting(config))
+    listener = http01_listener_for(config, reactor, responder) if standalone_listener else None
+    preflight = make_preflight(config, reactor, responder) if config.preflight.enabled else None
+    service_store = ThreadedStore(store, runner) if runner is not None else store
     acme = AcmeService(
         specs,
-        ThreadedStore(store, runner) if runner is not None else store,
+        service_store,
         issuer,
         reactor,
         threshold_days=config.reprovision_threshold,
@@ -281,6 +280,9 @@ def _build_managing(
         on_status=write_status,
         one_shot=one_shot,
         ready=listener.when_listening if listener is not None else None,
+        before_order=_before_order(
+            config, reactor, responder, preflight, http_client, service_store
+        ),
     )
     if serves_tls:
         acme.add_consumer(tls)
@@ -320,7 +322,73 @@ def _build_managing(
         http01_listener=listener,
         listeners=listeners,
         serves_tls=serves_tls,
+        preflight=preflight,
     )
+
+
+def http01_listener_for(
+    config: AcmeConfig, reactor: IReactor, responder: HTTP01Responder
+) -> ListenerService | None:
+    """The standalone HTTP-01 listener of ``acme.port``/``acme.listen`` serving ``responder``
+    (not yet started), or None when the configuration has none."""
+    endpoints = config.http01_endpoints()
+    if not endpoints:
+        return None
+    http_limits, _ = _listener_limits(config, True)
+    factory = LimitedFactory(
+        make_factory(responder, reactor, http_limits.header_timeout),
+        http_limits,
+        reactor,
+        "HTTP-01 listener",
+    )
+    return ListenerService(reactor, factory, endpoints, setting=_listener_setting(config))
+
+
+def make_preflight(
+    config: AcmeConfig,
+    reactor: IReactor,
+    responder: HTTP01Responder | None,
+    probe_secret: bytes | None = None,
+) -> Preflight:
+    """The preflight of ``acme.preflight`` (port, timeout, resolver), answered by ``responder``
+    or, without one, by the process holding ``probe_secret`` (see synapse_acme.preflight)."""
+    settings = config.preflight
+    return Preflight(
+        clock=reactor,
+        lookup=lookup_from_setting(reactor, settings.resolver),
+        agent_for=direct_agent(reactor, settings.timeout),
+        responder=responder,
+        probe_secret=probe_secret,
+        port=settings.port,
+        timeout=settings.timeout,
+    )
+
+
+def _before_order(
+    config: AcmeConfig,
+    reactor: IReactor,
+    responder: HTTP01Responder,
+    preflight: Preflight | None,
+    http_client: HTTPClient | None,
+    store: ListableStore,
+) -> Callable[[CertificateSpec, CertificateBundle | None], Deferred[None]] | None:
+    """What must pass before each order: the preflight, then (with ``dry_run_on_change``) a
+    dry run when the names or the CA differ from the last issuance. None when nothing."""
+    dry = None
+    if config.dry_run_on_change:
+        from synapse_acme.dryrun import DryRunOnChange
+
+        dry = DryRunOnChange(config, reactor, responder, store=store, http_client=http_client)
+    if preflight is None and dry is None:
+        return None
+
+    async def check(spec: CertificateSpec, previous: CertificateBundle | None) -> None:
+        if preflight is not None:
+            await preflight.require(spec.names)
+        if dry is not None:
+            await dry.before_order(spec, previous)
+
+    return lambda spec, previous: Deferred.fromCoroutine(check(spec, previous))
 
 
 def check_startable(config: AcmeConfig) -> None:
@@ -458,4 +526,11 @@ def _build_external(config: AcmeConfig, reactor: IReactor) -> Runtime:
     )
 
 
-__all__ = ["IReactorCore", "Runtime", "build_runtime", "status_path"]
+__all__ = [
+    "IReactorCore",
+    "Runtime",
+    "build_runtime",
+    "http01_listener_for",
+    "make_preflight",
+    "status_path",
+]

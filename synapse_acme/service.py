@@ -121,6 +121,10 @@ class AcmeService(Service):
     Deferred that fires once challenges can be answered (the standalone HTTP-01 listener is
     bound); every order waits for it, and if it fails the attempt fails with its error
     without reaching the CA, whose failed validations count against its limits.
+    ``before_order(spec, previous)`` (the preflight, a dry run) runs before every order, after
+    ``ready``, with the certificate being replaced (None, or a placeholder's None); its Deferred
+    failing fails that attempt like any other failure (recorded, backed off, old certificate
+    kept) without an order.
     """
 
     def __init__(
@@ -138,9 +142,13 @@ class AcmeService(Service):
         on_status: Callable[[list[CertificateStatus]], None] | None = None,
         one_shot: bool = False,
         ready: Callable[[], defer.Deferred[Any]] | None = None,
+        before_order: (
+            Callable[[CertificateSpec, CertificateBundle | None], defer.Deferred[Any]] | None
+        ) = None,
     ) -> None:
         self._store = store
         self._ready = ready
+        self._before_order = before_order
         self._issuer = issuer
         self._clock = clock
         self._threshold = (
@@ -491,6 +499,8 @@ class AcmeService(Service):
             else:
                 if self._ready is not None:
                     await self._ready()  # no order while no challenge could be answered
+                if self._before_order is not None:
+                    await self._before_order(m.spec, None if m.placeholder else m.bundle)
                 logger.info("Obtaining a certificate for %s (attempt %d)", _names(m), attempt)
                 replaces = None
                 if m.bundle is not None and not m.placeholder:

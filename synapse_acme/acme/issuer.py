@@ -73,15 +73,17 @@ def _identifier(authz: messages.Authorization) -> str:
 class AcmeIssuer:
     """Obtains certificates from the CA behind ``client``, answering challenges with
     ``responders`` (preferred first); every issued chain must reach a root of ``trust``
-    (:class:`~synapse_acme.acme.trust.IssuerTrust`). The account is registered on first use, and
-    ``on_account`` (if given) is called with its URL each time the CA tells it (the runtime
-    records it in the store; a failing callback is logged, never fails the issuance)."""
+    (:class:`~synapse_acme.acme.trust.IssuerTrust`; None only for dry runs against a staging CA,
+    whose roots nobody trusts: the chain is then checked for order, key and names only). The
+    account is registered on first use, and ``on_account`` (if given) is called with its URL
+    each time the CA tells it (the runtime records it in the store; a failing callback is
+    logged, never fails the issuance)."""
 
     client: AcmeClient
     responders: Sequence[IResponder]
     clock: IReactorTime
     account_key: jose.JWK = attrs.field(repr=False)
-    trust: IssuerTrust = attrs.field(repr=False)
+    trust: IssuerTrust | None = attrs.field(repr=False)
     contact: Sequence[str] = ()
     tos_agreed: bool = False
     eab: tuple[str, str] | None = attrs.field(default=None, repr=False)
@@ -373,7 +375,8 @@ class AcmeIssuer:
             chain_pem = crypto.canonical_chain_pem(chain_pem)
             bundle = CertificateBundle(key_pem=key_pem, chain_pem=chain_pem)
             chain = crypto.validate_bundle(bundle, names, now)
-            self.trust.check(chain, names[0], now)
+            if self.trust is not None:
+                self.trust.check(chain, names[0], now)
         except BundleError as e:
             raise AcmeProtocolError(f"the issued certificate is unusable: {e}", cert_url) from None
         try:

@@ -448,6 +448,8 @@ class PebbleCA:
             "terms_of_service_agreed": True,
             "contact": ["admin@example.test"],
             "poll_interval": 0.05,
+            # The preflight probes the way Pebble validates: its DNS stub, its http_port.
+            "preflight": {"port": self.http_port, "resolver": f"127.0.0.1:{self.dns_port}"},
         }
         if listener:
             block.update(port=self.http_port, bind_addresses=["127.0.0.1"])

@@ -270,6 +270,7 @@ issuer_roots: "{ca.issuer_roots}"
 terms_of_service_agreed: true
 contact: admin@example.test
 poll_interval: 0.1
+preflight: {{port: {ca.http_port}, resolver: "127.0.0.1:{ca.dns_port}"}}
 """
 
 

@@ -815,6 +815,14 @@ _GOOD: dict[str, list[Any]] = {
         {"handshake_timeout": "5s", "header_timeout": 2},
         {"max_per_address": 64},
     ],
+    "preflight": [
+        False,
+        {"enabled": False},
+        {"port": 5002, "timeout": "2s", "resolver": "127.0.0.1:8053"},
+        {"resolver": "system"},
+    ],
+    "dry_run_url": ["https://acme-staging-v02.api.letsencrypt.org/directory"],
+    "dry_run_on_change": [True, False],
 }
 
 

@@ -79,7 +79,9 @@ def test_nothing_reaches_the_ca_while_the_challenge_listener_cannot_be_bound(
 def test_the_ca_is_asked_once_the_listener_is_bound(tmp_path: Path) -> None:
     reactor = MemoryReactorClock()
     http = _RecordingHTTP()
-    runtime = build_runtime(_config(tmp_path, port=8009), reactor, http_client=http)
+    # No preflight here: it would probe gate.example.test first (tests/unit/test_preflight.py).
+    config = _config(tmp_path, port=8009, preflight={"enabled": False})
+    runtime = build_runtime(config, reactor, http_client=http)
     runtime.service.startService()
     try:
         reactor.advance(0)
