@@ -1,10 +1,10 @@
-"""The HTTP-01 challenge responder: a live token map, what it answers, the resource, the listener.
+"""The HTTP-01 challenge responder: a live token map, what it answers, the resource.
 
 :func:`answer` decides every reply. The resource serves it on every Synapse HTTP listener
 (mounted at ``/.well-known/acme-challenge``); the standalone listener serves it through the
-small protocol in :mod:`synapse_acme.http01_server`. Both read the responder's map on each
-request instead of being rebuilt per challenge, and neither raises: a bug costs one 500,
-never a dead listener.
+small protocol in :mod:`synapse_acme.http01_server`, bound by :mod:`synapse_acme.listeners`.
+Both read the responder's map on each request instead of being rebuilt per challenge, and
+neither raises: a bug costs one 500, never a dead listener.
 """
 
 from __future__ import annotations
