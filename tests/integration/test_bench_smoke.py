@@ -79,6 +79,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
             assert hs["handshakes"] > 0 and hs["failed"] == 0 and hs["resumed"] == 0, hs
             assert hs["server_cpu_s"] > 0, hs
     assert syn["ratios"]["hs_p256_per_cpu_s_ratio"] > 0
+    assert syn["inprocess"]["with_us"] > 0 and syn["inprocess"]["without_us"] > 0
     assert any("TLS handshakes" in g["goal"] and g["value"] for g in res["goals"])
 
     report = (tmp_path / "docs" / "BENCHMARKS.md").read_text()
