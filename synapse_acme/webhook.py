@@ -1,0 +1,146 @@
+"""The webhook alert sink: each alert POSTed as JSON to ``alert_webhook``.
+
+Body (``Content-Type: application/json``)::
+
+    {"event": "failing", "name": "example.org", "names": ["example.org"],
+     "error": "...", "error_type": "rateLimited", "not_after": "2026-12-31T12:00:00Z",
+     "at": "2026-12-20T08:00:00Z", "host": "matrix1", "failures": 3,
+     "next_attempt": "2026-12-20T08:10:00Z"}
+
+Any 2xx answer is a delivery. No answer within ``timeout`` seconds, a connection error, a
+429 or a 5xx is retried after ``backoff`` (1 s, then 5 s: three attempts in all); any other
+answer fails at once. It never blocks the reactor and never raises into the service: the
+:class:`~synapse_acme.alerter.Alerter` logs a delivery that failed. The URL's path and query
+may hold a token (Slack, Matrix hookshot), so messages name only its scheme, host and port.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.parse
+from collections.abc import Sequence
+
+import attrs
+import treq
+from treq.client import HTTPClient
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from synapse_acme.alerts import Alert
+from synapse_acme.errors import SynapseAcmeError
+from synapse_acme.interfaces import IAlertSink, IReactor
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 10.0
+#: Waits before the second and the third attempt.
+DEFAULT_BACKOFF: tuple[float, ...] = (1.0, 5.0)
+#: How much of an error answer's body is kept for the log line.
+_ERROR_BODY_BYTES = 200
+
+
+class WebhookError(SynapseAcmeError):
+    """The webhook did not accept an alert (its answer, or the transport error)."""
+
+
+def public_part(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``: what log lines may show of a webhook URL."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    return f"{parts.scheme}://{host}{port}/..."
+
+
+def make_webhook_client(reactor: IReactor) -> HTTPClient:
+    """A treq client with the system's trust store and no kept-alive connections (an alert
+    is rare: nothing to keep open)."""
+    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+
+@implementer(IAlertSink)
+@attrs.define(eq=False)
+class WebhookSink:
+    """POSTs each alert to ``url`` through ``http`` (a treq client), timed on ``clock``;
+    ``host`` is put in each body (the sending machine's name)."""
+
+    url: str = attrs.field(repr=False)
+    http: HTTPClient
+    clock: IReactorTime
+    host: str
+    timeout: float = DEFAULT_TIMEOUT
+    backoff: Sequence[float] = DEFAULT_BACKOFF
+
+    def describe(self) -> str:
+        return f"the webhook {public_part(self.url)}"
+
+    def deliver(self, alert: Alert) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._deliver(alert))
+
+    async def _deliver(self, alert: Alert) -> None:
+        body = json.dumps(alert.to_json(self.host)).encode("utf-8")
+        waits = list(self.backoff)
+        while True:
+            try:
+                await self._post(body)
+                return
+            except _Retryable as e:
+                if not waits:
+                    raise WebhookError(f"{self.describe()}: {e} (gave up after retries)") from None
+                delay = waits.pop(0)
+                logger.info("%s: %s; retrying in %g s", self.describe(), e, delay)
+                await task.deferLater(self.clock, delay, lambda: None)
+
+    async def _post(self, body: bytes) -> None:
+        d = self.http.post(
+            self.url,
+            data=body,
+            headers=Headers({b"Content-Type": [b"application/json"]}),
+        )
+        d.addTimeout(self.timeout, self.clock)
+        kept: list[bytes] = []
+        size = [0]
+
+        def keep(chunk: bytes) -> None:
+            if size[0] < _ERROR_BODY_BYTES:
+                kept.append(chunk[: _ERROR_BODY_BYTES - size[0]])
+            size[0] += len(chunk)
+
+        try:
+            response = await d
+            read = treq.collect(response, keep)
+            read.addTimeout(self.timeout, self.clock)
+            await read
+        except defer.TimeoutError:
+            raise _Retryable(f"no answer within {self.timeout:g} s") from None
+        except defer.CancelledError:
+            raise
+        except Exception as e:  # connection refused, TLS, DNS...
+            raise _Retryable(f"{type(e).__name__}: {e}") from None
+        code = response.code
+        if 200 <= code < 300:
+            return
+        text = b"".join(kept).decode("utf-8", "replace").strip()
+        message = f"HTTP {code}" + (f": {text}" if text else "")
+        if code == 429 or code >= 500:
+            raise _Retryable(message)
+        raise WebhookError(f"{self.describe()}: {message}")
+
+
+class _Retryable(Exception):
+    pass
+
+
+__all__ = [
+    "DEFAULT_BACKOFF",
+    "DEFAULT_TIMEOUT",
+    "WebhookError",
+    "WebhookSink",
+    "make_webhook_client",
+    "public_part",
+]
