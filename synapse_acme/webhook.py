@@ -80,49 +80,74 @@ class WebhookSink:
         return f"the webhook {public_part(self.url)}"
 
     def deliver(self, alert: Alert) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(self._deliver(alert))
+        stop = _Stop()
+        work = defer.Deferred.fromCoroutine(self._deliver(alert, stop))
 
-    async def _deliver(self, alert: Alert) -> None:
+        def cancel(_: defer.Deferred[None]) -> None:
+            stop.cancelled = True
+            work.cancel()
+
+        result: defer.Deferred[None] = defer.Deferred(cancel)
+        work.addBoth(lambda outcome: None if result.called else result.callback(outcome))
+        return result
+
+    async def _deliver(self, alert: Alert, stop: _Stop) -> None:
         body = json.dumps(alert.to_json(self.host)).encode("utf-8")
         waits = list(self.backoff)
         while True:
             try:
-                await self._post(body)
+                await self._post(body, stop)
                 return
             except _Retryable as e:
                 if not waits:
                     raise WebhookError(f"{self.describe()}: {e} (gave up after retries)") from None
                 delay = waits.pop(0)
                 logger.info("%s: %s; retrying in %g s", self.describe(), e, delay)
-                await task.deferLater(self.clock, delay, lambda: None)
+                try:
+                    await task.deferLater(self.clock, delay, lambda: None)
+                except Exception:
+                    if stop.cancelled:
+                        raise defer.CancelledError() from None
+                    raise
 
-    async def _post(self, body: bytes) -> None:
-        d = self.http.post(
-            self.url,
-            data=body,
-            headers=Headers({b"Content-Type": [b"application/json"]}),
-        )
-        d.addTimeout(self.timeout, self.clock)
+    async def _post(self, body: bytes, stop: _Stop) -> None:
+        """One attempt, within ``timeout`` from the request to the last byte of the answer."""
         kept: list[bytes] = []
         size = [0]
+        timed_out = [False]
 
         def keep(chunk: bytes) -> None:
             if size[0] < _ERROR_BODY_BYTES:
                 kept.append(chunk[: _ERROR_BODY_BYTES - size[0]])
             size[0] += len(chunk)
 
+        async def post() -> int:
+            response = await self.http.post(
+                self.url,
+                data=body,
+                headers=Headers({b"Content-Type": [b"application/json"]}),
+            )
+            await treq.collect(response, keep)
+            return int(response.code)
+
+        attempt = defer.Deferred.fromCoroutine(post())
+
+        def expire() -> None:
+            timed_out[0] = True
+            attempt.cancel()
+
+        deadline = self.clock.callLater(self.timeout, expire)
         try:
-            response = await d
-            read = treq.collect(response, keep)
-            read.addTimeout(self.timeout, self.clock)
-            await read
-        except defer.TimeoutError:
-            raise _Retryable(f"no answer within {self.timeout:g} s") from None
-        except defer.CancelledError:
-            raise
-        except Exception as e:  # connection refused, TLS, DNS...
+            code = await attempt
+        except Exception as e:  # refused, TLS, DNS, cancelled by the deadline or by stop
+            if stop.cancelled:
+                raise defer.CancelledError() from None
+            if timed_out[0]:
+                raise _Retryable(f"no answer within {self.timeout:g} s") from None
             raise _Retryable(f"{type(e).__name__}: {e}") from None
-        code = response.code
+        finally:
+            if deadline.active():
+                deadline.cancel()
         if 200 <= code < 300:
             return
         text = b"".join(kept).decode("utf-8", "replace").strip()
@@ -130,6 +155,12 @@ class WebhookSink:
         if code == 429 or code >= 500:
             raise _Retryable(message)
         raise WebhookError(f"{self.describe()}: {message}")
+
+
+class _Stop:
+    """Set when the caller cancelled the delivery: nothing is retried after that."""
+
+    cancelled = False
 
 
 class _Retryable(Exception):
