@@ -403,17 +403,23 @@ def _dns_server(value: Any, path: str) -> tuple[str, int] | None:
     return address, int(port_text)
 
 
-def _preflight(value: Any, path: str) -> PreflightConfig:
-    what = "a mapping of enabled, port, timeout, resolver"
-    if isinstance(value, bool):  # `preflight: false` reads naturally
-        return PreflightConfig(enabled=value)
+def _switchable(value: Any, path: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A sub-block with an ``enabled`` key, which may also be written as just true or false
+    (``preflight: false`` reads naturally): its keys that have a value, ``enabled`` read."""
+    if isinstance(value, bool):
+        return {"enabled": value}
     if not isinstance(value, Mapping):
-        raise ConfigError(path, f"expected {what} (or true/false)", value)
-    _check_keys(value, path, ("enabled", "port", "timeout", "resolver"))
+        raise ConfigError(path, f"expected a mapping of {', '.join(keys)} (or true/false)", value)
+    _check_keys(value, path, keys)
     given = {k: v for k, v in value.items() if v is not None}
-    out: dict[str, Any] = {}
     if "enabled" in given:
-        out["enabled"] = _bool(given["enabled"], f"{path}.enabled")
+        given["enabled"] = _bool(given["enabled"], f"{path}.enabled")
+    return given
+
+
+def _preflight(value: Any, path: str) -> PreflightConfig:
+    given = _switchable(value, path, ("enabled", "port", "timeout", "resolver"))
+    out: dict[str, Any] = {k: given[k] for k in ("enabled",) if k in given}
     if "port" in given:
         out["port"] = _int(given["port"], f"{path}.port", 1, 65535, "an integer 1-65535")
     if "timeout" in given:
@@ -437,16 +443,8 @@ class AlertsConfig:
 
 
 def _alerts(value: Any, path: str) -> AlertsConfig:
-    what = "a mapping of enabled, expiry_days"
-    if isinstance(value, bool):  # `alerts: false` reads naturally
-        return AlertsConfig(enabled=value)
-    if not isinstance(value, Mapping):
-        raise ConfigError(path, f"expected {what} (or true/false)", value)
-    _check_keys(value, path, ("enabled", "expiry_days"))
-    given = {k: v for k, v in value.items() if v is not None}
-    out: dict[str, Any] = {}
-    if "enabled" in given:
-        out["enabled"] = _bool(given["enabled"], f"{path}.enabled")
+    given = _switchable(value, path, ("enabled", "expiry_days"))
+    out: dict[str, Any] = {k: given[k] for k in ("enabled",) if k in given}
     if "expiry_days" in given:
         out["expiry_days"] = _days(given["expiry_days"], f"{path}.expiry_days")
     return AlertsConfig(**out)
