@@ -948,7 +948,7 @@ class AcmeConfig:
         shown_default="see right",
         doc=(
             "Caps on each standalone listener (HTTP-01 and every `tls_listen` endpoint): "
-            "`max_connections` (`256` open connections), `max_per_address` (`32` from one peer "
+            "`max_connections` (`256` open connections), `max_per_address` (`128` from one peer "
             "address, at most `max_connections`), `handshake_timeout` (`10s` for a TLS handshake),"
             " `header_timeout` (`10s` for an HTTP-01 request head, and idling between requests; at"
             " most 300 s each). At a cap, the connection idle longest is dropped, so a fresh one "

@@ -9,7 +9,10 @@ standalone listener (HTTP-01 and TLS) is wrapped in a :class:`LimitedFactory`:
 - when a cap is reached, the connection that has been **idle longest** is dropped to make
   room, not the new one: a flood of idle connections cannot lock a CA's validator (or a real
   client) out, because a fresh connection is always admitted and a working one is never the
-  least recently active;
+  least recently active. A connection that has not sent anything yet counts as active until
+  :data:`FIRST_READ_GRACE` seconds after it was accepted: a burst of new connections (a CA
+  validating many names at once, from one address) is accepted before any of them is read,
+  and a request already waiting in the kernel must not lose its place to the next accept;
 - a connection must finish its TLS handshake within ``handshake_timeout`` seconds
   (:class:`HandshakeDeadline`), and an HTTP-01 request head must arrive within
   ``header_timeout`` seconds (the HTTP-01 protocol enforces it).
@@ -40,13 +43,18 @@ logger = logging.getLogger(__name__)
 #: one homeserver's standalone listener need, and two listeners plus the process's own files
 #: stay well inside a 1024-descriptor limit.
 DEFAULT_MAX_CONNECTIONS = 256
-DEFAULT_MAX_PER_ADDRESS = 32
+#: Half the total: a CA validates every name of a large order at once, from a few addresses
+#: (Pebble, validating 20 names, needs more than 32 from one), and the rest stays for others.
+DEFAULT_MAX_PER_ADDRESS = 128
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Seconds an HTTP-01 request head may take (the responder's own default).
 DEFAULT_HEADER_TIMEOUT = IDLE_TIMEOUT
 #: Descriptors kept for everything that is not a listener's connection (store, status, log
 #: files, the CA client's connections, the reactor's own).
 RESERVED_DESCRIPTORS = 128
+#: Seconds a just-accepted connection that has sent nothing yet is treated as active (see the
+#: module docstring): long enough for the reactor to read a burst, short against a flood.
+FIRST_READ_GRACE = 1.0
 #: At most one "cap reached" log line per listener in this many seconds (a flood must not
 #: flood the log too).
 LOG_EVERY = 60.0
@@ -75,10 +83,42 @@ class _Limited(ProtocolWrapper):
     def __init__(self, factory: LimitedFactory, wrapped: Protocol, peer: str | None) -> None:
         super().__init__(factory, wrapped)
         self.peer = peer
+        #: When this connection counts as last active: on accept, FIRST_READ_GRACE ahead.
+        self.last = factory.clock.seconds() + FIRST_READ_GRACE
+        self.read = False  # sent anything yet
 
     def dataReceived(self, data: bytes) -> None:
         self.factory.touch(self)
         super().dataReceived(data)
+
+
+class _Queue:
+    """Connections in least-recently-active order, kept as two insertion-ordered lists (those
+    that have sent something, by last activity; those that have not, by accept time), so the
+    longest idle of all is the older of the two heads: admission stays O(1)."""
+
+    def __init__(self) -> None:
+        self.fresh: collections.OrderedDict[_Limited, None] = collections.OrderedDict()
+        self.active: collections.OrderedDict[_Limited, None] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.fresh) + len(self.active)
+
+    def add(self, conn: _Limited) -> None:
+        self.fresh[conn] = None
+
+    def touch(self, conn: _Limited) -> None:
+        """Move ``conn`` (if still here) to the most recently active end."""
+        if self.fresh.pop(conn, 0) is None or self.active.pop(conn, 0) is None:
+            self.active[conn] = None
+
+    def discard(self, conn: _Limited) -> None:
+        self.fresh.pop(conn, None)
+        self.active.pop(conn, None)
+
+    def idlest(self) -> _Limited:
+        heads = [next(iter(q)) for q in (self.fresh, self.active) if q]
+        return min(heads, key=lambda c: c.last)
 
 
 if TYPE_CHECKING:  # generic only in type checking: Twisted < 26 cannot subscribe it at run time
@@ -103,8 +143,8 @@ class LimitedFactory(_LimitedBase):
         self.limits = limits
         self.clock = clock
         self.name = name
-        self._all: collections.OrderedDict[_Limited, None] = collections.OrderedDict()
-        self._by_peer: dict[str, collections.OrderedDict[_Limited, None]] = {}
+        self._all = _Queue()
+        self._by_peer: dict[str, _Queue] = {}
         self.dropped = 0  # connections dropped to make room (for tests and status)
         self._last_log = float("-inf")
 
@@ -117,37 +157,37 @@ class LimitedFactory(_LimitedBase):
         if peer is not None:
             mine = self._by_peer.get(peer)
             if mine is not None and len(mine) >= self.limits.max_per_address:
-                self._drop(next(iter(mine)), f"{self.limits.max_per_address} from {peer}")
+                self._drop(mine.idlest(), f"{self.limits.max_per_address} from {peer}")
         if len(self._all) >= self.limits.max_connections:
-            self._drop(next(iter(self._all)), f"{self.limits.max_connections} in total")
+            self._drop(self._all.idlest(), f"{self.limits.max_connections} in total")
         wrapped = self.wrappedFactory.buildProtocol(addr)
         if wrapped is None:
             return None
         conn = _Limited(self, wrapped, peer)
-        self._all[conn] = None
+        self._all.add(conn)
         if peer is not None:
-            self._by_peer.setdefault(peer, collections.OrderedDict())[conn] = None
+            self._by_peer.setdefault(peer, _Queue()).add(conn)
         return conn
 
     def touch(self, conn: _Limited) -> None:
-        if conn in self._all:
-            self._all.move_to_end(conn)
-            if conn.peer is not None:
-                self._by_peer[conn.peer].move_to_end(conn)
+        conn.last = self.clock.seconds()
+        conn.read = True
+        self._all.touch(conn)
+        if conn.peer is not None and conn.peer in self._by_peer:
+            self._by_peer[conn.peer].touch(conn)
 
     def unregisterProtocol(self, p: Any) -> None:
         self._forget(p)
         super().unregisterProtocol(p)
 
     def _forget(self, conn: _Limited) -> None:
-        if conn not in self._all:
-            return
-        del self._all[conn]
+        self._all.discard(conn)
         if conn.peer is not None:
-            mine = self._by_peer[conn.peer]
-            del mine[conn]
-            if not mine:
-                del self._by_peer[conn.peer]
+            mine = self._by_peer.get(conn.peer)
+            if mine is not None:
+                mine.discard(conn)
+                if not mine:
+                    del self._by_peer[conn.peer]
 
     def _drop(self, conn: _Limited, cap: str) -> None:
         """Close the longest-idle connection at once (its descriptor is freed now)."""

@@ -135,6 +135,26 @@ def test_three_certificates_concurrently_and_forced_renewal(
     )
 
 
+def test_sixty_certificates_at_once_through_the_default_connection_caps(
+    pebble: PebbleCA, tmp_path: Path
+) -> None:
+    # One validator address (Pebble on 127.0.0.1) validating 60 names at once, plus the
+    # preflight's own probes from the same address: more connections than the per-address cap
+    # used to allow, accepted in bursts before any is read. None may be dropped for another.
+    names = [[f"n{i}.burst.example.test"] for i in range(60)]
+    cfg = pebble.write_acme_config(
+        tmp_path,
+        names[0],
+        certificates=[{"domains": n} for n in names[1:]],
+        max_requests_per_minute=100000,
+    )
+    r = cli("issue", "-c", str(cfg), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "connection reset" not in r.stdout + r.stderr
+    for group in (names[0], names[29], names[59]):
+        check_issued(pebble, tmp_path, group)
+
+
 def test_bad_nonce_storm(pebble_factory: Callable[..., PebbleCA], tmp_path: Path) -> None:
     ca = pebble_factory(env={"PEBBLE_WFE_NONCEREJECT": "50"})
     first = ["s0.storm.example.test"]

@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from synapse_acme.limits import (
+    FIRST_READ_GRACE,
     ConnectionLimits,
     HandshakeDeadlineFactory,
     LimitedFactory,
@@ -58,6 +59,7 @@ def limited(max_connections: int = 4, max_per_address: int = 2) -> LimitedFactor
 def test_the_longest_idle_connection_makes_room_for_a_new_one() -> None:
     f = limited(max_connections=3, max_per_address=10)
     conns = [connect(f, f"10.0.0.{i}") for i in range(3)]
+    f.clock.advance(FIRST_READ_GRACE + 1)  # type: ignore[attr-defined]
     conns[0][0].dataReceived(b"still here")  # the first is active again: 1 is now the oldest
     new = connect(f, "10.0.0.9")
     assert conns[1][1].aborted and not conns[0][1].aborted and not conns[2][1].aborted
@@ -84,6 +86,36 @@ def test_a_flood_of_idle_connections_never_locks_out_a_working_client() -> None:
             client.dataReceived(b"GET /token")
             assert transport.value() == b"GET /token" and not transport.aborted
     assert f.open_connections == 50 and f.dropped == 1201 - 50
+
+
+def test_a_burst_read_later_loses_nothing_to_a_served_idle_connection() -> None:
+    # A CA validating many names at once: its new connections are accepted before the reactor
+    # reads any of them. A connection already served and idle (keep-alive) makes room first;
+    # a request waiting unread keeps its place.
+    f = limited(max_connections=100, max_per_address=3)
+    served = connect(f, "10.0.0.1")
+    served[0].dataReceived(b"GET /a")  # answered, now idle
+    burst = [connect(f, "10.0.0.1") for _ in range(3)]  # accepted, not read yet
+    assert served[1].aborted and not any(t.aborted for _, t in burst)
+    for proto, transport in burst:  # the reactor reads them: both are answered
+        proto.dataReceived(b"GET /b")
+        assert transport.value() == b"GET /b"
+
+
+def test_a_silent_connection_past_its_grace_goes_before_an_active_one() -> None:
+    clock = Clock()
+    f = LimitedFactory(
+        Factory.forProtocol(Echo), ConnectionLimits(max_connections=2, max_per_address=2),
+        clock, "test listener",
+    )  # fmt: skip
+    silent = connect(f, "10.0.0.1")  # connects and never says anything (slow-loris)
+    clock.advance(FIRST_READ_GRACE / 2)
+    working = connect(f, "10.0.0.2")
+    working[0].dataReceived(b"x")
+    clock.advance(FIRST_READ_GRACE)  # the silent one's grace is over; the working one was
+    working[0].dataReceived(b"y")  # active just now
+    connect(f, "10.0.0.3")
+    assert silent[1].aborted and not working[1].aborted
 
 
 def test_closed_connections_free_their_place() -> None:
