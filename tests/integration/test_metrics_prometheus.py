@@ -5,6 +5,7 @@ accepts the exposition. (The Synapse side: test_synapse_metrics.py.)"""
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import subprocess
@@ -14,12 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from synapse_acme import crypto
 from synapse_acme.names import names_key
 from synapse_acme.testing.pebble import PebbleCA
 from synapse_acme.testing.ports import handover, listening_socket, systemd_endpoint
 from tests.integration.prometheus import Prometheus, promtool, scrape
+from tests.unit.test_contrib_prometheus import CONTRIB, RULES
 
 CLI = [sys.executable, "-m", "synapse_acme"]
 NAME = "prom.example.test"
@@ -137,6 +140,16 @@ def test_prometheus_scrapes_the_runner_and_sees_the_stored_and_served_certificat
             checked = promtool("check", "metrics", stdin=body)
             assert checked.returncode == 0, checked.stdout + checked.stderr
             assert checked.stdout.strip() == "" and checked.stderr.strip() == "", checked
+            # Every metric the dashboard and the alert rules use is in the real exposition.
+            exported = {
+                family.name + ("_total" if family.type == "counter" else "")
+                for family in text_string_to_metric_families(body.decode())
+            }
+            contrib = "".join(
+                (CONTRIB / f).read_text() for f in ("grafana-dashboard.json", RULES.name)
+            )
+            referenced = set(re.findall(r"synapse_acme_[a-z_]+", contrib))
+            assert referenced and referenced <= exported, referenced - exported
 
             # A forced renewal: the new certificate's expiry reaches Prometheus, the swap and
             # the success are counted, and what is served is what is stored.
