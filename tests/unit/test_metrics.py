@@ -4,6 +4,7 @@ events happen, and a runtime's metrics exported without colliding with another r
 from __future__ import annotations
 
 import datetime
+import errno
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.resource import Resource
 
 from synapse_acme import crypto
-from synapse_acme.config import parse_acme_config
+from synapse_acme.config import AcmeConfig, parse_acme_config
+from synapse_acme.errors import ListenError
 from synapse_acme.http01 import HTTP01Responder, answer
 from synapse_acme.limits import LimitedFactory
 from synapse_acme.metrics import (
@@ -33,7 +36,7 @@ from synapse_acme.status import CertificateStatus
 from synapse_acme.testing.acme_server import FakeAcmeServer, http01_validator
 from synapse_acme.tls import HotSwapTLS
 from tests.certs import TestCA
-from tests.deferreds import result_of
+from tests.deferreds import failure_of, result_of
 
 START = 1_800_000_000.0
 UTC = datetime.timezone.utc
@@ -220,19 +223,18 @@ def test_a_scrape_from_another_thread_reads_the_status_on_the_reactor() -> None:
     assert results["stalled"][("synapse_acme_tls_swaps_total", ())] == 1
 
 
+def metrics_only_config(tmp_path: Path, metrics_listen: Any) -> AcmeConfig:
+    """A block whose only listener is ``metrics_listen`` (no HTTP-01 port)."""
+    block = {"enabled": True, "domain": "m.example.test", "url": "https://ca.example.test/dir"}
+    return parse_acme_config(
+        {**block, "port": 0, "metrics_listen": metrics_listen}, base_dir=str(tmp_path)
+    )
+
+
 def test_metrics_listen_is_a_listener_of_the_runtime_and_serves_the_metrics(
     tmp_path: Path,
 ) -> None:
-    config = parse_acme_config(
-        {
-            "enabled": True,
-            "domain": "m.example.test",
-            "url": "https://ca.example.test/dir",
-            "port": 0,
-            "metrics_listen": "tcp:9109:interface=127.0.0.1",
-        },
-        base_dir=str(tmp_path),
-    )
+    config = metrics_only_config(tmp_path, "tcp:9109:interface=127.0.0.1")  # one string
     assert config.metrics_listen == ("tcp:9109:interface=127.0.0.1",)
     reactor = MemoryReactorClock()
     runtime = build_runtime(config, reactor, http_client=object())  # type: ignore[arg-type]
@@ -364,3 +366,36 @@ def test_a_whole_issuance_is_counted_and_the_gauges_match_the_certificate(
     # One count per answer of the CA: the fake CA saw exactly as many requests.
     total = sum(v for (m, _), v in found.items() if m == "synapse_acme_ca_requests_total")
     assert total == len(server.requests)
+
+
+class _PortTakenReactor(MemoryReactorClock):
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        raise CannotListenError(interface, port, OSError(errno.EADDRINUSE, "in use"))
+
+
+def test_a_metrics_port_that_cannot_be_bound_is_a_listen_error_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    config = metrics_only_config(tmp_path, ["tcp:9109:interface=127.0.0.1"])
+    runtime = build_runtime(config, _PortTakenReactor(), http_client=object())  # type: ignore[arg-type]
+    runtime.service.startService()
+    try:
+        error = failure_of(runtime.when_ready(), ListenError)
+        assert "could not open any metrics listener: port 9109 on 127.0.0.1" in str(error)
+        assert "acme.metrics_listen (tcp:9109:interface=127.0.0.1)" in str(error)
+    finally:
+        runtime.service.stopService()
+
+
+def test_an_observer_that_fails_never_costs_an_answer_or_a_swap() -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("observer bug")
+
+    tokens = {"tok": b"tok.thumb"}
+    assert answer(tokens, b"GET", [b"tok"], broken).body == b"tok.thumb"
+    clock = Clock()
+    clock.advance(START)
+    tls = HotSwapTLS(clock=clock, on_swap=broken)
+    bundle = TestCA(now=at(START)).issue(["a.example.test"])
+    tls.set_bundle("a", bundle)
+    assert tls.current("a") is bundle
