@@ -181,6 +181,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "pebble (Debian)": _dpkg_version("pebble"),
         "certbot (PyPI)": _version([CERTBOT, "--version"]) if os.path.exists(CERTBOT) else "-",
+        "acme-tiny (Debian)": _dpkg_version("acme-tiny") if shutil.which("acme-tiny") else "-",
         "lego (Debian)": _dpkg_version("lego") if shutil.which("lego") else "-",
         "nginx (Debian)": _version(["nginx", "-v"]) if shutil.which("nginx") else "-",
         "wrk (Debian)": _dpkg_version("wrk") if shutil.which("wrk") else "-",

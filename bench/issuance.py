@@ -1,7 +1,8 @@
-"""Issuance against one Pebble: synapse-acme (CLI, service, floor) vs certbot and lego.
+"""Issuance against one Pebble: synapse-acme (CLI, service, floor) vs certbot, acme-tiny and lego.
 
 Every client runs as its documentation recommends (certbot ``certonly --standalone`` /
-``--webroot``; lego ``run --http`` / ``--http.webroot``), with a fresh state directory per run
+``--webroot``; acme-tiny with openssl-made keys and CSR and a webroot; lego ``run --http`` /
+``--http.webroot``), with a fresh state directory per run
 (so each run registers its account, as a first install does) and a freshly started Pebble.
 Runs are interleaved round-robin (run 1 of every client, then run 2, ...), so a noisy moment
 hits all clients alike and ratios are computed pair by pair (run i of A / run i of B, then
@@ -35,7 +36,7 @@ class Client:
     """One way to get ``groups`` (lists of names, one list per certificate) issued."""
 
     name: str
-    kind: str  # "project" | "floor" | "certbot" | "lego"
+    kind: str  # "project" | "floor" | "certbot" | "acme-tiny" | "lego"
     needs_nginx: bool
     run: Callable[[Groups, str], float]  # (groups, fresh workdir) -> seconds
     command: str  # what the report shows
@@ -229,6 +230,45 @@ class Issuance:
         ]
         return timed_parallel(cmds, parallel=self.parallel, env=self._lego_env())
 
+    def acme_tiny_cmd(self, g: list[str], work: str) -> list[str]:
+        """The original Matrix TLS guide's way, in one shell: an RSA account key (acme-tiny
+        reads no other kind; made once per state directory, like a first install), an ECDSA
+        P-256 certificate key and CSR with openssl, then acme-tiny writing the challenge files
+        into the webroot nginx serves. ``--disable-check`` skips its own fetch of
+        http://NAME/... before answering: the test names resolve only through Pebble's DNS
+        stub."""
+        san = ",".join(f"DNS:{n}" for n in g)
+        script = (
+            'set -e; mkdir -p "$1/$4"; cd "$1"; '
+            "[ -f account.key ] || openssl genrsa -out account.key 2048 2>/dev/null; "
+            'cd "$4"; openssl ecparam -name prime256v1 -genkey -noout -out domain.key; '
+            'openssl req -new -sha256 -key domain.key -subj "/CN=$4" '
+            '-addext "subjectAltName=$5" -out domain.csr; '
+            'acme-tiny --account-key ../account.key --csr domain.csr --acme-dir "$2" '
+            '--directory-url "$3" --contact mailto:admin@example.test --disable-check --quiet '
+            "> chain.pem"
+        )
+        acme_dir = os.path.join(self.webroot, ".well-known", "acme-challenge")
+        state = os.path.join(work, "acme-tiny")
+        return ["sh", "-c", script, "sh", state, acme_dir, self.ca.directory_url, g[0], san]
+
+    def _acme_tiny_env(self) -> dict[str, str]:
+        # acme-tiny fetches with urllib, which trusts what SSL_CERT_FILE names.
+        return {"SSL_CERT_FILE": self.ca.ca_bundle}
+
+    def _acme_tiny_seq(self, groups: Groups, work: str) -> float:
+        total = 0.0
+        for g in groups:
+            # One state directory (one account key) for the whole sequence, as certbot keeps
+            # one account per --config-dir.
+            t, _ = timed_run(self.acme_tiny_cmd(g, work), env=self._acme_tiny_env())
+            total += t
+        return total
+
+    def _acme_tiny_parallel(self, groups: Groups, work: str) -> float:
+        cmds = [self.acme_tiny_cmd(g, os.path.join(work, f"p{i}")) for i, g in enumerate(groups)]
+        return timed_parallel(cmds, parallel=self.parallel, env=self._acme_tiny_env())
+
     def _clients(self) -> list[Client]:
         p = self.port
         return [
@@ -294,6 +334,24 @@ class Issuance:
                 self._certbot_parallel,
                 f"certbot certonly ... --webroot -w WEBROOT -d NAME   (xargs -P {self.parallel}"
                 " style, own --config-dir each; standalone cannot share the port)",
+            ),
+            Client(
+                "acme-tiny webroot, sequential",
+                "acme-tiny",
+                True,
+                self._acme_tiny_seq,
+                "openssl genrsa 2048 (account key, once) + openssl ecparam -name prime256v1 "
+                "-genkey + openssl req -subj /CN=NAME -addext subjectAltName=DNS:NAME,... + "
+                "acme-tiny --account-key A --csr C --acme-dir WEBROOT/.well-known/acme-challenge "
+                "--directory-url DIR --contact mailto:M --disable-check   (nginx serves WEBROOT; "
+                "SSL_CERT_FILE = Pebble's API CA)",
+            ),
+            Client(
+                f"acme-tiny webroot, {self.parallel} processes in parallel",
+                "acme-tiny",
+                True,
+                self._acme_tiny_parallel,
+                f"the same, xargs -P {self.parallel} style, own account key each",
             ),
             Client(
                 "lego http, sequential",

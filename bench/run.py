@@ -33,6 +33,7 @@ FLOOR_PROC = "floor, whole process"
 CB_SA = "certbot standalone, sequential"
 CB_WR = "certbot webroot, sequential"
 LEGO = "lego http, sequential"
+ACME_TINY = "acme-tiny webroot, sequential"
 
 
 def cb_par(p: int) -> str:
@@ -41,6 +42,10 @@ def cb_par(p: int) -> str:
 
 def lego_par(p: int) -> str:
     return f"lego webroot, {p} processes in parallel"
+
+
+def acme_tiny_par(p: int) -> str:
+    return f"acme-tiny webroot, {p} processes in parallel"
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -60,6 +65,17 @@ PROFILES: dict[str, dict[str, Any]] = {
         "tls_handshakes": 300,
         "swap_certs": 1000,
         "renewal_sizes": [10, 1000, 10000],
+        # bench/synapse_cost.py: runs per case, seconds before RSS, idle CPU window,
+        # handshake window, concurrent handshake clients
+        # and handshakes of the in-process server-CPU comparison
+        "synapse": {
+            "runs": 5,
+            "settle": 10,
+            "idle": 60,
+            "hs_seconds": 5,
+            "hs_clients": 2,
+            "inprocess": 2000,
+        },
     },
     "smoke": {
         "runs": 1,
@@ -75,22 +91,30 @@ PROFILES: dict[str, dict[str, Any]] = {
         "tls_handshakes": 20,
         "swap_certs": 10,
         "renewal_sizes": [10, 50],
+        "synapse": {
+            "runs": 1,
+            "settle": 0.5,
+            "idle": 2,
+            "hs_seconds": 1,
+            "hs_clients": 1,
+            "inprocess": 100,
+        },
     },
 }
 
 
 def scenarios(p: dict[str, Any], peers: bool) -> list[Scenario]:
     par = p["parallel"]
-    one = [CLI_SEQ, SERVICE, FLOOR, FLOOR_PROC] + ([CB_SA, CB_WR, LEGO] if peers else [])
+    one = [CLI_SEQ, SERVICE, FLOOR, FLOOR_PROC] + ([CB_SA, CB_WR, ACME_TINY, LEGO] if peers else [])
     out = [
         Scenario("one-1", "1 certificate, 1 name", 1, 1, one),
         Scenario("one-n", f"1 certificate, {p['one_names']} names", 1, p["one_names"], one),
     ]
     for n in p["many"]:
-        seq = [CLI_SEQ] + ([CB_SA, LEGO] if peers and n <= p["seq_max"] else [])
+        seq = [CLI_SEQ] + ([CB_SA, ACME_TINY, LEGO] if peers and n <= p["seq_max"] else [])
         out.append(Scenario(f"seq-{n}", f"{n} certificates, sequential", n, 1, seq))
         conc = [CLI_ONE, SERVICE, FLOOR, FLOOR_PROC] + (
-            [cb_par(par), lego_par(par)] if peers else []
+            [cb_par(par), acme_tiny_par(par), lego_par(par)] if peers else []
         )
         out.append(Scenario(f"conc-{n}", f"{n} certificates, concurrent", n, 1, conc))
     return out
@@ -152,6 +176,22 @@ def run_tls(p: dict[str, Any], log: Any) -> dict[str, Any]:
     return {"rows": rows, "swap": swap, "commands": [" ".join(cmd[1:]), " ".join(swap_cmd[1:])]}
 
 
+def run_synapse(p: dict[str, Any], log: Any) -> dict[str, Any]:
+    s = p["synapse"]
+    cmd = [PY, os.path.join(ROOT, "bench", "synapse_cost.py"), "--runs", str(s["runs"])]
+    cmd += ["--settle", str(s["settle"]), "--idle", str(s["idle"])]
+    cmd += ["--hs-seconds", str(s["hs_seconds"]), "--hs-clients", str(s["hs_clients"])]
+    cmd += ["--inprocess", str(s["inprocess"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200, check=False)
+    for line in proc.stderr.splitlines():
+        log("  synapse: " + line.strip())
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench/synapse_cost.py exited {proc.returncode}")
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["command"] = " ".join(cmd[1:])
+    return out
+
+
 def run_renewal(p: dict[str, Any], log: Any) -> dict[str, Any]:
     rows = []
     for store in ("memory", "file"):
@@ -179,9 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=ROOT, help="writes docs/BENCHMARKS.md under it")
     parser.add_argument("--json", help="raw results (default <out-dir>/bench/results.json)")
     parser.add_argument("--runs", type=int, help="override the profile's run count")
-    parser.add_argument("--only", nargs="*", default=["issuance", "responder", "tls", "renewal"])
+    parser.add_argument(
+        "--only", nargs="*", default=["issuance", "responder", "tls", "renewal", "synapse"]
+    )
     parser.add_argument(
         "--scenarios", nargs="*", help="issuance scenario keys to run (default all), e.g. conc-100"
+    )
+    parser.add_argument(
+        "--exclude-clients",
+        nargs="*",
+        default=[],
+        help="issuance clients to leave out (substrings of their names, e.g. lego); with "
+        "--update their earlier figures are kept and marked",
     )
     parser.add_argument(
         "--update",
@@ -227,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                     for sc in scenarios(p, peers):
                         if args.scenarios and sc.key not in args.scenarios:
                             continue
+                        sc.clients = [
+                            c for c in sc.clients if not any(x in c for x in args.exclude_clients)
+                        ]
                         log(f"issuance: {sc.title}")
                         results["issuance"].append(
                             iss.measure(sc, p["runs"], p["cell_budget"], log)
@@ -248,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         if "renewal" in args.only:
             log("renewal check")
             results["renewal"] = run_renewal(p, log)
+        if "synapse" in args.only:
+            log("the module's cost to Synapse")
+            results["synapse"] = run_synapse(p, log)
     results["wall_seconds"] = time.time() - started
     json_path = args.json or os.path.join(args.out_dir, "bench", "results.json")
     if args.update and os.path.exists(json_path):
@@ -266,13 +321,21 @@ def merge(path: str, new: dict[str, Any]) -> dict[str, Any]:
     """The old results with the sections (and issuance scenarios) of ``new`` replacing theirs."""
     with open(path, encoding="utf-8") as f:
         old: dict[str, Any] = json.load(f)
-    for key in ("responder", "tls", "renewal"):
+    for key in ("responder", "tls", "renewal", "synapse", "startup"):
         if key in new:
             old[key] = new[key]
     if "issuance" in new:
         fresh = {sc["key"]: sc for sc in new["issuance"]}
-        old["issuance"] = [fresh.pop(sc["key"], sc) for sc in old.get("issuance", [])]
-        old["issuance"] += list(fresh.values())
+        merged = []
+        for sc in old.get("issuance", []):
+            new_sc = fresh.pop(sc["key"], None)
+            if new_sc is None:
+                merged.append(sc)
+            elif "--exclude-clients" in new["argv"]:
+                merged.append(_merge_clients(sc, new_sc))
+            else:
+                merged.append(new_sc)
+        old["issuance"] = merged + list(fresh.values())
         old.setdefault("commands", {}).update(new.get("commands", {}))
     # An earlier update of exactly the same sections and scenarios is replaced, not kept.
     old["updates"] = [u for u in old.get("updates", []) if u["argv"] != new["argv"]]
@@ -284,6 +347,29 @@ def merge(path: str, new: dict[str, Any]) -> dict[str, Any]:
         }
     )
     return old
+
+
+def _merge_clients(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A scenario re-run for some clients only: theirs replaced, the others kept and listed
+    under ``earlier`` (the report marks them: their runs were not interleaved with the new)."""
+    rerun = set(new["results"]) | set(new["errors"])
+    out = dict(new)
+    kept = {n: c for n, c in old["results"].items() if n not in rerun}
+    out["results"] = {**new["results"], **kept}
+    out["errors"] = {
+        **{n: e for n, e in old.get("errors", {}).items() if n not in rerun},
+        **new["errors"],
+    }
+    out["failures"] = {
+        **{n: f for n, f in old.get("failures", {}).items() if n not in rerun},
+        **new.get("failures", {}),
+    }
+    out["pebble_dumps"] = {
+        **{n: d for n, d in old.get("pebble_dumps", {}).items() if n not in rerun},
+        **new.get("pebble_dumps", {}),
+    }
+    out["earlier"] = sorted(set(old.get("earlier", [])) - rerun | set(kept))
+    return out
 
 
 # -- goals and report -------------------------------------------------------------------------
@@ -339,6 +425,30 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": None if r is None else r >= 2.0,
             }
         )
+    syn = results.get("synapse", {}).get("ratios", {})
+    if syn:
+        r = syn.get("hs_p256_per_cpu_s_ratio")
+        wall = syn.get("hs_p256_per_s_ratio")
+        out.append(
+            {
+                "goal": "TLS handshakes on Synapse's federation listener with the module >= "
+                "0.97x Synapse's own context factory (full handshakes per server CPU-second; "
+                f"wall-clock handshakes/s: {_fmt_ratio(wall)})",
+                "value": r,
+                "met": None if r is None else r >= 0.97,
+            }
+        )
+        inproc = results["synapse"].get("inprocess")
+        if inproc:
+            out.append(
+                {
+                    "goal": "the same, in-process: server CPU per full handshake, Synapse's "
+                    "factory / the module's creator (same files, P-256 client, median of "
+                    f"{inproc['handshakes']}; no other load enters)",
+                    "value": inproc["ratio"],
+                    "met": inproc["ratio"] >= 0.97,
+                }
+            )
     rows = [r for r in results.get("renewal", {}).get("rows", []) if r["store"] == "memory"]
     if len(rows) >= 2:
         a, b = rows[-2], rows[-1]
@@ -516,6 +626,10 @@ def render(res: dict[str, Any]) -> str:
                 # floor run as a whole process
                 floor = floors[FLOOR if name in (SERVICE, FLOOR) else FLOOR_PROC]
                 label = f"{name} ({failed[name]} run(s) failed, below)" if name in failed else name
+                if name in sc.get("earlier", []):
+                    label += " (earlier run)"
+                if name in sc.get("later", []):
+                    label += " (later run)"
                 s = sc["results"].get(name)
                 if s is None:
                     lines.append(f"| {label} | FAILED | | 0 | | |")
@@ -550,9 +664,11 @@ def render(res: dict[str, Any]) -> str:
             "the cap (`max_requests_per_minute: 100000`) as a private CA without rate limits "
             "allows; the floor runs uncapped too. With the default cap the 100-certificate "
             "rows wait ~60 s for the window to slide.",
-            "- certbot and lego spend their time in fixed sleeps before polling (certbot 1 s "
-            "twice per certificate; lego 5 s per pending authorization, one after another), "
-            "plus interpreter start-up per process for certbot.",
+            "- certbot, acme-tiny and lego spend their time in fixed sleeps before polling "
+            "(certbot 1 s twice per certificate; acme-tiny 2 s after every poll that finds the "
+            "authorization or order not done yet; lego 5 s per pending authorization, one "
+            "after another), plus interpreter start-up per process for certbot and acme-tiny "
+            "(which also runs openssl for its keys, its CSR and every signature).",
             "",
         ]
         lines += ["Exact commands (M = admin@example.test, DIR = Pebble's directory URL):", ""]
@@ -647,18 +763,110 @@ def render(res: dict[str, Any]) -> str:
                 f"+{r['rss_mib_after_load']:.1f} MiB | {r['tick_peak_alloc_kib']:.1f} KiB |"
             )
         lines.append("")
+    if "synapse" in res:
+        lines += render_synapse(res["synapse"])
     lines += [
         "## Reproducing",
         "",
         "`bash scripts/bench.sh` installs the peers (certbot from PyPI into bench/.venv-certbot; "
-        "matplotlib, py-spy and pyinstrument into bench/.venv; Debian `lego`, `wrk`, "
-        "`nginx-light`), runs `python -m bench.run --profile full --peers all`, then "
+        "matplotlib, py-spy and pyinstrument into bench/.venv; Debian `lego`, `acme-tiny`, "
+        "`wrk`, `nginx-light`), runs `python -m bench.run --profile full --peers all`, then "
         "`bench/.venv/bin/python bench/plots.py` for the PNGs in docs/img/. Raw figures: "
         "bench/results.json. A tiny smoke run (`--profile smoke --peers none`) is part of the "
         "test suite (tests/integration/test_bench_smoke.py).",
         "",
     ]
     return "\n".join(lines)
+
+
+def render_synapse(syn: dict[str, Any]) -> list[str]:
+    """Section 5: the same Synapse with and without the module."""
+    st, ra, cfg = syn["summary"], syn["ratios"], syn["settings"]
+    cert = syn["warm_up"]["certificate"]
+    lines = [
+        "## 5. The module's cost to Synapse",
+        "",
+        f"`python {_rel(syn['command'])}`: one homeserver directory (SQLite, one federation "
+        "listener with `tls: true`, bound to port 0 and read back from /proc) and two configs "
+        "that differ only in the `modules:` entry. Without the module Synapse serves the "
+        "certificate files with its own context factory; with it, the module installs its "
+        "hot-swapping SNI connection creator on the same listener. Both serve the same "
+        f"certificate and key ({cert['curve']} ECDSA, chain of {cert['chain_length']}, issued "
+        "by Pebble in a warm-up start with the module, outside the timing), so a measured "
+        "start with the module is a restart with a valid certificate in its store (nothing to "
+        "issue; the first start, which issues, took "
+        f"{syn['warm_up']['first_start_with_module_s']:.1f}"
+        f" s). {cfg['runs']} run(s) per case, the order alternating (ABBA); medians, and "
+        "deltas and ratios taken run by run.",
+        "",
+        "| | start to first answer | of it CPU | RSS after start | idle CPU | handshakes/s "
+        "(P-256 client) | per server CPU-second | handshakes/s (default client) "
+        "| per server CPU-second |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def cell(x: dict[str, Any], fmt: str) -> str:
+        if x.get("median") is None:
+            return "-"
+        return f"{fmt.format(x['median'])} ({fmt.format(x['min'])} - {fmt.format(x['max'])})"
+
+    for case, label in syn["labels"].items():
+        c = st[case]
+        lines.append(
+            f"| {label} | {cell(c['start_s'], '{:.2f} s')} | {cell(c['start_cpu_s'], '{:.2f} s')}"
+            f" | {cell(c['rss_mib'], '{:.1f} MiB')} | {cell(c['idle_cpu_percent'], '{:.2f}%')}"
+            f" | {cell(c['hs_p256'], '{:.0f}')} | {cell(c['hs_p256_per_cpu_s'], '{:.0f}')}"
+            f" | {cell(c['hs_default'], '{:.0f}')} | {cell(c['hs_default_per_cpu_s'], '{:.0f}')} |"
+        )
+
+    def signed(x: float | None, fmt: str) -> str:
+        return "-" if x is None else ("+" if x >= 0 else "") + fmt.format(x)
+
+    failed = sum(st[c]["hs_failed"] for c in st)
+    resumed = sum(st[c]["hs_resumed"] for c in st)
+    lines += [
+        "",
+        f"- With the module: start {signed(ra['start_delta_s'], '{:.2f} s')} "
+        f"({_fmt_ratio(ra['start_ratio'])}; CPU to the first answer "
+        f"{signed(ra['start_cpu_delta_s'], '{:.2f} s')}), RSS "
+        f"{signed(ra['rss_delta_mib'], '{:.1f} MiB')}, idle CPU "
+        f"{signed(ra['idle_cpu_delta_percent'], '{:.2f}')} percentage points (over "
+        f"{cfg['idle']:.0f} s of no traffic, {cfg['settle']:.0f} s after the first answer; RSS "
+        "read then too).",
+        "- Handshakes with the module relative to Synapse alone: P-256 client "
+        f"{_fmt_ratio(ra['hs_p256_per_s_ratio'])} per second, "
+        f"{_fmt_ratio(ra['hs_p256_per_cpu_s_ratio'])} per server CPU-second; default client "
+        f"{_fmt_ratio(ra['hs_default_per_s_ratio'])} per second, "
+        f"{_fmt_ratio(ra['hs_default_per_cpu_s_ratio'])} per server CPU-second. "
+        f"{failed} failed, {resumed} resumed.",
+        f"- Handshakes: {cfg['hs_clients']} client process(es) on the same machine, each "
+        f"opening connections one after another for {cfg['hs_seconds']:.0f} s (after a short "
+        "warm-up) and completing a full TLS handshake on each (Python's ssl, "
+        f"{syn['client_openssl']}; SNI = the server name, no ALPN), then closing. No client "
+        "ever offers a session, so neither server resumes one: every handshake is full on "
+        "both sides (the module turns resumption off anyway: no tickets, no session cache; "
+        "Synapse's own factory leaves OpenSSL's tickets on and sends them). The P-256 client "
+        "offers only P-256, which Synapse's factory pins: both servers then do the same key "
+        "exchange (the goal row). The default client offers X25519 first: Synapse's factory "
+        "answers with a HelloRetryRequest to P-256, the module's creator takes X25519. Per "
+        "server CPU-second = handshakes / the listener process's user+system CPU time in the "
+        "window: what one core sustains, which other load on a shared machine moves much less "
+        "than the per-second figure (both are shown).",
+        "- In-process, where neither the client's work nor other load on the machine enters "
+        "(`server_cpu_per_handshake` in the same script: memory BIOs, only the server's calls "
+        "timed in thread CPU time, alternately, P-256 client with SNI): Synapse's factory "
+        f"{syn['inprocess']['without_us']:.0f} µs, the module's creator "
+        f"{syn['inprocess']['with_us']:.0f} µs per full handshake (median of "
+        f"{syn['inprocess']['handshakes']}): {_fmt_ratio(syn['inprocess']['ratio'])} the "
+        "handshakes per CPU-second. Synapse's factory leaves session tickets on, so it also "
+        "encrypts and sends two tickets per handshake.",
+        "- With one certificate the module's creator installs no SNI callback (every name "
+        "gets that certificate anyway), so a handshake without ALPN runs no Python of the "
+        "module's; with several, a name of the default certificate still never switches the "
+        "connection's context (switching makes OpenSSL copy the certificate settings).",
+        "",
+    ]
+    return lines
 
 
 if __name__ == "__main__":

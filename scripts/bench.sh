@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Benchmarks against certbot, lego and nginx: writes docs/BENCHMARKS.md and docs/img/*.png.
+# Benchmarks against certbot, acme-tiny, lego and nginx, and the module's cost to Synapse:
+# writes docs/BENCHMARKS.md and docs/img/*.png.
 #
 #   bash scripts/bench.sh                      # full run (~40 min on 2 cores: 5 runs of every peer)
 #   bash scripts/bench.sh --profile smoke      # tiny sizes, a minute; any args go to bench/run.py
 #
 # Installs what it measures against, and nothing of it goes into the project's .venv:
 #   - project deps + .venv via scripts/install-deps.sh (Pebble, ...)
-#   - Debian: lego, wrk (load generator), nginx-light (webroot and static-file server)
+#   - Debian: lego, acme-tiny (the original Matrix TLS guide's client), wrk (load generator),
+#     nginx-light (webroot and static-file server)
 #   - bench/.venv-certbot: certbot from PyPI, in its own venv as certbot's docs recommend for pip
 #   - bench/.venv: matplotlib (plots), py-spy and pyinstrument (profiling)
 # Run it on a quiet machine: other load skews every figure.
@@ -17,7 +19,7 @@ say() { printf '\n==> %s\n' "$*" >&2; }
 
 bash scripts/install-deps.sh
 
-BENCH_APT=(lego wrk nginx-light)
+BENCH_APT=(lego acme-tiny wrk nginx-light)
 missing=()
 for pkg in "${BENCH_APT[@]}"; do
     if [ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" != "install ok installed" ]; then

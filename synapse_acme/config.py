@@ -26,6 +26,7 @@ from cryptography import x509
 from twisted.internet.endpoints import quoteStringArgument
 
 from synapse_acme import fsutil
+from synapse_acme.alerts import DEFAULT_EXPIRY_DAYS
 from synapse_acme.crypto import KEY_TYPES
 from synapse_acme.errors import ConfigError, StoreError
 from synapse_acme.limits import ConnectionLimits
@@ -404,17 +405,23 @@ def _dns_server(value: Any, path: str) -> tuple[str, int] | None:
     return address, int(port_text)
 
 
-def _preflight(value: Any, path: str) -> PreflightConfig:
-    what = "a mapping of enabled, port, timeout, resolver"
-    if isinstance(value, bool):  # `preflight: false` reads naturally
-        return PreflightConfig(enabled=value)
+def _switchable(value: Any, path: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A sub-block with an ``enabled`` key, which may also be written as just true or false
+    (``preflight: false`` reads naturally): its keys that have a value, ``enabled`` read."""
+    if isinstance(value, bool):
+        return {"enabled": value}
     if not isinstance(value, Mapping):
-        raise ConfigError(path, f"expected {what} (or true/false)", value)
-    _check_keys(value, path, ("enabled", "port", "timeout", "resolver"))
+        raise ConfigError(path, f"expected a mapping of {', '.join(keys)} (or true/false)", value)
+    _check_keys(value, path, keys)
     given = {k: v for k, v in value.items() if v is not None}
-    out: dict[str, Any] = {}
     if "enabled" in given:
-        out["enabled"] = _bool(given["enabled"], f"{path}.enabled")
+        given["enabled"] = _bool(given["enabled"], f"{path}.enabled")
+    return given
+
+
+def _preflight(value: Any, path: str) -> PreflightConfig:
+    given = _switchable(value, path, ("enabled", "port", "timeout", "resolver"))
+    out: dict[str, Any] = {k: given[k] for k in ("enabled",) if k in given}
     if "port" in given:
         out["port"] = _int(given["port"], f"{path}.port", 1, 65535, "an integer 1-65535")
     if "timeout" in given:
@@ -427,6 +434,58 @@ def _preflight(value: Any, path: str) -> PreflightConfig:
     if "resolver" in given:
         out["resolver"] = _dns_server(given["resolver"], f"{path}.resolver")
     return PreflightConfig(**out)
+
+
+@attrs.frozen
+class AlertsConfig:
+    """``alerts:``: tell the operator when renewal fails (see :mod:`synapse_acme.alerts`)."""
+
+    enabled: bool = True
+    expiry_days: int = DEFAULT_EXPIRY_DAYS
+
+
+def _alerts(value: Any, path: str) -> AlertsConfig:
+    given = _switchable(value, path, ("enabled", "expiry_days"))
+    out: dict[str, Any] = {k: given[k] for k in ("enabled",) if k in given}
+    if "expiry_days" in given:
+        out["expiry_days"] = _days(given["expiry_days"], f"{path}.expiry_days")
+    return AlertsConfig(**out)
+
+
+def _webhook_url(value: Any, path: str) -> str:
+    # Never echoed: a webhook URL often carries its token in the path or the query.
+    what = "an http(s) URL (the value is not shown: it may hold a token)"
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(path, f"expected {what}", has_value=False)
+    text = value.strip()
+    try:
+        parts = urllib.parse.urlsplit(text)
+        host = parts.hostname
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError:
+        raise ConfigError(path, f"expected {what}", has_value=False) from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ConfigError(path, f"expected {what}", has_value=False)
+    return text
+
+
+def _room_id(value: Any, path: str) -> str:
+    what = "a Matrix room ID like '!abcdef:example.org' (not an alias)"
+    text = _str(value, path, what)
+    if not text.startswith("!") or len(text) < 2 or any(c.isspace() for c in text):
+        raise ConfigError(path, f"expected {what}", value)
+    return text
+
+
+def _user_id(value: Any, path: str) -> str:
+    what = "a Matrix user ID like '@acme-alerts:example.org'"
+    text = _str(value, path, what)
+    local, sep, server = text[1:].partition(":")
+    if not text.startswith("@") or not sep or not local or not server:
+        raise ConfigError(path, f"expected {what}", value)
+    if any(c.isspace() for c in text):
+        raise ConfigError(path, f"expected {what}", value)
+    return text
 
 
 def _b64url_decode(text: str) -> bytes:
@@ -989,6 +1048,51 @@ class AcmeConfig:
             "the real order is not placed (the attempt fails, saying why, and is retried later)."
         ),
     )
+    alerts: AlertsConfig = _setting(  # noqa: RUF009 (an attrs.field)
+        factory=AlertsConfig,
+        read=_alerts,
+        shown_default="see right",
+        doc=(
+            "Tell the operator when renewal fails (Let's Encrypt sends no expiry emails): "
+            "`failing` on the first failure after a success, `expiring` daily while a "
+            "certificate within `expiry_days` (`14`) of expiry cannot be renewed, `recovered` "
+            "after a reported failure; at most one per certificate and kind per 24 h, also "
+            "across restarts (`<storage>/alerts.json`). Each goes to the log, to "
+            "`alert_webhook`, and inside Synapse to the admins' server notices or `alert_room`"
+            " (see [synapse.md](synapse.md#alerts-to-the-admins)). `enabled` (`true`; "
+            "`alerts: false` also works) turns them all off."
+        ),
+    )
+    alert_webhook: str | None = _setting(
+        None,
+        read=_webhook_url,
+        shown_default="none",
+        doc=(
+            "An http(s) URL to which each alert is POSTed as JSON (`event`, `name`, `names`, "
+            "`error`, `error_type`, `not_after`, `at`, `host`, `failures`, `next_attempt`): "
+            "10 s timeout, three attempts; a failure is logged and never stops renewals. Only "
+            "its scheme and host are ever logged (the path may hold a token)."
+        ),
+    )
+    alert_room: str | None = _setting(
+        None,
+        read=_room_id,
+        shown_default="none (server notices when Synapse has `server_notices`)",
+        doc=(
+            "Synapse module: a room ID (`!...`) that receives the alerts as `m.notice` messages "
+            "from `alert_sender`, instead of server notices to every admin. Needs "
+            "`alert_sender`."
+        ),
+    )
+    alert_sender: str | None = _setting(
+        None,
+        read=_user_id,
+        shown_default="none",
+        doc=(
+            "Synapse module, with `alert_room`: the local user (`@acme-alerts:example.org`) "
+            "who posts the alerts; it must have joined the room and be allowed to post there."
+        ),
+    )
     source_path: str = attrs.field(default="acme", eq=False)
     source_file: str | None = attrs.field(default=None, eq=False)
 
@@ -1168,6 +1272,19 @@ def parse_acme_config(
             "true needs tls_certificate_path and tls_private_key_path (the files another tool "
             "such as certbot keeps up to date)",
             True,
+        )
+
+    if ("alert_room" in values) != ("alert_sender" in values):
+        given, needed = (
+            ("alert_room", "alert_sender")
+            if "alert_room" in values
+            else ("alert_sender", "alert_room")
+        )
+        raise ConfigError(
+            at(given),
+            f"needs {needed} too: alert_room is the room, alert_sender the local user who posts"
+            " there",
+            present[given],
         )
 
     interval = values.get("poll_interval", DEFAULT_POLL_INTERVAL)

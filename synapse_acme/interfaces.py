@@ -32,6 +32,7 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+    from synapse_acme.alerts import Alert
     from synapse_acme.model import AccountRecord, CertificateBundle, RenewalWindow
 
 
@@ -230,3 +231,20 @@ class ICertificateConsumer(Interface):
     def certificate_changed(key: str, bundle: CertificateBundle) -> None:
         """``bundle`` is now the certificate for ``key``. Called on the reactor thread;
         must not block. A consumer that raises is logged and does not stop the others."""
+
+
+# -- alerts ----------------------------------------------------------------------------------
+
+
+class IAlertSink(Interface):
+    """Somewhere alerts go: a webhook, the homeserver's server notices, a Matrix room. The
+    :class:`~synapse_acme.alerter.Alerter` decides what to send (and logs each alert); a sink
+    only delivers."""
+
+    def deliver(alert: Alert) -> Deferred[None]:
+        """Deliver ``alert``. Deferred firing with ``None`` once it was delivered, or failing
+        with the reason. A sink retries on its own within a bound (never forever) and must not
+        block; cancelling the Deferred abandons the delivery."""
+
+    def describe() -> str:
+        """Where alerts go, for log lines; never a secret (a webhook's path may hold one)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,8 @@ from synapse_acme.acme.client import AcmeClient
 from synapse_acme.acme.issuer import AcmeIssuer
 from synapse_acme.acme.transport import JWSTransport, make_http_client
 from synapse_acme.acme.trust import IssuerTrust, load_issuer_trust
+from synapse_acme.alerter import STATE_FILE as ALERT_STATE_FILE
+from synapse_acme.alerter import Alerter
 from synapse_acme.config import AcmeConfig
 from synapse_acme.errors import BundleError, ConfigError
 from synapse_acme.export import FileExporter
@@ -55,6 +58,7 @@ from synapse_acme.store import FileStore
 from synapse_acme.threaded import Runner, ThreadedStore
 from synapse_acme.tls import HotSwapTLS
 from synapse_acme.watch import FileWatcher
+from synapse_acme.webhook import WebhookSink, make_webhook_client
 
 if TYPE_CHECKING:  # imported where used: a dry run is rare
     from synapse_acme.dryrun import ListableStore
@@ -80,6 +84,7 @@ class Runtime:
     listeners: list[ListenerService] = attrs.field(factory=list)
     watcher: FileWatcher | None = None
     preflight: Preflight | None = None  # None when acme.preflight.enabled is false
+    alerter: Alerter | None = None  # None when acme.alerts.enabled is false, or one-shot
     serves_tls: bool = False  # runtime.tls is served (tls_listen, or the host's listeners)
     #: The metrics of this runtime (counted always; exported on ``metrics_listen`` or, with
     #: ``metrics_registry``, in the host's registry). Its gauges read :meth:`status`.
@@ -296,6 +301,8 @@ def _build_managing(
     serves_tls = host_serves_tls or bool(config.tls_listen)
     exporters: dict[str, FileExporter] = {}
     write_status = _status_writer(config, tls if serves_tls else None, exporters, runner)
+    alerter = None if one_shot else make_alerter(config, reactor, runner)
+    on_status = write_status if alerter is None else _both(write_status, alerter.statuses_changed)
     listener = http01_listener_for(config, reactor, responder) if standalone_listener else None
     preflight = make_preflight(config, reactor, responder) if config.preflight.enabled else None
     service_store = ThreadedStore(store, runner) if runner is not None else store
@@ -307,7 +314,7 @@ def _build_managing(
         threshold_days=config.reprovision_threshold,
         check_interval=config.check_interval,
         check_jitter=config.check_jitter,
-        on_status=write_status,
+        on_status=on_status,
         one_shot=one_shot,
         ready=listener.when_listening if listener is not None else None,
         before_order=_before_order(
@@ -337,6 +344,8 @@ def _build_managing(
         exporter.repair(_stored(store, exporter.key))
         exporter.setServiceParent(root)  # stopped after the provisioning service
         acme.add_consumer(exporter)
+    if alerter is not None:
+        alerter.setServiceParent(root)
     if listener is not None:
         listener.setServiceParent(root)
     listeners = [listener] if listener is not None else []
@@ -359,7 +368,42 @@ def _build_managing(
         preflight=preflight,
         metrics=metrics,
         metrics_registry=registry,
+        alerter=alerter,
     )
+
+
+def make_alerter(config: AcmeConfig, reactor: IReactor, runner: Runner | None) -> Alerter | None:
+    """The alerter of ``acme.alerts`` (None when off), with the ``alert_webhook`` sink if set;
+    a homeserver adds its own sinks (synapse_acme.synapse.notices)."""
+    if not config.alerts.enabled:
+        return None
+    alerter = Alerter(
+        reactor,
+        state_path=os.path.join(config.storage, ALERT_STATE_FILE),
+        expiry_days=config.alerts.expiry_days,
+        runner=runner,
+    )
+    if config.alert_webhook is not None:
+        alerter.add_sink(
+            WebhookSink(
+                url=config.alert_webhook,
+                http=make_webhook_client(reactor),
+                clock=reactor,
+                host=socket.gethostname(),
+            )
+        )
+    return alerter
+
+
+def _both(
+    first: Callable[[list[CertificateStatus]], None],
+    second: Callable[[list[CertificateStatus]], None],
+) -> Callable[[list[CertificateStatus]], None]:
+    def both(statuses: list[CertificateStatus]) -> None:
+        first(statuses)
+        second(statuses)
+
+    return both
 
 
 def http01_listener_for(
@@ -621,6 +665,7 @@ __all__ = [
     "Runtime",
     "build_runtime",
     "http01_listener_for",
+    "make_alerter",
     "make_preflight",
     "status_path",
 ]

@@ -195,13 +195,17 @@ class _Snapshot:
     """Immutable lookup tables; a new one replaces the old on every change."""
 
     entries: Mapping[str, _Entry]  # key -> entry, in installation order
+    # The default certificate's names map to ``dispatch`` itself (it serves that certificate),
+    # so its handshakes never switch context.
     exact: Mapping[str, SSL.Context]
     wildcard: Mapping[str, SSL.Context]  # "b.c" for a "*.b.c" SAN
     default: _Entry | None
     dispatch: SSL.Context  # every connection starts here; its SNI callback reads this snapshot
 
     def lookup(self, name: str | None) -> SSL.Context | None:
-        """Exact name, then wildcard, else ``None`` (meaning: keep the default)."""
+        """Exact name, then wildcard, else ``None`` (meaning: keep the default).
+
+        ``dispatch`` also means "keep the default": the connection already has it."""
         if name is None:
             return None
         ctx = self.exact.get(name)
@@ -236,14 +240,24 @@ def _build_snapshot(
         # Nothing to serve yet: handshakes fail cleanly ("no shared cipher") until a certificate
         # is installed.
         dispatch = _base_context(alpn)
+
+    def context(entry: _Entry) -> SSL.Context:
+        # Switching contexts in a handshake is not free (OpenSSL copies the certificate
+        # settings over), and dispatch already serves the default certificate.
+        return dispatch if entry is default else entry.context
+
     snapshot = _Snapshot(
         entries=dict(entries),
-        exact={k: e.context for k, e in exact.items()},
-        wildcard={k: e.context for k, e in wildcard.items()},
+        exact={k: context(e) for k, e in exact.items()},
+        wildcard={k: context(e) for k, e in wildcard.items()},
         default=default,
         dispatch=dispatch,
     )
-    dispatch.set_tlsext_servername_callback(_sni_callback(snapshot))
+    # Only when some name needs another certificate than the default: with one certificate
+    # (most homeservers) every name gets the default anyway, and a handshake then runs no
+    # Python at all.
+    if any(ctx is not dispatch for ctx in (*snapshot.exact.values(), *snapshot.wildcard.values())):
+        dispatch.set_tlsext_servername_callback(_sni_callback(snapshot))
     return snapshot
 
 
@@ -252,7 +266,7 @@ def _sni_callback(snapshot: _Snapshot) -> Callable[[SSL.Connection], None]:
         # Runs inside OpenSSL: an exception here would only be printed, so never raise.
         try:
             ctx = snapshot.lookup(_normalise_sni(conn.get_servername()))
-            if ctx is not None:
+            if ctx is not None and ctx is not snapshot.dispatch:
                 conn.set_context(ctx)
         except Exception:
             log.exception("TLS: selecting a certificate by SNI failed; serving the default")

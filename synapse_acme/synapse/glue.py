@@ -17,7 +17,11 @@ Internals used (all present in matrix-synapse 1.120 - 1.163):
   modules are built) and ``hs._listening_services`` (ports whose ``factory`` is a
   ``TLSMemoryBIOFactory``);
 - ``synapse.app._base.refresh_certificate(hs)`` (fallback: re-read the files) and
-  ``synapse.app._base.register_sighup``.
+  ``synapse.app._base.register_sighup``;
+- for alerts (:mod:`synapse_acme.synapse.notices`): ``hs.config.servernotices
+  .server_notices_mxid``, ``hs.get_server_notices_manager().send_notice(user_id, content)``
+  (main process only), and the ``users`` table's ``name``, ``admin`` and ``deactivated``
+  columns (read through the public ``ModuleApi.run_db_interaction``) to find the admins.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
+from twisted.internet import defer
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -296,3 +301,41 @@ class SynapseGlue:
             )
             return False
         return True
+
+    # -- alerts ------------------------------------------------------------------------------
+
+    def server_notices_enabled(self) -> bool:
+        """Whether homeserver.yaml configures ``server_notices`` (its system user is set)."""
+        try:
+            return self.hs.config.servernotices.server_notices_mxid is not None
+        except AttributeError as e:
+            logger.error(
+                "synapse-acme: cannot tell whether server notices are configured on this "
+                "Synapse (%s); alerts are not sent as server notices",
+                e,
+            )
+            return False
+
+    def send_server_notice(self, user_id: str, content: Mapping[str, Any]) -> defer.Deferred[None]:
+        """Send ``content`` (an ``m.room.message`` content) to ``user_id`` as a server notice:
+        Synapse creates the user's server-notices room and invites them if needed. Fails on a
+        worker (Synapse sends server notices from the main process only)."""
+
+        async def send() -> None:
+            manager = self.hs.get_server_notices_manager()
+            await manager.send_notice(user_id, dict(content))
+
+        return defer.ensureDeferred(send())
+
+    def admin_users(self, api: Any) -> defer.Deferred[list[str]]:
+        """The user IDs of the homeserver's active admins (the ``users`` table: there is no
+        module API for this)."""
+
+        def query(txn: Any) -> list[str]:
+            txn.execute("SELECT name FROM users WHERE admin = 1 AND deactivated = 0 ORDER BY name")
+            return [str(row[0]) for row in txn.fetchall()]
+
+        result: defer.Deferred[list[str]] = api.run_db_interaction(
+            "synapse_acme_admin_users", query
+        )
+        return result

@@ -333,6 +333,11 @@ class AcmeModule:
         self.api.register_web_resource(CHALLENGE_PATH, self.runtime.responder.resource())
         assert self.runtime.acme is not None  # None only with external_certificates
         self.runtime.acme.add_consumer(_ListenerKeeper(self))
+        if self.runtime.alerter is not None:  # only here: this process provisions
+            from synapse_acme.synapse.notices import choose_sinks
+
+            for sink in choose_sinks(acme, self.glue, self.api):
+                self.runtime.alerter.add_sink(sink)
         self.reactor.callLater(0, self._start)
         self.reactor.addSystemEventTrigger("before", "shutdown", self._stop)
         logger.info(

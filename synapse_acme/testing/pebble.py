@@ -331,6 +331,22 @@ class PebbleCA:
         shutil.copyfile(os.path.join(self.workdir, "pebble.log"), dest)
         return True
 
+    def pause(self) -> None:
+        """Freeze Pebble (SIGSTOP): the kernel still accepts connections on its port, and
+        nothing answers. A CA that stopped answering, which :meth:`resume` brings back with
+        the same roots and accounts (a restart would change both)."""
+        self._pebble_proc().send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a :meth:`pause`-d Pebble run again (SIGCONT); the requests queued meanwhile
+        are answered then (their clients have usually given up)."""
+        self._pebble_proc().send_signal(signal.SIGCONT)
+
+    def _pebble_proc(self) -> subprocess.Popen[bytes]:
+        if len(self._procs) < 2 or self._procs[1].poll() is not None:
+            raise PebbleError("Pebble is not running")
+        return self._procs[1]
+
     def _reserve(self, udp: bool = False) -> ports.PortReservation:
         reservation = ports.reserve_port(udp=udp)
         self._reserved.append(reservation)
@@ -346,6 +362,7 @@ class PebbleCA:
     def _stop_programs(self) -> None:
         for proc in reversed(self._procs):
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a paused program would not see SIGTERM
                 proc.terminate()
         for proc in reversed(self._procs):
             try:

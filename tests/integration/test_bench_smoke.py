@@ -3,7 +3,8 @@
 No timing assertions: the figures of a loaded CI machine mean nothing. The peers (certbot,
 lego, nginx) are installed only by scripts/bench.sh, so this runs synapse-acme's own paths
 (CLI, in-process service, floor client against a real Pebble; the responder under real wrk;
-the TLS and renewal-check benchmarks) and checks the report is written with every section.
+the TLS and renewal-check benchmarks; a real Synapse with and without the module) and checks
+the report is written with every section.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=480,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -64,6 +65,23 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert sizes == [("memory", 10), ("memory", 50), ("file", 10), ("file", 50)]
     assert all(r["renewal_info_calls"] == r["size"] for r in res["renewal"]["rows"])
 
+    # The same Synapse with and without the module: both started, answered, were measured, and
+    # completed full handshakes (never resumed) on the certificate Pebble issued to the module.
+    syn = res["synapse"]
+    assert syn["warm_up"]["certificate"]["curve"] == "secp256r1"
+    assert "Pebble" in syn["warm_up"]["certificate"]["issuer"]
+    for case in ("without", "with"):
+        (run,) = syn["runs"][case]
+        assert 0 < run["listening_s"] <= run["start_s"] and run["start_cpu_s"] > 0, run
+        assert run["rss_mib"] > 20 and run["idle_cpu_s"] >= 0, run
+        for groups in ("p256", "default"):
+            hs = run["handshakes"][groups]
+            assert hs["handshakes"] > 0 and hs["failed"] == 0 and hs["resumed"] == 0, hs
+            assert hs["server_cpu_s"] > 0, hs
+    assert syn["ratios"]["hs_p256_per_cpu_s_ratio"] > 0
+    assert syn["inprocess"]["with_us"] > 0 and syn["inprocess"]["without_us"] > 0
+    assert any("TLS handshakes" in g["goal"] and g["value"] for g in res["goals"])
+
     report = (tmp_path / "docs" / "BENCHMARKS.md").read_text()
     for heading in (
         "## Machine and versions",
@@ -72,6 +90,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         "## 2. HTTP-01 challenge responder under load",
         "## 3. TLS: HotSwapTLS with many certificates",
         "## 4. Renewal check cost",
+        "## 5. The module's cost to Synapse",
     ):
         assert heading in report
     assert f"{res['machine']['cores']} cores" in report

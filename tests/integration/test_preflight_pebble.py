@@ -21,7 +21,7 @@ import pytest
 from synapse_acme.testing.pebble import PebbleCA
 from synapse_acme.testing.ports import reserve_port
 from tests.integration.deploy.common import check_issued, cli, start_pebble, world_dir
-from tests.integration.deploy.proxies import Nginx
+from tests.integration.deploy.proxies import Nginx, Ports
 
 NAME = "pf.example.test"
 FORWARD = "location /.well-known/acme-challenge/ {{ proxy_pass http://127.0.0.1:{responder}; }}"
@@ -94,8 +94,10 @@ class Setup:
         self.starts += 1
         sub = self.dir / f"nginx-{self.starts}"
         sub.mkdir()
-        self.nginx = Nginx(sub, nginx_site(self.port, self.responder, forward))
-        self.nginx.start(self.port)
+        # No TLS here: the proxy is up once its one HTTP port listens (tls names it again).
+        ports = Ports(http=self.port, tls=self.port, responder=self.responder, homeserver=0)
+        self.nginx = Nginx(sub, nginx_site(self.port, self.responder, forward), ports)
+        self.nginx.start()
 
     def stop_nginx(self) -> None:
         if self.nginx is not None:

@@ -824,6 +824,10 @@ _GOOD: dict[str, list[Any]] = {
     ],
     "dry_run_url": ["https://acme-staging-v02.api.letsencrypt.org/directory"],
     "dry_run_on_change": [True, False],
+    "alerts": [True, False, {"enabled": True, "expiry_days": 7}, {"expiry_days": 0}],
+    "alert_webhook": ["https://hooks.example/t/abc", "http://127.0.0.1:9/x", "ftp://x"],
+    "alert_room": ["!abc:example.org", "#alias:example.org"],
+    "alert_sender": ["@acme:example.org", "acme"],
 }
 
 

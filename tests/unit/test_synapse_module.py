@@ -268,6 +268,7 @@ class FakeRuntime:
     service: FakeService = attrs.Factory(FakeService)
     http01_listener: Any = None
     listeners: list[Any] = attrs.Factory(list)
+    alerter: Any = None  # alerts off in these tests (the real Synapse test covers them)
 
     def when_ready(self) -> defer.Deferred[None]:
         # The real Runtime.when_ready, run on this runtime's listeners.

@@ -250,6 +250,32 @@ def test_no_disk_io_or_context_building_during_handshakes(
     assert serials == [main, wild, main]
 
 
+def test_default_certificate_handshakes_never_switch_context(tls: HotSwapTLS, ca: TestCA) -> None:
+    """The connection starts on a context serving the default certificate: a handshake for
+    one of its names keeps it (switching costs OpenSSL a copy of the certificate settings);
+    only another certificate's name switches."""
+    tls.set_bundle("main", ca.issue(["a.example.test"]))
+    tls.set_bundle("other", ca.issue(["b.example.test"]))
+    ctx = client_context(ca)
+
+    def contexts(sni: bytes) -> tuple[SSL.Context, SSL.Context, int]:
+        server = tls.serverConnectionForTLS(None)
+        start = server.get_context()
+        client = handshake_with(tls, ctx, sni, server=server)
+        cert = client.get_peer_certificate(as_cryptography=True)
+        assert cert is not None
+        return start, server.get_context(), cert.serial_number
+
+    start, end, serial = contexts(b"a.example.test")
+    assert end is start and serial == leaf_serial(tls.current("main"))  # type: ignore[arg-type]
+    start, end, serial = contexts(b"b.example.test")
+    assert end is not start and serial == leaf_serial(tls.current("other"))  # type: ignore[arg-type]
+    # One certificate: every name gets it, from the context the connection started with.
+    tls.remove("other")
+    start, end, serial = contexts(b"b.example.test")
+    assert end is start and serial == leaf_serial(tls.current("main"))  # type: ignore[arg-type]
+
+
 # -- bad bundles are never swapped in ----------------------------------------------------------
 
 
