@@ -44,10 +44,13 @@ DEMO_APT=(pebble openssl ca-certificates)
 #   nginx, apache2, authbind, systemd (systemd-socket-activate), util-linux -> deployment tests
 #   strace      : proves the crash harness traced every directory change   -> tests/faults
 #   testssl.sh  : rates the TLS listener from outside                      -> test_testssl.py
+#   prometheus  : a real Prometheus scrapes the runner and Synapse; promtool checks the
+#                 exposition and unit-tests contrib/prometheus/'s alert rules -> test_*metrics*.py
+#                 (its systemd service plays no part: the tests start their own)
 #   build-essential, libpq-dev: compile what has no wheel for every Python in the version matrix
 #                 (psycopg2 of matrix-synapse[all], old PyYAML)           -> scripts/test-versions.sh
 TEST_APT=(sslscan curl wrk nginx apache2 authbind systemd util-linux strace testssl.sh
-    build-essential libpq-dev)
+    prometheus build-essential libpq-dev)
 # ------------------------------------------------------------------------------------------------
 
 PYTHON="${PYTHON:-python3}"
@@ -114,7 +117,7 @@ else
     install_venv .venv "$stamp" -e ".[$EXTRAS]"
 fi
 
-for prog in pebble pebble-challtestsrv openssl $([ "$PROFILE" = test ] && echo sslscan); do
+for prog in pebble pebble-challtestsrv openssl $([ "$PROFILE" = test ] && echo sslscan prometheus promtool); do
     if ! command -v "$prog" >/dev/null 2>&1; then
         say "WARNING: $prog is still not on PATH"
     fi

@@ -81,6 +81,8 @@ _ENDPOINT_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _HTTP01_ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
 # The runner wraps tls_listen endpoints in TLS itself, so "ssl:" (which needs files) is refused.
 _TLS_ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
+# Prometheus scrapes plain HTTP here (put TLS in front with a proxy if it must cross a network).
+_METRICS_ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
 _CA_BUNDLE_MAX_BYTES = 10 * 1024 * 1024
 # A CA's validator sends its request within milliseconds; minutes only help a slow-loris.
 _MAX_LISTENER_TIMEOUT = 300.0
@@ -625,6 +627,10 @@ def _tls_endpoints(value: Any, path: str) -> tuple[str, ...]:
     return _endpoints(value, path, _TLS_ENDPOINT_TYPES)
 
 
+def _metrics_endpoints(value: Any, path: str) -> tuple[str, ...]:
+    return _endpoints(value, path, _METRICS_ENDPOINT_TYPES)
+
+
 def _contacts(value: Any, path: str) -> tuple[str, ...]:
     contacts = _list(value, path, "email addresses", allow_single=True)
     return _dedupe(_contact(v, f"{path}[{i}]") for i, v in enumerate(contacts))
@@ -964,6 +970,17 @@ class AcmeConfig:
         doc=(
             "Standalone runner: Twisted endpoint strings (`tcp`, `tcp6`, `unix`, `systemd`; not "
             "`ssl`) on which to serve TLS with the managed certificates, e.g. `tcp:8448`."
+        ),
+    )
+    metrics_listen: tuple[str, ...] = _setting(
+        (),
+        read=_metrics_endpoints,
+        shown_default="`[]`",
+        doc=(
+            "Twisted endpoint strings (`tcp`, `tcp6`, `unix`, `systemd`) on which `synapse-acme "
+            "run` serves Prometheus metrics at `/metrics`, e.g. `tcp:9109:interface=127.0.0.1`; "
+            "`[]` means none. Inside Synapse the metrics are on Synapse's own `metrics` listener "
+            "(this key is not needed there). See [monitoring.md](monitoring.md)."
         ),
     )
     external_certificates: bool = _setting(

@@ -14,7 +14,7 @@ import hmac
 import logging
 import re
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -80,11 +80,13 @@ class HTTP01Responder:
     The issuer calls :meth:`start_responding` before telling the CA to validate and
     :meth:`stop_responding` afterwards; the resource from :meth:`resource` reads the map live.
     With ``probe_secret`` it also answers every preflight probe token (:data:`PROBE_PREFIX`)
-    with :func:`probe_answer`.
+    with :func:`probe_answer`. ``on_request`` is told of every request under the challenge
+    path that both servers answer: True when a token was answered (a hit), else False.
     """
 
     challenge_type = "http-01"
     probe_secret: bytes | None = attrs.field(default=None, repr=False, kw_only=True)
+    on_request: Callable[[bool], None] | None = attrs.field(default=None, kw_only=True)
     _tokens: dict[str, bytes] = attrs.field(factory=dict, init=False)
 
     def start_responding(self, identifier: str, token: str, key_authorization: str) -> None:
@@ -111,7 +113,7 @@ class HTTP01Responder:
 
     def resource(self) -> Resource:
         """The resource to mount as the ``acme-challenge`` child of ``.well-known``."""
-        return _ChallengeResource(self.tokens())
+        return _ChallengeResource(self.tokens(), self.on_request)
 
 
 @attrs.frozen
@@ -133,13 +135,29 @@ INTERNAL_ERROR = Answer(500, b"internal error\n")
 _METHOD_NOT_ALLOWED = Answer(405, b"method not allowed\n", allow=b", ".join(_ALLOWED_METHODS))
 
 
-def answer(tokens: Mapping[str, bytes], method: bytes, segments: Sequence[bytes]) -> Answer:
+def answer(
+    tokens: Mapping[str, bytes],
+    method: bytes,
+    segments: Sequence[bytes],
+    observe: Callable[[bool], None] | None = None,
+) -> Answer:
     """The answer to ``method`` on ``/.well-known/acme-challenge/<segments...>``.
 
     ``segments`` are the percent-decoded path segments below ``acme-challenge``. The one
     decision both servers share: the resource Synapse mounts and the standalone listener's
-    protocol (:mod:`synapse_acme.http01_server`).
+    protocol (:mod:`synapse_acme.http01_server`). ``observe`` is told whether a token was
+    answered (the responder's ``on_request``: metrics count hits and misses there).
     """
+    result = _answer(tokens, method, segments)
+    if observe is not None:
+        try:
+            observe(result.code == 200)
+        except Exception:  # counting never costs an answer
+            logger.exception("the HTTP-01 request observer failed")
+    return result
+
+
+def _answer(tokens: Mapping[str, bytes], method: bytes, segments: Sequence[bytes]) -> Answer:
     if method not in _ALLOWED_METHODS:
         return _METHOD_NOT_ALLOWED
     # Proxies add slashes: /<token>/, and //<token> from a ProxyPass whose target ends in
@@ -161,9 +179,12 @@ class _ChallengeResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, tokens: Mapping[str, bytes]) -> None:
+    def __init__(
+        self, tokens: Mapping[str, bytes], observe: Callable[[bool], None] | None = None
+    ) -> None:
         super().__init__()
         self._tokens = tokens
+        self._observe = observe
 
     def render(self, request: Any) -> bytes:
         try:
@@ -178,7 +199,7 @@ class _ChallengeResource(Resource):
             return b"" if getattr(request, "method", None) == b"HEAD" else INTERNAL_ERROR.body
 
     def _render(self, request: Request) -> bytes:
-        result = answer(self._tokens, request.method, request.postpath or [])
+        result = answer(self._tokens, request.method, request.postpath or [], self._observe)
         request.setResponseCode(result.code)
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-type", b"text/plain")

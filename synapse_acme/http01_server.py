@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -223,7 +223,7 @@ class ChallengeHTTPProtocol(Protocol):
             segments = [unquote_to_bytes(s) for s in segments]
         if len(segments) < 2 or (segments[0], segments[1]) != _PREFIX:
             return NOT_FOUND
-        return answer(self.factory.tokens, method, segments[2:])
+        return answer(self.factory.tokens, method, segments[2:], self.factory.observe)
 
     def _send(
         self,
@@ -260,7 +260,8 @@ def _refusal(e: _Refuse) -> Answer:
 
 class ChallengeHTTPFactory(ServerFactory[ChallengeHTTPProtocol]):
     """Builds :class:`ChallengeHTTPProtocol` connections answering from ``tokens`` (a live map,
-    such as :meth:`HTTP01Responder.tokens`)."""
+    such as :meth:`HTTP01Responder.tokens`); ``observe`` is told of each challenge request
+    (see :func:`synapse_acme.http01.answer`)."""
 
     protocol = ChallengeHTTPProtocol
     noisy = False  # no "Starting factory" log line per port
@@ -270,8 +271,10 @@ class ChallengeHTTPFactory(ServerFactory[ChallengeHTTPProtocol]):
         tokens: Mapping[str, bytes],
         clock: IReactorTime,
         idle_timeout: float = IDLE_TIMEOUT,
+        observe: Callable[[bool], None] | None = None,
     ) -> None:
         self.tokens = tokens
+        self.observe = observe
         self.clock = clock
         self.idle_timeout = idle_timeout
         self._date_second = -1
@@ -291,4 +294,4 @@ def make_factory(
 ) -> ChallengeHTTPFactory:
     """The protocol factory the standalone HTTP-01 listener serves ``responder`` with;
     ``idle_timeout`` bounds how long a request head may take (and idling between requests)."""
-    return ChallengeHTTPFactory(responder.tokens(), clock, idle_timeout)
+    return ChallengeHTTPFactory(responder.tokens(), clock, idle_timeout, responder.on_request)

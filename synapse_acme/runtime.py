@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 from cryptography import x509
+from prometheus_client import CollectorRegistry
 from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
@@ -41,6 +42,13 @@ from synapse_acme.interfaces import IReactor
 from synapse_acme.interprocess import StoreLock, StoreLockService
 from synapse_acme.limits import ConnectionLimits, LimitedFactory, fit_to_fd_limit, raise_fd_limit
 from synapse_acme.listeners import ListenerService, tls_listener
+from synapse_acme.metrics import (
+    AcmeMetrics,
+    ReactorThreadCollector,
+    RegistryMembership,
+    metrics_site,
+    own_registry,
+)
 from synapse_acme.model import CertificateBundle, CertificateSpec
 from synapse_acme.names import canonical_names, names_key
 from synapse_acme.preflight import Preflight, direct_agent, lookup_from_setting, probe_secret_for
@@ -78,6 +86,15 @@ class Runtime:
     preflight: Preflight | None = None  # None when acme.preflight.enabled is false
     alerter: Alerter | None = None  # None when acme.alerts.enabled is false, or one-shot
     serves_tls: bool = False  # runtime.tls is served (tls_listen, or the host's listeners)
+    #: The metrics of this runtime (counted always; exported on ``metrics_listen`` or, with
+    #: ``metrics_registry``, in the host's registry). Its gauges read :meth:`status`.
+    metrics: AcmeMetrics = attrs.field(factory=AcmeMetrics)
+    #: Where ``metrics`` is registered: a registry of its own for ``metrics_listen``, or the
+    #: host's (Synapse: the global one) while the runtime runs; None when not exported.
+    metrics_registry: CollectorRegistry | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.metrics.status_source = self.status
 
     def status(self) -> list[CertificateStatus]:
         """Every managed certificate's status now, with what is served and exported (empty
@@ -162,6 +179,7 @@ def build_runtime(
     runner: Runner | None = None,
     one_shot: bool = False,
     host_serves_tls: bool = False,
+    metrics_registry: CollectorRegistry | None = None,
 ) -> Runtime:
     """Build the provisioning service and its collaborators for ``config``.
 
@@ -179,6 +197,10 @@ def build_runtime(
     ``host_serves_tls``: the embedding host serves :attr:`Runtime.tls` on its own TLS listeners
     (the Synapse module). Otherwise it gets the certificates only if ``tls_listen`` is set, so
     nothing claims to serve a certificate that no listener serves.
+    ``metrics_registry``: the host's Prometheus registry (Synapse passes prometheus_client's
+    global ``REGISTRY``, which its ``metrics`` listener serves from a thread of its own); the
+    runtime's metrics are in it while the runtime runs. ``metrics_listen`` serves them from a
+    registry of the runtime's own, not in one-shot mode.
 
     Nothing is ordered before the standalone HTTP-01 listener is bound: the service waits for
     it, and if it cannot be bound each attempt fails with that error without reaching the CA.
@@ -190,7 +212,7 @@ def build_runtime(
     assert IReactorTime.providedBy(reactor) or hasattr(reactor, "seconds")
     check_startable(config)
     if config.external_certificates:
-        return _build_external(config, reactor)
+        return _build_external(config, reactor, one_shot, metrics_registry)
     # Before anything is chmod-ed or created in it: run as root, a store that belongs to
     # another user (or a symlink to one) would otherwise be taken over, keys and all.
     fsutil.check_owned_by_us(config.storage, "the storage directory")
@@ -207,6 +229,7 @@ def build_runtime(
             runner,
             one_shot,
             host_serves_tls,
+            metrics_registry,
         )
     except BaseException:
         lock.release()
@@ -222,7 +245,9 @@ def _build_managing(
     runner: Runner | None,
     one_shot: bool,
     host_serves_tls: bool,
+    metrics_registry: CollectorRegistry | None,
 ) -> Runtime:
+    metrics = AcmeMetrics()
     store = FileStore(config.storage)
     for line in store.recover():
         logger.warning("Store recovery: %s", line)
@@ -246,10 +271,13 @@ def _build_managing(
         timeout=config.request_timeout,
         max_requests_per_minute=config.max_requests_per_minute,
         untrusted_hint=_untrusted_hint(config),
+        on_response=metrics.ca_response,
     )
     client = AcmeClient(transport)
     # Its probe secret lets `synapse-acme check` prove that this process answers challenges.
-    responder = HTTP01Responder(probe_secret=probe_secret_for(account_key))
+    responder = HTTP01Responder(
+        probe_secret=probe_secret_for(account_key), on_request=metrics.challenge_request
+    )
     issuer = AcmeIssuer(
         client=client,
         responders=[responder],
@@ -267,7 +295,9 @@ def _build_managing(
     specs = config.certificate_specs()
     keys = [names_key(canonical_names(spec.names)) for spec in specs]
     required = {k: canonical_names(spec.names) for k, spec in zip(keys, specs, strict=True)}
-    tls = HotSwapTLS(default_key=keys[0], clock=reactor, required_names=required)
+    tls = HotSwapTLS(
+        default_key=keys[0], clock=reactor, required_names=required, on_swap=metrics.tls_swapped
+    )
     serves_tls = host_serves_tls or bool(config.tls_listen)
     exporters: dict[str, FileExporter] = {}
     write_status = _status_writer(config, tls if serves_tls else None, exporters, runner)
@@ -290,6 +320,7 @@ def _build_managing(
         before_order=_before_order(
             config, reactor, responder, preflight, http_client, service_store
         ),
+        on_result=metrics.issuance_finished,
     )
     if serves_tls:
         acme.add_consumer(tls)
@@ -320,6 +351,9 @@ def _build_managing(
     listeners = [listener] if listener is not None else []
     listeners += _add_tls_listeners(config, reactor, tls, root)
     acme.setServiceParent(root)
+    registry = _export_metrics(
+        config, reactor, metrics, root, listeners, one_shot, metrics_registry
+    )
     return Runtime(
         config=config,
         service=root,
@@ -332,6 +366,8 @@ def _build_managing(
         listeners=listeners,
         serves_tls=serves_tls,
         preflight=preflight,
+        metrics=metrics,
+        metrics_registry=registry,
         alerter=alerter,
     )
 
@@ -510,6 +546,40 @@ def _add_tls_listeners(
     return listeners
 
 
+def _export_metrics(
+    config: AcmeConfig,
+    reactor: IReactor,
+    metrics: AcmeMetrics,
+    root: MultiService,
+    listeners: list[ListenerService],
+    one_shot: bool,
+    host_registry: CollectorRegistry | None,
+) -> CollectorRegistry | None:
+    """Export ``metrics``: into ``host_registry`` while ``root`` runs, and on each
+    ``metrics_listen`` endpoint (added to ``listeners``, so :meth:`Runtime.when_ready` covers
+    them). A one-shot command exports nothing: it is gone before anyone scrapes it."""
+    registry = None
+    if host_registry is not None:
+        # The host serves its registry from another thread: read the status on the reactor.
+        collector = ReactorThreadCollector(metrics, reactor)
+        RegistryMembership(host_registry, collector).setServiceParent(root)
+        registry = host_registry
+    if config.metrics_listen and not one_shot:
+        own = own_registry(metrics)
+        _, limits = _listener_limits(config, bool(config.http01_endpoints()))
+        listener = ListenerService(
+            reactor,
+            LimitedFactory(metrics_site(own), limits, reactor, "metrics listener"),
+            list(config.metrics_listen),
+            setting=f"{config.key('metrics_listen')} ({', '.join(config.metrics_listen)})",
+            what="metrics listener",
+        )
+        listener.setServiceParent(root)
+        listeners.append(listener)
+        registry = registry if registry is not None else own
+    return registry
+
+
 def _issuer_trust(config: AcmeConfig) -> IssuerTrust:
     """The roots issued chains must reach: the system store, ``ca_bundle`` (a private CA
     serves its API under the root it issues from) and ``issuer_roots``."""
@@ -526,7 +596,11 @@ def _listener_limits(config: AcmeConfig, http01: bool) -> tuple[ConnectionLimits
     limit; shrunk if all the listeners together could still exhaust it (see limits.py)."""
     soft, hard = raise_fd_limit()
     base = config.connection_limits
-    listeners = (len(config.http01_endpoints()) if http01 else 0) + len(config.tls_listen)
+    listeners = (
+        (len(config.http01_endpoints()) if http01 else 0)
+        + len(config.tls_listen)
+        + len(config.metrics_listen)
+    )
     fitted = fit_to_fd_limit([base] * max(1, listeners), soft)[0]
     if fitted != base:
         logger.warning(
@@ -541,12 +615,23 @@ def _listener_limits(config: AcmeConfig, http01: bool) -> tuple[ConnectionLimits
     return fitted, fitted
 
 
-def _build_external(config: AcmeConfig, reactor: IReactor) -> Runtime:
+def _build_external(
+    config: AcmeConfig,
+    reactor: IReactor,
+    one_shot: bool,
+    metrics_registry: CollectorRegistry | None,
+) -> Runtime:
     """Certificates kept by another tool (certbot): watch the two files and hot-swap them."""
     assert config.tls_certificate_path and config.tls_private_key_path  # config.py checks
     spec = config.certificate_specs()[0]
     key = names_key(spec.names)
-    tls = HotSwapTLS(default_key=key, clock=reactor, required_names={key: spec.names})
+    metrics = AcmeMetrics()
+    tls = HotSwapTLS(
+        default_key=key,
+        clock=reactor,
+        required_names={key: spec.names},
+        on_swap=metrics.tls_swapped,
+    )
     root = MultiService()
     watcher = FileWatcher(
         cert_path=config.tls_certificate_path,
@@ -558,6 +643,9 @@ def _build_external(config: AcmeConfig, reactor: IReactor) -> Runtime:
     )
     watcher.setServiceParent(root)
     listeners = _add_tls_listeners(config, reactor, tls, root)
+    registry = _export_metrics(
+        config, reactor, metrics, root, listeners, one_shot, metrics_registry
+    )
     return Runtime(
         config=config,
         service=root,
@@ -567,6 +655,8 @@ def _build_external(config: AcmeConfig, reactor: IReactor) -> Runtime:
         store=None,
         watcher=watcher,
         listeners=listeners,
+        metrics=metrics,
+        metrics_registry=registry,
     )
 
 

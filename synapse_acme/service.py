@@ -124,7 +124,8 @@ class AcmeService(Service):
     ``before_order(spec, previous)`` (the preflight, a dry run) runs before every order, after
     ``ready``, with the certificate being replaced (None, or a placeholder's None); its Deferred
     failing fails that attempt like any other failure (recorded, backed off, old certificate
-    kept) without an order.
+    kept) without an order. ``on_result(key, success)`` is told how each issuance attempt
+    ended (metrics count them); a cancelled one is not an attempt that ended.
     """
 
     def __init__(
@@ -145,8 +146,10 @@ class AcmeService(Service):
         before_order: (
             Callable[[CertificateSpec, CertificateBundle | None], defer.Deferred[Any]] | None
         ) = None,
+        on_result: Callable[[str, bool], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_result = on_result
         self._ready = ready
         self._before_order = before_order
         self._issuer = issuer
@@ -526,6 +529,7 @@ class AcmeService(Service):
         m.last_error = m.last_error_type = None
         m.ca_retry_at = None
         m.last_success = self._clock.seconds()
+        self._tell_result(m, True)
         logger.info(
             "Certificate for %s obtained; valid until %s, renewal planned at %s",
             _names(m),
@@ -534,7 +538,16 @@ class AcmeService(Service):
         )
         return bundle
 
+    def _tell_result(self, m: _Managed, success: bool) -> None:
+        if self._on_result is None:
+            return
+        try:
+            self._on_result(m.key, success)
+        except Exception:
+            logger.exception("The issuance result observer failed")
+
     def _record_failure(self, m: _Managed, e: BaseException, attempt: int) -> None:
+        self._tell_result(m, False)
         m.failures += 1
         m.last_failure = m.last_attempt
         m.last_error = str(e) if isinstance(e, SynapseAcmeError) else f"{type(e).__name__}: {e}"

@@ -283,7 +283,8 @@ class HotSwapTLS:
     without it (or until it is installed) the first installed certificate is the default.
     ``required_names`` maps a key to the names its certificate must cover; without an entry,
     the bundle's ``metadata["names"]`` are required (if present). ``skew`` tolerates a
-    certificate dated slightly in the future.
+    certificate dated slightly in the future. ``on_swap`` is called after each swap that put
+    a new certificate in (metrics count them).
     """
 
     clock: IReactorTime
@@ -291,6 +292,7 @@ class HotSwapTLS:
     alpn: Sequence[bytes] = DEFAULT_ALPN
     required_names: Mapping[str, Sequence[str]] | None = None
     skew: datetime.timedelta = crypto.DEFAULT_SKEW
+    on_swap: Callable[[], None] | None = attrs.field(default=None, kw_only=True)
     _snapshot: _Snapshot = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -337,6 +339,7 @@ class HotSwapTLS:
         entries = dict(old.entries)
         entries[key] = entry
         self._snapshot = _build_snapshot(entries, self.default_key, self.alpn)
+        self._swapped()
         self._log_installed(entry)
 
     def set_bundles(self, bundles: Mapping[str, CertificateBundle]) -> dict[str, BundleError]:
@@ -360,9 +363,18 @@ class HotSwapTLS:
             installed.append(entry)
         if installed:
             self._snapshot = _build_snapshot(entries, self.default_key, self.alpn)
+            self._swapped()
         for entry in installed:
             self._log_installed(entry)
         return refused
+
+    def _swapped(self) -> None:
+        if self.on_swap is None:
+            return
+        try:
+            self.on_swap()
+        except Exception:  # counting never undoes a swap
+            log.exception("TLS: the swap observer failed")
 
     def _prepare(
         self, key: str, bundle: CertificateBundle, allow_expired: bool | None, old: _Snapshot

@@ -139,7 +139,9 @@ class AcmeClient:
             terms_of_service_agreed=True if tos_agreed else None,
             external_account_binding=binding,
         )
-        resp = await self.transport.post(directory["newAccount"], reg, kid=None)
+        resp = await self.transport.post(
+            directory["newAccount"], reg, kid=None, endpoint="newAccount"
+        )
         url = resp.location
         if not url:
             raise AcmeProtocolError("newAccount answer has no Location", resp.url, resp.status)
@@ -174,7 +176,9 @@ class AcmeClient:
             profile=profile,
             replaces=replaces,
         )
-        resp = await self.transport.post(directory["newOrder"], order, kid=self._kid())
+        resp = await self.transport.post(
+            directory["newOrder"], order, kid=self._kid(), endpoint="newOrder"
+        )
         url = resp.location
         if not url:
             raise AcmeProtocolError("newOrder answer has no Location", resp.url, resp.status)
@@ -186,14 +190,14 @@ class AcmeClient:
 
     def get_order(self, url: str) -> Deferred[Fetched[messages.Order]]:
         """POST-as-GET an order; Deferred firing with its current state."""
-        return Deferred.fromCoroutine(self._get(url, messages.Order))
+        return Deferred.fromCoroutine(self._get(url, messages.Order, "order"))
 
     def get_authorization(self, url: str) -> Deferred[Fetched[messages.Authorization]]:
         """POST-as-GET an authorization; Deferred firing with its current state."""
-        return Deferred.fromCoroutine(self._get(url, messages.Authorization))
+        return Deferred.fromCoroutine(self._get(url, messages.Authorization, "authorization"))
 
-    async def _get(self, url: str, cls: Any) -> Fetched[Any]:
-        resp = await self.transport.post(url, None, kid=self._kid())
+    async def _get(self, url: str, cls: Any, endpoint: str) -> Fetched[Any]:
+        resp = await self.transport.post(url, None, kid=self._kid(), endpoint=endpoint)
         return Fetched(url, _parse(cls, resp), resp.retry_after)
 
     def answer_challenge(
@@ -206,7 +210,7 @@ class AcmeClient:
         self, url: str, response: challenges.ChallengeResponse | None
     ) -> Fetched[messages.ChallengeBody]:
         obj = response if response is not None else _EmptyObject()
-        resp = await self.transport.post(url, obj, kid=self._kid())
+        resp = await self.transport.post(url, obj, kid=self._kid(), endpoint="challenge")
         return Fetched(url, _parse(messages.ChallengeBody, resp), resp.retry_after)
 
     def finalize(
@@ -219,7 +223,9 @@ class AcmeClient:
         self, order: Fetched[messages.Order], csr_der: bytes
     ) -> Fetched[messages.Order]:
         request = messages.CertificateRequest(csr=x509.load_der_x509_csr(csr_der))
-        resp = await self.transport.post(order.body.finalize, request, kid=self._kid())
+        resp = await self.transport.post(
+            order.body.finalize, request, kid=self._kid(), endpoint="finalize"
+        )
         return Fetched(order.url, _parse(messages.Order, resp), resp.retry_after)
 
     def download_chain(self, url: str) -> Deferred[tuple[bytes, list[str]]]:
@@ -228,7 +234,9 @@ class AcmeClient:
         return Deferred.fromCoroutine(self._download(url))
 
     async def _download(self, url: str) -> tuple[bytes, list[str]]:
-        resp = await self.transport.post(url, None, kid=self._kid(), expect=PEM_CHAIN)
+        resp = await self.transport.post(
+            url, None, kid=self._kid(), expect=PEM_CHAIN, endpoint="certificate"
+        )
         if b"-----BEGIN CERTIFICATE-----" not in resp.body:
             raise AcmeProtocolError("the certificate chain holds no PEM certificate", url)
         alternates = resp.links("alternate")
@@ -249,7 +257,7 @@ class AcmeClient:
         if base is None:
             return None
         url = f"{base.rstrip('/')}/{cert_id}"
-        resp = await self.transport.get(url, expect=JSON)
+        resp = await self.transport.get(url, expect=JSON, endpoint="renewalInfo")
         info = _parse(messages.RenewalInfo, resp)
         start, end = info.suggested_window.start, info.suggested_window.end
         if start is None or end is None or end < start:

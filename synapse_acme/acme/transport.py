@@ -13,7 +13,7 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -340,6 +340,10 @@ class JWSTransport:
     #: Appended to a failure to verify the CA's HTTPS certificate: what decides the trust
     #: (the host knows its setting, e.g. ``acme.ca_bundle``).
     untrusted_hint: str | None = None
+    #: Told of every answer: ``(endpoint, HTTP status)``, status None when none came (a
+    #: timeout, a refused connection, a TLS failure). ``endpoint`` is the kind of resource
+    #: (``newOrder``, ``finalize``, ...; see :meth:`post`), never the URL. Metrics count here.
+    on_response: Callable[[str, int | None], None] | None = None
     _limiter: RequestRateLimiter = attrs.field(init=False, repr=False)
     _alg: jose.JWASignature = attrs.field(init=False, repr=False)
     _nonces: list[str] = attrs.field(init=False, factory=list, repr=False)
@@ -364,10 +368,13 @@ class JWSTransport:
         fetch is not cached, so the next call tries again)."""
         return self._directory_lock.run(self._fetch_directory)
 
-    def get(self, url: str, expect: str | None = JSON) -> Deferred[AcmeResponse]:
+    def get(
+        self, url: str, expect: str | None = JSON, *, endpoint: str = "other"
+    ) -> Deferred[AcmeResponse]:
         """Unauthenticated GET (directory, renewalInfo). Deferred firing with the checked
-        response; ``expect`` is the content type RFC 8555 fixes for the answer."""
-        return Deferred.fromCoroutine(self._checked("GET", url, None, expect))
+        response; ``expect`` is the content type RFC 8555 fixes for the answer; ``endpoint``
+        names the kind of resource for :attr:`on_response`."""
+        return Deferred.fromCoroutine(self._checked("GET", url, None, expect, endpoint))
 
     def post(
         self,
@@ -375,20 +382,25 @@ class JWSTransport:
         obj: jose.JSONDeSerializable | None,
         kid: str | None,
         expect: str | None = JSON,
+        *,
+        endpoint: str = "other",
     ) -> Deferred[AcmeResponse]:
         """JWS-signed POST of ``obj`` (``None``: POST-as-GET, an empty payload) to ``url``.
 
         Retries with a fresh nonce when the CA answers ``badNonce`` (up to
         :data:`MAX_BAD_NONCE_RETRIES` times). Deferred firing with the checked response.
+        ``endpoint`` names the kind of resource (a directory name such as ``newOrder``, or
+        ``order``, ``authorization``, ``challenge``, ``finalize``, ``certificate``) for
+        :attr:`on_response`.
         """
-        return Deferred.fromCoroutine(self._post(url, obj, kid, expect))
+        return Deferred.fromCoroutine(self._post(url, obj, kid, expect, endpoint))
 
     # -- internals --------------------------------------------------------------------------
 
     async def _fetch_directory(self) -> messages.Directory:
         if self._directory is not None:
             return self._directory
-        resp = await self._checked("GET", self.directory_url, None, JSON)
+        resp = await self._checked("GET", self.directory_url, None, JSON, "directory")
         if not isinstance(resp.json, dict):
             raise AcmeProtocolError("the directory is not a JSON object", self.directory_url)
         for field in ("newNonce", "newAccount", "newOrder"):
@@ -408,7 +420,12 @@ class JWSTransport:
         return directory
 
     async def _post(
-        self, url: str, obj: jose.JSONDeSerializable | None, kid: str | None, expect: str | None
+        self,
+        url: str,
+        obj: jose.JSONDeSerializable | None,
+        kid: str | None,
+        expect: str | None,
+        endpoint: str,
     ) -> AcmeResponse:
         payload = obj.json_dumps().encode("utf-8") if obj is not None else b""
         attempt = 0
@@ -418,7 +435,7 @@ class JWSTransport:
                 payload, key=self.key, alg=self._alg, nonce=nonce, url=url, kid=kid
             ).json_dumps()
             try:
-                return await self._checked("POST", url, signed.encode("utf-8"), expect)
+                return await self._checked("POST", url, signed.encode("utf-8"), expect, endpoint)
             except AcmeError as e:
                 if e.code != "badNonce" or attempt >= MAX_BAD_NONCE_RETRIES:
                     raise
@@ -433,7 +450,7 @@ class JWSTransport:
                 raise AcmeProtocolError("newNonce gave no usable Replay-Nonce header", url)
             attempts += 1
             # Every response feeds the pool (see _send); this HEAD exists only for that.
-            await self._checked("HEAD", url, None, None)
+            await self._checked("HEAD", url, None, None, "newNonce")
         return jose.decode_b64jose(self._nonces.pop())
 
     def _remember_nonce(self, headers: Mapping[str, tuple[str, ...]], url: str) -> None:
@@ -446,13 +463,21 @@ class JWSTransport:
             self._nonces.append(nonce)
 
     async def _checked(
-        self, method: str, url: str, body: bytes | None, expect: str | None
+        self, method: str, url: str, body: bytes | None, expect: str | None, endpoint: str
     ) -> AcmeResponse:
-        resp = await self._send(method, url, body, expect)
+        resp = await self._send(method, url, body, expect, endpoint)
         return self._check(resp, expect)
 
+    def _observe(self, endpoint: str, status: int | None) -> None:
+        if self.on_response is None:
+            return
+        try:
+            self.on_response(endpoint, status)
+        except Exception:  # an observer never fails a request
+            log.exception("the CA response observer failed")
+
     async def _send(
-        self, method: str, url: str, body: bytes | None, expect: str | None
+        self, method: str, url: str, body: bytes | None, expect: str | None, endpoint: str
     ) -> AcmeResponse:
         headers = Headers({b"User-Agent": [self.user_agent.encode("ascii")]})
         if body is not None:
@@ -468,16 +493,20 @@ class JWSTransport:
         try:
             status, raw_headers, content = await d
         except defer.TimeoutError:
+            self._observe(endpoint, None)
             raise AcmeTransportError(f"no answer within {self.timeout:g} s", url) from None
         except _BodyTooLarge:
+            self._observe(endpoint, None)
             raise AcmeProtocolError(
                 f"the answer is larger than {MAX_RESPONSE_BYTES} bytes", url
             ) from None
         except _TRANSPORT_FAILURES as e:
+            self._observe(endpoint, None)
             text = _describe_failure(e)
             if self.untrusted_hint and _UNTRUSTED in text:
                 text += f"; {self.untrusted_hint}"
             raise AcmeTransportError(text, url) from None
+        self._observe(endpoint, status)
         self._remember_nonce(raw_headers, url)
         retry_after = parse_retry_after(
             (raw_headers.get("retry-after") or (None,))[0], self.clock.seconds()

@@ -311,6 +311,8 @@ class AcmeModule:
     # -- setup ---------------------------------------------------------------------------------
 
     def _init_provisioning(self) -> None:
+        from prometheus_client import REGISTRY  # what Synapse's `metrics` listener serves
+
         from synapse_acme.runtime import build_runtime
         from synapse_acme.threaded import BlockingRunner
 
@@ -325,6 +327,7 @@ class AcmeModule:
             standalone_listener=self.settings.standalone_listener,
             runner=self._io,
             host_serves_tls=True,  # _install_tls puts runtime.tls on Synapse's TLS listeners
+            metrics_registry=REGISTRY,
         )
         self.tls = self.runtime.tls
         self.api.register_web_resource(CHALLENGE_PATH, self.runtime.responder.resource())

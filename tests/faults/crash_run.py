@@ -144,11 +144,11 @@ def main() -> int:
 
     real_send = transport.JWSTransport._send
 
-    async def send(self: Any, method: str, url: str, body: Any, expect: Any) -> Any:
+    async def send(self: Any, method: str, url: str, body: Any, expect: Any, *rest: Any) -> Any:
         detail = f"{method} {url.rsplit('/', 2)[-2] if '/' in url else url}"
         after = event("http", detail)
         try:
-            return await real_send(self, method, url, body, expect)
+            return await real_send(self, method, url, body, expect, *rest)
         finally:
             if after:
                 die_after(after, "http", detail)  # the answer has arrived (or failed)

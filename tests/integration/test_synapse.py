@@ -102,13 +102,19 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, log: Callable[
 class Synapse:
     """One homeserver directory and the Synapse processes started on it."""
 
-    def __init__(self, workdir: pathlib.Path, ca: PebbleCA, module_config: str) -> None:
+    def __init__(
+        self, workdir: pathlib.Path, ca: PebbleCA, module_config: str, metrics: bool = False
+    ) -> None:
+        """``metrics`` adds Synapse's ``metrics`` listener (and ``enable_metrics``) on a
+        reserved port, :attr:`metrics_port`, moved with the TLS port when it was taken."""
         self.dir = workdir
         # Synapse must be told its ports in homeserver.yaml and cannot take a socket: the TLS
         # port is reserved (synapse_acme.testing.ports), and start() retries with another if
         # it was taken anyway. The HTTP port is where Pebble validates (reserved by PebbleCA).
         self._tls_reserved: ports.PortReservation | None = ports.reserve_port()
         self.tls_port = self._tls_reserved.port
+        self._metrics_reserved = ports.reserve_port() if metrics else None
+        self.metrics_port = self._metrics_reserved.port if self._metrics_reserved else 0
         self.http_port = ca.http_port
         self.config_path = workdir / "homeserver.yaml"
         self.log_path = workdir / "synapse.log"
@@ -130,6 +136,17 @@ class Synapse:
                 module_config=indented,
             )
         )
+        if metrics:
+            text = self.config_path.read_text()
+            listener = (
+                f"  - port: {self.metrics_port}\n"
+                '    bind_addresses: ["127.0.0.1"]\n'
+                "    type: metrics\n"
+                "enable_metrics: true\n"
+            )
+            self.config_path.write_text(
+                text.replace("tls_certificate_path:", listener + "tls_certificate_path:", 1)
+            )
         keys = subprocess.run(
             [
                 SYNAPSE_PYTHON,
@@ -201,19 +218,29 @@ class Synapse:
         return "\n".join(text)
 
     def _move_tls_port(self) -> None:
-        """Another reserved TLS port, written into homeserver.yaml in place (a test may have
-        edited the rest of it)."""
+        """Another reserved TLS port (and metrics port), written into homeserver.yaml in place
+        (a test may have edited the rest of it)."""
+        metrics = self._metrics_reserved is not None or self.metrics_port != 0
         self._release_tls_port()
         self._tls_reserved = ports.reserve_port()
         old, self.tls_port = self.tls_port, self._tls_reserved.port
         text = self.config_path.read_text()
         assert f"- port: {old}\n" in text
-        self.config_path.write_text(text.replace(f"- port: {old}\n", f"- port: {self.tls_port}\n"))
+        text = text.replace(f"- port: {old}\n", f"- port: {self.tls_port}\n")
+        if metrics:
+            self._metrics_reserved = ports.reserve_port()
+            old, self.metrics_port = self.metrics_port, self._metrics_reserved.port
+            assert f"- port: {old}\n" in text
+            text = text.replace(f"- port: {old}\n", f"- port: {self.metrics_port}\n")
+        self.config_path.write_text(text)
 
     def _release_tls_port(self) -> None:
         if self._tls_reserved is not None:
             self._tls_reserved.release()
             self._tls_reserved = None
+        if self._metrics_reserved is not None:
+            self._metrics_reserved.release()
+            self._metrics_reserved = None
 
     def _start_once(self) -> int:
         self.stop()  # a previous attempt that exited

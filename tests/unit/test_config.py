@@ -804,6 +804,7 @@ _GOOD: dict[str, list[Any]] = {
     "poll_timeout": [10, "5m"],
     "request_timeout": [2, "45s"],
     "tls_listen": [[], ["tcp:8448"], "tcp6:8448"],
+    "metrics_listen": [[], ["tcp:9109:interface=127.0.0.1"], "unix:/run/acme-metrics.sock"],
     "external_certificates": [True, False],
     "watch_interval": [5, "1m"],
     "max_requests_per_minute": [1, 1200, 100000],

@@ -11,6 +11,7 @@ import types
 from typing import Any
 
 import attrs
+import prometheus_client
 import pytest
 from synapse.app import _base
 from synapse.config._base import ConfigError as SynapseConfigError
@@ -331,6 +332,8 @@ def test_module_wires_challenge_tls_and_start(
     mod, api, reactor, built = make_module(tmp_path, monkeypatch)
     ((rt, kw),) = built
     runner = kw.pop("runner")
+    # The metrics go where Synapse's `metrics` listener reads: prometheus_client's REGISTRY.
+    assert kw.pop("metrics_registry") is prometheus_client.REGISTRY
     assert kw == {"standalone_listener": False, "host_serves_tls": True}
     # Store saves, exports and status writes run in the runner's one thread, not on the reactor.
     assert isinstance(runner, BlockingRunner)
