@@ -358,6 +358,7 @@ def _silent_config(tmp: Path, url: str, names: Sequence[str]) -> Path:
         "port": 0,  # no HTTP-01 listener: no challenge is ever reached
         "request_timeout": SILENT_TIMEOUT,
         "testing_allow_http": True,  # the silent "CA" is a plain TCP listener on loopback
+        "preflight": False,  # the name resolves nowhere: this test is about the CA's silence
         "check_interval": 1,  # a running service would check every second; one-shot never
     }
     path = tmp / "acme.yaml"
