@@ -46,6 +46,7 @@ import dns.update
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from synapse_acme.errors import Dns01Error
@@ -400,17 +401,23 @@ class DNS01Responder:
         if record is None:
             return
         await _settled(record.added)  # an add still in flight would re-create the record
-        try:
-            await self.run(self.backend.delete, record.name, record.value)
-        except Exception as e:
+        record.added.addErrback(lambda _: None)  # its failure was reported by start_responding
+        deleted = self.run(self.backend.delete, record.name, record.value)
+
+        def failed(failure: Failure) -> None:
             logger.error(
                 "Could not delete the DNS-01 TXT record %s (value %s); remove it by hand: %s",
                 record.name,
                 record.value,
-                e,
+                failure.getErrorMessage(),
             )
-            return
-        logger.info("Deleted the DNS-01 TXT record %s", record.name)
+
+        # Logged from the delete itself: a caller that stops waiting (cancels) does not stop
+        # the update already on its way, nor hide how it ended.
+        deleted.addCallbacks(
+            lambda _: logger.info("Deleted the DNS-01 TXT record %s", record.name), failed
+        )
+        await _settled(deleted)
 
     def pending(self) -> list[tuple[str, str]]:
         """``(record name, value)`` of every TXT record added and not yet deleted."""

@@ -214,7 +214,9 @@ class AcmeIssuer:
         challb, responder = self._pick(authz)
         chall = challb.chall
         token = chall.encode("token")
-        _response, key_authorization = chall.response_and_validation(self.account_key)
+        # The key authorization itself (RFC 8555 section 8.1): each responder derives what it
+        # serves from it (HTTP-01 the body as is; DNS-01 its SHA-256 as a TXT value).
+        key_authorization = chall.key_authorization(self.account_key)
         await defer.maybeDeferred(responder.start_responding, ident, token, key_authorization)
         try:
             answered = await self.client.answer_challenge(challb.uri)

@@ -99,7 +99,7 @@ class Bind9:
             self._reserved = ports.reserve_port(udp=True)  # named listens on TCP and UDP
             self.port = self._reserved.port
             conf = self._write_conf(key)
-            log = open(self.log_path, "wb")  # noqa: SIM115 (closed when the process ends)
+            log = open(self.log_path, "wb")
             try:
                 self._proc = subprocess.Popen(
                     [named, "-g", "-4", "-n", "1", "-c", conf],
