@@ -35,6 +35,7 @@ setup(
         "pyyaml>=6.0.1",
         "attrs>=23.1.0",
         "zope.interface>=6.4.post2",
+        "dnspython>=2.6.1",
     ],
     extras_require={
         "synapse": ["matrix-synapse>=1.120,<1.164"],

@@ -44,10 +44,11 @@ DEMO_APT=(pebble openssl ca-certificates)
 #   nginx, apache2, authbind, systemd (systemd-socket-activate), util-linux -> deployment tests
 #   strace      : proves the crash harness traced every directory change   -> tests/faults
 #   testssl.sh  : rates the TLS listener from outside                      -> test_testssl.py
+#   bind9       : a real DNS primary (named, tsig-keygen) for RFC 2136 DNS-01 -> test_dns01_bind.py
 #   build-essential, libpq-dev: compile what has no wheel for every Python in the version matrix
 #                 (psycopg2 of matrix-synapse[all], old PyYAML)           -> scripts/test-versions.sh
 TEST_APT=(sslscan curl wrk nginx apache2 authbind systemd util-linux strace testssl.sh
-    build-essential libpq-dev)
+    build-essential libpq-dev bind9)
 # ------------------------------------------------------------------------------------------------
 
 PYTHON="${PYTHON:-python3}"

@@ -221,8 +221,14 @@ class Rfc2136Backend:
     ) -> dns.message.Message:
         query = dns.message.make_query(_absolute(name), rdtype)
         query.flags &= ~dns.flags.RD  # ask the server itself, not whatever it would recurse to
+        # A forged or garbled UDP answer is skipped, not taken as the answer (CVE-2023-29483).
         response, _ = dns.query.udp_with_fallback(
-            query, server[0], timeout=self.timeout, port=server[1]
+            query,
+            server[0],
+            timeout=self.timeout,
+            port=server[1],
+            ignore_unexpected=True,
+            ignore_errors=True,
         )
         return response
 
