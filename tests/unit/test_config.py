@@ -823,9 +823,7 @@ _GOOD: dict[str, list[Any]] = {
     ],
     "dry_run_url": ["https://acme-staging-v02.api.letsencrypt.org/directory"],
     "dry_run_on_change": [True, False],
-    "dns01": [
-        {"server": "127.0.0.1:5353", "zone": "example.com", "tsig_secret_file": "/none.key"}
-    ],
+    "dns01": [{"server": "127.0.0.1:5353", "zone": "example.com", "tsig_secret_file": "/none.key"}],
 }
 
 
