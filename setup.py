@@ -36,6 +36,7 @@ setup(
         "attrs>=23.1.0",
         "zope.interface>=6.4.post2",
         "prometheus-client>=0.4.0",
+        "dnspython>=2.6.1",
     ],
     extras_require={
         "synapse": ["matrix-synapse>=1.120,<1.164"],

@@ -47,10 +47,11 @@ DEMO_APT=(pebble openssl ca-certificates)
 #   prometheus  : a real Prometheus scrapes the runner and Synapse; promtool checks the
 #                 exposition and unit-tests contrib/prometheus/'s alert rules -> test_*metrics*.py
 #                 (its systemd service plays no part: the tests start their own)
+#   bind9       : a real DNS primary (named, tsig-keygen) for RFC 2136 DNS-01 -> test_dns01_bind.py
 #   build-essential, libpq-dev: compile what has no wheel for every Python in the version matrix
 #                 (psycopg2 of matrix-synapse[all], old PyYAML)           -> scripts/test-versions.sh
 TEST_APT=(sslscan curl wrk nginx apache2 authbind systemd util-linux strace testssl.sh
-    prometheus build-essential libpq-dev)
+    prometheus build-essential libpq-dev bind9)
 # ------------------------------------------------------------------------------------------------
 
 PYTHON="${PYTHON:-python3}"

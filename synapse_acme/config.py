@@ -28,6 +28,12 @@ from twisted.internet.endpoints import quoteStringArgument
 from synapse_acme import fsutil
 from synapse_acme.alerts import DEFAULT_EXPIRY_DAYS
 from synapse_acme.crypto import KEY_TYPES
+from synapse_acme.dns01 import (
+    DEFAULT_PROPAGATION_TIMEOUT,
+    DEFAULT_TTL,
+    TSIG_ALGORITHMS,
+    Dns01Settings,
+)
 from synapse_acme.errors import ConfigError, StoreError
 from synapse_acme.limits import ConnectionLimits
 from synapse_acme.model import CertificateSpec
@@ -486,6 +492,151 @@ def _user_id(value: Any, path: str) -> str:
     if any(c.isspace() for c in text):
         raise ConfigError(path, f"expected {what}", value)
     return text
+
+
+_DNS01_KEYS = (
+    "server",
+    "zone",
+    "tsig_key_name",
+    "tsig_algorithm",
+    "tsig_secret_file",
+    "ttl",
+    "propagation_timeout",
+    "propagation_servers",
+)
+# tsig-keygen's output: key "NAME" { algorithm ALG; secret "BASE64"; };
+_TSIG_KEY_CLAUSE = re.compile(r'key\s+"?([^"\s{]+)"?\s*\{(.*?)\}\s*;', re.S)
+_TSIG_ALGORITHM = re.compile(r"algorithm\s+\"?([A-Za-z0-9-]+)\"?\s*;")
+_TSIG_SECRET = re.compile(r'secret\s+"([^"]+)"\s*;')
+_TSIG_FILE_MAX_BYTES = 64 * 1024
+
+
+def _tsig_secret_file(
+    file_path: str, path: str, value: Any
+) -> tuple[bytes, str | None, str | None]:
+    """``(secret, key name, algorithm)`` from a TSIG secret file: either the base64 secret
+    alone, or a BIND ``key`` clause as ``tsig-keygen`` writes it (which also names the key and
+    its algorithm). The file's content is never echoed in an error."""
+    what = (
+        "expected a file holding a TSIG secret (base64) or a BIND key clause as written by "
+        "tsig-keygen"
+    )
+    try:
+        data = fsutil.read_regular(file_path, follow=True, limit=_TSIG_FILE_MAX_BYTES)
+    except StoreError as e:
+        raise ConfigError(path, f"{what}: {e}{fsutil.access_hint(file_path)}", value) from None
+    if data is None:
+        raise ConfigError(path, f"{what}, that exists", value)
+    text = data.decode("utf-8", "replace")
+    name = algorithm = None
+    clause = _TSIG_KEY_CLAUSE.search(text)
+    if clause is not None:
+        name = clause.group(1)
+        found_algorithm = _TSIG_ALGORITHM.search(clause.group(2))
+        found_secret = _TSIG_SECRET.search(clause.group(2))
+        if found_secret is None:
+            raise ConfigError(path, f"{what} (its key clause has no secret)", value)
+        algorithm = found_algorithm.group(1).lower() if found_algorithm else None
+        secret_text = found_secret.group(1)
+    else:
+        secret_text = text.strip()
+    try:
+        secret = base64.b64decode("".join(secret_text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(path, f"{what} (the secret is not base64)", value) from None
+    if not secret:
+        raise ConfigError(path, f"{what} (the secret is empty)", value)
+    return secret, name, algorithm
+
+
+def _dns01(value: Any, path: str, ctx: _Context) -> Dns01Settings:
+    what = "a mapping of server, zone, tsig_key_name, tsig_algorithm, tsig_secret_file, ..."
+    if not isinstance(value, Mapping):
+        # Never echoed: a secret pasted in the wrong place must not reach a log.
+        raise ConfigError(path, f"expected {what}, got {_type_name(value)}", has_value=False)
+    _check_keys(value, path, _DNS01_KEYS)
+    given = {k: v for k, v in value.items() if v is not None}
+    for required in ("server", "zone", "tsig_secret_file"):
+        if required not in given:
+            raise ConfigError(f"{path}.{required}", "missing", None, has_value=False)
+    server = _dns_server(given["server"], f"{path}.server")
+    if server is None:
+        raise ConfigError(
+            f"{path}.server", "expected the IP address of the zone's primary", "system"
+        )
+    zone = _name(given["zone"], f"{path}.zone")
+    if zone.startswith("*."):
+        raise ConfigError(f"{path}.zone", "expected a zone name, not a wildcard", given["zone"])
+    secret_file = _file_path(given["tsig_secret_file"], f"{path}.tsig_secret_file", ctx.base_dir)
+    secret, file_key_name, file_algorithm = _tsig_secret_file(
+        secret_file, f"{path}.tsig_secret_file", given["tsig_secret_file"]
+    )
+    key_name = file_key_name
+    if "tsig_key_name" in given:
+        key_name = _name(given["tsig_key_name"], f"{path}.tsig_key_name")
+        if file_key_name is not None and canonical_name(file_key_name) != key_name:
+            raise ConfigError(
+                f"{path}.tsig_key_name",
+                f"differs from the key named in tsig_secret_file ({file_key_name})",
+                given["tsig_key_name"],
+            )
+    if key_name is None:
+        raise ConfigError(
+            f"{path}.tsig_key_name",
+            "missing (tsig_secret_file holds a bare secret, so the key's name must be given)",
+            None,
+            has_value=False,
+        )
+    algorithm = file_algorithm or "hmac-sha256"
+    if "tsig_algorithm" in given:
+        algorithm = _str(given["tsig_algorithm"], f"{path}.tsig_algorithm").lower()
+        if file_algorithm is not None and file_algorithm != algorithm:
+            raise ConfigError(
+                f"{path}.tsig_algorithm",
+                f"differs from the algorithm in tsig_secret_file ({file_algorithm})",
+                given["tsig_algorithm"],
+            )
+    if algorithm not in TSIG_ALGORITHMS:
+        where = "tsig_algorithm" if "tsig_algorithm" in given else "tsig_secret_file"
+        raise ConfigError(
+            f"{path}.{where}",
+            f"expected a TSIG algorithm: {', '.join(TSIG_ALGORITHMS)}",
+            algorithm,
+        )
+    out: dict[str, Any] = {}
+    if "ttl" in given:
+        out["ttl"] = _int(given["ttl"], f"{path}.ttl", 1, 86400, "seconds, 1-86400")
+    if "propagation_timeout" in given:
+        out["propagation_timeout"] = _duration(
+            given["propagation_timeout"], f"{path}.propagation_timeout"
+        )
+    if "propagation_servers" in given and given["propagation_servers"] != "auto":
+        items = _list(
+            given["propagation_servers"],
+            f"{path}.propagation_servers",
+            "DNS servers as IP[:PORT] (or 'auto')",
+            allow_single=True,
+        )
+        found = []
+        for i, item in enumerate(items):
+            item_path = f"{path}.propagation_servers[{i}]"
+            address = _dns_server(item, item_path)
+            if address is None:
+                raise ConfigError(item_path, "expected IP[:PORT], not 'system'", item)
+            found.append(address)
+        if not found:
+            raise ConfigError(f"{path}.propagation_servers", "expected at least one", [])
+        out["propagation_servers"] = tuple(found)
+    return Dns01Settings(
+        server=server,
+        zone=zone,
+        tsig_key_name=key_name,
+        tsig_algorithm=algorithm,
+        tsig_secret=secret,
+        tsig_secret_file=secret_file,
+        config_path=path,
+        **out,
+    )
 
 
 def _b64url_decode(text: str) -> bytes:
@@ -1028,6 +1179,22 @@ class AcmeConfig:
             "it on demand; see [troubleshooting](troubleshooting.md#preflight-verdicts)."
         ),
     )
+    dns01: Dns01Settings | None = _setting(  # noqa: RUF009 (an attrs.field)
+        None,
+        read=_dns01,
+        uses_context=True,
+        shown_default="none",
+        doc=(
+            "Answer `dns-01` challenges by RFC 2136 dynamic updates (wildcard names; no inbound "
+            "port needed); when set, dns-01 is used for every name. `server` (the zone's primary,"
+            " `IP[:PORT]`), `zone`, `tsig_secret_file` (tsig-keygen's key clause, or the base64 "
+            "secret alone with `tsig_key_name`), `tsig_algorithm` (`hmac-sha256`), `ttl` (`"
+            f"{DEFAULT_TTL}`), `propagation_timeout` (`{DEFAULT_PROPAGATION_TIMEOUT:g}s`: how "
+            "long the record may take to be visible at every authoritative server), "
+            "`propagation_servers` (`auto`: the zone's NS servers and `server`; or a list of "
+            "`IP[:PORT]`). See [challenge-dns-01.md](challenge-dns-01.md)."
+        ),
+    )
     dry_run_url: str = _setting(
         LETSENCRYPT_STAGING_URL,
         read=_url,
@@ -1246,6 +1413,19 @@ def parse_acme_config(
                     list(spec.names),
                 )
             seen.add(frozenset(spec.names))
+
+    dns01: Dns01Settings | None = values.get("dns01")
+    if dns01 is not None:
+        names = [domain, *values["domains"]] if domain is not None else []
+        names += [n for spec in values.get("certificates", ()) for n in spec.names]
+        outside = [n for n in dict.fromkeys(names) if not dns01.covers(n)]
+        if outside:
+            raise ConfigError(
+                at("dns01.zone"),
+                f"does not contain {', '.join(outside)}: dns-01 answers every name by updating "
+                "this zone (a name in another zone needs its own certificate setup)",
+                dns01.zone,
+            )
 
     # files
     if "storage" not in values:

@@ -127,6 +127,12 @@ class ListenError(SynapseAcmeError):
     """None of a listener's endpoints could be bound (each endpoint and its error are named)."""
 
 
+class Dns01Error(SynapseAcmeError):
+    """A DNS-01 step failed: the dynamic update was refused or got no answer, or the TXT record
+    did not become visible at the zone's authoritative servers in time. The message names the
+    server, the record and the ``dns01`` key to check; never the TSIG secret."""
+
+
 class PreflightFailed(SynapseAcmeError):
     """The preflight found that the CA's HTTP-01 request for some names would not reach this
     synapse-acme, so nothing was ordered (a failed validation counts against the CA's limits).

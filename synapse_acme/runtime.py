@@ -34,11 +34,12 @@ from synapse_acme.acme.trust import IssuerTrust, load_issuer_trust
 from synapse_acme.alerter import STATE_FILE as ALERT_STATE_FILE
 from synapse_acme.alerter import Alerter
 from synapse_acme.config import AcmeConfig
+from synapse_acme.dns01 import dns01_responder, thread_runner
 from synapse_acme.errors import BundleError, ConfigError
 from synapse_acme.export import FileExporter
 from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.http01_server import make_factory
-from synapse_acme.interfaces import IReactor
+from synapse_acme.interfaces import IReactor, IResponder
 from synapse_acme.interprocess import StoreLock, StoreLockService
 from synapse_acme.limits import ConnectionLimits, LimitedFactory, fit_to_fd_limit, raise_fd_limit
 from synapse_acme.listeners import ListenerService, tls_listener
@@ -278,9 +279,13 @@ def _build_managing(
     responder = HTTP01Responder(
         probe_secret=probe_secret_for(account_key), on_request=metrics.challenge_request
     )
+    responders: list[IResponder] = [responder]
+    if config.dns01 is not None:
+        # First: it needs no inbound port, and it is the only way to a wildcard name.
+        responders.insert(0, dns01_responder(config.dns01, reactor, thread_runner(reactor)))
     issuer = AcmeIssuer(
         client=client,
-        responders=[responder],
+        responders=responders,
         clock=reactor,
         account_key=account_key,
         trust=_issuer_trust(config),
@@ -304,7 +309,9 @@ def _build_managing(
     alerter = None if one_shot else make_alerter(config, reactor, runner)
     on_status = write_status if alerter is None else _both(write_status, alerter.statuses_changed)
     listener = http01_listener_for(config, reactor, responder) if standalone_listener else None
-    preflight = make_preflight(config, reactor, responder) if config.preflight.enabled else None
+    # The preflight probes HTTP-01; with dns01 the CA looks at DNS instead.
+    probe = config.preflight.enabled and config.dns01 is None
+    preflight = make_preflight(config, reactor, responder) if probe else None
     service_store = ThreadedStore(store, runner) if runner is not None else store
     acme = AcmeService(
         specs,

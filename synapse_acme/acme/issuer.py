@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from synapse_acme import crypto
@@ -66,6 +67,41 @@ def _acme_error(problem: messages.Error | None, url: str | None) -> AcmeError | 
 def _identifier(authz: messages.Authorization) -> str:
     value = str(authz.identifier.value) if authz.identifier is not None else "?"
     return f"*.{value}" if authz.wildcard else value
+
+
+async def _withdraw(responder: IResponder, ident: str, token: str) -> None:
+    """Stop answering ``token`` and wait until that is done, even when cancelled meanwhile (a
+    sibling authorization failed): a DNS-01 record must be deleted before the issuance reports
+    its failure and the process may exit. A cancellation is passed on afterwards; a responder
+    that fails to stop is logged, never raised."""
+    stopping = defer.maybeDeferred(responder.stop_responding, ident, token)
+    outcome: list[object] = []
+    waiters: list[Deferred[None]] = []
+
+    def finished(result: object) -> None:
+        outcome.append(result)
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.callback(None)
+
+    stopping.addBoth(finished)
+    cancelled = False
+    while not outcome:
+        waiter: Deferred[None] = Deferred()  # cancelling it leaves `stopping` running
+        waiters.append(waiter)
+        try:
+            await waiter
+        except defer.CancelledError:
+            cancelled = True
+    if isinstance(outcome[0], Failure):
+        f = outcome[0]
+        log.error(
+            "responder failed to stop answering %s",
+            ident,
+            exc_info=(f.type, f.value, f.getTracebackObject()),  # type: ignore[arg-type]
+        )
+    if cancelled:
+        raise defer.CancelledError()
 
 
 @implementer(IIssuer)
@@ -214,7 +250,9 @@ class AcmeIssuer:
         challb, responder = self._pick(authz)
         chall = challb.chall
         token = chall.encode("token")
-        _response, key_authorization = chall.response_and_validation(self.account_key)
+        # The key authorization itself (RFC 8555 section 8.1): each responder derives what it
+        # serves from it (HTTP-01 the body as is; DNS-01 its SHA-256 as a TXT value).
+        key_authorization = chall.key_authorization(self.account_key)
         await defer.maybeDeferred(responder.start_responding, ident, token, key_authorization)
         try:
             answered = await self.client.answer_challenge(challb.uri)
@@ -225,10 +263,7 @@ class AcmeIssuer:
                 answered.retry_after,
             )
         finally:
-            try:
-                await defer.maybeDeferred(responder.stop_responding, ident, token)
-            except Exception:
-                log.exception("responder failed to stop answering %s", ident)
+            await _withdraw(responder, ident, token)
         if authz.body.status != messages.STATUS_VALID:
             raise ChallengeFailed(ident, self._authz_problem(authz, challb.uri))
         log.debug("authorization for %s valid", ident)

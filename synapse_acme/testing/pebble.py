@@ -168,6 +168,8 @@ class PebbleCA:
     own default rejects 5% of nonces, which exercises badNonce retries for free).
     ``validity`` is ``certificateValidityPeriod`` in seconds; ``blocklist`` is
     ``domainBlocklist``; ``eab`` maps key id -> base64url HMAC key and makes EAB mandatory.
+    ``dns_server`` (``"IP:PORT"``) is the resolver Pebble validates with instead of its DNS
+    stub (e.g. a test BIND9 that holds the DNS-01 TXT records; the stub still runs).
     """
 
     workdir: str
@@ -180,6 +182,7 @@ class PebbleCA:
     strict: bool = attrs.field(default=False, kw_only=True)
     pebble_bin: str = attrs.field(default="pebble", kw_only=True)
     challtestsrv_bin: str = attrs.field(default="pebble-challtestsrv", kw_only=True)
+    dns_server: str | None = attrs.field(default=None, kw_only=True)
 
     api_port: int = attrs.field(default=0, init=False)
     management_port: int = attrs.field(default=0, init=False)
@@ -291,7 +294,8 @@ class PebbleCA:
         env = dict(os.environ)
         env.update(BASE_ENV)
         env.update(self.env or {})
-        cmd = [pebble, "-config", config_path, "-dnsserver", f"127.0.0.1:{self.dns_port}"]
+        resolver = self.dns_server or f"127.0.0.1:{self.dns_port}"
+        cmd = [pebble, "-config", config_path, "-dnsserver", resolver]
         if self.strict:
             cmd.append("-strict")
         self._procs.append(_spawn(cmd, pebble_log, env))

@@ -828,6 +828,7 @@ _GOOD: dict[str, list[Any]] = {
     "alert_webhook": ["https://hooks.example/t/abc", "http://127.0.0.1:9/x", "ftp://x"],
     "alert_room": ["!abc:example.org", "#alias:example.org"],
     "alert_sender": ["@acme:example.org", "acme"],
+    "dns01": [{"server": "127.0.0.1:5353", "zone": "example.com", "tsig_secret_file": "/none.key"}],
 }
 
 

@@ -417,3 +417,27 @@ def test_a_poll_lost_three_times_fails_the_issuance(monkeypatch: pytest.MonkeyPa
     with pytest.raises(AcmeTransportError, match="no answer within 45 s"):
         w.issue(["a.example.test"])
     assert w.responder.live == {}  # the answer was withdrawn
+
+
+def test_withdrawing_an_answer_is_awaited_even_when_the_authorization_is_cancelled() -> None:
+    # A sibling authorization failed and this one is cancelled while its responder deletes a
+    # DNS record: the issuance must not report (and the process exit) before that is done.
+    from twisted.internet.defer import CancelledError, Deferred
+
+    from synapse_acme.acme.issuer import _withdraw
+
+    stopping: Deferred[None] = Deferred()
+
+    class SlowResponder:
+        challenge_type = "dns-01"
+
+        def stop_responding(self, identifier: str, token: str) -> Deferred[None]:
+            return stopping
+
+    d = Deferred.fromCoroutine(_withdraw(SlowResponder(), "a.example", "t"))  # type: ignore[arg-type]
+    outcome: list[Any] = []
+    d.addBoth(outcome.append)
+    d.cancel()
+    assert outcome == []
+    stopping.callback(None)
+    assert outcome[0].check(CancelledError)

@@ -194,3 +194,24 @@ def test_when_ready_fires_once_the_http01_and_tls_listeners_are_bound(tmp_path: 
     assert outcome == [None]
     assert sorted(port for port, *_ in reactor.tcpServers) == [8009, 8448]
     _stop(runtime)
+
+
+def test_dns01_is_preferred_and_needs_neither_a_listener_nor_the_http_preflight(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "tsig.key").write_text('key "k" { algorithm hmac-sha256; secret "c2VjcmV0"; };')
+    reactor = MemoryReactorClock()
+    http = _RecordingHTTP()
+    dns01 = {"server": "192.0.2.53", "zone": "example.test", "tsig_secret_file": "tsig.key"}
+    config = _config(tmp_path, port=0, dns01=dns01)  # preflight left enabled
+    runtime = build_runtime(config, reactor, http_client=http)
+    runtime.service.startService()
+    try:
+        assert runtime.preflight is None and runtime.listeners == []
+        assert runtime.acme is not None
+        issuer = runtime.acme._issuer
+        assert [r.challenge_type for r in issuer.responders] == ["dns-01", "http-01"]  # type: ignore[attr-defined]
+        reactor.advance(0)
+        assert http.requests and http.requests[0][1] == "https://ca.example.test/dir"
+    finally:
+        _stop(runtime)
