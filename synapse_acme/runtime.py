@@ -29,12 +29,12 @@ from synapse_acme.acme.client import AcmeClient
 from synapse_acme.acme.issuer import AcmeIssuer
 from synapse_acme.acme.transport import JWSTransport, make_http_client
 from synapse_acme.acme.trust import IssuerTrust, load_issuer_trust
-from synapse_acme.config import AcmeConfig
+from synapse_acme.config import CHALLENGE_TYPES, AcmeConfig
 from synapse_acme.errors import BundleError, ConfigError
 from synapse_acme.export import FileExporter
 from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.http01_server import make_factory
-from synapse_acme.interfaces import IReactor
+from synapse_acme.interfaces import IReactor, IResponder
 from synapse_acme.interprocess import StoreLock, StoreLockService
 from synapse_acme.limits import ConnectionLimits, LimitedFactory, fit_to_fd_limit, raise_fd_limit
 from synapse_acme.listeners import ListenerService, tls_listener
@@ -46,6 +46,7 @@ from synapse_acme.status import CertificateStatus, dump_status_file
 from synapse_acme.store import FileStore
 from synapse_acme.threaded import Runner, ThreadedStore
 from synapse_acme.tls import HotSwapTLS
+from synapse_acme.tlsalpn01 import TLSALPN01Responder
 from synapse_acme.watch import FileWatcher
 
 if TYPE_CHECKING:  # imported where used: a dry run is rare
@@ -245,9 +246,24 @@ def _build_managing(
     client = AcmeClient(transport)
     # Its probe secret lets `synapse-acme check` prove that this process answers challenges.
     responder = HTTP01Responder(probe_secret=probe_secret_for(account_key))
+    specs = config.certificate_specs()
+    keys = [names_key(canonical_names(spec.names)) for spec in specs]
+    required = {k: canonical_names(spec.names) for k, spec in zip(keys, specs, strict=True)}
+    tls = HotSwapTLS(default_key=keys[0], clock=reactor, required_names=required)
+    serves_tls = host_serves_tls or bool(config.tls_listen)
+    responders = challenge_responders(
+        responder,
+        TLSALPN01Responder(tls=tls, clock=reactor) if serves_tls else None,
+    )
+    preferences = challenge_preferences(
+        config,
+        responders,
+        http01_served=not standalone_listener or bool(config.http01_endpoints()),
+    )
     issuer = AcmeIssuer(
         client=client,
-        responders=[responder],
+        responders=list(responders.values()),
+        challenge_preferences=preferences,
         clock=reactor,
         account_key=account_key,
         trust=_issuer_trust(config),
@@ -259,11 +275,6 @@ def _build_managing(
         poll_timeout=config.poll_timeout,
         on_account=on_account,
     )
-    specs = config.certificate_specs()
-    keys = [names_key(canonical_names(spec.names)) for spec in specs]
-    required = {k: canonical_names(spec.names) for k, spec in zip(keys, specs, strict=True)}
-    tls = HotSwapTLS(default_key=keys[0], clock=reactor, required_names=required)
-    serves_tls = host_serves_tls or bool(config.tls_listen)
     exporters: dict[str, FileExporter] = {}
     write_status = _status_writer(config, tls if serves_tls else None, exporters, runner)
     listener = http01_listener_for(config, reactor, responder) if standalone_listener else None
@@ -281,7 +292,7 @@ def _build_managing(
         one_shot=one_shot,
         ready=listener.when_listening if listener is not None else None,
         before_order=_before_order(
-            config, reactor, responder, preflight, http_client, service_store
+            config, reactor, responder, preflight, http_client, service_store, preferences
         ),
     )
     if serves_tls:
@@ -324,6 +335,61 @@ def _build_managing(
         serves_tls=serves_tls,
         preflight=preflight,
     )
+
+
+def challenge_responders(
+    http01: HTTP01Responder, tls_alpn01: TLSALPN01Responder | None
+) -> dict[str, IResponder]:
+    """The responders this setup has, by challenge type, in the default preference order
+    (:data:`~synapse_acme.config.CHALLENGE_TYPES`'s). A new challenge type joins here."""
+    found: dict[str, IResponder] = {"http-01": http01}
+    if tls_alpn01 is not None:
+        found["tls-alpn-01"] = tls_alpn01
+    return {t: found[t] for t in CHALLENGE_TYPES if t in found}
+
+
+def challenge_preferences(
+    config: AcmeConfig, responders: Mapping[str, IResponder], *, http01_served: bool
+) -> dict[str, tuple[str, ...]]:
+    """Each certificate's challenge types, preferred first, by its names key.
+
+    A certificate's own ``challenges``, else the block's, else what this setup can answer:
+    ``http-01`` if this process serves it (its HTTP-01 listener, or the host's listeners),
+    then ``tls-alpn-01`` if it serves TLS; with neither, ``http-01`` (answered elsewhere,
+    as before there was a choice). ConfigError, naming the key, for a type without a
+    responder here."""
+    default = tuple(t for t in responders if t != "http-01" or http01_served) or ("http-01",)
+    specs = config.certificate_specs()
+    main = 1 if config.domain is not None else 0
+    out: dict[str, tuple[str, ...]] = {}
+    for index, spec in enumerate(specs):
+        setting = "challenges"
+        types = config.challenges
+        if spec.challenges is not None:
+            setting = f"certificates[{index - main}].challenges"
+            types = spec.challenges
+        if types is None:
+            types = default
+        for typ in types:
+            if typ not in responders:
+                raise ConfigError(
+                    config.key(setting),
+                    f"{typ} cannot be answered here: {_needs(typ, config)}",
+                    list(types),
+                )
+        out[names_key(canonical_names(spec.names))] = tuple(types)
+    return out
+
+
+def _needs(typ: str, config: AcmeConfig) -> str:
+    """What makes a challenge type answerable, for the error above."""
+    if typ == "tls-alpn-01":
+        return (
+            f"it is answered by the TLS listeners synapse-acme serves: set "
+            f"{config.key('tls_listen')} (standalone), or use the Synapse module with a "
+            "`tls: true` listener"
+        )
+    return "no responder for it is configured"
 
 
 def http01_listener_for(
@@ -371,9 +437,11 @@ def _before_order(
     preflight: Preflight | None,
     http_client: HTTPClient | None,
     store: ListableStore,
+    preferences: Mapping[str, tuple[str, ...]],
 ) -> Callable[[CertificateSpec, CertificateBundle | None], Deferred[None]] | None:
-    """What must pass before each order: the preflight, then (with ``dry_run_on_change``) a
-    dry run when the names or the CA differ from the last issuance. None when nothing."""
+    """What must pass before each order: the preflight (it probes the HTTP-01 path, so only
+    for certificates that prefer ``http-01``), then (with ``dry_run_on_change``) a dry run when
+    the names or the CA differ from the last issuance. None when nothing."""
     dry = None
     if config.dry_run_on_change:
         from synapse_acme.dryrun import DryRunOnChange
@@ -383,7 +451,8 @@ def _before_order(
         return None
 
     async def check(spec: CertificateSpec, previous: CertificateBundle | None) -> None:
-        if preflight is not None:
+        types = preferences.get(names_key(canonical_names(spec.names)), ("http-01",))
+        if preflight is not None and types[0] == "http-01":
             await preflight.require(spec.names)
         if dry is not None:
             await dry.before_order(spec, previous)
@@ -530,6 +599,8 @@ __all__ = [
     "IReactorCore",
     "Runtime",
     "build_runtime",
+    "challenge_preferences",
+    "challenge_responders",
     "http01_listener_for",
     "make_preflight",
     "status_path",
