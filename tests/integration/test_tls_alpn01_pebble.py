@@ -35,16 +35,18 @@ NAME = "alpn.example.test"
 VA_SLEEP = {"PEBBLE_VA_NOSLEEP": "0", "PEBBLE_VA_SLEEPTIME": "3", "PEBBLE_AUTHZREUSE": "0"}
 
 
-def tls_handshake(port: int, alpn: list[bytes]) -> tuple[x509.Certificate, bytes] | None:
-    """One handshake with SNI ``NAME``: the leaf and the negotiated protocol (None if the
-    listener is not up or the handshake failed)."""
+def tls_handshake(
+    port: int, alpn: list[bytes], sni: str = NAME
+) -> tuple[x509.Certificate, bytes] | None:
+    """One handshake with ``sni``: the leaf and the negotiated protocol (None if the listener
+    is not up or the handshake failed)."""
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_verify(SSL.VERIFY_NONE, lambda *a: True)
     ctx.set_alpn_protos(alpn)
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
             conn = SSL.Connection(ctx, sock)
-            conn.set_tlsext_host_name(NAME.encode())
+            conn.set_tlsext_host_name(sni.encode())
             conn.set_connect_state()
             # A socket with a timeout is non-blocking underneath: wait for it ourselves.
             end = time.monotonic() + 3
