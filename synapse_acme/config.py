@@ -90,6 +90,8 @@ _TLS_ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
 # Prometheus scrapes plain HTTP here (put TLS in front with a proxy if it must cross a network).
 _METRICS_ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
 _CA_BUNDLE_MAX_BYTES = 10 * 1024 * 1024
+#: The challenge types ``challenges`` may name (the runtime decides which this setup answers).
+CHALLENGE_TYPES = ("dns-01", "http-01", "tls-alpn-01")
 # A CA's validator sends its request within milliseconds; minutes only help a slow-loris.
 _MAX_LISTENER_TIMEOUT = 300.0
 
@@ -681,7 +683,7 @@ def _certificates(value: Any, path: str, key_type: str) -> tuple[CertificateSpec
         item_path = f"{path}[{i}]"
         if not isinstance(item, Mapping):
             raise ConfigError(item_path, "expected a mapping with domains (and key_type)", item)
-        _check_keys(item, item_path, ("domains", "key_type"))
+        _check_keys(item, item_path, ("domains", "key_type", "challenges"))
         if "domains" not in item:
             raise ConfigError(
                 f"{item_path}.domains", "missing: list the names of this certificate", None
@@ -694,8 +696,31 @@ def _certificates(value: Any, path: str, key_type: str) -> tuple[CertificateSpec
         item_key_type = key_type
         if item.get("key_type") is not None:
             item_key_type = _key_type(item["key_type"], f"{item_path}.key_type")
-        specs.append(CertificateSpec(names=_dedupe(names), key_type=item_key_type))
+        item_challenges = None
+        if item.get("challenges") is not None:
+            item_challenges = _challenges(item["challenges"], f"{item_path}.challenges")
+        specs.append(
+            CertificateSpec(
+                names=_dedupe(names), key_type=item_key_type, challenges=item_challenges
+            )
+        )
     return tuple(specs)
+
+
+def _challenges(value: Any, path: str) -> tuple[str, ...]:
+    """A preference list of challenge types: known ones, each once, at least one."""
+    what = f"challenge types, preferred first: {', '.join(CHALLENGE_TYPES)}"
+    items = _list(value, path, what, allow_single=True)
+    if not items:
+        raise ConfigError(path, f"expected at least one of the {what}", value)
+    types = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or item.strip().lower() not in CHALLENGE_TYPES:
+            close = difflib.get_close_matches(str(item).lower(), CHALLENGE_TYPES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}[{i}]", f"unknown challenge type{hint}; {what}", item)
+        types.append(item.strip().lower())
+    return _dedupe(types)
 
 
 def _check_keys(block: Mapping[Any, Any], path: str, known: Iterable[str]) -> None:
@@ -939,8 +964,8 @@ class AcmeConfig:
         uses_context=True,
         shown_default="`[]`",
         doc=(
-            "More certificates (standalone runner): a list of `{domains: [...], key_type: ...}`; "
-            "`key_type` defaults to the top-level `key_type`."
+            "More certificates (standalone runner): a list of `{domains: [...], key_type: ..., "
+            "challenges: [...]}`; `key_type` and `challenges` default to the top-level ones."
         ),
     )
     contact: tuple[str, ...] = _setting(
@@ -1132,6 +1157,22 @@ class AcmeConfig:
             "run` serves Prometheus metrics at `/metrics`, e.g. `tcp:9109:interface=127.0.0.1`; "
             "`[]` means none. Inside Synapse the metrics are on Synapse's own `metrics` listener "
             "(this key is not needed there). See [monitoring.md](monitoring.md)."
+        ),
+    )
+    challenges: tuple[str, ...] | None = _setting(
+        None,
+        read=_challenges,
+        shown_default=(
+            "what this setup can answer: `dns-01` if `dns01` is set, `http-01` if the HTTP-01 "
+            "listener or Synapse's listeners serve it, then `tls-alpn-01` if synapse-acme serves "
+            "TLS"
+        ),
+        doc=(
+            "Challenge types to use, preferred first: `dns-01` (needs `dns01`; "
+            "docs/challenge-dns-01.md), `http-01` (port 80), `tls-alpn-01` (port "
+            "443, answered by the TLS listeners synapse-acme serves: `tls_listen`, or Synapse's "
+            "`tls: true` listeners; docs/challenge-tls-alpn-01.md). A type this setup cannot "
+            "answer is an error at start."
         ),
     )
     external_certificates: bool = _setting(

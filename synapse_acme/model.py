@@ -38,10 +38,12 @@ class RenewalWindow:
 
 @attrs.frozen
 class CertificateSpec:
-    """One certificate the service manages: its names (first is the subject CN) and key type."""
+    """One certificate the service manages: its names (first is the subject CN), key type and
+    the challenge types to prove them with (preferred first; ``None``: the configured default)."""
 
     names: tuple[str, ...]
     key_type: str = "ecdsa-p256"  # "ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096"
+    challenges: tuple[str, ...] | None = None  # e.g. ("tls-alpn-01", "http-01")
 
 
 @attrs.frozen

@@ -33,7 +33,7 @@ from synapse_acme.acme.transport import JWSTransport, make_http_client
 from synapse_acme.acme.trust import IssuerTrust, load_issuer_trust
 from synapse_acme.alerter import STATE_FILE as ALERT_STATE_FILE
 from synapse_acme.alerter import Alerter
-from synapse_acme.config import AcmeConfig
+from synapse_acme.config import CHALLENGE_TYPES, AcmeConfig
 from synapse_acme.dns01 import dns01_responder, thread_runner
 from synapse_acme.errors import BundleError, ConfigError
 from synapse_acme.export import FileExporter
@@ -58,6 +58,7 @@ from synapse_acme.status import CertificateStatus, dump_status_file
 from synapse_acme.store import FileStore
 from synapse_acme.threaded import Runner, ThreadedStore
 from synapse_acme.tls import HotSwapTLS
+from synapse_acme.tlsalpn01 import TLSALPN01Responder
 from synapse_acme.watch import FileWatcher
 from synapse_acme.webhook import WebhookSink, make_webhook_client
 
@@ -279,13 +280,31 @@ def _build_managing(
     responder = HTTP01Responder(
         probe_secret=probe_secret_for(account_key), on_request=metrics.challenge_request
     )
-    responders: list[IResponder] = [responder]
-    if config.dns01 is not None:
-        # First: it needs no inbound port, and it is the only way to a wildcard name.
-        responders.insert(0, dns01_responder(config.dns01, reactor, thread_runner(reactor)))
+    specs = config.certificate_specs()
+    keys = [names_key(canonical_names(spec.names)) for spec in specs]
+    required = {k: canonical_names(spec.names) for k, spec in zip(keys, specs, strict=True)}
+    tls = HotSwapTLS(
+        default_key=keys[0], clock=reactor, required_names=required, on_swap=metrics.tls_swapped
+    )
+    serves_tls = host_serves_tls or bool(config.tls_listen)
+    responders = challenge_responders(
+        responder,
+        TLSALPN01Responder(tls=tls, clock=reactor) if serves_tls else None,
+        (
+            dns01_responder(config.dns01, reactor, thread_runner(reactor))
+            if config.dns01 is not None
+            else None
+        ),
+    )
+    preferences = challenge_preferences(
+        config,
+        responders,
+        http01_served=not standalone_listener or bool(config.http01_endpoints()),
+    )
     issuer = AcmeIssuer(
         client=client,
-        responders=responders,
+        responders=list(responders.values()),
+        challenge_preferences=preferences,
         clock=reactor,
         account_key=account_key,
         trust=_issuer_trust(config),
@@ -297,20 +316,14 @@ def _build_managing(
         poll_timeout=config.poll_timeout,
         on_account=on_account,
     )
-    specs = config.certificate_specs()
-    keys = [names_key(canonical_names(spec.names)) for spec in specs]
-    required = {k: canonical_names(spec.names) for k, spec in zip(keys, specs, strict=True)}
-    tls = HotSwapTLS(
-        default_key=keys[0], clock=reactor, required_names=required, on_swap=metrics.tls_swapped
-    )
-    serves_tls = host_serves_tls or bool(config.tls_listen)
     exporters: dict[str, FileExporter] = {}
     write_status = _status_writer(config, tls if serves_tls else None, exporters, runner)
     alerter = None if one_shot else make_alerter(config, reactor, runner)
     on_status = write_status if alerter is None else _both(write_status, alerter.statuses_changed)
     listener = http01_listener_for(config, reactor, responder) if standalone_listener else None
-    # The preflight probes HTTP-01; with dns01 the CA looks at DNS instead.
-    probe = config.preflight.enabled and config.dns01 is None
+    # The preflight probes HTTP-01: only for certificates validated that way first (with
+    # dns-01 or tls-alpn-01 the CA looks elsewhere).
+    probe = config.preflight.enabled and any(t[0] == "http-01" for t in preferences.values())
     preflight = make_preflight(config, reactor, responder) if probe else None
     service_store = ThreadedStore(store, runner) if runner is not None else store
     acme = AcmeService(
@@ -325,7 +338,7 @@ def _build_managing(
         one_shot=one_shot,
         ready=listener.when_listening if listener is not None else None,
         before_order=_before_order(
-            config, reactor, responder, preflight, http_client, service_store
+            config, reactor, responder, preflight, http_client, service_store, preferences
         ),
         on_result=metrics.issuance_finished,
     )
@@ -413,6 +426,67 @@ def _both(
     return both
 
 
+def challenge_responders(
+    http01: HTTP01Responder,
+    tls_alpn01: TLSALPN01Responder | None,
+    dns01: IResponder | None = None,
+) -> dict[str, IResponder]:
+    """The responders this setup has, by challenge type, in the default preference order
+    (:data:`~synapse_acme.config.CHALLENGE_TYPES`'s). A new challenge type joins here."""
+    found: dict[str, IResponder] = {"http-01": http01}
+    if tls_alpn01 is not None:
+        found["tls-alpn-01"] = tls_alpn01
+    if dns01 is not None:
+        found["dns-01"] = dns01
+    return {t: found[t] for t in CHALLENGE_TYPES if t in found}
+
+
+def challenge_preferences(
+    config: AcmeConfig, responders: Mapping[str, IResponder], *, http01_served: bool
+) -> dict[str, tuple[str, ...]]:
+    """Each certificate's challenge types, preferred first, by its names key.
+
+    A certificate's own ``challenges``, else the block's, else what this setup can answer:
+    ``http-01`` if this process serves it (its HTTP-01 listener, or the host's listeners),
+    then ``tls-alpn-01`` if it serves TLS; with neither, ``http-01`` (answered elsewhere,
+    as before there was a choice). ConfigError, naming the key, for a type without a
+    responder here."""
+    default = tuple(t for t in responders if t != "http-01" or http01_served) or ("http-01",)
+    specs = config.certificate_specs()
+    main = 1 if config.domain is not None else 0
+    out: dict[str, tuple[str, ...]] = {}
+    for index, spec in enumerate(specs):
+        setting = "challenges"
+        types = config.challenges
+        if spec.challenges is not None:
+            setting = f"certificates[{index - main}].challenges"
+            types = spec.challenges
+        if types is None:
+            types = default
+        for typ in types:
+            if typ not in responders:
+                raise ConfigError(
+                    config.key(setting),
+                    f"{typ} cannot be answered here: {_needs(typ, config)}",
+                    list(types),
+                )
+        out[names_key(canonical_names(spec.names))] = tuple(types)
+    return out
+
+
+def _needs(typ: str, config: AcmeConfig) -> str:
+    """What makes a challenge type answerable, for the error above."""
+    if typ == "dns-01":
+        return f"it needs the DNS server that updates the zone: set {config.key('dns01')}"
+    if typ == "tls-alpn-01":
+        return (
+            f"it is answered by the TLS listeners synapse-acme serves: set "
+            f"{config.key('tls_listen')} (standalone), or use the Synapse module with a "
+            "`tls: true` listener"
+        )
+    return "no responder for it is configured"
+
+
 def http01_listener_for(
     config: AcmeConfig, reactor: IReactor, responder: HTTP01Responder
 ) -> ListenerService | None:
@@ -458,9 +532,11 @@ def _before_order(
     preflight: Preflight | None,
     http_client: HTTPClient | None,
     store: ListableStore,
+    preferences: Mapping[str, tuple[str, ...]],
 ) -> Callable[[CertificateSpec, CertificateBundle | None], Deferred[None]] | None:
-    """What must pass before each order: the preflight, then (with ``dry_run_on_change``) a
-    dry run when the names or the CA differ from the last issuance. None when nothing."""
+    """What must pass before each order: the preflight (it probes the HTTP-01 path, so only
+    for certificates that prefer ``http-01``), then (with ``dry_run_on_change``) a dry run when
+    the names or the CA differ from the last issuance. None when nothing."""
     dry = None
     if config.dry_run_on_change:
         from synapse_acme.dryrun import DryRunOnChange
@@ -470,7 +546,8 @@ def _before_order(
         return None
 
     async def check(spec: CertificateSpec, previous: CertificateBundle | None) -> None:
-        if preflight is not None:
+        types = preferences.get(names_key(canonical_names(spec.names)), ("http-01",))
+        if preflight is not None and types[0] == "http-01":
             await preflight.require(spec.names)
         if dry is not None:
             await dry.before_order(spec, previous)
@@ -671,6 +748,8 @@ __all__ = [
     "IReactorCore",
     "Runtime",
     "build_runtime",
+    "challenge_preferences",
+    "challenge_responders",
     "http01_listener_for",
     "make_alerter",
     "make_preflight",

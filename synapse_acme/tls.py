@@ -16,6 +16,14 @@ Use it wherever Twisted takes a TLS context factory::
 
 and subscribe it to the provisioning service (it is an ``ICertificateConsumer``) so renewals
 reach every listener without a restart.
+
+It also answers ``tls-alpn-01`` (RFC 8737) for the names given to :meth:`HotSwapTLS.set_challenge`
+(by :class:`synapse_acme.tlsalpn01.TLSALPN01Responder`): a connection whose SNI names such a name
+starts on a per-challenge context that serves the name's normal certificate, and whose ALPN
+callback (OpenSSL runs it after the SNI callback and before it picks the certificate to send)
+swaps in the validation certificate only when the client offers ``acme-tls/1`` and nothing else.
+A client offering other protocols, or none, gets the normal certificate. With no challenge
+pending the handshake path is the one without challenges.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from OpenSSL import SSL
 from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
@@ -35,6 +44,7 @@ from twisted.internet.interfaces import (
 from zope.interface import implementer
 
 from synapse_acme import crypto
+from synapse_acme.acme.tlsalpn import ALPN_PROTOCOL
 from synapse_acme.errors import BundleError
 from synapse_acme.interfaces import ICertificateConsumer
 from synapse_acme.model import CertificateBundle
@@ -98,6 +108,28 @@ def _alpn_selector(
     return select
 
 
+AlpnSelector = Callable[[SSL.Connection, list[bytes]], bytes | object]
+
+
+def _challenge_selector(normal: AlpnSelector | None, challenge: _Challenge) -> AlpnSelector:
+    """RFC 8737 section 3: the validation certificate for a client offering only
+    ``acme-tls/1``; every other client gets the ``normal`` choice (and keeps the normal
+    certificate the context was built with)."""
+
+    def select(conn: SSL.Connection, offered: list[bytes]) -> bytes | object:
+        if offered == [ALPN_PROTOCOL]:
+            # Still allowed here: OpenSSL chooses the certificate to send after ALPN.
+            conn.use_certificate(challenge.certificate)
+            conn.use_privatekey(challenge.key)  # type: ignore[arg-type]
+            log.debug("TLS: answered a tls-alpn-01 validation for %s", challenge.name)
+            return ALPN_PROTOCOL
+        if normal is None:
+            return SSL.NO_OVERLAPPING_PROTOCOLS
+        return normal(conn, offered)
+
+    return select
+
+
 def _set_groups(ctx: SSL.Context) -> None:
     """Limit key exchange to the ECDHE groups above (ECDH auto-selection is on by default).
 
@@ -121,7 +153,7 @@ def _set_groups(ctx: SSL.Context) -> None:
         log.warning("TLS: OpenSSL refused the key exchange groups; keeping its defaults")
 
 
-def _base_context(alpn: Sequence[bytes]) -> SSL.Context:
+def _base_context(alpn: Sequence[bytes], challenge: _Challenge | None = None) -> SSL.Context:
     """A server context with the modern settings and no certificate yet."""
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -138,8 +170,11 @@ def _base_context(alpn: Sequence[bytes]) -> SSL.Context:
     _set_groups(ctx)
     ctx.set_session_id(_SESSION_ID_CONTEXT)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    if alpn:
-        ctx.set_alpn_select_callback(_alpn_selector(tuple(alpn)))  # type: ignore[arg-type]
+    selector = _alpn_selector(tuple(alpn)) if alpn else None
+    if challenge is not None:
+        selector = _challenge_selector(selector, challenge)
+    if selector is not None:
+        ctx.set_alpn_select_callback(selector)  # type: ignore[arg-type]
     return ctx
 
 
@@ -147,16 +182,18 @@ def build_context(
     bundle: CertificateBundle,
     alpn: Sequence[bytes] = DEFAULT_ALPN,
     chain: Sequence[x509.Certificate] | None = None,
+    challenge: _Challenge | None = None,
 ) -> SSL.Context:
     """A ready-to-serve context for ``bundle`` (full chain sent, key checked against the leaf).
 
-    ``chain`` is the already-parsed chain if the caller has it. Raises BundleError if OpenSSL
-    refuses the key or certificate. Does not check validity dates or names: see
-    :func:`synapse_acme.crypto.validate_bundle`.
+    ``chain`` is the already-parsed chain if the caller has it. ``challenge``: also answer
+    that pending ``tls-alpn-01`` challenge (see :func:`_challenge_selector`). Raises
+    BundleError if OpenSSL refuses the key or certificate. Does not check validity dates or
+    names: see :func:`synapse_acme.crypto.validate_bundle`.
     """
     certs = list(chain) if chain is not None else crypto.parse_chain(bundle.chain_pem)
     key = crypto.load_private_key(bundle.key_pem)
-    ctx = _base_context(alpn)
+    ctx = _base_context(alpn, challenge)
     try:
         ctx.use_certificate(certs[0])
         for extra in certs[1:]:
@@ -176,6 +213,15 @@ def _normalise_sni(server_name: bytes | None) -> str | None:
     except UnicodeDecodeError:
         return None
     return name.lower().rstrip(".") or None
+
+
+@attrs.frozen
+class _Challenge:
+    """A pending ``tls-alpn-01`` challenge: the validation certificate for ``name``."""
+
+    name: str
+    certificate: x509.Certificate
+    key: CertificateIssuerPrivateKeyTypes = attrs.field(repr=False)
 
 
 @attrs.frozen
@@ -201,14 +247,18 @@ class _Snapshot:
     wildcard: Mapping[str, SSL.Context]  # "b.c" for a "*.b.c" SAN
     default: _Entry | None
     dispatch: SSL.Context  # every connection starts here; its SNI callback reads this snapshot
+    # name -> a context serving the name's normal certificate that also answers its pending
+    # tls-alpn-01 challenge (empty almost always)
+    challenges: Mapping[str, SSL.Context] = attrs.field(factory=dict)
+    pending: Mapping[str, _Challenge] = attrs.field(factory=dict)
 
     def lookup(self, name: str | None) -> SSL.Context | None:
-        """Exact name, then wildcard, else ``None`` (meaning: keep the default).
+        """Pending challenge, exact name, then wildcard, else ``None`` (keep the default).
 
         ``dispatch`` also means "keep the default": the connection already has it."""
         if name is None:
             return None
-        ctx = self.exact.get(name)
+        ctx = self.challenges.get(name) or self.exact.get(name)
         if ctx is None:
             _, dot, parent = name.partition(".")
             if dot and parent:
@@ -217,7 +267,10 @@ class _Snapshot:
 
 
 def _build_snapshot(
-    entries: Mapping[str, _Entry], default_key: str | None, alpn: Sequence[bytes]
+    entries: Mapping[str, _Entry],
+    default_key: str | None,
+    alpn: Sequence[bytes],
+    pending: Mapping[str, _Challenge] | None = None,
 ) -> _Snapshot:
     # Where two certificates cover a name, the one valid longest wins (a fresh renewal beats a
     # stale certificate still installed under another key); ties go to the earlier installed.
@@ -246,17 +299,42 @@ def _build_snapshot(
         # settings over), and dispatch already serves the default certificate.
         return dispatch if entry is default else entry.context
 
+    def normal_entry(name: str) -> _Entry | None:
+        _, dot, parent = name.partition(".")
+        found = exact.get(name) or (wildcard.get(parent) if dot else None)
+        return found or default
+
+    def challenge_context(challenge: _Challenge) -> SSL.Context:
+        # Built like the name's normal context, so a client that is not validating gets
+        # exactly what it would get without the challenge.
+        entry = normal_entry(challenge.name)
+        if entry is not None:
+            return build_context(entry.bundle, alpn, challenge=challenge)
+        # Nothing to serve yet (the first issuance, no placeholder). OpenSSL refuses a
+        # handshake on a context without a certificate before ALPN runs, so this one holds the
+        # validation certificate: other clients get it instead of a failed handshake, and
+        # trust it no more than they would trust nothing.
+        ctx = _base_context(alpn, challenge)
+        ctx.use_certificate(challenge.certificate)
+        ctx.use_privatekey(challenge.key)  # type: ignore[arg-type]
+        return ctx
+
+    pending = dict(pending or {})
     snapshot = _Snapshot(
         entries=dict(entries),
         exact={k: context(e) for k, e in exact.items()},
         wildcard={k: context(e) for k, e in wildcard.items()},
         default=default,
         dispatch=dispatch,
+        challenges={name: challenge_context(c) for name, c in pending.items()},
+        pending=pending,
     )
-    # Only when some name needs another certificate than the default: with one certificate
-    # (most homeservers) every name gets the default anyway, and a handshake then runs no
-    # Python at all.
-    if any(ctx is not dispatch for ctx in (*snapshot.exact.values(), *snapshot.wildcard.values())):
+    # Only when some name needs another certificate than the default, or has a challenge
+    # pending: with one certificate (most homeservers) every name gets the default anyway, and
+    # a handshake then runs no Python at all.
+    if snapshot.challenges or any(
+        ctx is not dispatch for ctx in (*snapshot.exact.values(), *snapshot.wildcard.values())
+    ):
         dispatch.set_tlsext_servername_callback(_sni_callback(snapshot))
     return snapshot
 
@@ -338,7 +416,7 @@ class HotSwapTLS:
         entry = self._prepare(key, bundle, allow_expired, old)
         entries = dict(old.entries)
         entries[key] = entry
-        self._snapshot = _build_snapshot(entries, self.default_key, self.alpn)
+        self._rebuild(entries)
         self._swapped()
         self._log_installed(entry)
 
@@ -362,7 +440,7 @@ class HotSwapTLS:
             entries[key] = entry
             installed.append(entry)
         if installed:
-            self._snapshot = _build_snapshot(entries, self.default_key, self.alpn)
+            self._rebuild(entries)
             self._swapped()
         for entry in installed:
             self._log_installed(entry)
@@ -418,8 +496,43 @@ class HotSwapTLS:
         old = self._snapshot
         if key in old.entries:
             entries = {k: e for k, e in old.entries.items() if k != key}
-            self._snapshot = _build_snapshot(entries, self.default_key, self.alpn)
+            self._rebuild(entries)
             log.info("TLS: no longer serving the certificate for %s", key)
+
+    def _rebuild(
+        self,
+        entries: Mapping[str, _Entry],
+        pending: Mapping[str, _Challenge] | None = None,
+    ) -> None:
+        """Swap in a snapshot of ``entries`` and the pending challenges (``pending``, or
+        the current ones)."""
+        if pending is None:
+            pending = self._snapshot.pending
+        self._snapshot = _build_snapshot(entries, self.default_key, self.alpn, pending)
+
+    # -- tls-alpn-01 --------------------------------------------------------------------------
+
+    def set_challenge(
+        self, name: str, certificate: x509.Certificate, key: CertificateIssuerPrivateKeyTypes
+    ) -> None:
+        """Answer a handshake for ``name`` offering only ``acme-tls/1`` with ``certificate``
+        (the RFC 8737 validation certificate, see :mod:`synapse_acme.acme.tlsalpn`) until
+        :meth:`remove_challenge`; replaces an earlier one for ``name``."""
+        name = name.lower().rstrip(".")
+        pending = dict(self._snapshot.pending)
+        pending[name] = _Challenge(name=name, certificate=certificate, key=key)
+        self._rebuild(self._snapshot.entries, pending)
+
+    def remove_challenge(self, name: str) -> None:
+        """Stop answering ``tls-alpn-01`` for ``name`` (no error if nothing is pending)."""
+        name = name.lower().rstrip(".")
+        if name in self._snapshot.pending:
+            pending = {k: c for k, c in self._snapshot.pending.items() if k != name}
+            self._rebuild(self._snapshot.entries, pending)
+
+    def challenge_names(self) -> list[str]:
+        """The names with a pending ``tls-alpn-01`` challenge, sorted."""
+        return sorted(self._snapshot.pending)
 
     def keys(self) -> list[str]:
         """The keys with an installed certificate, in installation order."""

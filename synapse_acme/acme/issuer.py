@@ -8,7 +8,7 @@ the injected clock, so tests move time with ``task.Clock`` and nothing ever slee
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -26,6 +26,7 @@ from synapse_acme import crypto
 from synapse_acme.acme.ari import ari_cert_id
 from synapse_acme.acme.client import AcmeClient, Fetched
 from synapse_acme.acme.csr import make_csr_pem
+from synapse_acme.acme.tlsalpn import recognise
 from synapse_acme.acme.trust import IssuerTrust
 from synapse_acme.errors import (
     AcmeError,
@@ -36,7 +37,7 @@ from synapse_acme.errors import (
 )
 from synapse_acme.interfaces import IIssuer, IResponder
 from synapse_acme.model import CertificateBundle, RenewalWindow
-from synapse_acme.names import canonical_names
+from synapse_acme.names import canonical_names, names_key
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,9 @@ async def _withdraw(responder: IResponder, ident: str, token: str) -> None:
 @attrs.define
 class AcmeIssuer:
     """Obtains certificates from the CA behind ``client``, answering challenges with
-    ``responders`` (preferred first); every issued chain must reach a root of ``trust``
+    ``responders`` (preferred first; ``challenge_preferences`` narrows and reorders them per
+    certificate: keyed by :func:`~synapse_acme.names.names_key` of its names, each value the
+    challenge types to use, preferred first); every issued chain must reach a root of ``trust``
     (:class:`~synapse_acme.acme.trust.IssuerTrust`; None only for dry runs against a staging CA,
     whose roots nobody trusts: the chain is then checked for order, key and names only). The
     account is registered on first use, and ``on_account`` (if given) is called with its URL
@@ -128,6 +131,7 @@ class AcmeIssuer:
     poll_timeout: float = 300.0
     preferred_chain: str | None = None
     on_account: Callable[[str], object] | None = None
+    challenge_preferences: Mapping[str, Sequence[str]] = attrs.field(factory=dict)
     _account_lock: defer.DeferredLock = attrs.field(
         init=False, factory=defer.DeferredLock, repr=False
     )
@@ -200,7 +204,8 @@ class AcmeIssuer:
         log.info("order %s for %s: %s", order.url, ", ".join(names), order.body.status)
         if order.body.status == messages.STATUS_INVALID:
             raise self._order_failed(order)
-        await self._authorize_all(list(order.body.authorizations))
+        responders = self._responders_for(names)
+        await self._authorize_all(list(order.body.authorizations), responders)
         order = await self._finalize(order, names, key_pem)
         cert_url = str(order.body.certificate)
         chain_pem = await self._download(cert_url)
@@ -208,10 +213,18 @@ class AcmeIssuer:
         log.info("certificate issued for %s (%s)", ", ".join(names), cert_url)
         return bundle
 
-    async def _authorize_all(self, urls: list[str]) -> None:
+    def _responders_for(self, names: tuple[str, ...]) -> list[IResponder]:
+        """The responders to use for ``names``, preferred first."""
+        types = self.challenge_preferences.get(names_key(names))
+        if types is None:
+            return list(self.responders)
+        by_type = {r.challenge_type: r for r in self.responders}
+        return [by_type[t] for t in types if t in by_type]
+
+    async def _authorize_all(self, urls: list[str], responders: Sequence[IResponder]) -> None:
         """Work every authorization in parallel; on the first failure cancel the rest (so
         each withdraws its challenge answer) and re-raise that failure."""
-        ds = [Deferred.fromCoroutine(self._authorize(url)) for url in urls]
+        ds = [Deferred.fromCoroutine(self._authorize(url, responders)) for url in urls]
         try:
             await defer.DeferredList(ds, fireOnOneErrback=True, consumeErrors=True)
         except defer.FirstError as e:
@@ -221,25 +234,28 @@ class AcmeIssuer:
             e.subFailure.raiseException()
 
     def _pick(
-        self, authz: Fetched[messages.Authorization]
-    ) -> tuple[messages.ChallengeBody, IResponder]:
-        offered = list(authz.body.challenges or ())
-        for responder in self.responders:
-            for challb in offered:
-                chall = challb.chall
+        self, authz: Fetched[messages.Authorization], responders: Sequence[IResponder]
+    ) -> tuple[messages.ChallengeBody, challenges.KeyAuthorizationChallenge, IResponder]:
+        """The first of ``responders`` (in their order) whose type the CA offers."""
+        offered = [(challb, recognise(challb.chall)) for challb in authz.body.challenges or ()]
+        for responder in responders:
+            for challb, chall in offered:
                 if (
                     isinstance(chall, challenges.KeyAuthorizationChallenge)
                     and chall.typ == responder.challenge_type
                 ):
-                    return challb, responder
+                    return challb, chall, responder
+        types = [str(c.jobj.get("type", "?")) if isinstance(c, challenges.UnrecognizedChallenge)
+                 else str(getattr(c, "typ", "?")) for _, c in offered]  # fmt: skip
         raise AcmeProtocolError(
             f"no challenge for {_identifier(authz.body)} we can answer: the CA offers "
-            f"{', '.join(str(getattr(c.chall, 'typ', '?')) for c in offered) or 'none'}, we "
-            f"answer {', '.join(r.challenge_type for r in self.responders) or 'nothing'}",
+            f"{', '.join(types) or 'none'}, we answer "
+            f"{', '.join(r.challenge_type for r in responders) or 'nothing'} (the challenges "
+            "setting, default: what this setup can answer)",
             authz.url,
         )
 
-    async def _authorize(self, url: str) -> None:
+    async def _authorize(self, url: str, responders: Sequence[IResponder]) -> None:
         authz = await self.client.get_authorization(url)
         ident = _identifier(authz.body)
         if authz.body.status == messages.STATUS_VALID:
@@ -247,8 +263,7 @@ class AcmeIssuer:
             return
         if authz.body.status != messages.STATUS_PENDING:
             raise ChallengeFailed(ident, self._authz_problem(authz, None))
-        challb, responder = self._pick(authz)
-        chall = challb.chall
+        challb, chall, responder = self._pick(authz, responders)
         token = chall.encode("token")
         # The key authorization itself (RFC 8555 section 8.1): each responder derives what it
         # serves from it (HTTP-01 the body as is; DNS-01 its SHA-256 as a TXT value).

@@ -326,7 +326,9 @@ class AcmeModule:
             self.reactor,
             standalone_listener=self.settings.standalone_listener,
             runner=self._io,
-            host_serves_tls=True,  # _install_tls puts runtime.tls on Synapse's TLS listeners
+            # _install_tls puts runtime.tls on Synapse's TLS listeners, which then also answer
+            # tls-alpn-01 (the default challenges include it only then).
+            host_serves_tls=self._serves_tls(),
             metrics_registry=REGISTRY,
         )
         self.tls = self.runtime.tls
@@ -350,6 +352,13 @@ class AcmeModule:
             if self.settings.standalone_listener
             else "",
         )
+
+    def _serves_tls(self) -> bool:
+        """Whether the hot-swapping creator will serve Synapse's TLS listeners."""
+        try:
+            return bool(self.glue.can_install_creator and self.glue.has_tls_listener())
+        except Exception:  # no homeserver behind the API (tests), or internals moved
+            return False
 
     def _init_follower(self) -> None:
         from synapse_acme.tls import HotSwapTLS

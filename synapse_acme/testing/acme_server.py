@@ -43,10 +43,17 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from synapse_acme.acme.tlsalpn import TLSALPN01
 from synapse_acme.acme.trust import IssuerTrust
 from synapse_acme.testing.certificates import ca_certificate
 
 logger = logging.getLogger(__name__)
+
+
+def _challenge_type(typ: str) -> type[challenges.Challenge]:
+    """The message class for ``typ``: certbot's library, plus tls-alpn-01 it no longer has."""
+    return TLSALPN01 if typ == TLSALPN01.typ else challenges.Challenge.TYPES[typ]
+
 
 ERROR_PREFIX = "urn:ietf:params:acme:error:"
 JOSE_JSON = "application/jose+json"
@@ -1174,7 +1181,7 @@ class FakeAcmeServer:
 
     def _challenge_body(self, chall: Challenge) -> messages.ChallengeBody:
         return messages.ChallengeBody(
-            chall=challenges.Challenge.TYPES[chall.type](token=chall.token),
+            chall=_challenge_type(chall.type)(token=chall.token),
             uri=chall.url,
             status=messages.Status.from_json(chall.status),
             validated=chall.validated,
@@ -1257,7 +1264,7 @@ class FakeAcmeServer:
         token = _b64(chall.token)
         chall_obj = cast(
             challenges.KeyAuthorizationChallenge,
-            challenges.Challenge.TYPES[chall.type](token=chall.token),
+            _challenge_type(chall.type)(token=chall.token),
         )
         key_authz = chall_obj.key_authorization(req.key)
         self.validations.append((authz.identifier, token, key_authz))

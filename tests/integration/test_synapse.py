@@ -103,19 +103,30 @@ class Synapse:
     """One homeserver directory and the Synapse processes started on it."""
 
     def __init__(
-        self, workdir: pathlib.Path, ca: PebbleCA, module_config: str, metrics: bool = False
+        self,
+        workdir: pathlib.Path,
+        ca: PebbleCA,
+        module_config: str,
+        *,
+        metrics: bool = False,
+        tls_reserved: ports.PortReservation | None = None,
+        http_port: int | None = None,
+        on_tls_port_moved: Callable[[int], None] | None = None,
     ) -> None:
         """``metrics`` adds Synapse's ``metrics`` listener (and ``enable_metrics``) on a
         reserved port, :attr:`metrics_port`, moved with the TLS port when it was taken."""
         self.dir = workdir
         # Synapse must be told its ports in homeserver.yaml and cannot take a socket: the TLS
-        # port is reserved (synapse_acme.testing.ports), and start() retries with another if
-        # it was taken anyway. The HTTP port is where Pebble validates (reserved by PebbleCA).
-        self._tls_reserved: ports.PortReservation | None = ports.reserve_port()
+        # port is reserved (synapse_acme.testing.ports; ``tls_reserved`` if the caller reserved
+        # it, e.g. to point Pebble's tlsPort at it first), and start() retries with another if
+        # it was taken anyway (``on_tls_port_moved`` is told the new one). The HTTP port is
+        # where Pebble validates HTTP-01 (reserved by PebbleCA) unless ``http_port`` is given.
+        self._tls_reserved: ports.PortReservation | None = tls_reserved or ports.reserve_port()
         self.tls_port = self._tls_reserved.port
         self._metrics_reserved = ports.reserve_port() if metrics else None
         self.metrics_port = self._metrics_reserved.port if self._metrics_reserved else 0
-        self.http_port = ca.http_port
+        self.http_port = ca.http_port if http_port is None else http_port
+        self._on_tls_port_moved = on_tls_port_moved
         self.config_path = workdir / "homeserver.yaml"
         self.log_path = workdir / "synapse.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -233,6 +244,8 @@ class Synapse:
             assert f"- port: {old}\n" in text
             text = text.replace(f"- port: {old}\n", f"- port: {self.metrics_port}\n")
         self.config_path.write_text(text)
+        if self._on_tls_port_moved is not None:
+            self._on_tls_port_moved(self.tls_port)
 
     def _release_tls_port(self) -> None:
         if self._tls_reserved is not None:

@@ -332,7 +332,7 @@ BAD = [
     (
         {"certificates": [{"domains": ["a.b"], "keytype": "rsa"}]},
         "acme.certificates[0].keytype: unknown key (did you mean 'key_type'?); "
-        "known keys: domains, key_type",
+        "known keys: challenges, domains, key_type",
     ),
     (
         {"certificates": [{"domains": ["example.org"]}]},
@@ -787,6 +787,7 @@ _GOOD: dict[str, list[Any]] = {
         [],
         [{"domains": ["c.example"]}],
         [{"domains": "d.example", "key_type": "rsa"}],
+        [{"domains": ["e.example"], "challenges": ["tls-alpn-01"]}],
     ],
     "contact": ["ops@example.com", [], ["mailto:a@b.example"]],
     "terms_of_service_agreed": [True],
@@ -805,6 +806,7 @@ _GOOD: dict[str, list[Any]] = {
     "request_timeout": [2, "45s"],
     "tls_listen": [[], ["tcp:8448"], "tcp6:8448"],
     "metrics_listen": [[], ["tcp:9109:interface=127.0.0.1"], "unix:/run/acme-metrics.sock"],
+    "challenges": [["tls-alpn-01"], "http-01", ["http-01", "tls-alpn-01"]],
     "external_certificates": [True, False],
     "watch_interval": [5, "1m"],
     "max_requests_per_minute": [1, 1200, 100000],
@@ -895,3 +897,40 @@ def test_max_requests_per_minute_must_be_positive() -> None:
         "acme.max_requests_per_minute: expected a whole number of requests per minute above 0"
         ", got 0"
     )
+
+
+def test_challenges_top_level_and_per_certificate() -> None:
+    config = parse_acme_config(
+        {
+            "domain": "example.org",
+            "challenges": ["TLS-ALPN-01", "http-01", "tls-alpn-01"],
+            "certificates": [
+                {"domains": ["a.example.org"], "challenges": "http-01"},
+                {"domains": ["b.example.org"]},
+            ],
+        }
+    )
+    assert config.challenges == ("tls-alpn-01", "http-01")
+    assert [s.challenges for s in config.certificate_specs()] == [None, ("http-01",), None]
+    assert parse_acme_config({"domain": "example.org"}).challenges is None
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        (
+            {"challenges": ["http01"]},
+            "acme.challenges[0]: unknown challenge type (did you mean 'http-01'?); challenge "
+            "types, preferred first: dns-01, http-01, tls-alpn-01, got 'http01'",
+        ),
+        ({"challenges": []}, "acme.challenges: expected at least one of the challenge types"),
+        (
+            {"certificates": [{"domains": ["a.b"], "challenges": ["tls-sni-01"]}]},
+            "acme.certificates[0].challenges[0]: unknown challenge type",
+        ),
+    ],
+)
+def test_bad_challenges_name_the_key(block: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_acme_config({"domain": "example.org", **block})
+    assert str(e.value).startswith(message)

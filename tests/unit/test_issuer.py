@@ -24,6 +24,7 @@ from synapse_acme.acme.transport import JWSTransport
 from synapse_acme.errors import AcmeError, AcmeProtocolError, AcmeTransportError, ChallengeFailed
 from synapse_acme.interfaces import IIssuer, IResponder
 from synapse_acme.model import CertificateBundle
+from synapse_acme.names import names_key
 from synapse_acme.testing.acme_server import FakeAcmeServer
 from tests.deferreds import result_of
 
@@ -289,6 +290,48 @@ def test_unknown_preferred_chain_falls_back_to_default() -> None:
 def test_no_usable_challenge_is_protocol_error() -> None:
     w = World(challenge_types=("dns-01",))
     with pytest.raises(AcmeProtocolError, match="offers dns-01, we answer http-01"):
+        w.issue(["a.example.test"])
+    assert w.responder.calls == []
+
+
+def _with_alpn(w: World, preferences: dict[str, list[str]]) -> RecordingResponder:
+    """Give ``w``'s issuer a tls-alpn-01 responder too (answers checked by the same map)."""
+    alpn = RecordingResponder(challenge_type="tls-alpn-01", live=w.responder.live)
+    w.issuer = attrs.evolve(
+        w.issuer, responders=[w.responder, alpn], challenge_preferences=preferences
+    )
+    return alpn
+
+
+def test_challenge_preference_per_certificate() -> None:
+    """Without a preference the responders' order decides; a certificate's preference
+    narrows and reorders them, and the CA's order of offers never matters."""
+    w = World(challenge_types=("tls-alpn-01", "dns-01", "http-01"))
+    alpn = _with_alpn(w, {names_key(["b.example.test"]): ["tls-alpn-01", "http-01"]})
+    w.issue(["a.example.test"])
+    assert [c[0] for c in w.responder.calls] == ["start", "stop"] and alpn.calls == []
+    w.issue(["b.example.test"])
+    assert [c[1] for c in alpn.calls] == ["b.example.test", "b.example.test"]
+    assert len(w.responder.calls) == 2
+
+
+def test_tls_alpn_01_offered_by_the_ca_is_answered() -> None:
+    """The CA's tls-alpn-01 (which certbot's library no longer decodes) reaches the responder
+    with the key authorization, and the issuance completes."""
+    w = World(challenge_types=("http-01", "tls-alpn-01"))
+    alpn = _with_alpn(w, {names_key(["a.example.test"]): ["tls-alpn-01"]})
+    bundle = w.issue(["a.example.test"])
+    assert crypto.certificate_names(crypto.parse_chain(bundle.chain_pem)[0]) == ["a.example.test"]
+    assert [c[0] for c in alpn.calls] == ["start", "stop"] and w.responder.calls == []
+
+
+def test_no_offered_challenge_among_the_preferred_names_both_sides() -> None:
+    w = World(challenge_types=("http-01", "dns-01"))
+    _with_alpn(w, {names_key(["a.example.test"]): ["tls-alpn-01"]})
+    with pytest.raises(
+        AcmeProtocolError,
+        match="the CA offers http-01, dns-01, we answer tls-alpn-01 \\(the challenges setting",
+    ):
         w.issue(["a.example.test"])
     assert w.responder.calls == []
 

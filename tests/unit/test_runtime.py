@@ -10,12 +10,22 @@ from typing import Any
 import pytest
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
+from synapse_acme.acme.issuer import AcmeIssuer
 from synapse_acme.config import AcmeConfig, parse_acme_config
 from synapse_acme.errors import ConfigError, ListenError
+from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.limits import ConnectionLimits, HandshakeDeadlineFactory, LimitedFactory
-from synapse_acme.runtime import Runtime, build_runtime
+from synapse_acme.runtime import (
+    Runtime,
+    build_runtime,
+    challenge_preferences,
+    challenge_responders,
+)
+from synapse_acme.tls import HotSwapTLS
+from synapse_acme.tlsalpn01 import TLSALPN01Responder
 
 
 class _RecordingHTTP:
@@ -215,3 +225,74 @@ def test_dns01_is_preferred_and_needs_neither_a_listener_nor_the_http_preflight(
         assert http.requests and http.requests[0][1] == "https://ca.example.test/dir"
     finally:
         _stop(runtime)
+
+
+# -- challenge choice --------------------------------------------------------------------------
+
+
+def _preferences(tmp_path: Path, *, http01: bool, tls: bool, **block: Any) -> dict[str, Any]:
+    """What build_runtime would give the issuer for ``block`` in a setup that serves HTTP-01
+    (its listener or the host's) and/or TLS."""
+    config = _config(tmp_path, **block)
+    responders = challenge_responders(
+        HTTP01Responder(),
+        TLSALPN01Responder(tls=HotSwapTLS(clock=Clock()), clock=Clock()) if tls else None,
+    )
+    return challenge_preferences(config, responders, http01_served=http01)
+
+
+def test_default_challenges_are_what_the_setup_can_answer(tmp_path: Path) -> None:
+    key = "gate.example.test"
+    assert _preferences(tmp_path, http01=True, tls=False) == {key: ("http-01",)}
+    assert _preferences(tmp_path, http01=True, tls=True) == {key: ("http-01", "tls-alpn-01")}
+    # TLS only (port 0 and tls_listen, or Synapse's TLS listener with no HTTP-01 listener
+    # reaching it): no port 80 needed.
+    assert _preferences(tmp_path, http01=False, tls=True) == {key: ("tls-alpn-01",)}
+    # Nothing here answers: http-01, answered elsewhere, as before there was a choice.
+    assert _preferences(tmp_path, http01=False, tls=False) == {key: ("http-01",)}
+
+
+def test_challenges_per_certificate_override_the_block(tmp_path: Path) -> None:
+    block = {
+        "challenges": ["tls-alpn-01", "http-01"],
+        "certificates": [
+            {"domains": ["a.example.test"]},
+            {"domains": ["b.example.test"], "challenges": "http-01"},
+        ],
+    }
+    assert _preferences(tmp_path, http01=True, tls=True, **block) == {
+        "gate.example.test": ("tls-alpn-01", "http-01"),
+        "a.example.test": ("tls-alpn-01", "http-01"),
+        "b.example.test": ("http-01",),
+    }
+
+
+def test_a_challenge_type_the_setup_cannot_answer_names_its_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        _preferences(tmp_path, http01=True, tls=False, challenges=["tls-alpn-01"])
+    assert str(e.value).startswith("modules[0].config.challenges: tls-alpn-01 cannot be answered")
+    assert "modules[0].config.tls_listen" in str(e.value)
+    block = {"certificates": [{"domains": ["a.example.test"], "challenges": ["tls-alpn-01"]}]}
+    with pytest.raises(ConfigError, match=r"config\.certificates\[0\]\.challenges: tls-alpn-01"):
+        _preferences(tmp_path, http01=True, tls=False, **block)
+
+
+def test_the_tls_alpn_01_responder_answers_through_the_runtimes_tls_creator(
+    tmp_path: Path,
+) -> None:
+    runtime = build_runtime(
+        _config(tmp_path, port=0, tls_listen=["tcp:0:interface=127.0.0.1"]),
+        MemoryReactorClock(),
+        http_client=_RecordingHTTP(),
+    )
+    try:
+        assert runtime.acme is not None
+        issuer = runtime.acme._issuer
+        assert isinstance(issuer, AcmeIssuer)
+        [alpn] = [r for r in issuer.responders if isinstance(r, TLSALPN01Responder)]
+        assert alpn.tls is runtime.tls
+        assert issuer.challenge_preferences == {"gate.example.test": ("tls-alpn-01",)}
+    finally:
+        for child in runtime.service:
+            if hasattr(child, "lock"):
+                child.lock.release()
