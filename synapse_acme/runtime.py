@@ -254,6 +254,7 @@ def _build_managing(
         contact=config.contact,
         tos_agreed=config.terms_of_service_agreed,
         eab=(config.eab.kid, config.eab.hmac_key) if config.eab is not None else None,
+        eab_setting=config.key("eab"),
         profile=config.profile,
         poll_interval=config.poll_interval,
         poll_timeout=config.poll_timeout,

@@ -40,7 +40,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from synapse_acme import crypto, policy
-from synapse_acme.errors import AcmeError, BundleError, ChallengeFailed, SynapseAcmeError
+from synapse_acme.errors import (
+    AccountRefused,
+    AcmeError,
+    BundleError,
+    ChallengeFailed,
+    SynapseAcmeError,
+)
 from synapse_acme.interfaces import ICertificateConsumer, ICertificateStore, IIssuer
 from synapse_acme.model import CertificateBundle, CertificateSpec, RenewalWindow
 from synapse_acme.names import canonical_names, names_key
@@ -58,6 +64,8 @@ STATUS_COALESCE_SECONDS = 0.5
 
 def _error_type(failure: Failure | BaseException) -> str:
     exc = failure.value if isinstance(failure, Failure) else failure
+    if isinstance(exc, AccountRefused):
+        return exc.problem.code
     if isinstance(exc, AcmeError):
         return exc.code
     if isinstance(exc, ChallengeFailed) and exc.error is not None:

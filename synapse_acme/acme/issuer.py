@@ -87,6 +87,8 @@ class AcmeIssuer:
     contact: Sequence[str] = ()
     tos_agreed: bool = False
     eab: tuple[str, str] | None = attrs.field(default=None, repr=False)
+    #: The setting named when the CA refuses the binding (``acme.issuers[1].eab``).
+    eab_setting: str = "acme.eab"
     profile: str | None = None
     poll_interval: float = 0.5
     poll_timeout: float = 300.0
@@ -121,7 +123,9 @@ class AcmeIssuer:
     async def _register_if_needed(self) -> str:
         if self.client.account_url is not None:
             return self.client.account_url
-        url = await self.client.register(tuple(self.contact), self.tos_agreed, self.eab)
+        url = await self.client.register(
+            tuple(self.contact), self.tos_agreed, self.eab, self.eab_setting
+        )
         if self.on_account is not None:
             try:
                 self.on_account(url)
