@@ -107,9 +107,12 @@ class AcmeIssuer:
         every challenge answer."""
         return Deferred.fromCoroutine(self._issue(tuple(names), key_pem, replaces))
 
-    def renewal_info(self, chain_pem: bytes) -> Deferred[RenewalWindow | None]:
+    def renewal_info(
+        self, chain_pem: bytes, directory: str | None = None
+    ) -> Deferred[RenewalWindow | None]:
         """See :meth:`IIssuer.renewal_info`. ``None`` also for a certificate that cannot have
-        ARI (a placeholder without an Authority Key Identifier)."""
+        ARI (a placeholder without an Authority Key Identifier). ``directory`` is not needed:
+        this issuer has one CA."""
         return Deferred.fromCoroutine(self._renewal_info(chain_pem))
 
     # -- account ----------------------------------------------------------------------------
