@@ -25,6 +25,8 @@ import base64
 import json
 import logging
 import os
+import re
+import urllib.parse
 
 import attrs
 import josepy
@@ -110,6 +112,37 @@ def parse_account_key(data: bytes, where: str) -> josepy.JWK:
 def key_thumbprint(jwk: josepy.JWK) -> str:
     """The RFC 7638 SHA-256 thumbprint of the key, base64url (as ACME uses it)."""
     return base64.urlsafe_b64encode(jwk.thumbprint()).rstrip(b"=").decode("ascii")
+
+
+# -- one account per CA ------------------------------------------------------------------------
+
+#: Where the accounts at the second and later CAs of ``acme.issuers`` live, one directory each.
+ACCOUNTS_DIR = "accounts"
+_MAX_CA_DIR_NAME = 100
+
+
+def ca_dir_name(url: str) -> str:
+    """A path-safe directory name for the CA with directory URL ``url``: its host, port and
+    path, lower-case, every run of other characters than ``a-z0-9.-`` (and every ``..``) made
+    one ``_`` (``https://acme.zerossl.com/v2/DV90`` -> ``acme.zerossl.com_v2_dv90``). Two
+    CAs on one host (step-ca provisioners, two Pebbles) get two names."""
+    parts = urllib.parse.urlsplit(url)
+    text = f"{parts.netloc}{parts.path}".lower()
+    name = re.sub(r"(?:[^a-z0-9.-]|\.{2,})+", "_", text).strip("_.-")[:_MAX_CA_DIR_NAME]
+    return name or "ca"
+
+
+def issuer_account_paths(
+    index: int, url: str, account_key_file: str, storage: str
+) -> tuple[str, str]:
+    """``(key file, directory of account.json)`` for the account at CA number ``index`` of
+    the list (0 is the first). The first CA keeps ``account_key_file`` and the store's own
+    ``account.json``, so a store from before ``issuers`` keeps its account; each other CA has
+    ``<storage>/accounts/<ca_dir_name>/account.key`` and ``account.json`` beside it."""
+    if index == 0:
+        return account_key_file, storage
+    directory = os.path.join(storage, ACCOUNTS_DIR, ca_dir_name(url))
+    return os.path.join(directory, "account.key"), directory
 
 
 # -- the account record ------------------------------------------------------------------------

@@ -629,7 +629,7 @@ def _describe(
     nb, na = crypto.not_before(chain[0]), crypto.not_after(chain[0])
     placeholder = bool(bundle.metadata.get("placeholder"))
     renew_at = policy.renewal_time(nb, na, threshold=threshold, ari_window=None, rand=0.5)
-    entry = {
+    entry: dict[str, Any] = {
         "state": "placeholder" if placeholder else "expired" if na <= now else "valid",
         "serial": f"{chain[0].serial_number:x}",
         "issuer": chain[0].issuer.rfc4514_string(),
@@ -638,6 +638,12 @@ def _describe(
         "renew_at": format_time(renew_at) if not placeholder else "now",
         "path": os.path.join(config.storage, "certificates", key),
     }
+    # Which CA issued it, and how many of acme.issuers failed before that one did.
+    ca_url = bundle.metadata.get("issuer_directory")
+    if isinstance(ca_url, str) and not placeholder:
+        entry["ca"] = ca_url
+        fallbacks = bundle.metadata.get("issuer_fallbacks")
+        entry["fallbacks"] = fallbacks if isinstance(fallbacks, int) and fallbacks > 0 else 0
     if config.external_certificates:
         entry.update(renew_at="by another tool", path=config.tls_certificate_path)
     return entry
@@ -689,6 +695,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 ("renew at", "renew_at"),
                 ("serial", "serial"),
                 ("issuer", "issuer"),
+                ("issued by CA", "ca"),
+                ("fallbacks", "fallbacks"),
                 ("stored in", "path"),
                 ("exported", "exported_serial"),
                 ("served", "served_serial"),

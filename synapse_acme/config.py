@@ -108,6 +108,24 @@ class EabConfig:
         return _b64url_decode(self.hmac_key)
 
 
+@attrs.frozen
+class IssuerConfig:
+    """One CA: an item of ``acme.issuers``, or the one CA of the top-level ``url``,
+    ``ca_bundle``, ``issuer_roots``, ``eab`` and ``profile`` when ``issuers`` is absent.
+    ``path`` is where its keys are written (``acme`` or ``acme.issuers[1]``), for messages."""
+
+    url: str
+    ca_bundle: str | None = None
+    issuer_roots: str | None = None
+    eab: EabConfig | None = None
+    profile: str | None = None
+    path: str = attrs.field(default="acme", eq=False)
+
+    def key(self, name: str) -> str:
+        """The full key path of this CA's setting ``name`` (``acme.issuers[1].eab``)."""
+        return f"{self.path}.{name}"
+
+
 # ---------------------------------------------------------------------------------------------
 # value readers: each takes the value and its full key path, returns the clean value or raises
 
@@ -677,6 +695,65 @@ def _eab(value: Any, path: str) -> EabConfig:
     return EabConfig(kid=kid, hmac_key=raw.strip())
 
 
+def _optional(
+    item: Mapping[Any, Any], at: str, key: str, read: Callable[..., Any], *args: Any
+) -> Any:
+    """``read(item[key], '<at>.<key>', *args)``, or None when the key is absent or null."""
+    return read(item[key], f"{at}.{key}", *args) if item.get(key) is not None else None
+
+
+_ISSUER_KEYS = ("url", "ca_bundle", "issuer_roots", "eab", "profile", "testing_allow_http")
+#: The top-level keys that describe the one CA; ``issuers`` replaces them.
+_ONE_CA_KEYS = ("url", "staging", "ca_bundle", "issuer_roots", "eab", "profile")
+
+
+def _issuers(
+    value: Any, path: str, base_dir: str | None, allow_http: bool
+) -> tuple[IssuerConfig, ...]:
+    items = _list(value, path, "a list of mappings, each with the url of a CA")
+    if not items:
+        raise ConfigError(path, "expected at least one CA (each a mapping with url)", value)
+    out: list[IssuerConfig] = []
+    for i, item in enumerate(items):
+        at = f"{path}[{i}]"
+        if not isinstance(item, Mapping):
+            # Not echoed: it may hold an eab block.
+            raise ConfigError(
+                at,
+                f"expected a mapping with url (and ca_bundle, eab, ...), got {_type_name(item)}",
+                has_value=False,
+            )
+        _check_keys(item, at, _ISSUER_KEYS)
+        if item.get("url") is None:
+            raise ConfigError(f"{at}.url", "missing: the CA's ACME directory URL", None)
+        url = _url(item["url"], f"{at}.url")
+        http_ok = allow_http or (
+            item.get("testing_allow_http") is not None
+            and _bool(item["testing_allow_http"], f"{at}.testing_allow_http")
+        )
+        if url.lower().startswith("http:") and not http_ok:
+            raise ConfigError(
+                f"{at}.url",
+                "expected an https:// URL: over plain http anyone on the path could answer in "
+                "the CA's name (a local test CA may be allowed with testing_allow_http: true)",
+                item["url"],
+            )
+        if any(known.url == url for known in out):
+            raise ConfigError(f"{at}.url", "the same CA as an earlier item; list each CA once", url)
+
+        out.append(
+            IssuerConfig(
+                url=url,
+                ca_bundle=_optional(item, at, "ca_bundle", _certificates_file, base_dir),
+                issuer_roots=_optional(item, at, "issuer_roots", _certificates_file, base_dir),
+                eab=_optional(item, at, "eab", _eab),
+                profile=_optional(item, at, "profile", _profile),
+                path=at,
+            )
+        )
+    return tuple(out)
+
+
 def _certificates(value: Any, path: str, key_type: str) -> tuple[CertificateSpec, ...]:
     specs = []
     for i, item in enumerate(_list(value, path, "mappings with domains (and key_type)")):
@@ -838,6 +915,14 @@ def _certificates_in(value: Any, path: str, ctx: _Context) -> tuple[CertificateS
     if ctx.block.get("key_type") is not None:
         key_type = _key_type(ctx.block["key_type"], path.rsplit(".", 1)[0] + ".key_type")
     return _certificates(value, path, key_type)
+
+
+def _issuers_in(value: Any, path: str, ctx: _Context) -> tuple[IssuerConfig, ...]:
+    allow = ctx.block.get("testing_allow_http")
+    top = (
+        _bool(allow, path.rsplit(".", 1)[0] + ".testing_allow_http") if allow is not None else False
+    )
+    return _issuers(value, path, ctx.base_dir, top)
 
 
 def _setting(
@@ -1063,6 +1148,26 @@ class AcmeConfig:
         doc=(
             "ACME profile to request, if the CA offers profiles (Let's Encrypt: `classic`, "
             "`tlsserver`, `shortlived`)."
+        ),
+    )
+    issuers: tuple[IssuerConfig, ...] | None = _setting(
+        None,
+        read=_issuers_in,
+        uses_context=True,
+        shown_default="none (the one CA of `url`)",
+        doc=(
+            "Several CAs, tried in order: a list of `{url, ca_bundle, issuer_roots, eab, profile,"
+            " testing_allow_http}` (only `url` required), replacing the top-level `url`, "
+            "`staging`, `ca_bundle`, `issuer_roots`, `eab` and `profile` (setting both is an "
+            "error). When a CA refuses a certificate for good (e.g. `rejectedIdentifier`, `caa`, "
+            "a refused EAB, an unusable chain) the next is asked at once; when it fails in a way "
+            "that may pass (unreachable, `rateLimited`, a server error, a failed validation) it "
+            "is asked again on the next attempts, and the next CA only after 3 such failures in "
+            "a row for that certificate (at once in the one-shot `issue`/`renew`, which do not "
+            "retry). Each CA has its own account: the first keeps `account_key_file` and "
+            "`<storage>/account.json`, the others use `<storage>/accounts/<CA>/`. The "
+            "certificate records the CA that issued it (`synapse-acme status`), and every "
+            "renewal starts again at the first. See docs/cas.md."
         ),
     )
     tls_certificate_path: str | None = _setting(
@@ -1321,6 +1426,21 @@ class AcmeConfig:
             endpoints.append(f"{kind}:port={self.port}:interface={quoteStringArgument(address)}")
         return endpoints
 
+    def issuer_list(self) -> tuple[IssuerConfig, ...]:
+        """The CAs to ask, in order: ``issuers``, or the one CA of the top-level keys."""
+        if self.issuers is not None:
+            return self.issuers
+        return (
+            IssuerConfig(
+                url=self.url,
+                ca_bundle=self.ca_bundle,
+                issuer_roots=self.issuer_roots,
+                eab=self.eab,
+                profile=self.profile,
+                path=self.source_path,
+            ),
+        )
+
     def certificate_specs(self) -> list[CertificateSpec]:
         """The certificates to manage: ``(domain, *domains)`` first, then ``certificates``."""
         specs = []
@@ -1385,8 +1505,28 @@ def parse_acme_config(
             args = (ctx,) if field.metadata["context"] else ()
             values[field.name] = read(present[field.name], at(field.name), *args)
 
-    # url / staging
-    url = values.get("url")
+    # issuers replace the one CA; the top-level keys then mirror the first (what a dry run,
+    # the account record and status call "the CA")
+    if "issuers" in values:
+        for key in _ONE_CA_KEYS:
+            if key in present:
+                raise ConfigError(
+                    at("issuers"),
+                    f"issuers replaces the top-level {', '.join(_ONE_CA_KEYS)}; {key} is set "
+                    f"too: move it into an item of issuers, or remove issuers",
+                    has_value=False,
+                )
+        first = values["issuers"][0]
+        values.update(
+            url=first.url,
+            ca_bundle=first.ca_bundle,
+            issuer_roots=first.issuer_roots,
+            eab=first.eab,
+            profile=first.profile,
+        )
+
+    # url / staging (each item of issuers was checked by its reader)
+    url = values.get("url") if "issuers" not in values else None
     if url is not None:
         if url.lower().startswith("http:") and not values.get("testing_allow_http"):
             raise ConfigError(

@@ -68,6 +68,16 @@ class AcmeError(SynapseAcmeError):
         super().__init__(f"ACME error {code}{http}{where}: {detail}")
 
 
+class AccountRefused(ConfigError):
+    """The CA refused to create the account because of a setting (External Account Binding:
+    a wrong kid or HMAC key, or none where the CA requires one). ``path`` names the setting
+    (``acme.eab``); ``problem`` is the CA's :class:`AcmeError`, whose ``code`` says why."""
+
+    def __init__(self, path: str, message: str, problem: AcmeError) -> None:
+        self.problem = problem
+        super().__init__(path, message, has_value=False)
+
+
 class AcmeProtocolError(SynapseAcmeError):
     """The CA's answer is not what RFC 8555 promises (bad JSON, wrong content type, bad URL,
     an order in an unexpected state, a certificate chain that does not parse or does not match).

@@ -218,10 +218,14 @@ class IIssuer(Interface):
         and metadata), or failing with AcmeError / AcmeProtocolError / AcmeTransportError /
         ChallengeFailed."""
 
-    def renewal_info(chain_pem: bytes) -> Deferred[RenewalWindow | None]:
+    def renewal_info(
+        chain_pem: bytes, directory: str | None = None
+    ) -> Deferred[RenewalWindow | None]:
         """Deferred firing with a :class:`~synapse_acme.model.RenewalWindow` if the CA
         offers ARI (``renewalInfo`` in its directory) for the leaf of ``chain_pem``, else
-        ``None``. Never fails because the CA lacks ARI."""
+        ``None``. ``directory``: the directory URL of the CA that issued it (the bundle's
+        ``issuer_directory``), if known; an issuer for several CAs asks that one. Never fails
+        because the CA lacks ARI."""
 
 
 class ICertificateConsumer(Interface):

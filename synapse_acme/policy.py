@@ -17,6 +17,13 @@ from __future__ import annotations
 import datetime
 import random
 
+from synapse_acme.errors import (
+    AcmeError,
+    AcmeProtocolError,
+    ChallengeFailed,
+    ConfigError,
+)
+
 # Lifetime fraction left at renewal time when the CA gives no ARI window.
 RENEW_FRACTION_LEFT = 1 / 3
 # Certificates shorter than this renew with half their life left (Let's Encrypt "shortlived").
@@ -74,6 +81,55 @@ MAX_REQUESTS_PER_MINUTE = 1200  # acme.max_requests_per_minute
 # One request to the CA, connect to last body byte. Let's Encrypt answers in well under a
 # second; a CA that has not answered in 45 s (certbot's default) is not going to.
 DEFAULT_REQUEST_TIMEOUT = 45.0  # acme.request_timeout
+
+
+# -- several CAs (acme.issuers) ----------------------------------------------------------------
+
+# ACME problem types (RFC 8555 section 6.7, RFC 8657) that mean "this CA will not issue this
+# certificate to this account", however often it is asked: the next CA is asked at once.
+REFUSED_FOR_GOOD: frozenset[str] = frozenset(
+    {
+        "rejectedIdentifier",  # the CA's policy refuses the name
+        "unsupportedIdentifier",
+        "caa",  # the domain's CAA records forbid this CA
+        "unauthorized",  # at the order: this account may not have these names
+        "externalAccountRequired",
+        "userActionRequired",  # new terms to accept by hand
+        "badPublicKey",
+        "badSignatureAlgorithm",
+        "badCSR",
+        "unsupportedContact",
+        "invalidContact",
+    }
+)
+# A CA that fails in a way that may pass (unreachable, rateLimited, a server error, a failed
+# validation) is asked again on the service's next attempts (its backoff: 1 min, 2 min, 2 min,
+# ...), and the next CA only on this many failures in a row for one certificate: a CA that is
+# down for a few minutes keeps its certificates, one that is down for longer hands over after
+# about five minutes. A one-shot `issue`/`renew` makes one attempt, so there it is 1.
+FALLBACK_AFTER_FAILURES = 3
+
+
+def refused_for_good(error: BaseException) -> bool:
+    """True if ``error`` from one CA means that CA will not issue this certificate (the next
+    CA is asked at once): a problem of :data:`REFUSED_FOR_GOOD` for the order (a failed
+    challenge only for ``caa`` and ``rejectedIdentifier``: an ``unauthorized`` challenge is
+    usually our own answer, which the next CA would refuse too), a setting the CA refuses
+    (ConfigError: EAB, terms) or an answer that breaks the protocol or gives an unusable
+    chain (AcmeProtocolError). Anything else may pass: it counts towards
+    :data:`FALLBACK_AFTER_FAILURES`."""
+    if isinstance(error, (ConfigError, AcmeProtocolError)):
+        return True
+    if isinstance(error, ChallengeFailed):
+        return error.error is not None and error.error.code in ("caa", "rejectedIdentifier")
+    return isinstance(error, AcmeError) and error.code in REFUSED_FOR_GOOD
+
+
+def hands_over(error: BaseException, failures_in_a_row: int, budget: int) -> bool:
+    """True if the next CA should be asked now, after the current one failed with ``error``
+    for the ``failures_in_a_row``-th time in a row for this certificate (``error`` included),
+    given a ``budget`` of such failures (:data:`FALLBACK_AFTER_FAILURES`, 1 in one-shot)."""
+    return refused_for_good(error) or failures_in_a_row >= budget
 
 
 def _unit(rand: Rand) -> float:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
+import josepy as jose
 from cryptography import x509
 from prometheus_client import CollectorRegistry
 from treq.client import HTTPClient
@@ -20,9 +21,10 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 
-from synapse_acme import crypto, fsutil
+from synapse_acme import crypto, fsutil, policy
 from synapse_acme.account import (
     AccountRecorder,
+    issuer_account_paths,
     key_thumbprint,
     load_or_create_account_key,
     missing_key_directory,
@@ -33,13 +35,14 @@ from synapse_acme.acme.transport import JWSTransport, make_http_client
 from synapse_acme.acme.trust import IssuerTrust, load_issuer_trust
 from synapse_acme.alerter import STATE_FILE as ALERT_STATE_FILE
 from synapse_acme.alerter import Alerter
-from synapse_acme.config import CHALLENGE_TYPES, AcmeConfig
+from synapse_acme.config import CHALLENGE_TYPES, AcmeConfig, IssuerConfig
 from synapse_acme.dns01 import dns01_responder, thread_runner
 from synapse_acme.errors import BundleError, ConfigError
 from synapse_acme.export import FileExporter
+from synapse_acme.fallback import FallbackIssuer, NamedIssuer
 from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.http01_server import make_factory
-from synapse_acme.interfaces import IReactor, IResponder
+from synapse_acme.interfaces import IIssuer, IReactor, IResponder
 from synapse_acme.interprocess import StoreLock, StoreLockService
 from synapse_acme.limits import ConnectionLimits, LimitedFactory, fit_to_fd_limit, raise_fd_limit
 from synapse_acme.listeners import ListenerService, tls_listener
@@ -253,32 +256,11 @@ def _build_managing(
     store = FileStore(config.storage)
     for line in store.recover():
         logger.warning("Store recovery: %s", line)
-    # Never a silent new account for a store that had one (see synapse_acme.account).
-    account_key = load_or_create_account_key(config.account_key_file, storage=config.storage)
-    recorder = AccountRecorder(config.storage, config.url, key_thumbprint(account_key))
-    on_account: Callable[[str], object] = recorder
-    if runner is not None:  # reads (and rarely writes) account.json: not on the host's reactor
-
-        def on_account(url: str) -> object:
-            return runner(recorder, url).addErrback(
-                lambda f: logger.error("Could not record the ACME account: %s", f.value)
-            )
-
-    http = http_client if http_client is not None else make_http_client(reactor, config.ca_bundle)
-    transport = JWSTransport(
-        http,
-        reactor,
-        account_key,
-        config.url,
-        timeout=config.request_timeout,
-        max_requests_per_minute=config.max_requests_per_minute,
-        untrusted_hint=_untrusted_hint(config),
-        on_response=metrics.ca_response,
-    )
-    client = AcmeClient(transport)
+    cas = config.issuer_list()
+    account_keys = [_account_key(config, index, ca) for index, ca in enumerate(cas)]
     # Its probe secret lets `synapse-acme check` prove that this process answers challenges.
     responder = HTTP01Responder(
-        probe_secret=probe_secret_for(account_key), on_request=metrics.challenge_request
+        probe_secret=probe_secret_for(account_keys[0]), on_request=metrics.challenge_request
     )
     specs = config.certificate_specs()
     keys = [names_key(canonical_names(spec.names)) for spec in specs]
@@ -301,21 +283,25 @@ def _build_managing(
         responders,
         http01_served=not standalone_listener or bool(config.http01_endpoints()),
     )
-    issuer = AcmeIssuer(
-        client=client,
-        responders=list(responders.values()),
-        challenge_preferences=preferences,
-        clock=reactor,
-        account_key=account_key,
-        trust=_issuer_trust(config),
-        contact=config.contact,
-        tos_agreed=config.terms_of_service_agreed,
-        eab=(config.eab.kid, config.eab.hmac_key) if config.eab is not None else None,
-        profile=config.profile,
-        poll_interval=config.poll_interval,
-        poll_timeout=config.poll_timeout,
-        on_account=on_account,
-    )
+    named = [
+        NamedIssuer(
+            ca.url,
+            _acme_issuer(
+                config,
+                reactor,
+                index,
+                ca,
+                key,
+                _IssuerParts(list(responders.values()), preferences, metrics, http_client, runner),
+            ),
+        )
+        for index, (ca, key) in enumerate(zip(cas, account_keys, strict=True))
+    ]
+    issuer: IIssuer = named[0].issuer
+    if len(named) > 1:
+        # A one-shot command makes one attempt: there every failure asks the next CA.
+        budget = 1 if one_shot else policy.FALLBACK_AFTER_FAILURES
+        issuer = FallbackIssuer(named, budget=budget)
     exporters: dict[str, FileExporter] = {}
     write_status = _status_writer(config, tls if serves_tls else None, exporters, runner)
     alerter = None if one_shot else make_alerter(config, reactor, runner)
@@ -487,6 +473,82 @@ def _needs(typ: str, config: AcmeConfig) -> str:
     return "no responder for it is configured"
 
 
+def _account_key(config: AcmeConfig, index: int, ca: IssuerConfig) -> jose.JWK:
+    """The account key at CA number ``index`` of ``acme.issuers`` (see
+    :func:`synapse_acme.account.issuer_account_paths`); created only for a CA that never had
+    an account in this store."""
+    key_file, account_dir = issuer_account_paths(
+        index, ca.url, config.account_key_file, config.storage
+    )
+    if index > 0:
+        fsutil.ensure_private_dir(os.path.dirname(account_dir), follow=False)
+        fsutil.ensure_private_dir(account_dir, follow=False)
+    # Never a silent new account for a store that had one (see synapse_acme.account).
+    return load_or_create_account_key(key_file, storage=account_dir)
+
+
+@attrs.frozen
+class _IssuerParts:
+    """What every CA's issuer shares: the responders and preferences, the metrics, the HTTP
+    client (tests) and the host's thread runner."""
+
+    responders: list[IResponder]
+    preferences: dict[str, tuple[str, ...]]
+    metrics: AcmeMetrics
+    http_client: HTTPClient | None
+    runner: Runner | None
+
+
+def _acme_issuer(
+    config: AcmeConfig,
+    reactor: IReactor,
+    index: int,
+    ca: IssuerConfig,
+    account_key: jose.JWK,
+    parts: _IssuerParts,
+) -> AcmeIssuer:
+    """The issuer for CA number ``index`` of the list, with its own account, HTTPS trust,
+    chain trust, EAB and profile; its account URL is recorded in its own ``account.json``."""
+    http_client, runner = parts.http_client, parts.runner
+    _, account_dir = issuer_account_paths(index, ca.url, config.account_key_file, config.storage)
+    recorder = AccountRecorder(account_dir, ca.url, key_thumbprint(account_key))
+    on_account: Callable[[str], object] = recorder
+    if runner is not None:  # reads (and rarely writes) account.json: not on the host's reactor
+
+        def on_account(url: str) -> object:
+            return runner(recorder, url).addErrback(
+                lambda f: logger.error("Could not record the ACME account: %s", f.value)
+            )
+
+    http = http_client if http_client is not None else make_http_client(reactor, ca.ca_bundle)
+    transport = JWSTransport(
+        http,
+        reactor,
+        account_key,
+        ca.url,
+        timeout=config.request_timeout,
+        max_requests_per_minute=config.max_requests_per_minute,
+        untrusted_hint=_untrusted_hint(ca),
+        on_response=parts.metrics.ca_response,
+    )
+    return AcmeIssuer(
+        client=AcmeClient(transport),
+        responders=parts.responders,
+        challenge_preferences=parts.preferences,
+        clock=reactor,
+        account_key=account_key,
+        trust=_issuer_trust(ca),
+        contact=config.contact,
+        tos_agreed=config.terms_of_service_agreed,
+        eab=(ca.eab.kid, ca.eab.hmac_key) if ca.eab is not None else None,
+        eab_setting=ca.key("eab"),
+        profile=ca.profile,
+        poll_interval=config.poll_interval,
+        poll_timeout=config.poll_timeout,
+        on_account=on_account,
+    )
+
+
 def http01_listener_for(
     config: AcmeConfig, reactor: IReactor, responder: HTTP01Responder
 ) -> ListenerService | None:
@@ -592,18 +654,18 @@ def _listener_setting(config: AcmeConfig) -> str:
     )
 
 
-def _untrusted_hint(config: AcmeConfig) -> str:
+def _untrusted_hint(ca: IssuerConfig) -> str:
     """What to do when the CA's HTTPS certificate does not verify: the setting that decides."""
-    if config.ca_bundle is not None:
+    if ca.ca_bundle is not None:
         return (
             f"the CA's HTTPS certificate is not signed by a certificate in "
-            f"{config.key('ca_bundle')} ({config.ca_bundle}): put the CA's root certificate "
-            f"(PEM) there, or check {config.key('url')}"
+            f"{ca.key('ca_bundle')} ({ca.ca_bundle}): put the CA's root certificate "
+            f"(PEM) there, or check {ca.key('url')}"
         )
     return (
         "the CA's HTTPS certificate is not trusted by this system's trust store: for a private "
-        f"CA (step-ca, Pebble) set {config.key('ca_bundle')} to a PEM file with its root "
-        f"certificate; otherwise check {config.key('url')} and the system clock"
+        f"CA (step-ca, Pebble) set {ca.key('ca_bundle')} to a PEM file with its root "
+        f"certificate; otherwise check {ca.key('url')} and the system clock"
     )
 
 
@@ -664,12 +726,12 @@ def _export_metrics(
     return registry
 
 
-def _issuer_trust(config: AcmeConfig) -> IssuerTrust:
+def _issuer_trust(ca: IssuerConfig) -> IssuerTrust:
     """The roots issued chains must reach: the system store, ``ca_bundle`` (a private CA
     serves its API under the root it issues from) and ``issuer_roots``."""
     files = [
-        (config.key(key), path)
-        for key, path in (("ca_bundle", config.ca_bundle), ("issuer_roots", config.issuer_roots))
+        (ca.key(key), path)
+        for key, path in (("ca_bundle", ca.ca_bundle), ("issuer_roots", ca.issuer_roots))
         if path is not None
     ]
     return load_issuer_trust(files)

@@ -40,7 +40,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from synapse_acme import crypto, policy
-from synapse_acme.errors import AcmeError, BundleError, ChallengeFailed, SynapseAcmeError
+from synapse_acme.errors import (
+    AccountRefused,
+    AcmeError,
+    BundleError,
+    ChallengeFailed,
+    SynapseAcmeError,
+)
 from synapse_acme.interfaces import ICertificateConsumer, ICertificateStore, IIssuer
 from synapse_acme.model import CertificateBundle, CertificateSpec, RenewalWindow
 from synapse_acme.names import canonical_names, names_key
@@ -58,6 +64,8 @@ STATUS_COALESCE_SECONDS = 0.5
 
 def _error_type(failure: Failure | BaseException) -> str:
     exc = failure.value if isinstance(failure, Failure) else failure
+    if isinstance(exc, AccountRefused):
+        return exc.problem.code
     if isinstance(exc, AcmeError):
         return exc.code
     if isinstance(exc, ChallengeFailed) and exc.error is not None:
@@ -256,7 +264,9 @@ class AcmeService(Service):
         return [self._status(m, now) for m in self._managed.values()]
 
     def _status(self, m: _Managed, now: float) -> CertificateStatus:
-        ca_url = m.bundle.metadata.get("issuer_directory") if m.bundle is not None else None
+        metadata = m.bundle.metadata if m.bundle is not None else {}
+        ca_url = metadata.get("issuer_directory")
+        fallbacks = metadata.get("issuer_fallbacks")
         return CertificateStatus(
             key=m.key,
             names=m.spec.names,
@@ -265,6 +275,7 @@ class AcmeService(Service):
             serial=m.serial,
             issuer=m.issuer,
             ca_url=ca_url if isinstance(ca_url, str) else None,
+            fallbacks=fallbacks if isinstance(fallbacks, int) and fallbacks > 0 else 0,
             not_before=m.not_before,
             not_after=m.not_after,
             renew_at=m.renew_at,
@@ -449,7 +460,10 @@ class AcmeService(Service):
                 continue
             bundle = m.bundle
             try:
-                window = await self._issuer.renewal_info(bundle.chain_pem)
+                directory = bundle.metadata.get("issuer_directory")
+                window = await self._issuer.renewal_info(
+                    bundle.chain_pem, directory if isinstance(directory, str) else None
+                )
             except Exception as e:
                 if self._stopping:
                     return  # cancelled by stopService (perhaps seen as a transport error)

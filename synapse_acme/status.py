@@ -117,10 +117,11 @@ class CertificateStatus:
     """One managed certificate as the provisioning process sees it.
 
     The stored certificate: ``has_certificate``, ``placeholder`` (a self-signed stand-in),
-    ``serial`` (hex), ``issuer`` (the leaf's issuer name), ``ca_url`` (the directory URL it was
-    ordered from), ``not_before``/``not_after``. Renewal: ``renew_at`` (the planned moment),
-    ``ari_window`` (the CA's suggested window), ``issuing`` (an order is in flight),
-    ``unsaved`` (issued but not yet saved: it is saved on the next attempt).
+    ``serial`` (hex), ``issuer`` (the leaf's issuer name), ``ca_url`` (the directory URL of the
+    CA that issued it), ``fallbacks`` (how many CAs of ``acme.issuers`` failed before that one
+    issued it: 0 when the first did), ``not_before``/``not_after``. Renewal: ``renew_at`` (the
+    planned moment), ``ari_window`` (the CA's suggested window), ``issuing`` (an order is in
+    flight), ``unsaved`` (issued but not yet saved: it is saved on the next attempt).
     Failures: ``failures`` (in a row; 0 after a success), ``last_error``/``last_error_type``
     (the current failure; None after a success), ``last_failure`` (when the last attempt that
     failed started, kept after a later success), ``next_attempt`` (the retry in force, None if
@@ -152,6 +153,7 @@ class CertificateStatus:
     served_serial: str | None = None
     served_not_after: datetime.datetime | None = None
     export: ExportStatus | None = None
+    fallbacks: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The ``status.json`` entry. The first keys are those of the first versions, in
@@ -183,6 +185,7 @@ class CertificateStatus:
             "last_failure": format_time(self.last_failure),
             "unsaved": self.unsaved,
             "served_not_after": format_time(self.served_not_after),
+            "fallbacks": self.fallbacks,
         }
         if self.export is not None:
             out["export"] = self.export.to_json()
@@ -230,6 +233,7 @@ class CertificateStatus:
             served_serial=_text(data.get("served_serial")),
             served_not_after=parse_time(data.get("served_not_after")),
             export=ExportStatus.from_json(export) if export is not None else None,
+            fallbacks=_count(data.get("fallbacks")),
         )
 
 

@@ -18,7 +18,7 @@ from cryptography import x509
 from twisted.internet.defer import Deferred
 
 from synapse_acme.acme.transport import JSON, PEM_CHAIN, AcmeResponse, JWSTransport, check_url
-from synapse_acme.errors import AcmeProtocolError, ConfigError
+from synapse_acme.errors import AccountRefused, AcmeError, AcmeProtocolError, ConfigError
 from synapse_acme.model import RenewalWindow
 
 log = logging.getLogger(__name__)
@@ -97,13 +97,20 @@ class AcmeClient:
         contact: Sequence[str],
         tos_agreed: bool,
         eab: tuple[str, str] | None = None,
+        eab_setting: str = "acme.eab",
     ) -> Deferred[str]:
         """Create (or find, if this key already has one) the account; Deferred firing with its
-        URL. Fails with ConfigError when the CA needs terms agreement or EAB we lack."""
-        return Deferred.fromCoroutine(self._register(tuple(contact), tos_agreed, eab))
+        URL. Fails with ConfigError when the CA needs terms agreement or EAB we lack, and with
+        :class:`~synapse_acme.errors.AccountRefused` (a ConfigError) naming ``eab_setting``
+        when the CA refuses the binding we sent (wrong kid or HMAC key) or asks for one."""
+        return Deferred.fromCoroutine(self._register(tuple(contact), tos_agreed, eab, eab_setting))
 
     async def _register(
-        self, contact: tuple[str, ...], tos_agreed: bool, eab: tuple[str, str] | None
+        self,
+        contact: tuple[str, ...],
+        tos_agreed: bool,
+        eab: tuple[str, str] | None,
+        eab_setting: str,
     ) -> str:
         directory = await self.directory()
         meta = directory.meta
@@ -126,12 +133,13 @@ class AcmeClient:
                 )
             except (ValueError, TypeError):
                 raise ConfigError(
-                    "acme.eab.hmac_key", "expected base64url", has_value=False
+                    f"{eab_setting}.hmac_key", "expected base64url", has_value=False
                 ) from None
         elif meta.external_account_required:
             raise ConfigError(
-                "acme.eab",
-                "the CA requires external account binding: set kid and hmac_key from your CA",
+                eab_setting,
+                "the CA requires external account binding (its directory says "
+                "externalAccountRequired): set kid and hmac_key from your CA",
                 has_value=False,
             )
         reg = messages.NewRegistration.from_data(
@@ -139,9 +147,12 @@ class AcmeClient:
             terms_of_service_agreed=True if tos_agreed else None,
             external_account_binding=binding,
         )
-        resp = await self.transport.post(
-            directory["newAccount"], reg, kid=None, endpoint="newAccount"
-        )
+        try:
+            resp = await self.transport.post(
+                directory["newAccount"], reg, kid=None, endpoint="newAccount"
+            )
+        except AcmeError as e:
+            raise _eab_refusal(e, eab, eab_setting) or e from None
         url = resp.location
         if not url:
             raise AcmeProtocolError("newAccount answer has no Location", resp.url, resp.status)
@@ -269,6 +280,31 @@ class AcmeClient:
             retry_after=resp.retry_after,
             explanation_url=explanation if isinstance(explanation, str) else None,
         )
+
+
+# Problems a CA answers to a newAccount whose binding it does not accept: Pebble says
+# unauthorized for a wrong HMAC key and for an unknown kid; others say malformed, or
+# externalAccountRequired when the binding is missing.
+_EAB_PROBLEMS = ("unauthorized", "malformed", "externalAccountRequired")
+
+
+def _eab_refusal(
+    problem: AcmeError, eab: tuple[str, str] | None, setting: str
+) -> AccountRefused | None:
+    """The error naming ``setting`` for a newAccount ``problem`` caused by the binding (or
+    its absence), None for any other problem. Names the kid, never the HMAC key."""
+    if eab is None:
+        if problem.code != "externalAccountRequired":
+            return None
+        why = "the CA requires external account binding: set kid and hmac_key from your CA"
+    else:
+        if problem.code not in _EAB_PROBLEMS:
+            return None
+        why = (
+            f"the CA refused the external account binding with kid {eab[0]!r}: check that kid "
+            "and hmac_key are the ones this CA gave for this account"
+        )
+    return AccountRefused(setting, f"{why} (the CA's problem: {problem})", problem)
 
 
 def _url_in(directory: messages.Directory, name: str) -> str | None:

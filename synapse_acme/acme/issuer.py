@@ -126,6 +126,8 @@ class AcmeIssuer:
     contact: Sequence[str] = ()
     tos_agreed: bool = False
     eab: tuple[str, str] | None = attrs.field(default=None, repr=False)
+    #: The setting named when the CA refuses the binding (``acme.issuers[1].eab``).
+    eab_setting: str = "acme.eab"
     profile: str | None = None
     poll_interval: float = 0.5
     poll_timeout: float = 300.0
@@ -145,9 +147,12 @@ class AcmeIssuer:
         every challenge answer."""
         return Deferred.fromCoroutine(self._issue(tuple(names), key_pem, replaces))
 
-    def renewal_info(self, chain_pem: bytes) -> Deferred[RenewalWindow | None]:
+    def renewal_info(
+        self, chain_pem: bytes, directory: str | None = None
+    ) -> Deferred[RenewalWindow | None]:
         """See :meth:`IIssuer.renewal_info`. ``None`` also for a certificate that cannot have
-        ARI (a placeholder without an Authority Key Identifier)."""
+        ARI (a placeholder without an Authority Key Identifier). ``directory`` is not needed:
+        this issuer has one CA."""
         return Deferred.fromCoroutine(self._renewal_info(chain_pem))
 
     # -- account ----------------------------------------------------------------------------
@@ -161,7 +166,9 @@ class AcmeIssuer:
     async def _register_if_needed(self) -> str:
         if self.client.account_url is not None:
             return self.client.account_url
-        url = await self.client.register(tuple(self.contact), self.tos_agreed, self.eab)
+        url = await self.client.register(
+            tuple(self.contact), self.tos_agreed, self.eab, self.eab_setting
+        )
         if self.on_account is not None:
             try:
                 self.on_account(url)

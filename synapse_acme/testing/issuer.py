@@ -29,7 +29,8 @@ from synapse_acme.model import CertificateBundle, RenewalWindow
 class FakeIssuer:
     """Issues at once (or when the test fires ``pending``), or fails as told.
 
-    ``calls`` records ``(names, replaces)`` for every ``issue``; ``hold = True`` makes each
+    ``calls`` records ``(names, replaces)`` for every ``issue``; ``directory`` plays a CA's
+    directory URL (for tests of several CAs); ``hold = True`` makes each
     issuance wait in ``pending`` until the test fires it with :meth:`release`.
     ``hold_renewal_info = True`` makes each ``renewal_info`` wait in ``pending_renewal_info``
     (a CA that never answers) until :meth:`release_renewal_info`. A held Deferred that is
@@ -51,6 +52,10 @@ class FakeIssuer:
         list
     )
     cancel_error: BaseException | None = None
+    #: The CA's directory URL, recorded as ``issuer_directory`` in each bundle (None: none).
+    directory: str | None = None
+    #: The ``directory`` argument of every ``renewal_info`` call, in order.
+    renewal_info_directories: list[str | None] = attrs.Factory(list)
 
     def _held(self) -> defer.Deferred[Any]:
         def cancelled(d: defer.Deferred[Any]) -> None:
@@ -82,6 +87,7 @@ class FakeIssuer:
                 "names": list(names),
                 "ari_cert_id": ari_cert_id(cert),
                 "issued_at": now.isoformat(),
+                **({"issuer_directory": self.directory} if self.directory is not None else {}),
             },
         )
         if self.hold:
@@ -97,8 +103,11 @@ class FakeIssuer:
             if not d.called:
                 d.callback(bundle)
 
-    def renewal_info(self, chain_pem: bytes) -> defer.Deferred[RenewalWindow | None]:
+    def renewal_info(
+        self, chain_pem: bytes, directory: str | None = None
+    ) -> defer.Deferred[RenewalWindow | None]:
         self.renewal_info_calls += 1
+        self.renewal_info_directories.append(directory)
         cert_id = ari_cert_id(crypto.parse_chain(chain_pem)[0])
         if self.hold_renewal_info:
             d: defer.Deferred[RenewalWindow | None] = self._held()

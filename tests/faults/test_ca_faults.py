@@ -116,8 +116,8 @@ class RecordingIssuer:
 
         return d.addBoth(record)
 
-    def renewal_info(self, chain_pem: bytes) -> Any:
-        return self.inner.renewal_info(chain_pem)
+    def renewal_info(self, chain_pem: bytes, directory: str | None = None) -> Any:
+        return self.inner.renewal_info(chain_pem, directory)
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:

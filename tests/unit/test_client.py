@@ -21,7 +21,7 @@ from synapse_acme.acme.ari import ari_cert_id
 from synapse_acme.acme.client import AcmeClient
 from synapse_acme.acme.csr import make_csr_pem
 from synapse_acme.acme.transport import JWSTransport
-from synapse_acme.errors import AcmeError, ConfigError
+from synapse_acme.errors import AccountRefused, AcmeError, ConfigError
 from synapse_acme.testing.acme_server import FakeAcmeServer
 from tests.deferreds import result_of
 
@@ -92,12 +92,15 @@ def test_register_without_eab_when_required_is_config_error() -> None:
     assert err.value.path == "acme.eab"
 
 
-def test_register_with_wrong_eab_key_is_acme_error() -> None:
+def test_register_with_wrong_eab_key_names_the_setting() -> None:
     w = World(require_eab={"kid-1": b"k" * 32})
     wrong = base64.urlsafe_b64encode(b"x" * 32).decode()
-    with pytest.raises(AcmeError) as err:
-        w.run(w.client.register((), True, ("kid-1", wrong)))
-    assert err.value.status is not None and err.value.status >= 400
+    with pytest.raises(AccountRefused) as err:
+        w.run(w.client.register((), True, ("kid-1", wrong), "acme.issuers[1].eab"))
+    assert err.value.path == "acme.issuers[1].eab"
+    assert "'kid-1'" in str(err.value) and wrong not in str(err.value)
+    assert isinstance(err.value.problem, AcmeError) and err.value.problem.status is not None
+    assert err.value.problem.code in str(err.value)
     assert not w.server.accounts
 
 

@@ -831,6 +831,12 @@ _GOOD: dict[str, list[Any]] = {
     "alert_room": ["!abc:example.org", "#alias:example.org"],
     "alert_sender": ["@acme:example.org", "acme"],
     "dns01": [{"server": "127.0.0.1:5353", "zone": "example.com", "tsig_secret_file": "/none.key"}],
+    "issuers": [
+        [{"url": "https://ca.example/dir"}],
+        [{"url": "https://a.example/dir", "profile": "x"}, {"url": "https://b.example/dir"}],
+        [{"url": "https://ca.example/dir", "eab": {"kid": "k", "hmac_key": HMAC}}],
+        [],
+    ],
 }
 
 
@@ -934,3 +940,99 @@ def test_bad_challenges_name_the_key(block: Any, message: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_acme_config({"domain": "example.org", **block})
     assert str(e.value).startswith(message)
+
+
+# -- several CAs (issuers) -------------------------------------------------------------------
+
+
+def test_without_issuers_the_one_ca_is_the_top_level_keys(tmp_path: pathlib.Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text(_ca_pem())
+    config = parse_acme_config(
+        {"url": "https://ca.example/dir", "ca_bundle": str(bundle), "profile": "p"},
+        path="modules[0].config",
+    )
+    [ca] = config.issuer_list()
+    assert (ca.url, ca.ca_bundle, ca.profile, ca.eab) == (config.url, str(bundle), "p", None)
+    assert ca.key("eab") == "modules[0].config.eab"
+
+
+def test_issuers_in_order_each_with_its_own_settings(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "roots.pem").write_text(_ca_pem())
+    config = parse_acme_config(
+        {
+            "issuers": [
+                {"url": "https://a.example/dir", "profile": "tlsserver"},
+                {
+                    "url": "http://127.0.0.1:14000/dir",
+                    "testing_allow_http": True,
+                    "ca_bundle": "roots.pem",
+                    "issuer_roots": "roots.pem",
+                    "eab": {"kid": "k", "hmac_key": HMAC},
+                },
+            ]
+        },
+        base_dir=str(tmp_path),
+    )
+    first, second = config.issuer_list()
+    assert (first.url, first.profile, first.eab, first.ca_bundle) == (
+        "https://a.example/dir",
+        "tlsserver",
+        None,
+        None,
+    )
+    assert second.ca_bundle == second.issuer_roots == str(tmp_path / "roots.pem")
+    assert second.eab == EabConfig(kid="k", hmac_key=HMAC)
+    assert second.key("eab") == "acme.issuers[1].eab"
+    # The top-level keys mirror the first CA: what a dry run and the account record call "the CA".
+    assert (config.url, config.profile) == ("https://a.example/dir", "tlsserver")
+
+
+@pytest.mark.parametrize(
+    ("issuers", "expected"),
+    [
+        ([], "acme.issuers: expected at least one CA"),
+        ("https://a.example/dir", "acme.issuers: expected a list"),
+        ([{"profile": "x"}], "acme.issuers[0].url: missing"),
+        ([{"url": "https://a.example/dir"}, {"url": 3}], "acme.issuers[1].url: expected"),
+        ([{"url": "https://a.example/dir", "urls": 1}], "acme.issuers[0].urls: unknown key"),
+        ([{"url": "http://a.example/dir"}], "acme.issuers[0].url: expected an https:// URL"),
+        (
+            [{"url": "https://a.example/dir"}, {"url": "https://a.example/dir"}],
+            "acme.issuers[1].url: the same CA as an earlier item",
+        ),
+        (
+            [{"url": "https://a.example/dir", "eab": {"kid": "k", "hmac_key": "!!"}}],
+            "acme.issuers[0].eab.hmac_key: expected base64url",
+        ),
+        ([{"url": "https://a.example/dir", "ca_bundle": "/nonexistent.pem"}], "ca_bundle"),
+        (["https://a.example/dir"], "acme.issuers[0]: expected a mapping"),
+    ],
+)
+def test_bad_issuers_name_the_item_and_key(issuers: Any, expected: str) -> None:
+    text = _error({"issuers": issuers})
+    assert text.startswith(expected) or f"acme.issuers[0].{expected}" in text, text
+    assert HMAC not in text and "!!" not in text
+
+
+@pytest.mark.parametrize("key", ["url", "staging", "ca_bundle", "issuer_roots", "eab", "profile"])
+def test_issuers_and_a_top_level_ca_key_is_an_error(key: str, tmp_path: pathlib.Path) -> None:
+    (tmp_path / "ca.pem").write_text(_ca_pem())
+    value = {
+        "url": "https://b.example/dir",
+        "staging": True,
+        "ca_bundle": str(tmp_path / "ca.pem"),
+        "issuer_roots": str(tmp_path / "ca.pem"),
+        "eab": {"kid": "k", "hmac_key": HMAC},
+        "profile": "p",
+    }[key]
+    text = _error({"issuers": [{"url": "https://a.example/dir"}], key: value})
+    assert text.startswith("acme.issuers: issuers replaces the top-level"), text
+    assert f"{key} is set too" in text and HMAC not in text
+
+
+def test_top_level_testing_allow_http_covers_the_issuers() -> None:
+    config = parse_acme_config(
+        {"testing_allow_http": True, "issuers": [{"url": "http://127.0.0.1:1/dir"}]}
+    )
+    assert config.issuer_list()[0].url == "http://127.0.0.1:1/dir"
