@@ -24,7 +24,7 @@ import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from synapse_acme import fsutil
+from synapse_acme import fsutil, pgstore
 from synapse_acme.errors import StoreError
 from synapse_acme.filebackend import NOTIFY_INTERVAL, FileBackend
 from synapse_acme.interfaces import (
@@ -38,6 +38,7 @@ from synapse_acme.interfaces import (
 )
 from synapse_acme.model import AccountRecord, CertificateBundle
 from synapse_acme.names import names_key
+from synapse_acme.pgstore import PostgresBackend
 from synapse_acme.store import FileStore
 from synapse_acme.testing.store import MemoryStore
 from tests.certs import TestCA
@@ -177,6 +178,9 @@ def test_failed_save_leaves_old_bundle(store: Any, monkeypatch: pytest.MonkeyPat
     result_of(store.save("a.example", bundle(1)))
     if isinstance(store, MemoryStore):
         store.fail_next_save()
+    elif isinstance(store, PostgresBackend):
+        # the row is written, then its notification fails: the transaction must roll back whole
+        monkeypatch.setattr(pgstore, "CHANNEL", "")
     else:
         calls = {"n": 0}
         real_write = os.write
