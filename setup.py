@@ -40,6 +40,9 @@ setup(
     ],
     extras_require={
         "synapse": ["matrix-synapse>=1.120,<1.164"],
+        # The PostgreSQL store (synapse_acme/pgstore.py): the driver Synapse itself uses on
+        # PostgreSQL. Not in constraints/minimum.txt: the version matrix installs no extras.
+        "postgres": ["psycopg2>=2.9"],
         "dev": [
             "pytest>=8",
             "hypothesis>=6.100",

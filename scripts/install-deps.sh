@@ -9,13 +9,13 @@
 #   .venv-demo: `pip install .`, i.e. synapse-acme and its runtime dependencies, nothing else.
 # The test profile adds the programs the integration tests drive and the developer tools:
 #   Debian: the demo's packages + TEST_APT below
-#   .venv: `pip install -e '.[dev,synapse]'` (ruff, mypy, pytest, matrix-synapse, ...).
+#   .venv: `pip install -e '.[dev,synapse,postgres]'` (ruff, mypy, pytest, matrix-synapse, psycopg2).
 # Each venv is redone only when what it was built from changes (a stamp file inside records it).
 # pip's progress (each package as it is fetched, built and installed) is shown; its whole output
 # is kept in <venv>/pip-install.log.
 #
 # Environment: PYTHON (interpreter for the venvs, default python3), SYNAPSE_ACME_EXTRAS (pip
-# extras of the test venv, default dev,synapse), SYNAPSE_ACME_SKIP_APT=1 (trust that the
+# extras of the test venv, default dev,synapse,postgres), SYNAPSE_ACME_SKIP_APT=1 (trust that the
 # programs are there).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -49,9 +49,13 @@ DEMO_APT=(pebble openssl ca-certificates)
 #                 (its systemd service plays no part: the tests start their own)
 #   bind9       : a real DNS primary (named, tsig-keygen) for RFC 2136 DNS-01 -> test_dns01_bind.py
 #   build-essential, libpq-dev: compile what has no wheel for every Python in the version matrix
-#                 (psycopg2 of matrix-synapse[all], old PyYAML)           -> scripts/test-versions.sh
+#                 (psycopg2 of matrix-synapse[all] and of the postgres extra, old PyYAML)
+#                                                                          -> scripts/test-versions.sh
+#   postgresql  : a real PostgreSQL (initdb, pg_ctl under /usr/lib/postgresql/*/bin) for the
+#                 PostgreSQL store -> synapse_acme.testing.postgres, test_store_contract_postgres.py
+#                 (its systemd service plays no part: the tests start their own)
 TEST_APT=(sslscan curl wrk nginx apache2 authbind systemd util-linux strace testssl.sh
-    prometheus build-essential libpq-dev bind9)
+    prometheus build-essential libpq-dev bind9 postgresql)
 # ------------------------------------------------------------------------------------------------
 
 PYTHON="${PYTHON:-python3}"
@@ -108,7 +112,7 @@ if [ "$PROFILE" = demo ]; then
     rm -rf build  # setuptools' scratch copy: a module deleted from the tree would linger in it
     install_venv .venv-demo "$stamp" .
 else
-    EXTRAS="${SYNAPSE_ACME_EXTRAS:-dev,synapse}"
+    EXTRAS="${SYNAPSE_ACME_EXTRAS:-dev,synapse,postgres}"
     stamp="$(
         {
             echo "extras=$EXTRAS $("$PYTHON" --version 2>&1)"

@@ -181,7 +181,7 @@ class IStorageBackend(
     IIssuanceLock,
     ICertificateChanges,
 ):
-    """Everything a storage backend provides (the file store, the in-memory fake, and later a
+    """Everything a storage backend provides (the file store, the in-memory fake and the
     PostgreSQL store); each passes the same contract suite."""
 
 

@@ -120,6 +120,22 @@ _SCHEMA = [
 ]
 
 
+#: :func:`synapse_acme.lease.acquire`: refused only while another holder's lease is in force
+#: (now < expires_at); otherwise inserted, taken over, or extended.
+_ACQUIRE = """
+    INSERT INTO synapse_acme_leases (name, holder, expires_at)
+    VALUES (%(name)s, %(holder)s, %(expires)s)
+    ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+        WHERE synapse_acme_leases.holder = EXCLUDED.holder
+           OR synapse_acme_leases.expires_at <= %(now)s
+    RETURNING 1"""
+#: :func:`synapse_acme.lease.renew`: only the holder's own lease, only while in force.
+_RENEW = """
+    UPDATE synapse_acme_leases SET expires_at = %(expires)s
+    WHERE name = %(name)s AND holder = %(holder)s AND expires_at > %(now)s
+    RETURNING 1"""
+
+
 # -- keys at rest -----------------------------------------------------------------------------
 
 
@@ -242,7 +258,11 @@ class ThreadedDatabase:
     and is never logged (it may hold a password)."""
 
     def __init__(
-        self, dsn: str, reactor: IReactorFromThreads, min_connections: int = 1, max_connections: int = 5
+        self,
+        dsn: str,
+        reactor: IReactorFromThreads,
+        min_connections: int = 1,
+        max_connections: int = 5,
     ) -> None:
         from twisted.enterprise import adbapi
 
@@ -406,7 +426,7 @@ class PostgresBackend:
         """Deferred firing with the sorted keys that hold a bundle."""
 
         def keys(cur: Cursor) -> list[str]:
-            cur.execute("SELECT key FROM synapse_acme_certificates ORDER BY key COLLATE \"C\"")
+            cur.execute('SELECT key FROM synapse_acme_certificates ORDER BY key COLLATE "C"')
             return [row[0] for row in cur.fetchall()]
 
         return self._run(keys)
@@ -516,47 +536,31 @@ class PostgresBackend:
         """Deferred firing with True if ``holder`` now holds ``name``'s lease (taken when free
         or expired, extended when its own), else False: :func:`synapse_acme.lease.acquire`
         as one conditional upsert."""
-        try:
-            check_key(name)
-            lease.check_request(holder, lease_seconds)
-        except (StoreError, ValueError):
-            return defer.fail()
-        now = self.clock.seconds()
-
-        def acquire(cur: Cursor) -> bool:
-            # Refused only while another holder's lease is in force (now < expires_at).
-            cur.execute(
-                """INSERT INTO synapse_acme_leases (name, holder, expires_at) VALUES (%s, %s, %s)
-                   ON CONFLICT (name) DO UPDATE
-                       SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
-                       WHERE synapse_acme_leases.holder = EXCLUDED.holder
-                          OR synapse_acme_leases.expires_at <= %s
-                   RETURNING 1""",
-                (name, holder, now + lease_seconds, now),
-            )
-            return cur.fetchone() is not None
-
-        return self._run(acquire)
+        return self._lease_statement(_ACQUIRE, name, holder, lease_seconds)
 
     def renew(self, name: str, holder: str, lease_seconds: float) -> defer.Deferred[bool]:
         """Deferred firing with True if ``holder``'s lease in force was extended, else False
         (:func:`synapse_acme.lease.renew`)."""
+        return self._lease_statement(_RENEW, name, holder, lease_seconds)
+
+    def _lease_statement(
+        self, sql: str, name: str, holder: str, lease_seconds: float
+    ) -> defer.Deferred[bool]:
+        """Run ``sql`` (which returns a row if the lease was written) with the request's
+        ``name``, ``holder``, ``expires`` and ``now`` on the backend's clock."""
         try:
             check_key(name)
             lease.check_request(holder, lease_seconds)
         except (StoreError, ValueError):
             return defer.fail()
         now = self.clock.seconds()
+        args = {"name": name, "holder": holder, "expires": now + lease_seconds, "now": now}
 
-        def renew(cur: Cursor) -> bool:
-            cur.execute(
-                "UPDATE synapse_acme_leases SET expires_at = %s "
-                "WHERE name = %s AND holder = %s AND expires_at > %s RETURNING 1",
-                (now + lease_seconds, name, holder, now),
-            )
+        def update(cur: Cursor) -> bool:
+            cur.execute(sql, args)
             return cur.fetchone() is not None
 
-        return self._run(renew)
+        return self._run(update)
 
     def release(self, name: str, holder: str) -> defer.Deferred[None]:
         """Deferred firing with ``None`` once ``holder``'s lease on ``name`` (if any) is gone
@@ -602,8 +606,7 @@ class PostgresBackend:
     def _tick(self) -> defer.Deferred[None]:
         """One read of the listening connection; never fails (that would stop the loop)."""
         d = self.database.blocking(self._read_notifications)
-        d.addCallbacks(self._report, self._listener_lost)
-        return d
+        return d.addCallbacks(self._report, self._listener_lost)
 
     def _read_notifications(self) -> list[str]:
         """In a thread: (re)connect and LISTEN if needed, then one round trip; the keys that
@@ -700,5 +703,7 @@ def _record_from_row(row: Any) -> AccountRecord | None:
         if not all(isinstance(v, str) and v for v in fields.values()):
             raise ValueError("url, directory and thumbprint must be non-empty strings")
     except (ValueError, KeyError, TypeError) as e:
-        raise StoreError(f"the account record in {_where('account', '1')} is damaged: {e}") from None
+        raise StoreError(
+            f"the account record in {_where('account', '1')} is damaged: {e}"
+        ) from None
     return AccountRecord(**fields)

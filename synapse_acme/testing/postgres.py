@@ -71,9 +71,7 @@ def find_binary(name: str) -> str:
             return candidate
     found = shutil.which(name)
     if found is None:
-        raise PostgresError(
-            f"{name!r} not found in {DEBIAN_BIN_GLOB} or on PATH; {_INSTALL_HINT}"
-        )
+        raise PostgresError(f"{name!r} not found in {DEBIAN_BIN_GLOB} or on PATH; {_INSTALL_HINT}")
     return found
 
 

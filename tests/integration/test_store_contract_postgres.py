@@ -122,7 +122,9 @@ def test_the_database_never_holds_a_private_key_in_plain_text(
     dump = b""
     for table in ("certificates", "account_key"):
         for row in _select(dsn, f"SELECT * FROM synapse_acme_{table}"):
-            dump += b"".join(bytes(v) if isinstance(v, memoryview) else str(v).encode() for v in row)
+            dump += b"".join(
+                bytes(v) if isinstance(v, memoryview) else str(v).encode() for v in row
+            )
     assert b"PRIVATE KEY" not in dump and body[:24] not in dump and b"account" not in dump
     assert result_of(store.load("a.example")) == b
     assert result_of(store.load_account_key()) == account_key
@@ -241,7 +243,8 @@ def main():
     key = yield heard
     print("heard", key, "within", reactor.seconds() - started < 2.0)
     print("loaded", (yield a.load("a.example")) == bundle(1))
-    print("lease", (yield a.acquire("a.example", "h1", 30)), (yield b.acquire("a.example", "h2", 30)))
+    took = yield a.acquire("a.example", "h1", 30)
+    print("lease", took, (yield b.acquire("a.example", "h2", 30)))
     yield a.close()
     yield b.close()
 

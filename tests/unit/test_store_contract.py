@@ -4,7 +4,9 @@ The certificate part (ICertificateStore, IStoreAdmin) runs against FileStore, th
 backend and the in-memory fake; the rest of the storage contract (account, challenge tokens,
 the issuance lock with its lease, change notification: IStorageBackend) against the file
 backend and the fake, each through two handles on one store (two processes), on a Clock.
-A new backend (PostgreSQL) joins by adding itself to the two fixtures' params. Then the
+A new backend joins by adding itself to the two fixtures' params; the PostgreSQL store, which
+needs a real server, runs every test here that takes those fixtures in
+``tests/integration/test_store_contract_postgres.py`` (collected again with its fixtures). Then the
 FileStore-only guarantees: file modes, crash leftovers, disk-full."""
 
 from __future__ import annotations
