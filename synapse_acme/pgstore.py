@@ -33,7 +33,7 @@ CONFLICT DO UPDATE ... WHERE``, ``UPDATE ... WHERE``), each atomic in PostgreSQL
 ``now()``), so it behaves exactly like the file and in-memory backends.
 
 **Change notification**: a save sends ``pg_notify`` in its own transaction, so a notification
-exists if and only if the save committed. A dedicated connection (not from the pool) ``LISTEN``\\ s;
+exists if and only if the save committed. A dedicated connection (not from the pool) listens;
 every ``notify_interval`` seconds one round trip on it (in the thread pool) collects what arrived
 and proves the connection alive. When it is lost it is reopened on the next tick, and keys whose
 version changed meanwhile (notifications sent while nobody listened are gone) are reported from a

@@ -218,11 +218,11 @@ class PostgresServer:
     def create_database(self, name: str | None = None) -> str:
         """Create a fresh database (named ``name``, or the next ``db_<n>``) and return its
         connection string."""
-        import psycopg2  # the `postgres` extra
-
         dbname = name if name is not None else f"db_{next(self._names)}"
         if not _SAFE_DBNAME.match(dbname):
             raise ValueError(f"not a plain database name: {dbname!r}")
+        import psycopg2  # the `postgres` extra
+
         conn = psycopg2.connect(self.dsn())
         try:
             conn.autocommit = True
