@@ -404,6 +404,15 @@ def system_lookup(reactor: Any) -> Lookup:
     return lookup
 
 
+async def _unwrapped(d: Deferred[Any]) -> Any:
+    """What ``d`` fires with; twisted.names wraps a failure (also a cancellation, when the
+    service stops) in a ``FirstError``: the wrapped exception is raised instead."""
+    try:
+        return await d
+    except defer.FirstError as e:
+        e.subFailure.raiseException()
+
+
 def dns_server_lookup(reactor: Any, host: str, port: int = 53) -> Lookup:
     """Addresses from one DNS server asked directly (A and AAAA, ``twisted.names``): what a
     CA's recursive resolver sees, without this host's ``/etc/hosts``. NXDOMAIN fires with
@@ -415,7 +424,7 @@ def dns_server_lookup(reactor: Any, host: str, port: int = 53) -> Lookup:
 
     async def one(name: str, query: Callable[..., Deferred[Any]], rtype: type) -> list[str]:
         try:
-            answers, _authority, _additional = await query(name, timeout=(1, 3))
+            answers, _authority, _additional = await _unwrapped(query(name, timeout=(1, 3)))
         except dns_error.DomainError:
             return []  # NXDOMAIN
         except (dns_error.DNSServerError, dns_error.DNSQueryRefusedError) as e:

@@ -533,7 +533,9 @@ class AcmeService(Service):
             raise
         except Exception as e:
             if self._stopping:  # cancelled by stopService, perhaps seen as a transport error
-                logger.info("Issuance for %s cancelled (stopping): %s", _names(m), e)
+                # A FirstError's text holds a whole traceback: say what it wraps.
+                why = e.subFailure.value if isinstance(e, defer.FirstError) else e
+                logger.info("Issuance for %s cancelled (stopping): %s", _names(m), why)
                 raise
             self._record_failure(m, e, attempt)
             raise

@@ -305,3 +305,25 @@ def test_a_failed_preflight_places_no_order_and_backs_off() -> None:
     assert issuer.calls == [((NAME,), None)]
     assert service.status()[0].failures == 0
     outcome_of(service.stopService())
+
+
+def test_a_dns_lookup_cancelled_at_stop_is_a_plain_cancellation() -> None:
+    # twisted.names wraps failures, a cancellation too, in FirstError, whose text is a whole
+    # traceback; stopping mid-preflight must log a cancellation, not that (found by the CLI
+    # fuzz test: `run` stopped during a preflight DNS query).
+    from twisted.python.failure import Failure
+
+    from synapse_acme.preflight import _unwrapped
+
+    wrapped: defer.Deferred[object] = defer.fail(
+        defer.FirstError(Failure(defer.CancelledError()), 0)
+    )
+    outcome: list[Failure] = []
+    defer.Deferred.fromCoroutine(_unwrapped(wrapped)).addErrback(outcome.append)
+    [failure] = outcome
+    assert failure.check(defer.CancelledError) and not failure.check(defer.FirstError)
+    answered: list[object] = []
+    defer.Deferred.fromCoroutine(_unwrapped(defer.succeed(("a", [], [])))).addCallback(
+        answered.append
+    )
+    assert answered == [("a", [], [])]
