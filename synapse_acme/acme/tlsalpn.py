@@ -54,12 +54,22 @@ class TLSALPN01(challenges.KeyAuthorizationChallenge):
 
 
 def recognise(chall: challenges.Challenge) -> challenges.Challenge:
-    """``chall``, or a :class:`TLSALPN01` for an unrecognised ``tls-alpn-01`` challenge."""
+    """``chall``, or a :class:`TLSALPN01` for a ``tls-alpn-01`` challenge: unrecognised by
+    current ``acme`` releases, or the older releases' own class (acme < 5 still had one,
+    whose response builds a certificate through pyOpenSSL APIs that are gone); ours either way,
+    so every supported ``acme`` release answers it the same."""
+    if isinstance(chall, TLSALPN01):
+        return chall
     if isinstance(chall, challenges.UnrecognizedChallenge):
-        if chall.jobj.get("type") == CHALLENGE_TYPE:
-            # from_json would look the type up in the library's table, and miss again.
-            return TLSALPN01(**TLSALPN01.fields_from_json(chall.jobj))
-    return chall
+        jobj = chall.jobj
+    elif getattr(chall, "typ", None) == CHALLENGE_TYPE:
+        jobj = chall.to_partial_json()
+    else:
+        return chall
+    if jobj.get("type", CHALLENGE_TYPE) != CHALLENGE_TYPE:
+        return chall
+    # from_json would look the type up in the library's table (missing it, or finding its own).
+    return TLSALPN01(**TLSALPN01.fields_from_json(jobj))
 
 
 def acme_identifier_value(key_authorization: str) -> bytes:
