@@ -45,7 +45,7 @@ from synapse_acme.errors import StoreError
 from synapse_acme.interfaces import IStorageBackend
 from synapse_acme.interprocess import StoreLock
 from synapse_acme.model import AccountRecord, CertificateBundle
-from synapse_acme.names import is_safe_key, is_safe_token
+from synapse_acme.names import check_challenge, is_safe_key, is_safe_token
 from synapse_acme.store import FileStore, as_deferred, check_key
 
 logger = logging.getLogger(__name__)
@@ -158,12 +158,10 @@ class FileBackend:
     def put_challenge(self, token: str, key_authorization: str) -> defer.Deferred[None]:
         """Deferred firing with ``None`` once the answer is in its file (atomically replaced)."""
         try:
-            if not is_safe_token(token):
-                raise ValueError(f"not an ACME challenge token (base64url, 1-256): {token!r}")
-            body = key_authorization.encode("ascii")
-        except (ValueError, AttributeError) as e:
-            return defer.fail(ValueError(str(e)))
-        return as_deferred(self._put_challenge, token, body)
+            check_challenge(token, key_authorization)
+        except ValueError:
+            return defer.fail()
+        return as_deferred(self._put_challenge, token, key_authorization.encode("ascii"))
 
     def get_challenge(self, token: str) -> defer.Deferred[str | None]:
         """Deferred firing with the stored answer, ``None`` if there is none."""

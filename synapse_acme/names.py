@@ -97,3 +97,12 @@ def is_safe_token(token: object) -> bool:
     """True if ``token`` is a string an ACME challenge token can be: base64url, 1-256 characters
     (safe in a URL path segment and as a lookup key in any store)."""
     return isinstance(token, str) and _TOKEN.fullmatch(token) is not None
+
+
+def check_challenge(token: object, key_authorization: object) -> None:
+    """ValueError unless ``token`` is a challenge token (:func:`is_safe_token`) and
+    ``key_authorization`` an ASCII string: what every challenge store accepts."""
+    if not is_safe_token(token):
+        raise ValueError(f"not an ACME challenge token (base64url, 1-256): {token!r}")
+    if not isinstance(key_authorization, str) or not key_authorization.isascii():
+        raise ValueError("a key authorization must be an ASCII string")

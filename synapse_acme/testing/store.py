@@ -26,7 +26,7 @@ from synapse_acme import lease
 from synapse_acme.errors import StoreError
 from synapse_acme.interfaces import IStorageBackend
 from synapse_acme.model import AccountRecord, CertificateBundle
-from synapse_acme.names import is_safe_token
+from synapse_acme.names import check_challenge, is_safe_token
 from synapse_acme.store import (
     check_bundle,
     check_intact,
@@ -148,10 +148,10 @@ class MemoryStore:
 
     def put_challenge(self, token: str, key_authorization: str) -> defer.Deferred[None]:
         """Deferred firing with ``None`` once every handle answers ``token``."""
-        if not is_safe_token(token):
-            return defer.fail(ValueError(f"not an ACME challenge token: {token!r}"))
-        if not isinstance(key_authorization, str) or not key_authorization.isascii():
-            return defer.fail(ValueError("a key authorization must be an ASCII string"))
+        try:
+            check_challenge(token, key_authorization)
+        except ValueError:
+            return defer.fail()
         self._shared.challenges[token] = key_authorization
         return defer.succeed(None)
 
