@@ -38,11 +38,25 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import rss_mib, summary
+import attrs
+from zope.interface import implementer
 
-STORES = ("postgresql", "file", "file-threaded")
+from bench.common import rss_mib, summary
+from synapse_acme.interfaces import ICertificateStore
+
+STORES = ("postgresql", "postgresql-per-key", "file", "file-threaded")
 #: The service's check interval (as in bench/renewal_check.py); the bench advances its clock.
 INTERVAL = 600.0
+#: What each child reports (seconds; MiB). ``load_cpu_seconds`` is the process's CPU time
+#: (every thread) during the load: less moved by other load on the machine than wall time.
+FIELDS = (
+    "load_seconds",
+    "load_cpu_seconds",
+    "first_check_seconds",
+    "tick_seconds",
+    "rss_mib",
+    "reread_seconds",
+)
 
 
 def _names(i: int) -> tuple[str, ...]:
@@ -142,22 +156,27 @@ def run(size: int, runs: int, ticks: int, stores: tuple[str, ...]) -> dict[str, 
     result["load_average_before_each_run"] = loads
     result["stores"] = {}
     for store, rows in samples.items():
-        result["stores"][store] = {
-            field: summary([row[field] for row in rows])
-            for field in ("load_seconds", "first_check_seconds", "tick_seconds", "rss_mib")
-        }
-    if "postgresql" in samples and "file" in samples:
-        # Ratios run by run (each pair measured back to back), then their median.
-        result["ratios"] = {
+        result["stores"][store] = {field: summary([row[field] for row in rows]) for field in FIELDS}
+    # Ratios run by run (each pair measured in the same round), then their median.
+    pairs = {
+        "postgresql/file": ("postgresql", "file"),
+        "postgresql/file-threaded": ("postgresql", "file-threaded"),
+        "postgresql/postgresql-per-key": ("postgresql", "postgresql-per-key"),
+    }
+    result["ratios"] = {
+        name: {
             field: summary(
                 [
-                    p[field] / f[field]
-                    for p, f in zip(samples["postgresql"], samples["file"], strict=True)
-                    if f[field] > 0
+                    a[field] / b[field]
+                    for a, b in zip(samples[x], samples[y], strict=True)
+                    if b[field] > 0
                 ]
             )
-            for field in ("load_seconds", "rss_mib")
+            for field in ("load_seconds", "load_cpu_seconds", "rss_mib", "reread_seconds")
         }
+        for name, (x, y) in pairs.items()
+        if x in samples and y in samples
+    }
     return result
 
 
@@ -166,6 +185,42 @@ def _load_average() -> str:
 
 
 # -- one measurement (a child) ----------------------------------------------------------------
+
+
+@implementer(ICertificateStore)
+@attrs.frozen
+class OneByOne:
+    """The PostgreSQL store without its batched read (IBatchLoad): the service then reads it
+    one round trip per certificate, as it did before the batched read existed."""
+
+    inner: Any
+
+    def load(self, key: str) -> Any:
+        return self.inner.load(key)
+
+    def save(self, key: str, bundle: Any) -> Any:
+        return self.inner.save(key, bundle)
+
+
+async def reread(store: Any, keys: list[str]) -> float:
+    """Seconds to read every bundle again, as a shared store's safety net would on a check:
+    in batches where the store offers them (as the service's start does), else key by key."""
+    from synapse_acme.interfaces import IBatchLoad
+    from synapse_acme.service import STORE_LOAD_BATCH
+
+    batch = IBatchLoad(store, None)
+    t0 = time.perf_counter()
+    got = 0
+    if batch is not None:
+        for i in range(0, len(keys), STORE_LOAD_BATCH):
+            found = await batch.load_many(keys[i : i + STORE_LOAD_BATCH])
+            got += sum(1 for b in found.values() if b is not None and not isinstance(b, Exception))
+    else:
+        for key in keys:
+            got += (await store.load(key)) is not None
+    if got != len(keys):
+        raise RuntimeError(f"re-read {got} of {len(keys)}")
+    return time.perf_counter() - t0
 
 
 async def _measure(args: argparse.Namespace, reactor: Any) -> dict[str, Any]:
@@ -184,12 +239,14 @@ async def _measure(args: argparse.Namespace, reactor: Any) -> dict[str, Any]:
     specs = [CertificateSpec(names=_names(i)) for i in range(args.size)]
     store: Any
     close: Any
-    if args.measure == "postgresql":
+    if args.measure.startswith("postgresql"):
         db = ThreadedDatabase(args.dsn, reactor)
         db.start()
         backend = PostgresBackend(db, reactor, KeyRing.from_files([args.key_file]))
         await backend.setup()  # what a process does before its service starts
         store, close = backend, backend.close
+        if args.measure == "postgresql-per-key":
+            store = OneByOne(backend)
     elif args.measure == "file":
         store, close = FileStore(args.root), None
     else:
@@ -198,10 +255,10 @@ async def _measure(args: argparse.Namespace, reactor: Any) -> dict[str, Any]:
         store, close = ThreadedStore(FileStore(args.root), runner), runner.stop
     rss0 = rss_mib()
     service = AcmeService(specs, store, issuer, clock, check_interval=INTERVAL, check_jitter=0.0)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     service.startService()
     await service.when_loaded()
-    load = time.perf_counter() - t0
+    load, load_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     t0 = time.perf_counter()
     clock.advance(0)  # the first check: ARI for every certificate, nothing due
     first = time.perf_counter() - t0
@@ -216,6 +273,7 @@ async def _measure(args: argparse.Namespace, reactor: Any) -> dict[str, Any]:
         steady.append(time.perf_counter() - t0)
     if issuer.calls or issuer.renewal_info_calls != args.size:
         raise RuntimeError(f"orders {issuer.calls}, ARI calls {issuer.renewal_info_calls}")
+    rereads = sorted([await reread(store, service.keys) for _ in range(3)])
     await service.stopService()
     if close is not None:
         await defer_maybe(close)
@@ -223,9 +281,11 @@ async def _measure(args: argparse.Namespace, reactor: Any) -> dict[str, Any]:
     return {
         "store": args.measure,
         "load_seconds": load,
+        "load_cpu_seconds": load_cpu,
         "first_check_seconds": first,
         "tick_seconds": steady[len(steady) // 2],
         "rss_mib": rss1 - rss0,
+        "reread_seconds": rereads[1],
         "served": served,
     }
 

@@ -60,7 +60,7 @@ from zope.interface import implementer
 
 from synapse_acme import lease
 from synapse_acme.errors import StoreError
-from synapse_acme.interfaces import IStorageBackend
+from synapse_acme.interfaces import IBatchLoad, IStorageBackend
 from synapse_acme.model import AccountRecord, CertificateBundle
 from synapse_acme.names import check_challenge, is_safe_token
 from synapse_acme.store import (
@@ -306,7 +306,7 @@ def _db_errors() -> tuple[type[BaseException], ...]:
 # -- the backend -------------------------------------------------------------------------------
 
 
-@implementer(IStorageBackend)
+@implementer(IStorageBackend, IBatchLoad)
 @attrs.define(eq=False)
 class PostgresBackend:
     """The storage contract on PostgreSQL (see the module docstring).
@@ -376,6 +376,40 @@ class PostgresBackend:
         d = self._run(load)
         d.addCallback(self._bundle_from_row, key)
         return d
+
+    def load_many(
+        self, keys: Sequence[str]
+    ) -> defer.Deferred[dict[str, CertificateBundle | StoreError | None]]:
+        """Deferred firing with each of ``keys`` mapped to what :meth:`load` gives for it: its
+        bundle (decrypted, checked intact), ``None``, or the StoreError (unsafe key, damaged
+        row, key not decryptable). One query for them all instead of a round trip per key;
+        the rows are decrypted and checked in the pool thread, off the reactor. Fails as a
+        whole only when the database does (StoreError)."""
+        out: dict[str, CertificateBundle | StoreError | None] = {}
+        wanted = []
+        for key in keys:
+            try:
+                wanted.append(check_key(key))
+            except StoreError as e:
+                out[key] = e
+        if not wanted:
+            return defer.succeed(out)
+
+        def load_many(cur: Cursor) -> dict[str, CertificateBundle | StoreError | None]:
+            cur.execute(
+                "SELECT key, chain_pem, key_sealed, key_id, metadata "
+                "FROM synapse_acme_certificates WHERE key = ANY(%s)",
+                (wanted,),
+            )
+            rows = {row[0]: row[1:] for row in cur.fetchall()}
+            for key in wanted:
+                try:
+                    out[key] = self._bundle_from_row(rows.get(key), key)
+                except StoreError as e:
+                    out[key] = e
+            return out
+
+        return self._run(load_many)
 
     def _bundle_from_row(self, row: Any, key: str) -> CertificateBundle | None:
         if row is None:

@@ -47,7 +47,7 @@ from synapse_acme.errors import (
     ChallengeFailed,
     SynapseAcmeError,
 )
-from synapse_acme.interfaces import ICertificateConsumer, ICertificateStore, IIssuer
+from synapse_acme.interfaces import IBatchLoad, ICertificateConsumer, ICertificateStore, IIssuer
 from synapse_acme.model import CertificateBundle, CertificateSpec, RenewalWindow
 from synapse_acme.names import canonical_names, names_key
 from synapse_acme.status import CertificateStatus, format_time, time_from_seconds
@@ -60,6 +60,10 @@ ARI_DEFAULT_RECHECK = 6 * 3600.0
 #: Status changes within this many seconds are published once (100 certificates finishing
 #: together write the status file once, not 100 times); stopService publishes what is left.
 STATUS_COALESCE_SECONDS = 0.5
+#: Certificates read per query at start from a store that reads in batches (IBatchLoad, the
+#: PostgreSQL store): one round trip per batch instead of one per certificate, and the reactor
+#: still runs between batches (each batch is checked and adopted on it).
+STORE_LOAD_BATCH = 200
 
 
 def _error_type(failure: Failure | BaseException) -> str:
@@ -340,9 +344,23 @@ class AcmeService(Service):
         return crypto.now_from_clock(self._clock)
 
     async def _load_all(self) -> None:
-        for m in self._managed.values():
+        """Serve what the store holds for every managed certificate. A store that reads in
+        batches (:class:`~synapse_acme.interfaces.IBatchLoad`) is asked
+        :data:`STORE_LOAD_BATCH` keys at a time, any other one key by key."""
+        batch = IBatchLoad(self._store, None)
+        keys = list(self._managed)
+        loaded: dict[str, CertificateBundle | Exception | None] = {}
+        for i, m in enumerate(self._managed.values()):
             try:
-                bundle = await self._store.load(m.key)
+                if batch is None:
+                    bundle = await self._store.load(m.key)
+                else:
+                    if m.key not in loaded:  # the next batch
+                        loaded = await _load_batch(batch, keys[i : i + STORE_LOAD_BATCH])
+                    got = loaded[m.key]
+                    if isinstance(got, Exception):
+                        raise got
+                    bundle = got
             except Exception as e:  # a corrupt entry must not stop the others
                 logger.error("Cannot read the stored certificate for %s: %s", _names(m), e)
                 continue
@@ -628,6 +646,16 @@ class AcmeService(Service):
 
     def _log_unexpected(self, failure: Failure, what: str) -> None:
         logger.error("Unexpected error in %s", what, exc_info=failure.value)
+
+
+async def _load_batch(
+    batch: IBatchLoad, keys: list[str]
+) -> dict[str, CertificateBundle | Exception | None]:
+    """What ``batch`` holds for ``keys``; the store's error for each key if it cannot be read."""
+    try:
+        return dict(await batch.load_many(keys))
+    except Exception as e:
+        return dict.fromkeys(keys, e)
 
 
 def _names(m: _Managed) -> str:
