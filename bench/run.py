@@ -548,8 +548,9 @@ def _essence(error: str) -> str:
 
 
 def _rel(command: str) -> str:
-    """A command as run from the checkout (results.json holds absolute paths)."""
-    return command.replace(ROOT + os.sep, "")
+    """A command as run from the checkout (results.json holds absolute paths, perhaps of
+    another checkout of the repository: a worktree)."""
+    return re.sub(r"/\S*/(bench/[\w.]+\.py)", r"\1", command.replace(ROOT + os.sep, ""))
 
 
 def _fmt_s(x: float | None) -> str:
