@@ -156,7 +156,9 @@ def run(size: int, runs: int, ticks: int, stores: tuple[str, ...]) -> dict[str, 
     result["load_average_before_each_run"] = loads
     result["stores"] = {}
     for store, rows in samples.items():
-        result["stores"][store] = {field: summary([row[field] for row in rows]) for field in FIELDS}
+        cells: dict[str, Any] = {field: summary([row[field] for row in rows]) for field in FIELDS}
+        cells["served"] = [row["served"] for row in rows]  # every run asserts all of them
+        result["stores"][store] = cells
     # Ratios run by run (each pair measured in the same round), then their median.
     pairs = {
         "postgresql/file": ("postgresql", "file"),

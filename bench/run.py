@@ -979,6 +979,12 @@ def render_pgstore(pg: dict[str, Any]) -> list[str]:
         "run-by-run ratios suffer less.",
         "- The steady tick reads no store (nothing due, every ARI window fresh): it is the "
         "same for every store, a walk over the certificates in memory.",
+        "- Where the load's time goes (cProfile, 3,000 certificates): for every store the same "
+        "integrity checks, one ECDSA chain-signature verification and two private-key parses "
+        "in the store's `check_intact`, then the same again in the service's "
+        "`validate_bundle`. The PostgreSQL store adds one AES-GCM decryption per key (about "
+        "13 µs) and, without `load_many`, a round trip through the thread pool per "
+        "certificate: the batched read is what brings it level with the file store.",
         "",
     ]
     return lines
