@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from twisted.internet import defer, task
@@ -774,13 +774,15 @@ def cmd_new_account(args: argparse.Namespace) -> int:
 
 def cmd_migrate_store(args: argparse.Namespace) -> int:
     """Copy the file store into a PostgreSQL store (``--to``) or back (``--from``); the rules
-    are :mod:`synapse_acme.migrate`'s. Exit 0 only if every entry is in the target."""
+    are :mod:`synapse_acme.migrate`'s. Exit 0 only if every entry is in the target. Or, with
+    ``--reseal``, seal a PostgreSQL store's private keys again with the current key."""
     from synapse_acme import migrate
     from synapse_acme.filebackend import FileBackend
     from synapse_acme.interprocess import StoreLock
     from synapse_acme.pgstore import KeyRing, PostgresBackend, ThreadedDatabase, generate_key_file
 
-    flag, dsn = ("--to", args.to) if args.to is not None else ("--from", args.from_)
+    ways = (("--to", args.to), ("--from", args.from_), ("--reseal", args.reseal))
+    flag, dsn = next((f, v) for f, v in ways if v is not None)
     shown = migrate.redact_dsn(dsn)
     if not migrate.is_postgres_dsn(dsn):
         raise ConfigError(
@@ -793,7 +795,11 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--to-dir", "only with --from: with --to, -c names the source", args.to_dir
         )
-    if (args.config is None) == (args.to_dir is None):
+    if args.reseal is not None and (args.config or args.to_dir):
+        raise ConfigError(
+            "--reseal", "works on the database alone: give no -c or --to-dir with it", shown
+        )
+    if args.reseal is None and (args.config is None) == (args.to_dir is None):
         raise ConfigError(
             "-c",
             "give -c CONFIG (its storage is the file store) or, with --from, --to-dir DIR",
@@ -806,8 +812,10 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
             "creates it); repeat it to list old keys after the current one",
             None,
         )
-    if args.new_key_file and args.to is None:
-        raise ConfigError("--new-key-file", "only with --to: reading a store needs its key", True)
+    if args.new_key_file and args.from_ is not None:
+        raise ConfigError(
+            "--new-key-file", "only with --to or --reseal: reading a store needs its key", True
+        )
     if args.config is not None:
         config = _load(args.config)
         storage, account_key_file = config.storage, config.account_key_file
@@ -831,6 +839,8 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
         _out(f"KEY FILE   created {path} (mode 0600, key id {key_id}): back it up; without it")
         _out("           the private keys in the database cannot be read")
     keyring = KeyRing.from_files(args.key_file)
+    if args.reseal is not None:
+        return _reseal(dsn, shown, keyring, scrub)
     lock = None
     if args.to is not None:  # the file store is only read: no lock, no crash recovery
         if not os.path.isdir(storage):
@@ -884,6 +894,32 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
         if lock is not None:
             lock.release()
     return code if code != EXIT_OK else outcome["code"]
+
+
+def _reseal(dsn: str, shown: str, keyring: Any, scrub: Callable[[str], str]) -> int:
+    """``migrate-store --reseal``: the last step of a key rotation (see
+    :meth:`~synapse_acme.pgstore.PostgresBackend.reseal`)."""
+    from synapse_acme.pgstore import PostgresBackend, ThreadedDatabase
+
+    async def main(reactor: Any) -> None:
+        pg = PostgresBackend(ThreadedDatabase(dsn, reactor), reactor, keyring)
+        try:
+            await pg.setup()
+            _out(f"Resealing {shown} with encryption key {keyring.current_id}")
+            done, already = await pg.reseal()
+        except SynapseAcmeError as e:
+            raise StoreError(scrub(str(e))) from None
+        finally:
+            await pg.close()
+        for what in done:
+            _out(f"RESEALED   {what}")
+        _out(
+            f"Done: {len(done)} private keys resealed, {already} already were; every row now "
+            f"opens with key {keyring.current_id} alone, so the key files listed after the "
+            "first may go"
+        )
+
+    return _react(main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1002,6 +1038,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--to", metavar="DSN", help="copy into this PostgreSQL store (postgresql://...)"
     )
     way.add_argument("--from", dest="from_", metavar="DSN", help="copy from this PostgreSQL store")
+    way.add_argument(
+        "--reseal",
+        metavar="DSN",
+        help="seal every private key in this PostgreSQL store again with the first --key-file "
+        "(the last step of a key rotation)",
+    )
     m.add_argument(
         "--to-dir", metavar="DIR", help="with --from: write this file store instead of -c's"
     )
@@ -1015,7 +1057,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--new-key-file",
         action="store_true",
-        help="with --to: create the first --key-file (0600; it must not exist)",
+        help="with --to or --reseal: create the first --key-file (0600; it must not exist)",
     )
     m.add_argument(
         "--force",

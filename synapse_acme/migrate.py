@@ -30,6 +30,7 @@ from synapse_acme.model import CertificateBundle
 from synapse_acme.status import format_time
 
 COPIED, REPLACED, UNCHANGED, KEPT, FAILED = "COPIED", "REPLACED", "UNCHANGED", "KEPT", "FAILED"
+NONE = "NONE"  # nothing of the kind in the source
 #: Outcomes that make the command exit non-zero.
 BAD = (KEPT, FAILED)
 
@@ -100,17 +101,15 @@ async def migrate(
         word, detail = await _copy_account_key(source, target)
     except SynapseAcmeError as e:
         word, detail = FAILED, str(e)
-    if word != "-":
-        add(word, "account key", detail)
+    add(word, "account key", detail)
     if word in BAD:
-        add(FAILED, "account record", "not copied: the account keys differ")
+        add(FAILED, "account record", "not copied, since the account key was not")
         return summary
     try:
         word, detail = await _copy_account_record(source, target)
     except SynapseAcmeError as e:
         word, detail = FAILED, str(e)
-    if word != "-":
-        add(word, "account record", detail)
+    add(word, "account record", detail)
     return summary
 
 
@@ -157,7 +156,7 @@ def _thumbprint(data: bytes, where: str) -> str:
 async def _copy_account_key(source: IStorageBackend, target: IStorageBackend) -> tuple[str, str]:
     key = await source.load_account_key()
     if key is None:
-        return "-", ""
+        return NONE, "none in the source"
     mine = _thumbprint(key, "the source's account key")
     if await target.create_account_key(key):
         back = await target.load_account_key()
@@ -176,7 +175,7 @@ async def _copy_account_key(source: IStorageBackend, target: IStorageBackend) ->
 async def _copy_account_record(source: IStorageBackend, target: IStorageBackend) -> tuple[str, str]:
     record = await source.load_account_record()
     if record is None:
-        return "-", ""
+        return NONE, "none in the source"
     if await target.load_account_record() == record:
         return UNCHANGED, record.url
     await target.save_account_record(record)

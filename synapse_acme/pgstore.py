@@ -424,6 +424,44 @@ class PostgresBackend:
 
         return self._run(keys)
 
+    def reseal(self) -> defer.Deferred[tuple[list[str], int]]:
+        """Seal again with the current key every private key sealed with another one: the
+        last step of a key rotation, after which the old keys can go. One transaction (a row
+        no listed key opens fails it all, naming the row). The plaintext is unchanged, so
+        versions stay and nobody is notified. Deferred firing with ``(what was resealed, how
+        many rows already were sealed with the current key)``."""
+        current = self.keyring.current_id
+
+        def reseal(cur: Cursor) -> tuple[list[str], int]:
+            done: list[str] = []
+            cur.execute(
+                "SELECT count(*) FROM synapse_acme_certificates WHERE key_id = %s", (current,)
+            )
+            (already,) = cur.fetchone()
+            cur.execute(
+                "SELECT count(*) FROM synapse_acme_account_key WHERE key_id = %s", (current,)
+            )
+            already += cur.fetchone()[0]
+            for table, column in (("certificates", "key"), ("account_key", "id")):
+                cur.execute(
+                    f"SELECT {column}, key_sealed, key_id FROM synapse_acme_{table} "
+                    f"WHERE key_id <> %s ORDER BY {column} FOR UPDATE",
+                    (current,),
+                )
+                for ident, sealed, key_id in cur.fetchall():
+                    where = _where(table, str(ident))
+                    plain = self.keyring.open(bytes(sealed), key_id, where)
+                    new, new_id = self.keyring.seal(plain, where)
+                    cur.execute(
+                        f"UPDATE synapse_acme_{table} SET key_sealed = %s, key_id = %s "
+                        f"WHERE {column} = %s",
+                        (_binary(new), new_id, ident),
+                    )
+                    done.append(f"{table}/{ident}")
+            return done, int(already)
+
+        return self._run(reseal)
+
     # -- IAccountStore --------------------------------------------------------------------------
 
     def load_account_key(self) -> defer.Deferred[bytes | None]:

@@ -28,7 +28,8 @@ def run(source: MemoryStore, target: MemoryStore, force: bool = False) -> migrat
 
 
 def words(summary: migrate.Summary) -> dict[str, str]:
-    return {line.what: line.word for line in summary.lines}
+    """What happened to each entry, the account's parts left out when there is none."""
+    return {line.what: line.word for line in summary.lines if line.word != migrate.NONE}
 
 
 @pytest.fixture
@@ -86,6 +87,10 @@ def test_a_failed_save_is_reported_and_the_rest_goes_on(ca: TestCA) -> None:
     target.fail_next_save()
     summary = run(source, target)
     assert words(summary) == {"a.example": "FAILED", "b.example": "COPIED"} and not summary.ok
+    assert summary.lines[-2:] == [
+        migrate.Line("NONE", "account key", "none in the source"),
+        migrate.Line("NONE", "account record", "none in the source"),
+    ]
     assert "ENOSPC" in summary.lines[0].detail
     assert str(summary).startswith(
         "certificates: 1 copied, 0 replaced, 0 unchanged, 0 kept, 1 failed"
