@@ -9,12 +9,15 @@ server ends that session and frees the advisory lock: the next acquirer takes ov
 The row in ``synapse_acme_leases`` stays the record every process reads and writes (holder,
 expiry on the backend's clock, the same rules as the file and in-memory backends), plus
 ``locker_pid``: the server process id of the session that held the advisory lock when the row
-was written, or NULL if it was written without it. The rules, each one conditional statement
-run on the dedicated connection (so a lost connection fails the statement)::
+was written (NULL if it was written without it), and ``locked_at``, the server's time then.
+The rules, each one conditional statement run on the dedicated connection (so a lost
+connection fails the statement)::
 
     acquire, advisory lock obtained    take the row if free, expired, our own, or if it names
-                                       a locker_pid: a session that held the key no longer
-                                       does, so that holder is gone
+                                       a locker_pid locked since the server's start: a session
+                                       that held the key no longer does, so that holder is
+                                       gone (a server restart proves nothing: it ended every
+                                       session, living holders' too)
     acquire, advisory lock busy        lease rules only (free, expired or our own); the row
                                        keeps the locker_pid only when the holder is the same
     renew                              lease rules on our own row; the dedicated connection
@@ -27,11 +30,15 @@ run on the dedicated connection (so a lost connection fails the statement)::
 harmless: the row decides who holds which name, and a name whose key is busy only loses the
 fast hand-over and falls back to the lease's expiry, like a row written by an older release.
 
-Limits: a holder whose host vanishes without closing its socket (power loss) is noticed when
-the server's TCP keepalive gives up (set on the dedicated session: :data:`KEEPALIVE`) or at
-the lease's expiry, whichever comes first. Session advisory locks need a real session: a
-pooler in transaction mode (PgBouncer ``pool_mode = transaction``) between the store and
-PostgreSQL breaks them; session mode, or a direct connection, is fine.
+Limits: a holder whose session alone ends while it lives (``pg_terminate_backend``, a
+connection cut between its host and the server) is taken over at once, and learns it only at
+its next renewal (a third of the lease later at most), so both may work for that long, as with
+a holder that stalls past its lease on any backend. A holder whose host vanishes without
+closing its socket (power loss) is noticed when the server's TCP keepalive gives up (set on
+the dedicated session: :data:`KEEPALIVE`) or at the lease's expiry, whichever comes first.
+Session advisory locks need a real session: a pooler in transaction mode (PgBouncer
+``pool_mode = transaction``) between the store and PostgreSQL breaks them; session mode, or a
+direct connection, is fine.
 
 Every call runs off the reactor (:meth:`Database.blocking <synapse_acme.pgstore.Database>`);
 calls on one handle are serialised by a thread lock (there are a few per issuance).
@@ -61,15 +68,19 @@ KEEPALIVE = (15, 5, 3)
 _KEY_CONTEXT = b"synapse-acme issuance lock\0"
 
 #: Taken while this session holds the name's advisory lock: a row naming a locker_pid belongs
-#: to a session that lost the key (it died or let go), so it is taken over whatever its expiry.
+#: to a session that lost the key (it died or let go), so it is taken over whatever its expiry;
+#: unless the server restarted since it was locked (every session ended then, the living
+#: holders' too, which only learn it at their next renewal): then the lease decides.
 _TAKE_LOCKED = """
-    INSERT INTO synapse_acme_leases (name, holder, expires_at, locker_pid)
-    VALUES (%(name)s, %(holder)s, %(expires)s, pg_backend_pid())
+    INSERT INTO synapse_acme_leases (name, holder, expires_at, locker_pid, locked_at)
+    VALUES (%(name)s, %(holder)s, %(expires)s, pg_backend_pid(), now())
     ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder,
-        expires_at = EXCLUDED.expires_at, locker_pid = EXCLUDED.locker_pid
+        expires_at = EXCLUDED.expires_at, locker_pid = EXCLUDED.locker_pid,
+        locked_at = EXCLUDED.locked_at
         WHERE synapse_acme_leases.holder = EXCLUDED.holder
            OR synapse_acme_leases.expires_at <= %(now)s
-           OR synapse_acme_leases.locker_pid IS NOT NULL
+           OR (synapse_acme_leases.locker_pid IS NOT NULL
+               AND synapse_acme_leases.locked_at > pg_postmaster_start_time())
     RETURNING 1"""
 #: Taken while another session holds the key: the lease rules alone
 #: (:func:`synapse_acme.lease.acquire`).
@@ -86,7 +97,8 @@ _TAKE_UNLOCKED = """
 #: :func:`synapse_acme.lease.renew`; records this session as the locker once it has the key.
 _RENEW = """
     UPDATE synapse_acme_leases SET expires_at = %(expires)s,
-        locker_pid = CASE WHEN %(locked)s THEN pg_backend_pid() ELSE locker_pid END
+        locker_pid = CASE WHEN %(locked)s THEN pg_backend_pid() ELSE locker_pid END,
+        locked_at = CASE WHEN %(locked)s THEN now() ELSE locked_at END
     WHERE name = %(name)s AND holder = %(holder)s AND expires_at > %(now)s
     RETURNING 1"""
 _RELEASE = "DELETE FROM synapse_acme_leases WHERE name = %(name)s AND holder = %(holder)s"
@@ -158,7 +170,7 @@ class AdvisoryLocks:
             with self._mutex:
                 held, self._held = self._held, {}
             for h in held.values():
-                _close_quietly(h.conn)
+                _let_go(h)
 
         return self.database.blocking(close_all)
 
@@ -204,14 +216,13 @@ class AdvisoryLocks:
             except _db_errors() as e:  # the dedicated connection is gone: start afresh
                 logger.info("Lost the connection holding the lock %s (%s)", name, e)
                 self._drop(name)
-        conn = self._connect()
+        mine = _Held(self._connect(), holder, locked=False)
         try:
-            mine = _Held(conn, holder, locked=False)
             if not self._take(mine, args):
-                _close_quietly(conn)
+                _let_go(mine)
                 return False
         except BaseException:
-            _close_quietly(conn)
+            _let_go(mine)
             raise
         self._drop(name)  # another holder's stale connection on this handle, if any
         self._held[name] = mine
@@ -259,9 +270,7 @@ class AdvisoryLocks:
             try:
                 with held.conn.cursor() as cur:
                     cur.execute(_RELEASE, args)
-                    if held.locked:  # at once, not when the server notices the close
-                        cur.execute("SELECT pg_advisory_unlock(%s)", (self.key_of(name),))
-                self._drop(name)
+                self._drop(name)  # unlocks at once, then closes
                 return
             except _db_errors():
                 self._drop(name)  # the session is gone, and its advisory lock with it
@@ -282,7 +291,7 @@ class AdvisoryLocks:
     def _drop(self, name: str) -> None:
         held = self._held.pop(name, None)
         if held is not None:
-            _close_quietly(held.conn)
+            _let_go(held)
 
     def _connect(self) -> Any:
         """A dedicated session: autocommit (each statement is its own transaction, the
@@ -311,6 +320,18 @@ def _db_errors() -> tuple[type[BaseException], ...]:
     import psycopg2
 
     return (psycopg2.Error, OSError)
+
+
+def _let_go(held: _Held) -> None:
+    """Unlock (at once: the server frees a closed session's locks only when it notices the
+    close, and the next acquirer may be quicker) and close ``held``'s connection."""
+    if held.locked:
+        try:
+            with held.conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock_all()")
+        except Exception:  # the session is gone already, and its lock with it
+            pass
+    _close_quietly(held.conn)
 
 
 def _close_quietly(conn: Any) -> None:

@@ -121,6 +121,7 @@ _SCHEMA = [
     # The session holding the advisory lock (synapse_acme.pglock); NULL in rows of releases
     # before it, which other processes then honour by their lease alone.
     "ALTER TABLE synapse_acme_leases ADD COLUMN IF NOT EXISTS locker_pid INTEGER",
+    "ALTER TABLE synapse_acme_leases ADD COLUMN IF NOT EXISTS locked_at TIMESTAMPTZ",
 ]
 
 

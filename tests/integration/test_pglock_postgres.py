@@ -221,3 +221,23 @@ def test_lock_keys_are_stable_signed_bigints() -> None:
     keys = {lock_key(f"n{i}.example") for i in range(10_000)}
     assert len(keys) == 10_000
     assert all(-(2**63) <= k < 2**63 for k in keys)
+
+
+def test_a_server_restart_is_no_proof_that_the_holder_died() -> None:
+    """A restart ends every session, a living holder's too (it learns it at its next renewal):
+    until then its lease, not the lost advisory lock, keeps the others out."""
+    with PostgresServer() as server:
+        dsn, clock = server.create_database(), Clock()
+        a, b = (PostgresBackend(InlineDatabase(dsn), clock, KeyRing((bytes(32),))) for _ in "ab")
+        try:
+            result_of(a.setup())
+            assert result_of(a.acquire("a.example", "h1", HOUR)) is True
+            server.restart()
+            assert result_of(b.acquire("a.example", "h2", HOUR)) is False
+            assert result_of(a.renew("a.example", "h1", HOUR)) is False  # a stops its job
+            clock.advance(HOUR)
+            assert result_of(b.acquire("a.example", "h2", HOUR)) is True
+            assert _advisory_holders(dsn, "a.example") == [_locker_pid(dsn, "a.example")]
+        finally:
+            result_of(a.close())
+            result_of(b.close())
