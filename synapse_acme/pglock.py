@@ -231,11 +231,16 @@ class AdvisoryLocks:
     def _take(self, held: _Held, args: dict[str, Any]) -> bool:
         """One conditional upsert on ``held.conn``, after trying for the advisory lock."""
         with held.conn.cursor() as cur:
-            if not held.locked:
-                cur.execute("SELECT pg_try_advisory_lock(%s)", (self.key_of(args["name"]),))
-                held.locked = bool(cur.fetchone()[0])
+            self._try_lock(cur, held, args["name"])
             cur.execute(_TAKE_LOCKED if held.locked else _TAKE_UNLOCKED, args)
             return cur.fetchone() is not None
+
+    def _try_lock(self, cur: Any, held: _Held, name: str) -> None:
+        """Try for the advisory lock if ``held``'s session does not have it yet (never twice:
+        session locks stack, and each would need its own unlock)."""
+        if not held.locked:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (self.key_of(name),))
+            held.locked = bool(cur.fetchone()[0])
 
     def _renew(self, args: dict[str, Any]) -> bool:
         name, holder = args["name"], args["holder"]
@@ -246,9 +251,7 @@ class AdvisoryLocks:
             return self._once(_RENEW, {**args, "locked": False})
         try:
             with held.conn.cursor() as cur:
-                if not held.locked:
-                    cur.execute("SELECT pg_try_advisory_lock(%s)", (self.key_of(name),))
-                    held.locked = bool(cur.fetchone()[0])
+                self._try_lock(cur, held, name)
                 cur.execute(_RENEW, {**args, "locked": held.locked})
                 renewed = cur.fetchone() is not None
         except _db_errors() as e:
