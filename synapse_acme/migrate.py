@@ -56,7 +56,13 @@ class Summary:
 
     @property
     def ok(self) -> bool:
-        return not any(line.word in BAD for line in self.lines)
+        return not self.empty and not any(line.word in BAD for line in self.lines)
+
+    @property
+    def empty(self) -> bool:
+        """The source held nothing at all: most likely the wrong store (a typo in the
+        database name, another storage directory), so not a success."""
+        return all(line.word == NONE for line in self.lines)
 
     def count(self, word: str, certificates: bool = True) -> int:
         return sum(
@@ -72,6 +78,8 @@ class Summary:
         account = "; ".join(
             f"{ln.what} {ln.word.lower()}" for ln in self.lines if ln.what.startswith("account ")
         )
+        if self.empty:
+            return "the source holds no certificate and no account: is it the right store?"
         return f"certificates: {certs}" + (f"; {account}" if account else "")
 
 

@@ -209,3 +209,19 @@ def test_key_rotation_then_reseal_leaves_the_old_key_unneeded(
     assert result_of(FileStore(str(back)).load(KEY)) == result_of(
         FileStore(str(issued.parent / "store")).load(KEY)
     )
+
+
+def test_an_empty_source_is_reported_not_done(postgres: PostgresServer, tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    r = cli("migrate-store", "--from", postgres.create_database(), "--key-file", str(key),
+            "--to-dir", str(tmp_path / "out"), "--new-key-file")  # fmt: skip
+    assert r.returncode == 2 and "--new-key-file" in r.stderr  # reading needs an existing key
+    r = cli("migrate-store", "--reseal", postgres.create_database(), "--key-file", str(key),
+            "--new-key-file")  # fmt: skip
+    assert r.returncode == 0 and "Done: 0 private keys resealed, 0 already were" in r.stdout
+    r = cli("migrate-store", "--from", postgres.create_database(), "--key-file", str(key),
+            "--to-dir", str(tmp_path / "out"))  # fmt: skip
+    assert r.returncode == 1
+    assert r.stdout.splitlines()[-1] == (
+        "NOT DONE: the source holds no certificate and no account: is it the right store?"
+    )

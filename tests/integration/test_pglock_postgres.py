@@ -91,20 +91,26 @@ def _locker_pid(dsn: str, name: str) -> Any:
 
 _HOLDER = """
 import os, sys
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from synapse_acme.pgstore import KeyRing, PostgresBackend, ThreadedDatabase
 
 store = PostgresBackend(ThreadedDatabase(sys.argv[1], reactor), reactor, KeyRing((os.urandom(32),)))
 
-def report(took):
-    print("held" if took else "refused", flush=True)
+def report(results):
+    print(" ".join(str(r) for r in results), flush=True)
 
-def start():
-    d = store.setup()
-    d.addCallback(lambda _: store.acquire("a.example", "doomed-process", 3600))
+async def start():
+    await store.setup()
+    took = await store.acquire("a.example", "doomed-process", 3600)
+    renewed = await store.renew("a.example", "doomed-process", 3600)
+    await store.release("b.example", "doomed-process")  # not held: nothing happens
+    return took, renewed
+
+def run():
+    d = defer.ensureDeferred(start())
     d.addCallbacks(report, lambda f: print(f.getErrorMessage(), flush=True))
 
-reactor.callWhenRunning(start)
+reactor.callWhenRunning(run)
 reactor.run()
 """
 
@@ -123,7 +129,7 @@ def test_a_holder_killed_with_sigkill_frees_the_lock_at_once(handles: Any) -> No
     )
     try:
         assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "held"
+        assert holder.stdout.readline().strip() == "True True"  # acquired, renewed
         assert result_of(other.acquire("a.example", "survivor", HOUR)) is False  # alive: no
         assert len(_advisory_holders(dsn, "a.example")) == 1
         killed_at = time.monotonic()

@@ -128,3 +128,9 @@ def test_connection_strings_are_shown_without_their_password(dsn: str, shown: st
 @pytest.mark.parametrize("bad", ["/var/lib/acme", "mysql://x@y/z", "https://db.example/"])
 def test_what_is_not_a_connection_string(bad: Any) -> None:
     assert not migrate.is_postgres_dsn(bad)
+
+
+def test_an_empty_source_is_no_success() -> None:
+    summary = run(MemoryStore(), MemoryStore())
+    assert summary.empty and not summary.ok
+    assert str(summary) == "the source holds no certificate and no account: is it the right store?"
