@@ -313,7 +313,11 @@ def _build_managing(
     preferences = challenge_preferences(
         config,
         responders,
-        http01_served=not standalone_listener or bool(config.http01_endpoints()),
+        # With a database any process on it answers HTTP-01 (tokens are in the database),
+        # while tls-alpn-01 only reaches the process that ordered.
+        http01_served=(
+            not standalone_listener or bool(config.http01_endpoints()) or shared is not None
+        ),
     )
     named = [
         NamedIssuer(
@@ -349,7 +353,11 @@ def _build_managing(
     # The preflight probes HTTP-01: only for certificates validated that way first (with
     # dns-01 or tls-alpn-01 the CA looks elsewhere).
     probe = config.preflight.enabled and any(t[0] == "http-01" for t in preferences.values())
-    preflight = make_preflight(config, reactor, responder) if probe else None
+    preflight = None
+    if probe and shared is None:
+        preflight = make_preflight(config, reactor, responder)
+    elif probe:  # the probe may reach any process on the database: all answer the secret's
+        preflight = make_preflight(config, reactor, None, responder.probe_secret)
     service_store: ListableStore
     coordination = None
     if shared is not None:

@@ -84,6 +84,46 @@ class _OneConnection:
         self._conn.close()
 
 
+#: How many times an interaction is tried when its connection turns out dead (after a database
+#: restart each pooled connection fails once before adbapi replaces it).
+CONNECTION_ATTEMPTS = 6
+
+
+class ReconnectingDatabase:
+    """:class:`~synapse_acme.pgstore.ThreadedDatabase` whose interactions are tried again, at
+    once, when they fail because their pooled connection was dead (the database restarted or
+    a proxy dropped it): adbapi reconnects only after such a failure. Every statement of the
+    store is safe to run again (upserts, conditional updates, the first writer winning), so a
+    failure whose commit is in doubt may be repeated."""
+
+    def __init__(self, inner: ThreadedDatabase) -> None:
+        self._inner = inner
+
+    def interaction(self, f: Callable[[Cursor], _R]) -> defer.Deferred[_R]:
+        import psycopg2
+
+        async def attempt() -> _R:
+            for left in range(CONNECTION_ATTEMPTS - 1, -1, -1):
+                try:
+                    return await self._inner.interaction(f)
+                except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
+                    if left == 0:
+                        raise
+                    logger.info("PostgreSQL connection lost (%s); trying again", str(e).strip())
+            raise AssertionError("unreachable")
+
+        return defer.ensureDeferred(attempt())
+
+    def blocking(self, f: Callable[[], _R]) -> defer.Deferred[_R]:
+        return self._inner.blocking(f)
+
+    def connect(self) -> Any:
+        return self._inner.connect()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 @attrs.define(eq=False)
 class SharedStore:
     """What :func:`open_shared_store` made: the running backend, the account key, and the
@@ -150,7 +190,9 @@ def open_shared_store(config: AcmeConfig, reactor: IReactor, keys: Sequence[str]
             raise StoreError(f"PostgreSQL store {database.where}: {str(e).strip()}") from None
     finally:
         conn.close()
-    backend = PostgresBackend(ThreadedDatabase(dsn, reactor), reactor, keyring)
+    backend = PostgresBackend(
+        ReconnectingDatabase(ThreadedDatabase(dsn, reactor)), reactor, keyring
+    )
     logger.info("Using the shared PostgreSQL store %s", database.where)
     return SharedStore(backend, account_key, database.where, bundles)
 
