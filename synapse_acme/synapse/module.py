@@ -341,8 +341,11 @@ class AcmeModule:
         assert self.runtime.acme is not None  # None only with external_certificates
         self.runtime.acme.add_consumer(_ListenerKeeper(self))
         # Only the process that runs background tasks sends alerts (with a database every
-        # process provisions; one notice per alert is enough).
-        if self.runtime.alerter is not None and self.background:
+        # process provisions; one notice or webhook call per alert is enough).
+        if self.runtime.alerter is not None and not self.background:
+            self.runtime.alerter.disownServiceParent()  # never started: sends nothing
+            self.runtime.alerter = None
+        if self.runtime.alerter is not None:
             from synapse_acme.synapse.notices import choose_sinks
 
             for sink in choose_sinks(acme, self.glue, self.api):
