@@ -79,6 +79,22 @@ def stored(dsn: str) -> tuple[int, float] | None:
     return crypto.parse_chain(bytes(row[0]))[0].serial_number, float(row[1])
 
 
+def account_url(dsn: str) -> str:
+    """The ACME account URL recorded in the database."""
+    import json
+
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT record FROM synapse_acme_account")
+            (record,) = cur.fetchone()
+    finally:
+        conn.close()
+    return str(json.loads(record)["url"])
+
+
 def served_serial(port: int) -> int | None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
@@ -226,6 +242,7 @@ def test_contended_forced_renewals_order_once_and_every_process_serves_within_2s
     ca, dsn, runners = shared()
     serial = first_certificate(dsn, runners)
     assert orders(ca) == 1, "three processes starting together ordered more than once"
+    assert account_url(dsn).startswith(ca.directory_url.rsplit("/", 1)[0] + "/my-account/")
     lags: list[float] = []
     for _ in range(ROUNDS):
         for r in runners:  # asked all at once
