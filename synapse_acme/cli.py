@@ -276,6 +276,8 @@ def _one_shot(args: argparse.Namespace, force: bool) -> int:
                     )
                 else:
                     where = os.path.join(config.storage, "certificates", k)
+                    if config.database is not None:  # every process on it serves it now
+                        where = f"the PostgreSQL store {config.database.where}"
                     _out(
                         f"OK      {names}: certificate in {where}, valid until "
                         f"{format_time(status.not_after)}; due for renewal at "

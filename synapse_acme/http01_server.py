@@ -33,13 +33,20 @@ import re
 from collections.abc import Callable, Mapping
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
 from zope.interface import implementer
 
-from synapse_acme.http01 import INTERNAL_ERROR, NOT_FOUND, Answer, HTTP01Responder, answer
+from synapse_acme.http01 import (
+    INTERNAL_ERROR,
+    NOT_FOUND,
+    Answer,
+    HTTP01Responder,
+    answer_or_lookup,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +99,9 @@ class ChallengeHTTPProtocol(Protocol):
         self._closing = False
         self._timeout: IDelayedCall | None = None
         self._method = b""  # of the request being answered
+        # A token being looked up in the shared store: reading stops until it is answered,
+        # so pipelined answers keep their order.
+        self._looking_up = False
 
     # -- connection ------------------------------------------------------------------------
 
@@ -120,7 +130,7 @@ class ChallengeHTTPProtocol(Protocol):
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if self._closing:
+        if self._closing or self._looking_up:
             return
         self.transport.resumeProducing()  # type: ignore[union-attr]
         self.dataReceived(b"")
@@ -135,7 +145,7 @@ class ChallengeHTTPProtocol(Protocol):
             return
         data = self._buffer + data if self._buffer else data
         try:
-            while not self._paused and not self._closing:
+            while not self._paused and not self._closing and not self._looking_up:
                 if data[:1] in (b"\r", b"\n"):
                     data = data.lstrip(b"\r\n")  # RFC 9112 2.2: stray CRLFs before a request
                 end = _HEAD_END.search(data)
@@ -205,13 +215,47 @@ class ChallengeHTTPProtocol(Protocol):
         keep = (b"close" not in tokens) if http11 else (b"keep-alive" in tokens)
         keep = keep and not has_body
         result = self._route(method, target)
+        if isinstance(result, Answer):
+            self._reply(result, method, target, keep, http11)
+            return
+        outcome: list[Answer | Failure] = []
+        result.addBoth(outcome.append)
+        if outcome:  # answered at once: go on in this loop
+            self._looked_up(outcome[0], method, target, keep, http11)
+            return
+        self._looking_up = True
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+        def later(_: object) -> None:
+            self._looking_up = False
+            if self._closing:
+                return  # the client went away meanwhile
+            self._looked_up(outcome[0], method, target, keep, http11)
+            if not self._closing and not self._paused:
+                self.transport.resumeProducing()  # type: ignore[union-attr]
+                self.dataReceived(b"")  # what was pipelined behind it
+
+        result.addCallback(later)
+
+    def _looked_up(
+        self, outcome: Answer | Failure, method: bytes, target: bytes, keep: bool, http11: bool
+    ) -> None:
+        if isinstance(outcome, Failure):  # answer_or_lookup turns every error into a 404
+            logger.error("Bug answering an HTTP-01 request", exc_info=outcome.value)
+            self._send(INTERNAL_ERROR, method, False)
+            return
+        self._reply(outcome, method, target, keep, http11)
+
+    def _reply(
+        self, result: Answer, method: bytes, target: bytes, keep: bool, http11: bool
+    ) -> None:
         self._send(result, method, keep, http10_keep_alive=keep and not http11)
         if keep and self._timeout is not None:
             self._timeout.reset(self.factory.idle_timeout)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s %r -> %s", method.decode("ascii"), target, result.code)
 
-    def _route(self, method: bytes, target: bytes) -> Answer:
+    def _route(self, method: bytes, target: bytes) -> Answer | defer.Deferred[Answer]:
         if target[:1] != b"/":
             absolute = _ABSOLUTE.match(target)
             if absolute is None:
@@ -223,7 +267,9 @@ class ChallengeHTTPProtocol(Protocol):
             segments = [unquote_to_bytes(s) for s in segments]
         if len(segments) < 2 or (segments[0], segments[1]) != _PREFIX:
             return NOT_FOUND
-        return answer(self.factory.tokens, method, segments[2:], self.factory.observe)
+        return answer_or_lookup(
+            self.factory.tokens, method, segments[2:], self.factory.observe, self.factory.lookup
+        )
 
     def _send(
         self,
@@ -261,7 +307,8 @@ def _refusal(e: _Refuse) -> Answer:
 class ChallengeHTTPFactory(ServerFactory[ChallengeHTTPProtocol]):
     """Builds :class:`ChallengeHTTPProtocol` connections answering from ``tokens`` (a live map,
     such as :meth:`HTTP01Responder.tokens`); ``observe`` is told of each challenge request
-    (see :func:`synapse_acme.http01.answer`)."""
+    (see :func:`synapse_acme.http01.answer`); ``lookup`` finds a token not in ``tokens`` in the
+    shared store (:meth:`HTTP01Responder.lookup`)."""
 
     protocol = ChallengeHTTPProtocol
     noisy = False  # no "Starting factory" log line per port
@@ -272,9 +319,11 @@ class ChallengeHTTPFactory(ServerFactory[ChallengeHTTPProtocol]):
         clock: IReactorTime,
         idle_timeout: float = IDLE_TIMEOUT,
         observe: Callable[[bool], None] | None = None,
+        lookup: Callable[[str], defer.Deferred[bytes | None]] | None = None,
     ) -> None:
         self.tokens = tokens
         self.observe = observe
+        self.lookup = lookup
         self.clock = clock
         self.idle_timeout = idle_timeout
         self._date_second = -1
@@ -294,4 +343,6 @@ def make_factory(
 ) -> ChallengeHTTPFactory:
     """The protocol factory the standalone HTTP-01 listener serves ``responder`` with;
     ``idle_timeout`` bounds how long a request head may take (and idling between requests)."""
-    return ChallengeHTTPFactory(responder.tokens(), clock, idle_timeout, responder.on_request)
+    return ChallengeHTTPFactory(
+        responder.tokens(), clock, idle_timeout, responder.on_request, responder.lookup()
+    )
