@@ -21,7 +21,8 @@ connection fails the statement)::
     acquire, advisory lock busy        lease rules only (free, expired or our own); the row
                                        keeps the locker_pid only when the holder is the same
     renew                              lease rules on our own row; the dedicated connection
-                                       lost means False (another process may have taken over);
+                                       lost, it retries once in a new session (the row decides:
+                                       False only if the lease is no longer ours);
                                        a lease taken without the advisory lock tries for it
                                        again, so it upgrades once the key is free
     release                            unlock, close the dedicated connection, delete the row
@@ -250,21 +251,37 @@ class AdvisoryLocks:
             # rules alone.
             return self._once(_RENEW, {**args, "locked": False})
         try:
-            with held.conn.cursor() as cur:
-                self._try_lock(cur, held, name)
-                cur.execute(_RENEW, {**args, "locked": held.locked})
-                renewed = cur.fetchone() is not None
+            renewed = self._renew_on(held, args)
         except _db_errors() as e:
-            logger.warning(
-                "Lost the connection holding the lock %s (%s): the lease is given up, since "
-                "another process may have taken over",
-                name,
-                e,
-            )
-            renewed = False
+            # The session is gone (a server restart, a cut connection): its advisory lock with
+            # it. The row still decides: if it is ours and in force, nobody took over (a
+            # restart hands nothing over early, see _TAKE_LOCKED), so carry on in a new
+            # session; if another holder took it, False. The server unreachable is an error
+            # (the caller tries again while the lease runs), never a lost lease.
+            logger.info("Lost the connection holding the lock %s (%s); reconnecting", name, e)
+            self._drop(name)
+            fresh = _Held(self._connect(), holder, locked=False)
+            try:
+                renewed = self._renew_on(fresh, args)
+            except BaseException:
+                _let_go(fresh)
+                raise
+            if renewed:
+                self._held[name] = fresh
+            else:
+                _let_go(fresh)
         if not renewed:
+            logger.warning("The lease of the lock %s is no longer %s's", name, holder)
             self._drop(name)
         return renewed
+
+    def _renew_on(self, held: _Held, args: dict[str, Any]) -> bool:
+        """The renewal on ``held``'s session (trying for the advisory lock first if that
+        session does not have it)."""
+        with held.conn.cursor() as cur:
+            self._try_lock(cur, held, args["name"])
+            cur.execute(_RENEW, {**args, "locked": held.locked})
+            return bool(cur.fetchone() is not None)
 
     def _release(self, args: dict[str, Any]) -> None:
         name, holder = args["name"], args["holder"]
