@@ -167,12 +167,40 @@ def parse_wrk(out: str) -> dict[str, float]:
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    total = re.search(r"(\d+) requests in", out)
     m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = int(m.group(1)) if m else 0
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     socket_errors = sum(int(x) for x in m.groups()) if m else 0
     # An HTTP/1.0 server (certbot's) closes after each answer; wrk counts that as a read error.
-    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "errors": errors, "socket": socket_errors}
+    return {
+        "rps": rps,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "errors": errors,
+        "socket": socket_errors,
+        "requests": int(total.group(1)) if total else 0,
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its live descendants, all threads
+    (nginx's workers are children of its master): the server's own work, whatever else runs
+    on the machine."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited meanwhile
+    return total
 
 
 def wrk_command(port: int, connections: int, seconds: float) -> list[str]:
@@ -216,6 +244,7 @@ def measure(
                     raise RuntimeError(f"{server} answered {body[:80]!r}")
                 subprocess.run(wrk_command(port, 1, 1), capture_output=True, check=True)
                 for c in connections:
+                    cpu0 = cpu_seconds(proc.pid)
                     out = subprocess.run(
                         wrk_command(port, c, seconds),
                         capture_output=True,
@@ -224,12 +253,14 @@ def measure(
                         timeout=seconds + 30,
                     ).stdout
                     r = parse_wrk(out)
+                    r["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) * 1e6 / max(1, r["requests"])
                     raw[server][c].append(r)
                     log(
                         f"  responder {server} c={c} run {run + 1}: {r['rps']:.0f} req/s, "
                         f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
                         f"non-2xx {r['errors']}, "
-                        f"socket errors {r['socket']}"
+                        f"socket errors {r['socket']}, "
+                        f"server CPU {r['cpu_us']:.1f} us/request"
                     )
             finally:
                 proc.terminate()
@@ -245,6 +276,7 @@ def measure(
                 "rps": summary([r["rps"] for r in raw[s][c]]),
                 "p50_ms": summary([r["p50_ms"] for r in raw[s][c]]),
                 "p99_ms": summary([r["p99_ms"] for r in raw[s][c]]),
+                "cpu_us_per_request": summary([r["cpu_us"] for r in raw[s][c]]),
                 "errors": sum(int(r["errors"]) for r in raw[s][c]),
                 "socket_errors": sum(int(r["socket"]) for r in raw[s][c]),
             }

@@ -484,6 +484,12 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _cpu_us(cell: dict[str, Any]) -> str:
+    """Server CPU per request (user + system, all its processes and threads), if measured."""
+    cpu = cell.get("cpu_us_per_request")
+    return f"{cpu['median']:.1f} us" if cpu else "-"
+
+
 def goal_notes(res: dict[str, Any]) -> list[str]:
     """What a missed goal means, computed from the same figures."""
     out: list[str] = []
@@ -713,15 +719,16 @@ def render(res: dict[str, Any]) -> str:
             "",
             "![responder](img/responder.png)",
             "",
-            "| Server | connections | requests/s | p50 latency | p99 latency | non-2xx "
-            "| socket errors |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| Server | connections | requests/s | p50 latency | p99 latency | server CPU per "
+            "request | non-2xx | socket errors |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for server, per in r["results"].items():
             for c, v in per.items():
                 lines.append(
                     f"| {server} | {c} | {v['rps']['median']:.0f} | {v['p50_ms']['median']:.2f} ms"
-                    f" | {v['p99_ms']['median']:.2f} ms | {v['errors']} | {v['socket_errors']} |"
+                    f" | {v['p99_ms']['median']:.2f} ms | {_cpu_us(v)} | {v['errors']} "
+                    f"| {v['socket_errors']} |"
                 )
         lines.append("")
         for other, per in r["rps_ratio_ours_to"].items():
