@@ -490,6 +490,30 @@ def _cpu_us(cell: dict[str, Any]) -> str:
     return f"{cpu['median']:.1f} us" if cpu else "-"
 
 
+def _nginx_note(res: dict[str, Any]) -> list[str]:
+    """Where the time goes when the responder misses its nginx goal at 32 connections: one
+    Python process has one core; nginx's workers have them all."""
+    r = res.get("responder", {})
+    ratio = r.get("rps_ratio_ours_to", {}).get(responder.NGINX, {}).get("32")
+    ours = r.get("results", {}).get("synapse-acme", {}).get("32", {})
+    nginx = r.get("results", {}).get(responder.NGINX, {}).get("32", {})
+    if ratio is None or ratio >= 0.6 or "cpu_us_per_request" not in ours:
+        return []
+    cpu_ours = ours["cpu_us_per_request"]["median"]
+    cpu_nginx = nginx["cpu_us_per_request"]["median"]
+    cores = os.cpu_count() or 1
+    return [
+        f"- Responder vs nginx at 32 connections ({_fmt_ratio(ratio)}): synapse-acme spends "
+        f"{cpu_ours:.1f} us of CPU per request (the kernel's recv/send/epoll included) in one "
+        f"process, so one core caps it near {1e6 / cpu_ours:.0f} requests/s; nginx spends "
+        f"{cpu_nginx:.1f} us per request and Debian's `worker_processes auto` gives it "
+        f"{cores} workers, one per core, shared with wrk. Several listener processes "
+        "(SO_REUSEPORT) are not the answer for a challenge responder: the tokens live in the "
+        "issuing process, the connection caps are per process, and a CA sends a handful of "
+        "requests per token."
+    ]
+
+
 def goal_notes(res: dict[str, Any]) -> list[str]:
     """What a missed goal means, computed from the same figures."""
     out: list[str] = []
@@ -507,6 +531,7 @@ def goal_notes(res: dict[str, Any]) -> list[str]:
             f"{resp['certbot standalone'].get('32', {}).get('p99_ms', {}).get('median', 0):.0f}"
             " ms)."
         )
+    out += _nginx_note(res)
     minimal = pair_ratio(_cell(res, "one-1", CLI_SEQ), _cell(res, "one-1", FLOOR_PROC))
     if minimal is not None and minimal > 1.15:
         out.append(
