@@ -23,6 +23,17 @@ and only what :meth:`AcmeService.renew` is asked for is done. No periodic check,
 no retry timer, no coalescing timer; a failure is recorded (status, ``last_error``) without a
 next attempt time, since nothing in this process will retry it, and is logged at DEBUG only:
 the caller (the CLI's ``FAILED`` line) is its one report, with :meth:`AcmeService.failure_summary`.
+
+Shared store (``coordination``, the PostgreSQL store: several processes, on one host or several):
+- before ordering, the service takes the issuance lock named after the certificate's key; while
+  another process holds it, this one orders nothing, waits, and adopts that process's result;
+- once it holds the lock it re-reads the store: a certificate newer than the one it had when it
+  decided to renew (forced renewals included) was obtained meanwhile by another process, and is
+  adopted instead of ordered again; so one renewal is one order, however many processes ask;
+- it renews the lease every third of its length while ordering; a lease found lost (the lock
+  may have passed to another process) stops the issuance, and nothing is saved;
+- :meth:`AcmeService.store_changed` (called on the store's change notification) and every
+  periodic check adopt what another process saved.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
@@ -47,7 +58,13 @@ from synapse_acme.errors import (
     ChallengeFailed,
     SynapseAcmeError,
 )
-from synapse_acme.interfaces import IBatchLoad, ICertificateConsumer, ICertificateStore, IIssuer
+from synapse_acme.interfaces import (
+    IBatchLoad,
+    ICertificateConsumer,
+    ICertificateStore,
+    IIssuanceLock,
+    IIssuer,
+)
 from synapse_acme.model import CertificateBundle, CertificateSpec, RenewalWindow
 from synapse_acme.names import canonical_names, names_key
 from synapse_acme.status import CertificateStatus, format_time, time_from_seconds
@@ -64,6 +81,31 @@ STATUS_COALESCE_SECONDS = 0.5
 #: PostgreSQL store): one round trip per batch instead of one per certificate, and the reactor
 #: still runs between batches (each batch is checked and adopted on it).
 STORE_LOAD_BATCH = 200
+#: How long another process's issuance lock holds when nobody renews it (its holder died): a
+#: waiting process orders in its place after at most this. The holder renews it every third.
+DEFAULT_LEASE_SECONDS = 60.0
+#: How often a process waiting for another's issuance looks at the store and the lock again.
+DEFAULT_WAIT_POLL = 1.0
+
+
+class LeaseLost(SynapseAcmeError):
+    """The issuance lock's lease was lost while ordering: another process may be ordering the
+    same certificate, so this one stops and saves nothing."""
+
+
+@attrs.frozen
+class Coordination:
+    """How processes sharing one store take turns to order (see the module docstring).
+
+    ``lock``: the store's issuance lock; ``holder``: this process's name in it (unique: host,
+    pid and a random part); ``lease_seconds``: how long the lock outlives a holder that stopped
+    renewing it; ``wait_poll``: how often a waiting process looks at the store and the lock.
+    """
+
+    lock: IIssuanceLock
+    holder: str
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    wait_poll: float = DEFAULT_WAIT_POLL
 
 
 def _error_type(failure: Failure | BaseException) -> str:
@@ -138,6 +180,8 @@ class AcmeService(Service):
     failing fails that attempt like any other failure (recorded, backed off, old certificate
     kept) without an order. ``on_result(key, success)`` is told how each issuance attempt
     ended (metrics count them); a cancelled one is not an attempt that ended.
+    ``coordination``: the issuance lock of a store shared by several processes (see the module
+    docstring); None (the file store) orders without asking anyone.
     """
 
     def __init__(
@@ -159,8 +203,10 @@ class AcmeService(Service):
             Callable[[CertificateSpec, CertificateBundle | None], defer.Deferred[Any]] | None
         ) = None,
         on_result: Callable[[str, bool], None] | None = None,
+        coordination: Coordination | None = None,
     ) -> None:
         self._store = store
+        self._coordination = coordination
         self._on_result = on_result
         self._ready = ready
         self._before_order = before_order
@@ -458,6 +504,11 @@ class AcmeService(Service):
         )
 
     async def _check_all(self) -> None:
+        if self._coordination is not None:
+            # The safety net under change notification: another process may have renewed.
+            for m in self._managed.values():
+                if m.in_flight is None:
+                    await self._follow(m)
         await self._refresh_ari()
         if self._stopping:
             return  # stopped while fetching ARI: order nothing
@@ -527,25 +578,20 @@ class AcmeService(Service):
     async def _issue(self, m: _Managed) -> CertificateBundle:
         m.last_attempt = self._clock.seconds()
         attempt = m.failures + 1
+        seen = m.bundle  # what this process had when it decided to renew
+        ours = True
         try:
             if m.unsaved is not None:
                 bundle = m.unsaved
                 logger.info("Saving the certificate for %s issued earlier", _names(m))
+                await self._store.save(m.key, bundle)
+                m.unsaved = None
+            elif self._coordination is None:
+                bundle = await self._order(m, attempt)
+                await self._store.save(m.key, bundle)
+                m.unsaved = None
             else:
-                if self._ready is not None:
-                    await self._ready()  # no order while no challenge could be answered
-                if self._before_order is not None:
-                    await self._before_order(m.spec, None if m.placeholder else m.bundle)
-                logger.info("Obtaining a certificate for %s (attempt %d)", _names(m), attempt)
-                replaces = None
-                if m.bundle is not None and not m.placeholder:
-                    replaces = m.bundle.metadata.get("ari_cert_id")
-                key_pem = self._key_generator(m.spec.key_type)
-                bundle = await self._issuer.issue(m.spec.names, key_pem, replaces)
-                crypto.validate_bundle(bundle, m.spec.names, self._now())
-                m.unsaved = bundle
-            await self._store.save(m.key, bundle)
-            m.unsaved = None
+                bundle, ours = await self._order_shared(m, attempt, seen, self._coordination)
         except defer.CancelledError:
             logger.info("Issuance for %s cancelled", _names(m))
             raise
@@ -557,12 +603,22 @@ class AcmeService(Service):
                 raise
             self._record_failure(m, e, attempt)
             raise
-        self._adopt(m, bundle)
+        if m.bundle is None or m.bundle.chain_pem != bundle.chain_pem:
+            self._adopt(m, bundle)  # (a notification may have adopted another's already)
         m.failures = 0
         m.next_attempt = 0.0
         m.last_error = m.last_error_type = None
         m.ca_retry_at = None
         m.last_success = self._clock.seconds()
+        if not ours:
+            logger.info(
+                "Certificate for %s was obtained by another process on the shared store; "
+                "serving it (valid until %s, renewal planned at %s)",
+                _names(m),
+                format_time(m.not_after),
+                format_time(m.renew_at),
+            )
+            return bundle
         self._tell_result(m, True)
         logger.info(
             "Certificate for %s obtained; valid until %s, renewal planned at %s",
@@ -571,6 +627,127 @@ class AcmeService(Service):
             format_time(m.renew_at),
         )
         return bundle
+
+    async def _order(self, m: _Managed, attempt: int) -> CertificateBundle:
+        """One order at the CA for ``m`` (after ``ready`` and ``before_order``); the new bundle
+        is kept in ``m.unsaved`` until the caller saved it."""
+        if self._ready is not None:
+            await self._ready()  # no order while no challenge could be answered
+        if self._before_order is not None:
+            await self._before_order(m.spec, None if m.placeholder else m.bundle)
+        logger.info("Obtaining a certificate for %s (attempt %d)", _names(m), attempt)
+        replaces = None
+        if m.bundle is not None and not m.placeholder:
+            replaces = m.bundle.metadata.get("ari_cert_id")
+        key_pem = self._key_generator(m.spec.key_type)
+        bundle = await self._issuer.issue(m.spec.names, key_pem, replaces)
+        crypto.validate_bundle(bundle, m.spec.names, self._now())
+        m.unsaved = bundle
+        return bundle
+
+    async def _order_shared(
+        self, m: _Managed, attempt: int, seen: CertificateBundle | None, how: Coordination
+    ) -> tuple[CertificateBundle, bool]:
+        """Order under the store's issuance lock: ``(bundle, True)`` once ordered and saved,
+        or ``(bundle, False)`` for a newer certificate another process saved (adopted, not
+        ordered). Waits while another process holds the lock."""
+        waiting = False
+        while not await how.lock.acquire(m.key, how.holder, how.lease_seconds):
+            if not waiting:
+                logger.info(
+                    "Another process is obtaining the certificate for %s; waiting for it",
+                    _names(m),
+                )
+                waiting = True
+            await task.deferLater(self._clock, how.wait_poll)
+            try:
+                stored = await self._newer_in_store(m, seen)
+            except Exception as e:  # the store may be back at the next look
+                logger.warning("Cannot read the shared store for %s: %s", _names(m), e)
+                continue
+            if stored is not None:
+                return stored, False
+        keeper = _LeaseKeeper(self._clock, how, m.key)
+        try:
+            stored = await self._newer_in_store(m, seen)
+            if stored is not None:
+                return stored, False
+            order = defer.ensureDeferred(self._order(m, attempt))
+            keeper.start(order)
+            try:
+                bundle = await order
+            except defer.CancelledError:
+                if keeper.lost:
+                    m.unsaved = None  # never saved: another process may hold the lock now
+                    raise LeaseLost(_lease_lost(m)) from None
+                raise
+            finally:
+                keeper.stop()
+            if keeper.lost:
+                m.unsaved = None
+                raise LeaseLost(_lease_lost(m))
+            await self._store.save(m.key, bundle)
+            m.unsaved = None
+            return bundle, True
+        finally:
+            keeper.stop()
+            try:
+                await how.lock.release(m.key, how.holder)
+            except Exception as e:  # the lease expires on its own
+                logger.warning("Could not release the issuance lock of %s: %s", _names(m), e)
+
+    async def _newer_in_store(
+        self, m: _Managed, seen: CertificateBundle | None
+    ) -> CertificateBundle | None:
+        """The stored bundle of ``m`` if it is a usable certificate newer than ``seen``, else
+        None (StoreError if the store cannot be read)."""
+        stored = await self._store.load(m.key)
+        if stored is None or stored.metadata.get("placeholder"):
+            return None
+        if seen is not None and stored.chain_pem == seen.chain_pem:
+            return None
+        try:
+            chain = crypto.validate_bundle(stored, m.spec.names, self._now())
+        except BundleError as e:
+            logger.warning("The stored certificate for %s is unusable: %s", _names(m), e)
+            return None
+        if seen is not None and not seen.metadata.get("placeholder"):
+            try:
+                old = crypto.parse_chain(seen.chain_pem)[0]
+            except BundleError:
+                return stored
+            if crypto.not_before(chain[0]) < crypto.not_before(old):
+                return None  # older than what is served: never go back
+        return stored
+
+    def store_changed(self, key: str) -> defer.Deferred[None]:
+        """The store says the bundle under ``key`` changed (another process saved it): serve
+        it if it is newer than the one served. Never fails (errors are logged); a key not
+        managed here is ignored."""
+        m = self._managed.get(key)
+        if m is None:
+            return defer.succeed(None)
+        return defer.ensureDeferred(self._follow(m))
+
+    async def _follow(self, m: _Managed) -> None:
+        try:
+            stored = await self._newer_in_store(m, m.bundle)
+        except Exception as e:
+            logger.warning("Cannot read the changed certificate for %s: %s", _names(m), e)
+            return
+        if stored is None or (m.bundle is not None and m.bundle.chain_pem == stored.chain_pem):
+            return
+        self._adopt(m, stored)
+        # Whatever this process was backing off from, the certificate is now fine.
+        m.failures = 0
+        m.next_attempt = 0.0
+        m.last_error = m.last_error_type = None
+        logger.info(
+            "Serving the certificate for %s saved by another process (valid until %s)",
+            _names(m),
+            format_time(m.not_after),
+        )
+        self._publish_status()
 
     def _tell_result(self, m: _Managed, success: bool) -> None:
         if self._on_result is None:
@@ -656,6 +833,66 @@ async def _load_batch(
         return dict(await batch.load_many(keys))
     except Exception as e:
         return dict.fromkeys(keys, e)
+
+
+class _LeaseKeeper:
+    """Renews the issuance lock's lease every third of its length while an order runs; if the
+    lock says the lease is gone, cancels the order (:attr:`lost`). A renewal that fails (the
+    database is unreachable) is logged and tried again: nobody can take the lock meanwhile
+    unless the lease runs out, which the next renewal then reports."""
+
+    def __init__(self, clock: IReactorTime, how: Coordination, name: str) -> None:
+        self._clock = clock
+        self._how = how
+        self._name = name
+        self._call: IDelayedCall | None = None
+        self._order: defer.Deferred[Any] | None = None
+        self.lost = False
+
+    def start(self, order: defer.Deferred[Any]) -> None:
+        self._order = order
+        self._schedule()
+
+    def stop(self) -> None:
+        self._order = None
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _schedule(self) -> None:
+        self._call = self._clock.callLater(self._how.lease_seconds / 3, self._renew)
+
+    def _renew(self) -> None:
+        self._call = None
+        d = self._how.lock.renew(self._name, self._how.holder, self._how.lease_seconds)
+        d.addCallbacks(self._renewed, self._failed)
+
+    def _renewed(self, held: bool) -> None:
+        if self._order is None:
+            return  # stopped meanwhile
+        if not held:
+            logger.error("Lost the issuance lock of %s: stopping this order", self._name)
+            self.lost = True
+            self._order.cancel()
+            return
+        self._schedule()
+
+    def _failed(self, failure: Failure) -> None:
+        if self._order is None:
+            return
+        logger.warning(
+            "Could not renew the issuance lock of %s (%s); trying again",
+            self._name,
+            failure.getErrorMessage(),
+        )
+        self._schedule()
+
+
+def _lease_lost(m: _Managed) -> str:
+    return (
+        f"the issuance lock of {_names(m)} was lost while ordering (its lease ran out): another "
+        "process may be ordering it, so this certificate is not saved"
+    )
 
 
 def _names(m: _Managed) -> str:
