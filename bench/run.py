@@ -1032,8 +1032,11 @@ def render_pgstore(pg: dict[str, Any]) -> list[str]:
         f"- Load average before each run: {loads[0]} ... {loads[-1]} (1, 5, 15 min); the "
         "machine was shared with other work, so wall times are noisy: the CPU column and the "
         "run-by-run ratios suffer less.",
-        "- The steady tick reads no store (nothing due, every ARI window fresh): it is the "
-        "same for every store, a walk over the certificates in memory.",
+        "- The service here runs as one process (no `database:` coordination), so its steady "
+        "tick reads no store (nothing due, every ARI window fresh): the same for every store, "
+        "a walk over the certificates in memory. In database mode each check also re-reads "
+        "every certificate for what other processes saved: add the re-read column (batched, "
+        "as the service does it since `load_many`).",
         "- Where the load's time goes (cProfile, 3,000 certificates): for every store the same "
         "integrity checks, one ECDSA chain-signature verification and two private-key parses "
         "in the store's `check_intact`, then the same again in the service's "

@@ -506,9 +506,7 @@ class AcmeService(Service):
     async def _check_all(self) -> None:
         if self._coordination is not None:
             # The safety net under change notification: another process may have renewed.
-            for m in self._managed.values():
-                if m.in_flight is None:
-                    await self._follow(m)
+            await self._follow_all()
         await self._refresh_ari()
         if self._stopping:
             return  # stopped while fetching ARI: order nothing
@@ -701,7 +699,12 @@ class AcmeService(Service):
     ) -> CertificateBundle | None:
         """The stored bundle of ``m`` if it is a usable certificate newer than ``seen``, else
         None (StoreError if the store cannot be read)."""
-        stored = await self._store.load(m.key)
+        return self._newer(m, seen, await self._store.load(m.key))
+
+    def _newer(
+        self, m: _Managed, seen: CertificateBundle | None, stored: CertificateBundle | None
+    ) -> CertificateBundle | None:
+        """``stored`` (read for ``m``) if it is a usable certificate newer than ``seen``."""
         if stored is None or stored.metadata.get("placeholder"):
             return None
         if seen is not None and stored.chain_pem == seen.chain_pem:
@@ -729,12 +732,37 @@ class AcmeService(Service):
             return defer.succeed(None)
         return defer.ensureDeferred(self._follow(m))
 
-    async def _follow(self, m: _Managed) -> None:
-        try:
-            stored = await self._newer_in_store(m, m.bundle)
-        except Exception as e:
-            logger.warning("Cannot read the changed certificate for %s: %s", _names(m), e)
+    async def _follow_all(self) -> None:
+        """Adopt whatever another process saved, for every certificate not being issued here;
+        read in batches from a store that offers them (IBatchLoad), else key by key."""
+        batch = IBatchLoad(self._store, None)
+        if batch is None:
+            for m in self._managed.values():
+                if m.in_flight is None:
+                    await self._follow(m)
             return
+        managed = list(self._managed.values())
+        for start in range(0, len(managed), STORE_LOAD_BATCH):
+            chunk = [m for m in managed[start : start + STORE_LOAD_BATCH] if m.in_flight is None]
+            loaded = await _load_batch(batch, [m.key for m in chunk])
+            for m in chunk:
+                if m.in_flight is None:
+                    self._follow_stored(m, loaded[m.key])
+
+    async def _follow(self, m: _Managed) -> None:
+        got: CertificateBundle | Exception | None
+        try:
+            got = await self._store.load(m.key)
+        except Exception as e:
+            got = e
+        self._follow_stored(m, got)
+
+    def _follow_stored(self, m: _Managed, got: CertificateBundle | Exception | None) -> None:
+        """Serve ``got`` (what the store gave for ``m``) if it is newer than what is served."""
+        if isinstance(got, Exception):
+            logger.warning("Cannot read the changed certificate for %s: %s", _names(m), got)
+            return
+        stored = self._newer(m, m.bundle, got)
         if stored is None or (m.bundle is not None and m.bundle.chain_pem == stored.chain_pem):
             return
         self._adopt(m, stored)

@@ -1,6 +1,7 @@
-"""AcmeService's start on a store that reads in batches (IBatchLoad, as the PostgreSQL store
-does): the same outcome as key by key, in STORE_LOAD_BATCH keys per read, with a damaged
-entry or an unreadable batch reported per certificate and never stopping the others.
+"""AcmeService on a store that reads in batches (IBatchLoad, as the PostgreSQL store does), at
+start and in database mode's periodic re-read: the same outcome as key by key, in
+STORE_LOAD_BATCH keys per read, with a damaged entry or an unreadable batch reported per
+certificate and never stopping the others.
 (The real PostgreSQL store: tests/integration/test_pgstore_batch.py.)"""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from synapse_acme.errors import StoreError
 from synapse_acme.interfaces import IBatchLoad, ICertificateStore
 from synapse_acme.model import CertificateBundle, CertificateSpec
 from synapse_acme.names import names_key
-from synapse_acme.service import AcmeService
+from synapse_acme.service import AcmeService, Coordination
 from synapse_acme.testing.issuer import FakeIssuer
 from synapse_acme.testing.store import MemoryStore
 from tests.deferreds import outcome_of
@@ -113,3 +114,41 @@ def test_a_damaged_entry_or_a_failed_batch_is_reported_per_certificate(
     assert f"{keys[4]}: the private key of {keys[4]} does not decrypt" in caplog.text
     first.clock.advance(0)  # what could not be read is issued, as when read key by key
     assert sorted(names for names, _ in issuer.calls) == [SPECS[0], SPECS[1], SPECS[4]]
+
+
+def test_the_shared_store_safety_net_reads_in_batches(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Database mode's periodic check re-reads the store for what other processes saved: in
+    batches too, adopting the newer certificate and keeping the served one on a damaged row."""
+    monkeypatch.setattr(service_mod, "STORE_LOAD_BATCH", 2)
+    first = _filled()
+    keys = [names_key(n) for n in SPECS]
+    batch = BatchStore(first.store)
+    issuer = FakeIssuer(ca=first.ca, clock=first.clock)
+    service = AcmeService(
+        [CertificateSpec(names=n) for n in SPECS],
+        batch,
+        issuer,
+        first.clock,
+        check_interval=600.0,
+        check_jitter=0.0,
+        coordination=Coordination(first.store, "second"),
+    )
+    service.startService()
+    first.clock.advance(0)  # the first check (nothing newer yet)
+    served = {key: service.current(key) for key in keys}
+    first.clock.advance(60)
+    renewed = outcome_of(first.service.renew(keys[1], force=True))
+    assert [k for k, _ in renewed] == [keys[1]]
+    batch.damaged = {keys[3]}
+    batch.batches.clear()
+    with caplog.at_level(logging.WARNING):
+        first.clock.advance(600)  # the next check
+    assert batch.batches == [keys[0:2], keys[2:4], keys[4:5]]
+    assert service.current(keys[1]) == first.service.current(keys[1]) != served[keys[1]]
+    assert service.current(keys[3]) == served[keys[3]]  # kept: the row could not be read
+    assert f"Cannot read the changed certificate for {keys[3]}" in caplog.text
+    for key in (keys[0], keys[2], keys[4]):
+        assert service.current(key) == served[key]
+    assert issuer.calls == []
