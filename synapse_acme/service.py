@@ -290,18 +290,32 @@ class AcmeService(Service):
         return d
 
     def renew(
-        self, key: str | None = None, force: bool = False
+        self, key: str | None = None, force: bool = False, requested_at: float | None = None
     ) -> defer.Deferred[list[tuple[str, CertificateBundle | Failure]]]:
         """Issue now: ``key`` or every certificate. Without ``force`` only those due (or missing).
 
         Fires with a list of ``(key, CertificateBundle | Failure)``, one per certificate tried;
-        ``force`` ignores the renewal time and any backoff in force.
+        ``force`` ignores the renewal time and any backoff in force. ``requested_at``: when the
+        renewal was asked for (seconds on the clock's scale, e.g. a request file's mtime); a
+        certificate issued since then already answers it (on a shared store another process
+        may have renewed it meanwhile, asked at the same moment), so it is not ordered again.
         """
         targets = [self._managed[key]] if key is not None else list(self._managed.values())
         now = self._now()
         chosen = [m for m in targets if force or self._due(m, now)]
         ds: list[defer.Deferred[tuple[str, CertificateBundle | Failure]]] = []
         for m in chosen:
+            if requested_at is not None and m.bundle is not None and m.in_flight is None:
+                issued = _issued_at(m.bundle)
+                if issued is not None and issued >= requested_at:
+                    logger.info(
+                        "The certificate for %s was issued at %s, after the renewal was asked "
+                        "for: not ordering it again",
+                        _names(m),
+                        format_time(time_from_seconds(issued)),
+                    )
+                    ds.append(defer.succeed((m.key, m.bundle)))
+                    continue
             d = self._obtain(m)
             ds.append(d.addCallbacks(lambda b, k=m.key: (k, b), lambda f, k=m.key: (k, f)))
         return defer.gatherResults(ds)
@@ -921,6 +935,23 @@ def _lease_lost(m: _Managed) -> str:
         f"the issuance lock of {_names(m)} was lost while ordering (its lease ran out): another "
         "process may be ordering it, so this certificate is not saved"
     )
+
+
+def _issued_at(bundle: CertificateBundle) -> float | None:
+    """When the issuer says ``bundle`` was issued (its ``issued_at`` metadata), in seconds
+    since the epoch; None for a placeholder or a bundle without it."""
+    if bundle.metadata.get("placeholder"):
+        return None
+    text = bundle.metadata.get("issued_at")
+    if not isinstance(text, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
 
 
 def _names(m: _Managed) -> str:

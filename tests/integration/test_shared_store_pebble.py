@@ -201,10 +201,15 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, runners: list[
     raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
-def all_serve(runners: list[Runner], serial: int) -> float:
-    """Wait until every runner serves ``serial``; returns when the last one did (wall clock)."""
+def all_serve(runners: list[Runner], serial: int, timeout: float = 30) -> float:
+    """Wait until every runner serves ``serial``; returns when the last one did (wall clock).
+    A runner that serves another certificate (a duplicate order replaced it) fails it."""
     pending = {r.name: r for r in runners}
+    deadline = time.monotonic() + timeout
     while pending:
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {r.name}\n{r.output()[-2500:]}" for r in runners)
+            raise AssertionError(f"{sorted(pending)} did not serve {serial:x}\n{logs}")
         for name, r in list(pending.items()):
             if served_serial(r.tls_port) == serial:
                 del pending[name]

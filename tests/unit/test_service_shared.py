@@ -117,6 +117,27 @@ def test_after_taking_the_lock_a_newer_stored_certificate_is_adopted_not_ordered
     assert b.serial() == a.serial() == crypto.leaf_serial_hex(bundle.chain_pem)
 
 
+def test_a_request_answered_by_a_certificate_issued_since_orders_nothing() -> None:
+    """Asked at once, one process picks its request up only after another finished, and has
+    already adopted the new certificate: that answers its request (no second order); a
+    request made after the certificate was issued still orders."""
+    w = World()
+    a, b = Process(w, "a"), Process(w, "b")
+    w.issued_first(a, b)
+    w.clock.advance(60)
+    asked_at = w.clock.seconds()
+    w.clock.advance(0.2)
+    result_of(a.service.renew(KEY, force=True, requested_at=asked_at))
+    result_of(b.service.store_changed(KEY))  # the notification came before b's request
+    assert a.serial() == b.serial() == w.stored_serial()
+    before = w.stored_serial()
+    [(_, bundle)] = result_of(b.service.renew(KEY, force=True, requested_at=asked_at))
+    assert b.issuer.calls == [] and crypto.leaf_serial_hex(bundle.chain_pem) == before
+    w.clock.advance(5)
+    result_of(b.service.renew(KEY, force=True, requested_at=w.clock.seconds()))
+    assert len(b.issuer.calls) == 1 and w.stored_serial() != before
+
+
 def test_lost_lease_stops_the_order_and_saves_nothing() -> None:
     w = World()
     a = Process(w, "a")
