@@ -93,6 +93,12 @@ class IBatchLoad(Interface):
         StoreError its ``load`` would fail with (an unsafe key, a damaged bundle). Fails as a
         whole (StoreError) only if the store cannot be read at all."""
 
+    def chain_digests(keys: Sequence[str]) -> Deferred[dict[str, str]]:
+        """Deferred firing with the SHA-256 (hex) of the stored chain PEM of each of ``keys``
+        that holds a bundle (the others are absent): the cheap look at which bundles changed,
+        so a periodic re-read loads only those. Fails (StoreError) if the store cannot be
+        read."""
+
 
 class IAccountStore(Interface):
     """The ACME account: its private key and the record of it at the CA.

@@ -39,6 +39,7 @@ Shared store (``coordination``, the PostgreSQL store: several processes, on one 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -755,7 +756,18 @@ class AcmeService(Service):
                 if m.in_flight is None:
                     await self._follow(m)
             return
-        managed = list(self._managed.values())
+        try:
+            digests = await batch.chain_digests(list(self._managed))
+        except Exception as e:  # the store may be back at the next look
+            logger.warning("Cannot read the shared store's certificates: %s", e)
+            return
+        # Only what changed is loaded (and decrypted, and checked): an idle look is one query.
+        managed = [
+            m
+            for m in self._managed.values()
+            if m.key in digests
+            and (m.bundle is None or digests[m.key] != _chain_digest(m.bundle.chain_pem))
+        ]
         for start in range(0, len(managed), STORE_LOAD_BATCH):
             chunk = [m for m in managed[start : start + STORE_LOAD_BATCH] if m.in_flight is None]
             loaded = await _load_batch(batch, [m.key for m in chunk])
@@ -865,6 +877,10 @@ class AcmeService(Service):
 
     def _log_unexpected(self, failure: Failure, what: str) -> None:
         logger.error("Unexpected error in %s", what, exc_info=failure.value)
+
+
+def _chain_digest(chain_pem: bytes) -> str:
+    return hashlib.sha256(chain_pem).hexdigest()
 
 
 async def _load_batch(

@@ -5,6 +5,7 @@ without it these tests fail, never skip."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -101,3 +102,25 @@ def test_service_starts_over_it_in_batches(postgres: PostgresServer, backend: An
     clock.advance(0)
     assert issuer.calls == []  # every one served from the store, none due
     result_of(service.stopService())
+
+
+def test_chain_digests_are_the_stored_chains_in_one_query(backend: PostgresBackend) -> None:
+    """The periodic look of database mode: the server hashes the chains, nothing is decrypted,
+    a key without a bundle is absent, and a save changes its key's digest only."""
+    result_of(backend.save("a.example", bundle(1)))
+    result_of(backend.save("b.example", bundle(2)))
+    db = backend.database
+    assert isinstance(db, CountingDatabase)
+    before = db.interactions
+    digests = result_of(backend.chain_digests(["a.example", "b.example", "none.example"]))
+    assert db.interactions == before + 1
+    assert digests == {
+        key: hashlib.sha256(result_of(backend.load(key)).chain_pem).hexdigest()
+        for key in ("a.example", "b.example")
+    }
+    result_of(backend.save("b.example", bundle(3)))
+    after = result_of(backend.chain_digests(["a.example", "b.example"]))
+    assert after["a.example"] == digests["a.example"]
+    assert after["b.example"] == hashlib.sha256(bundle(3).chain_pem).hexdigest()
+    assert after["b.example"] != digests["b.example"]
+    failure_of(backend.chain_digests(["../escape"]), StoreError)

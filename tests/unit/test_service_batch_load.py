@@ -6,6 +6,7 @@ certificate and never stopping the others.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 
@@ -38,6 +39,7 @@ class BatchStore:
     batches: list[list[str]] = attrs.Factory(list)
     damaged: set[str] = attrs.Factory(set)
     fail_batches: int = 0
+    digest_reads: int = 0
 
     def load(self, key: str) -> defer.Deferred[CertificateBundle | None]:
         raise AssertionError("the service must read a batch store in batches")
@@ -58,6 +60,15 @@ class BatchStore:
                 out[key] = StoreError(f"the private key of {key} does not decrypt")
             else:
                 out[key] = outcome_of(self.inner.load(key))
+        return defer.succeed(out)
+
+    def chain_digests(self, keys: Sequence[str]) -> defer.Deferred[dict[str, str]]:
+        self.digest_reads += 1
+        out = {}
+        for key in keys:
+            bundle = outcome_of(self.inner.load(key))
+            if bundle is not None:
+                out[key] = hashlib.sha256(bundle.chain_pem).hexdigest()
         return defer.succeed(out)
 
 
@@ -119,8 +130,9 @@ def test_a_damaged_entry_or_a_failed_batch_is_reported_per_certificate(
 def test_the_shared_store_safety_net_reads_in_batches(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Database mode's periodic check re-reads the store for what other processes saved: in
-    batches too, adopting the newer certificate and keeping the served one on a damaged row."""
+    """Database mode's periodic check re-reads the store for what other processes saved: it
+    looks at the chains' digests and loads only what changed, in batches, adopting the newer
+    certificate and keeping the served one on a damaged row."""
     monkeypatch.setattr(service_mod, "STORE_LOAD_BATCH", 2)
     first = _filled()
     keys = [names_key(n) for n in SPECS]
@@ -138,17 +150,21 @@ def test_the_shared_store_safety_net_reads_in_batches(
     service.startService()
     first.clock.advance(0)  # the first check (nothing newer yet)
     served = {key: service.current(key) for key in keys}
-    first.clock.advance(60)
-    renewed = outcome_of(first.service.renew(keys[1], force=True))
-    assert [k for k, _ in renewed] == [keys[1]]
-    batch.damaged = {keys[3]}
     batch.batches.clear()
+    first.clock.advance(600)  # an idle check: one look at the digests, nothing loaded
+    assert batch.batches == [] and batch.digest_reads >= 2
+    first.clock.advance(60)
+    for key in (keys[1], keys[3], keys[4]):
+        renewed = outcome_of(first.service.renew(key, force=True))
+        assert [k for k, _ in renewed] == [key]
+    batch.damaged = {keys[3]}
     with caplog.at_level(logging.WARNING):
-        first.clock.advance(600)  # the next check
-    assert batch.batches == [keys[0:2], keys[2:4], keys[4:5]]
+        first.clock.advance(600)  # the next check: only what changed, in batches
+    assert batch.batches == [[keys[1], keys[3]], [keys[4]]]
     assert service.current(keys[1]) == first.service.current(keys[1]) != served[keys[1]]
+    assert service.current(keys[4]) == first.service.current(keys[4]) != served[keys[4]]
     assert service.current(keys[3]) == served[keys[3]]  # kept: the row could not be read
     assert f"Cannot read the changed certificate for {keys[3]}" in caplog.text
-    for key in (keys[0], keys[2], keys[4]):
+    for key in (keys[0], keys[2]):
         assert service.current(key) == served[key]
     assert issuer.calls == []
