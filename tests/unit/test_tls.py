@@ -250,30 +250,42 @@ def test_no_disk_io_or_context_building_during_handshakes(
     assert serials == [main, wild, main]
 
 
-def test_default_certificate_handshakes_never_switch_context(tls: HotSwapTLS, ca: TestCA) -> None:
-    """The connection starts on a context serving the default certificate: a handshake for
-    one of its names keeps it (switching costs OpenSSL a copy of the certificate settings);
-    only another certificate's name switches."""
+def test_contexts_are_switched_only_for_another_chain(tls: HotSwapTLS, ca: TestCA) -> None:
+    """A connection starts on the shared context of the default certificate's chain, with the
+    default's leaf and key set on it: a handshake for one of its names switches nothing, nor
+    does one for another certificate of the same chain and key type (only the connection's
+    leaf and key change, together); a certificate with another chain switches the context
+    (which also takes the default's leaf and key off the connection)."""
+    other_ca = TestCA(now=NOW, name="Other")
     tls.set_bundle("main", ca.issue(["a.example.test"]))
-    tls.set_bundle("other", ca.issue(["b.example.test"]))
-    ctx = client_context(ca)
+    tls.set_bundle("same", ca.issue(["b.example.test"]))
+    tls.set_bundle("foreign", other_ca.issue(["c.example.test"]))
+    ctx = SSL.Context(SSL.TLS_METHOD)  # two roots: this test checks chains itself
 
-    def contexts(sni: bytes) -> tuple[SSL.Context, SSL.Context, int]:
+    def contexts(sni: bytes) -> tuple[SSL.Context, SSL.Context, list[x509.Certificate]]:
         server = tls.serverConnectionForTLS(None)
         start = server.get_context()
         client = handshake_with(tls, ctx, sni, server=server)
-        cert = client.get_peer_certificate(as_cryptography=True)
-        assert cert is not None
-        return start, server.get_context(), cert.serial_number
+        chain = client.get_peer_cert_chain(as_cryptography=True)
+        assert chain is not None
+        return start, server.get_context(), chain
 
-    start, end, serial = contexts(b"a.example.test")
-    assert end is start and serial == leaf_serial(tls.current("main"))  # type: ignore[arg-type]
-    start, end, serial = contexts(b"b.example.test")
-    assert end is not start and serial == leaf_serial(tls.current("other"))  # type: ignore[arg-type]
+    def serial(key: str) -> int:
+        return leaf_serial(tls.current(key))  # type: ignore[arg-type]
+
+    start, end, chain = contexts(b"a.example.test")
+    assert end is start and chain[0].serial_number == serial("main")
+    start, end, chain = contexts(b"b.example.test")
+    assert end is start and chain[0].serial_number == serial("same")
+    assert chain[1] == ca.intermediate
+    start, end, chain = contexts(b"c.example.test")
+    assert end is not start and chain[0].serial_number == serial("foreign")
+    assert [c.subject for c in chain] == [chain[0].subject, other_ca.intermediate.subject]
     # One certificate: every name gets it, from the context the connection started with.
-    tls.remove("other")
-    start, end, serial = contexts(b"b.example.test")
-    assert end is start and serial == leaf_serial(tls.current("main"))  # type: ignore[arg-type]
+    tls.remove("same")
+    tls.remove("foreign")
+    start, end, chain = contexts(b"b.example.test")
+    assert end is start and chain[0].serial_number == serial("main")
 
 
 # -- bad bundles are never swapped in ----------------------------------------------------------
