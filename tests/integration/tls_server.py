@@ -95,7 +95,7 @@ def main() -> None:
                 say("DONE")
 
         loop = LoopingCall(swap)
-        say(f"INITIAL {tls.serial("rot")}")
+        say(f"INITIAL {tls.serial('rot')}")
 
         def on_start() -> None:  # type: ignore[misc]
             loop.start(args.rotate_interval, now=False)
