@@ -46,7 +46,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from OpenSSL import SSL
-from OpenSSL._util import ffi, lib
+from OpenSSL._util import exception_from_error_queue, ffi, lib
 from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
     IProtocolNegotiationFactory,
@@ -315,8 +315,7 @@ def _use(conn: SSL.Connection, material: _Material) -> None:
     if lib.SSL_use_certificate(ssl, material.leaf) != 1 or (
         lib.SSL_use_PrivateKey(ssl, material.key) != 1
     ):
-        lib.ERR_clear_error()
-        raise SSL.Error("OpenSSL refused the certificate or its key for this connection")
+        exception_from_error_queue(SSL.Error)  # raises it, with OpenSSL's reasons
 
 
 class _MaterialCache:
@@ -500,7 +499,10 @@ class HotSwapTLS:
         self.alpn = tuple(self.alpn)
         self._materials = _MaterialCache(self.cache_size, self._load)
         self._snapshot = _Snapshot(
-            exact=_Layered(), wildcard=_Layered(), default=None, default_material=None,
+            exact=_Layered(),
+            wildcard=_Layered(),
+            default=None,
+            default_material=None,
             # Nothing to serve yet: handshakes fail cleanly ("no shared cipher") until a
             # certificate is installed.
             dispatch=_base_context(self.alpn),

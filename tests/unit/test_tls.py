@@ -593,3 +593,122 @@ def test_a_systemd_tls_listener_without_its_socket_says_why(tls: HotSwapTLS) -> 
     assert "LISTEN_FDNAMES" in text and text.endswith(
         "These come from acme.tls_listen (systemd:domain=INET6:name=synapse-acme-tls)"
     )
+
+
+# -- many certificates: parsed on first use, bounded cache, swaps that copy only what changed ---
+
+
+def _counting_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the key of every certificate parsed for OpenSSL from now on."""
+    loaded: list[str] = []
+    real = tls_module._load_material
+
+    def load(entry: Any, chain_context: Any) -> Any:
+        loaded.append(entry.key)
+        return real(entry, chain_context)
+
+    monkeypatch.setattr(tls_module, "_load_material", load)
+    return loaded
+
+
+def test_loading_many_parses_only_the_default_until_a_handshake_needs_one(
+    clock: Clock, ca: TestCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = _counting_loads(monkeypatch)
+    tls = HotSwapTLS(clock=clock, default_key="k3")
+    bundles = {f"k{i}": ca.issue([f"n{i}.test"]) for i in range(20)}
+    assert tls.set_bundles(bundles) == {}
+    assert loaded == ["k3"]
+    assert handshake(tls, ca, b"n7.test").serial == leaf_serial(bundles["k7"])
+    assert handshake(tls, ca, b"n7.test").serial == leaf_serial(bundles["k7"])
+    assert handshake(tls, ca, None).serial == leaf_serial(bundles["k3"])
+    assert loaded == ["k3", "k7"]  # parsed once, on its first handshake
+
+
+def test_eviction_under_a_tiny_cache_still_serves_the_right_certificate(
+    clock: Clock, ca: TestCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = _counting_loads(monkeypatch)
+    tls = HotSwapTLS(clock=clock, default_key="k0", cache_size=2)
+    bundles = {f"k{i}": ca.issue([f"n{i}.test", f"*.w{i}.test"]) for i in range(6)}
+    tls.set_bundles(bundles)
+    for _ in range(2):
+        for i in [1, 2, 3, 4, 5, 0, 3, 1]:
+            for sni in (f"n{i}.test", f"x.w{i}.test"):
+                result = handshake(tls, ca, sni.encode())
+                assert result.serial == leaf_serial(bundles[f"k{i}"]), sni
+                assert len(result.chain) == 2  # the intermediate travels with every leaf
+    assert len(tls._materials) <= 2
+    assert loaded.count("k1") > 1  # evicted and parsed again, and still right
+
+
+def test_a_swap_of_one_of_many_leaves_the_others_untouched(
+    clock: Clock, ca: TestCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls = HotSwapTLS(clock=clock, default_key="k0")
+    bundles = {f"k{i}": ca.issue([f"n{i}.test"]) for i in range(1000)}
+    tls.set_bundles(bundles)
+    for i in range(1, 6):
+        handshake(tls, ca, f"n{i}.test".encode())
+    before = tls._snapshot
+    parsed = {i: tls._materials.get(tls._entries[f"k{i}"]) for i in range(1, 6)}
+
+    renewed = ca.issue(["n3.test"])
+    tls.set_bundle("k3", renewed)
+    after = tls._snapshot
+    # Only the changed name is new; the 1,000-name table itself is shared, not copied.
+    assert after.exact.base is before.exact.base
+    assert dict(after.exact.overlay) == {"n3.test": tls._entries["k3"]}
+    assert before.exact.get("n3.test").serial == leaf_serial(bundles["k3"])  # type: ignore[union-attr]
+    # The renewed certificate was parsed at installation; the others keep theirs.
+    loaded = _counting_loads(monkeypatch)
+    for i in range(1, 6):
+        if i != 3:
+            assert tls._materials.get(tls._entries[f"k{i}"]) is parsed[i]
+    for i in range(1, 6):
+        want = renewed if i == 3 else bundles[f"k{i}"]
+        assert handshake(tls, ca, f"n{i}.test".encode()).serial == leaf_serial(want)
+    assert loaded == []
+
+
+def test_layered_map_keeps_old_versions_and_folds_its_overlay() -> None:
+    entries = [object() for _ in range(3)]
+    start = tls_module._Layered({"a": entries[0], "b": entries[1]})  # type: ignore[dict-item]
+    changed = start.updated({"a": None, "c": entries[2]})  # type: ignore[dict-item]
+    assert (start.get("a"), start.get("c")) == (entries[0], None)
+    assert (changed.get("a"), changed.get("b"), changed.get("c")) == (None, *entries[1:])
+    assert sorted(changed.names()) == ["b", "c"]
+    big = changed
+    for i in range(tls_module._OVERLAY_MAX + 1):
+        big = big.updated({f"n{i}": entries[0]})  # type: ignore[dict-item]
+    assert len(big.overlay) < tls_module._OVERLAY_MAX  # folded into a new base
+    assert big.get("a") is None and big.get("b") is entries[1] and big.get("n0") is entries[0]
+    assert changed.get("n0") is None and "n0" not in start.base  # older versions unchanged
+
+
+def test_a_replacement_openssl_refuses_is_never_swapped_in(tls: HotSwapTLS, ca: TestCA) -> None:
+    """RSA-1024 passes the bundle checks but not OpenSSL's security level: a replacement is
+    parsed at installation, so it is refused there and the old certificate keeps serving."""
+    good = ca.issue(["example.test"])
+    tls.set_bundle("main", good)
+    with pytest.raises(BundleError, match="ee key too small"):
+        tls.set_bundle("main", ca.issue(["example.test"], key_type="rsa-1024"))
+    assert tls.current("main") is good
+    assert handshake(tls, ca, b"example.test").serial == leaf_serial(good)
+
+
+def test_a_new_certificate_openssl_refuses_serves_the_default_and_says_so(
+    tls: HotSwapTLS, ca: TestCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    main = ca.issue(["example.test"])
+    tls.set_bundles({"main": main, "weak": ca.issue(["weak.test"], key_type="rsa-1024")})
+    with caplog.at_level(logging.ERROR, logger="synapse_acme.tls"):
+        assert handshake(tls, ca, b"weak.test").serial == leaf_serial(main)
+        assert handshake(tls, ca, b"weak.test").serial == leaf_serial(main)
+    refusals = [r.getMessage() for r in caplog.records if "cannot serve" in r.getMessage()]
+    assert len(refusals) == 1 and "weak" in refusals[0] and "ee key too small" in refusals[0]
+
+
+def test_cache_size_must_be_positive(clock: Clock) -> None:
+    with pytest.raises(ValueError, match="cache_size"):
+        HotSwapTLS(clock=clock, cache_size=0)
