@@ -265,13 +265,17 @@ class _Material:
 
 
 def _load_material(
-    entry: _Entry, chain_context: Callable[[tuple[bytes, ...], int], SSL.Context]
+    entry: _Entry,
+    chain_context: Callable[[tuple[bytes, ...], int], SSL.Context],
+    check: bool = False,
 ) -> _Material:
     """Parse ``entry``'s leaf and key into OpenSSL objects; BundleError if OpenSSL refuses them.
 
     This is the only per-certificate OpenSSL work, done on the first handshake that needs the
-    certificate (or at installation when it replaces one being served, so a bundle OpenSSL
-    would refuse never replaces a good one).
+    certificate, or at installation when it replaces one being served: then with ``check``,
+    which also tries the pair on a connection (key match, OpenSSL's security level), so a
+    bundle OpenSSL would refuse never replaces a good one. Without ``check`` the handshake
+    that needs it finds that out (see ``HotSwapTLS._on_server_name``).
     """
     bio = lib.BIO_new_mem_buf(entry.leaf_der, len(entry.leaf_der))
     try:
@@ -296,11 +300,11 @@ def _load_material(
         ffi.gc(key, lib.EVP_PKEY_free),
         chain_context(entry.intermediates, lib.EVP_PKEY_id(key)),
     )
-    # Try it on a connection, as a handshake would (key match, security level).
-    try:
-        _use(SSL.Connection(material.context, None), material)
-    except SSL.Error as e:
-        raise BundleError(f"OpenSSL refuses the certificate or key: {e}") from None
+    if check:
+        try:
+            _use(SSL.Connection(material.context, None), material)
+        except SSL.Error as e:
+            raise BundleError(f"OpenSSL refuses the certificate or key: {e}") from None
     return material
 
 
@@ -347,16 +351,21 @@ class _MaterialCache:
         try:
             material = self._load(entry)
         except BundleError as e:
-            log.error(
-                "TLS: cannot serve the certificate for %s (serial %x): %s; its names get the "
-                "default certificate",
-                entry.key,
-                entry.serial,
-                e,
-            )
-            material = None
+            self.refuse(entry, e)
+            return None
         self.put(entry, material)
         return material
+
+    def refuse(self, entry: _Entry, reason: Exception) -> None:
+        """Remember (and say, once) that OpenSSL will not serve ``entry``."""
+        log.error(
+            "TLS: cannot serve the certificate for %s (serial %x): %s; its names get the "
+            "default certificate",
+            entry.key,
+            entry.serial,
+            reason,
+        )
+        self.put(entry, None)
 
     def put(self, entry: _Entry, material: _Material | None) -> None:
         with self._lock:
@@ -542,7 +551,11 @@ class HotSwapTLS:
             if material.context is not snapshot.dispatch:
                 # Also takes the default certificate off the connection.
                 conn.set_context(material.context)
-            _use(conn, material)
+            try:
+                _use(conn, material)
+            except SSL.Error as e:  # a certificate parsed lazily, refused by OpenSSL
+                self._materials.refuse(entry, e)
+                self._serve_default(conn, snapshot)
         except Exception:
             log.exception("TLS: selecting a certificate by SNI failed; serving the default")
             self._serve_default(conn, snapshot)
@@ -648,7 +661,7 @@ class HotSwapTLS:
             ),
         )
         if eager:
-            self._materials.put(entry, self._load(entry))
+            self._materials.put(entry, self._load(entry, check=True))
         if entry.not_after <= now:
             log.warning(
                 "TLS: serving an EXPIRED certificate for %s (expired %s) until a new one arrives",
@@ -661,10 +674,12 @@ class HotSwapTLS:
         # One copy per distinct chain (a CA has a handful), not one per certificate.
         return self._chains.setdefault(intermediates, intermediates)
 
-    def _load(self, entry: _Entry) -> _Material:
+    def _load(self, entry: _Entry, check: bool = False) -> _Material:
         # The context with the SNI callback: the one connections start on whenever there is
         # more than one certificate, so a name with the default's chain switches nothing.
-        return _load_material(entry, lambda chain, kind: self._chain_context(chain, kind, True))
+        return _load_material(
+            entry, lambda chain, kind: self._chain_context(chain, kind, True), check
+        )
 
     def _chain_context(
         self, intermediates: tuple[bytes, ...], key_type: int, sni: bool = False

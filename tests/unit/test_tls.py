@@ -603,9 +603,9 @@ def _counting_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     loaded: list[str] = []
     real = tls_module._load_material
 
-    def load(entry: Any, chain_context: Any) -> Any:
+    def load(entry: Any, *args: Any) -> Any:
         loaded.append(entry.key)
-        return real(entry, chain_context)
+        return real(entry, *args)
 
     monkeypatch.setattr(tls_module, "_load_material", load)
     return loaded
