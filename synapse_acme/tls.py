@@ -37,7 +37,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from OpenSSL import SSL
 from OpenSSL._util import exception_from_error_queue, ffi, lib
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IOpenSSLServerConnectionCreator,
     IProtocolNegotiationFactory,
     IReactorTime,
@@ -381,6 +382,9 @@ class _MaterialCache:
 
 _MISSING: Any = object()
 
+# Certificates parsed per reactor turn by the background warm-up (about 0.1 ms each).
+_WARM_SLICE = 32
+
 # How many changed names a _Layered map keeps beside its shared base before folding them in.
 # A swap copies at most this many (not the whole map); one swap in this many copies the base.
 _OVERLAY_MAX = 256
@@ -473,8 +477,10 @@ class HotSwapTLS:
     the bundle's ``metadata["names"]`` are required (if present). ``skew`` tolerates a
     certificate dated slightly in the future. ``on_swap`` is called after each swap that put
     a new certificate in (metrics count them). ``cache_size``: how many certificates stay
-    parsed for OpenSSL besides the default (least recently used are dropped and parsed again
-    on their next handshake).
+    parsed for OpenSSL (least recently used are dropped and parsed again on their next
+    handshake). ``warm_up``: after an installation, parse the certificates no handshake has
+    needed yet in the background, a slice per reactor turn, until the cache is full, so their
+    first handshakes do not pay for it.
 
     Installing validates a bundle and swaps it in; its OpenSSL objects are made on the first
     handshake that needs them (or at once when it replaces a certificate being served), so
@@ -489,6 +495,7 @@ class HotSwapTLS:
     skew: datetime.timedelta = crypto.DEFAULT_SKEW
     on_swap: Callable[[], None] | None = attrs.field(default=None, kw_only=True)
     cache_size: int = attrs.field(default=DEFAULT_CACHE_SIZE, kw_only=True)
+    warm_up: bool = attrs.field(default=True, kw_only=True)
     _snapshot: _Snapshot = attrs.field(init=False)
     _entries: dict[str, _Entry] = attrs.field(init=False, factory=dict)  # installation order
     _installed: dict[str, int] = attrs.field(init=False, factory=dict)  # key -> sequence
@@ -501,6 +508,9 @@ class HotSwapTLS:
         init=False, factory=dict
     )
     _chains: dict[tuple[bytes, ...], tuple[bytes, ...]] = attrs.field(init=False, factory=dict)
+    # Installed entries not parsed yet, for the background warm-up (see _warm_some).
+    _cold: deque[_Entry] = attrs.field(init=False, factory=deque)
+    _warming: IDelayedCall | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         if self.cache_size < 1:
@@ -526,7 +536,10 @@ class HotSwapTLS:
         conn = _Connection(snapshot.dispatch, None)
         conn.snapshot = snapshot
         if snapshot.default_material is not None:
-            _use(conn, snapshot.default_material)
+            try:
+                _use(conn, snapshot.default_material)
+            except SSL.Error:  # checked at installation; this handshake fails cleanly
+                log.exception("TLS: OpenSSL refused the default certificate on a connection")
         return conn
 
     def _on_server_name(self, conn: SSL.Connection) -> None:
@@ -744,6 +757,8 @@ class HotSwapTLS:
                 self._installed.pop(key, None)
                 continue
             self._entries[key] = entry  # a replaced key keeps its place
+            if self.warm_up and entry not in self._materials:
+                self._cold.append(entry)
             if key not in self._installed:
                 self._installed[key] = self._sequence
                 self._sequence += 1
@@ -760,7 +775,12 @@ class HotSwapTLS:
             default = next(iter(self._entries.values()))
         material = old.default_material if default is old.default else None
         if default is not None and material is None:
-            material = self._materials.get(default)
+            # Every connection gets it: tried on a connection first unless a handshake (or
+            # the installation) already did.
+            if default in self._materials:
+                material = self._materials.get(default)
+            else:
+                material = self._checked(default)
         # Only when some name may need another certificate than the default, or a challenge
         # is pending: with one certificate (most homeservers) every name gets the default
         # anyway, and a handshake then runs no Python at all.
@@ -788,6 +808,36 @@ class HotSwapTLS:
                 challenges={n: self._challenge_context(snapshot, c) for n, c in pending.items()},
             )
         self._snapshot = snapshot
+        self._schedule_warm_up()
+
+    def _checked(self, entry: _Entry) -> _Material | None:
+        """Parse ``entry`` and try it on a connection; cache the outcome."""
+        try:
+            material = self._load(entry, check=True)
+        except BundleError as e:
+            self._materials.refuse(entry, e)
+            return None
+        self._materials.put(entry, material)
+        return material
+
+    def _schedule_warm_up(self) -> None:
+        if self.warm_up and self._cold and self._warming is None:
+            self._warming = self.clock.callLater(0, self._warm_some)
+
+    def _warm_some(self) -> None:
+        """Parse a slice of the installed certificates no handshake has needed yet (about
+        3 ms of the reactor's time), then yield to it; stop when the cache is full."""
+        self._warming = None
+        done = 0
+        while self._cold and done < _WARM_SLICE:
+            if len(self._materials) >= self._materials.size:
+                self._cold.clear()
+                return
+            entry = self._cold.popleft()
+            if self._entries.get(entry.key) is entry and entry not in self._materials:
+                self._checked(entry)
+                done += 1
+        self._schedule_warm_up()
 
     def _index(self, wild: bool) -> dict[str, set[str]]:
         return self._wildcard_by if wild else self._exact_by

@@ -625,6 +625,38 @@ def test_loading_many_parses_only_the_default_until_a_handshake_needs_one(
     assert loaded == ["k3", "k7"]  # parsed once, on its first handshake
 
 
+def test_warm_up_parses_the_rest_in_slices_until_the_cache_is_full(
+    clock: Clock, ca: TestCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = _counting_loads(monkeypatch)
+    tls = HotSwapTLS(clock=clock, default_key="k0", cache_size=50)
+    bundles = {f"k{i}": ca.issue([f"n{i}.test"]) for i in range(80)}
+    tls.set_bundles(bundles)
+    tls.set_bundle("k5", ca.issue(["n5.test"]))  # replaced before the warm-up reached it
+    assert loaded == ["k0", "k5"]  # nothing else until the reactor turns
+    [turn] = clock.getDelayedCalls()
+    turn.cancel()
+    tls._warming = None
+    tls._warm_some()  # one reactor turn's slice, then it schedules the next one
+    assert len(loaded) == 2 + tls_module._WARM_SLICE and len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    assert clock.getDelayedCalls() == []
+    assert len(tls._materials) == 50 and len(loaded) == 50
+    assert loaded.count("k5") == 1  # the bundle replaced is never parsed
+    loaded.clear()
+    for i in range(1, 40):
+        assert handshake(tls, ca, f"n{i}.test".encode()).serial == leaf_serial(
+            tls.current(f"k{i}")  # type: ignore[arg-type]
+        )
+    assert loaded == []
+
+
+def test_without_warm_up_nothing_waits_for_the_reactor(clock: Clock, ca: TestCA) -> None:
+    tls = HotSwapTLS(clock=clock, default_key="k0", warm_up=False)
+    tls.set_bundles({f"k{i}": ca.issue([f"n{i}.test"]) for i in range(5)})
+    assert clock.getDelayedCalls() == [] and len(tls._materials) == 1 and not tls._cold
+
+
 def test_eviction_under_a_tiny_cache_still_serves_the_right_certificate(
     clock: Clock, ca: TestCA, monkeypatch: pytest.MonkeyPatch
 ) -> None:
