@@ -238,6 +238,9 @@ class _Challenge:
     key: CertificateIssuerPrivateKeyTypes = attrs.field(repr=False)
 
 
+_Chain = tuple[x509.Certificate, ...]  # the certificates sent after a leaf
+
+
 @attrs.frozen(eq=False)  # compared and hashed by identity: the material cache's key
 class _Entry:
     """One installed certificate: what was checked at installation, nothing OpenSSL-side yet."""
@@ -248,9 +251,9 @@ class _Entry:
     serial: int
     not_after: datetime.datetime
     leaf_der: bytes = attrs.field(repr=False)
-    # The certificates sent after the leaf (DER), one tuple shared by every entry with the same
+    # The certificates sent after the leaf, one tuple shared by every entry with the same
     # chain (see HotSwapTLS._intern).
-    intermediates: tuple[bytes, ...] = attrs.field(repr=False)
+    intermediates: _Chain = attrs.field(repr=False)
 
 
 class _Material:
@@ -267,7 +270,7 @@ class _Material:
 
 def _load_material(
     entry: _Entry,
-    chain_context: Callable[[tuple[bytes, ...], int], SSL.Context],
+    chain_context: Callable[[_Chain, int], SSL.Context],
     check: bool = False,
 ) -> _Material:
     """Parse ``entry``'s leaf and key into OpenSSL objects; BundleError if OpenSSL refuses them.
@@ -504,10 +507,10 @@ class HotSwapTLS:
     _exact_by: dict[str, set[str]] = attrs.field(init=False, factory=dict)
     _wildcard_by: dict[str, set[str]] = attrs.field(init=False, factory=dict)
     _materials: _MaterialCache = attrs.field(init=False)
-    _chain_contexts: dict[tuple[tuple[bytes, ...], int, bool], SSL.Context] = attrs.field(
+    _chain_contexts: dict[tuple[_Chain, int, bool], SSL.Context] = attrs.field(
         init=False, factory=dict
     )
-    _chains: dict[tuple[bytes, ...], tuple[bytes, ...]] = attrs.field(init=False, factory=dict)
+    _chains: dict[_Chain, _Chain] = attrs.field(init=False, factory=dict)
     # Installed entries not parsed yet, for the background warm-up (see _warm_some).
     _cold: deque[_Entry] = attrs.field(init=False, factory=deque)
     _warming: IDelayedCall | None = attrs.field(init=False, default=None)
@@ -669,9 +672,7 @@ class HotSwapTLS:
             serial=leaf.serial_number,
             not_after=crypto.not_after(leaf),
             leaf_der=leaf.public_bytes(serialization.Encoding.DER),
-            intermediates=self._intern(
-                tuple(c.public_bytes(serialization.Encoding.DER) for c in chain[1:])
-            ),
+            intermediates=self._intern(tuple(chain[1:])),
         )
         if eager:
             self._materials.put(entry, self._load(entry, check=True))
@@ -683,8 +684,9 @@ class HotSwapTLS:
             )
         return entry
 
-    def _intern(self, intermediates: tuple[bytes, ...]) -> tuple[bytes, ...]:
-        # One copy per distinct chain (a CA has a handful), not one per certificate.
+    def _intern(self, intermediates: _Chain) -> _Chain:
+        # One copy per distinct chain (a CA has a handful), not one per certificate
+        # (certificates compare and hash by their DER).
         return self._chains.setdefault(intermediates, intermediates)
 
     def _load(self, entry: _Entry, check: bool = False) -> _Material:
@@ -695,7 +697,7 @@ class HotSwapTLS:
         )
 
     def _chain_context(
-        self, intermediates: tuple[bytes, ...], key_type: int, sni: bool = False
+        self, intermediates: _Chain, key_type: int, sni: bool = False
     ) -> SSL.Context:
         """The context (no certificate of its own) that sends ``intermediates`` after the leaf,
         shared by every certificate of that chain and key type (one per CA chain and key
@@ -705,8 +707,8 @@ class HotSwapTLS:
             return found
         ctx = _base_context(self.alpn)
         try:
-            for der in intermediates:
-                ctx.add_extra_chain_cert(x509.load_der_x509_certificate(der))
+            for cert in intermediates:
+                ctx.add_extra_chain_cert(cert)
         except (SSL.Error, ValueError) as e:
             raise BundleError(f"OpenSSL refuses the chain: {e}") from None
         if sni:
