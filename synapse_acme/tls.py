@@ -44,6 +44,7 @@ from typing import Any
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from OpenSSL import SSL
 from OpenSSL._util import exception_from_error_queue, ffi, lib
@@ -511,6 +512,7 @@ class HotSwapTLS:
         init=False, factory=dict
     )
     _chains: dict[_Chain, _Chain] = attrs.field(init=False, factory=dict)
+    _prepared: set[tuple[int, int]] = attrs.field(init=False, factory=set)
     # Installed entries not parsed yet, for the background warm-up (see _warm_some).
     _cold: deque[_Entry] = attrs.field(init=False, factory=deque)
     _warming: IDelayedCall | None = attrs.field(init=False, default=None)
@@ -672,7 +674,7 @@ class HotSwapTLS:
             serial=leaf.serial_number,
             not_after=crypto.not_after(leaf),
             leaf_der=leaf.public_bytes(serialization.Encoding.DER),
-            intermediates=self._intern(tuple(chain[1:])),
+            intermediates=self._intern(tuple(chain[1:]), leaf),
         )
         if eager:
             self._materials.put(entry, self._load(entry, check=True))
@@ -684,10 +686,24 @@ class HotSwapTLS:
             )
         return entry
 
-    def _intern(self, intermediates: _Chain) -> _Chain:
-        # One copy per distinct chain (a CA has a handful), not one per certificate
-        # (certificates compare and hash by their DER).
-        return self._chains.setdefault(intermediates, intermediates)
+    def _intern(self, intermediates: _Chain, leaf: x509.Certificate) -> _Chain:
+        """One copy per distinct chain (a CA has a handful), not one per certificate
+        (certificates compare and hash by their DER). A chain and key type seen for the first
+        time get their context now, so a handshake builds none (short of a key type not
+        foreseen here)."""
+        interned = self._chains.setdefault(intermediates, intermediates)
+        public = leaf.public_key()
+        kind = (
+            lib.EVP_PKEY_EC
+            if isinstance(public, ec.EllipticCurvePublicKey)
+            else lib.EVP_PKEY_RSA
+            if isinstance(public, rsa.RSAPublicKey)
+            else None
+        )
+        if kind is not None and (id(interned), kind) not in self._prepared:
+            self._chain_context(interned, kind, True)
+            self._prepared.add((id(interned), kind))  # interned chains live as long as self
+        return interned
 
     def _load(self, entry: _Entry, check: bool = False) -> _Material:
         # The context with the SNI callback: the one connections start on whenever there is

@@ -744,3 +744,23 @@ def test_a_new_certificate_openssl_refuses_serves_the_default_and_says_so(
 def test_cache_size_must_be_positive(clock: Clock) -> None:
     with pytest.raises(ValueError, match="cache_size"):
         HotSwapTLS(clock=clock, cache_size=0)
+
+
+def test_a_new_ca_chain_gets_its_context_at_installation_not_in_a_handshake(
+    tls: HotSwapTLS, ca: TestCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls.set_bundle("main", ca.issue(["example.test"]))
+    other_ca = TestCA(now=NOW, name="Other")
+    for key_type in ("ecdsa-p384", "rsa-2048"):
+        tls.set_bundle(key_type, other_ca.issue([f"{key_type}.test"], key_type=key_type))
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("context building in the handshake path")
+
+    monkeypatch.setattr(tls_module, "_base_context", refuse)
+    monkeypatch.setattr(tls_module, "build_context", refuse)
+    ctx = SSL.Context(SSL.TLS_METHOD)  # trusts nothing: the test compares serials
+    for key_type in ("ecdsa-p384", "rsa-2048"):
+        client = handshake_with(tls, ctx, f"{key_type}.test".encode())
+        cert = client.get_peer_certificate(as_cryptography=True)
+        assert cert is not None and cert.serial_number == tls.serial(key_type)
