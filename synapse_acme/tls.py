@@ -609,12 +609,13 @@ class HotSwapTLS:
     def set_bundle(
         self, key: str, bundle: CertificateBundle, allow_expired: bool | None = None
     ) -> None:
-        """Validate ``bundle`` and swap it in; BundleError if unusable.
+        """Validate ``bundle`` (also parsing it for OpenSSL, and trying it on a connection) and
+        swap it in; BundleError if unusable.
 
         Expired certificates are refused, except (by default) when nothing is served for
         ``key`` yet: then serving the last known certificate beats serving none (logged loudly).
         """
-        entry = self._prepare(key, bundle, allow_expired, self._eager(key, first=not self._entries))
+        entry = self._prepare(key, bundle, allow_expired, eager=True)
         self._apply({key: entry})
         self._swapped()
         self._log_installed(entry)
@@ -623,13 +624,22 @@ class HotSwapTLS:
         """Install many bundles with one swap (startup: everything in the store at once).
 
         Each bundle is checked as by :meth:`set_bundle`; bad ones are logged, left out (the old
-        certificate for that key stays) and returned as ``{key: error}``.
+        certificate for that key stays) and returned as ``{key: error}``. To keep loading many
+        cheap, only a bundle that replaces one being served, or the default's, is parsed for
+        OpenSSL here; the others are parsed by the background warm-up or their first
+        handshake. The rare bundle that passes the checks but that OpenSSL refuses (say an
+        RSA key under OpenSSL's security level) is then logged, and its names get the
+        default certificate.
         """
         refused: dict[str, BundleError] = {}
         installed: dict[str, _Entry] = {}
         for key, bundle in bundles.items():
             try:
-                entry = self._prepare(key, bundle, None, self._eager(key, first=False))
+                # A bundle that replaces one being served (or will be the default) is parsed
+                # for OpenSSL at once: a bundle OpenSSL refuses then never replaces a good
+                # one. The others wait for the warm-up or their first handshake.
+                eager = key in self._entries or key == self.default_key
+                entry = self._prepare(key, bundle, None, eager)
             except BundleError as e:
                 refused[key] = e
                 log.error("TLS: refusing the certificate for %s: %s", key, e)
@@ -641,12 +651,6 @@ class HotSwapTLS:
         for entry in installed.values():
             self._log_installed(entry)
         return refused
-
-    def _eager(self, key: str, first: bool) -> bool:
-        # A bundle that replaces one being served (or will be the default) is parsed for
-        # OpenSSL at once: a bundle OpenSSL refuses then never replaces a good one, and the
-        # renewed name's next handshakes find it ready. Others wait for their first handshake.
-        return first or key in self._entries or key == self.default_key
 
     def _swapped(self) -> None:
         if self.on_swap is None:

@@ -727,9 +727,12 @@ def test_a_replacement_openssl_refuses_is_never_swapped_in(tls: HotSwapTLS, ca: 
         tls.set_bundle("main", ca.issue(["example.test"], key_type="rsa-1024"))
     assert tls.current("main") is good
     assert handshake(tls, ca, b"example.test").serial == leaf_serial(good)
+    with pytest.raises(BundleError, match="ee key too small"):  # a new key alike, one at a time
+        tls.set_bundle("weak", ca.issue(["weak.test"], key_type="rsa-1024"))
+    assert tls.keys() == ["main"]
 
 
-def test_a_new_certificate_openssl_refuses_serves_the_default_and_says_so(
+def test_a_new_certificate_openssl_refuses_in_a_bulk_load_serves_the_default_and_says_so(
     tls: HotSwapTLS, ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
     main = ca.issue(["example.test"])
