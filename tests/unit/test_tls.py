@@ -634,11 +634,15 @@ def test_warm_up_parses_the_rest_in_slices_until_the_cache_is_full(
     tls.set_bundles(bundles)
     tls.set_bundle("k5", ca.issue(["n5.test"]))  # replaced before the warm-up reached it
     assert loaded == ["k0", "k5"]  # nothing else until the reactor turns
-    [turn] = clock.getDelayedCalls()
+
+    def warm_ups() -> list[Any]:
+        return [c for c in clock.getDelayedCalls() if c.func == tls._warm_some]
+
+    [turn] = warm_ups()
     turn.cancel()
     tls._warming = None
     tls._warm_some()  # one reactor turn's slice, then it schedules the next one
-    assert len(loaded) == 2 + tls_module._WARM_SLICE and len(clock.getDelayedCalls()) == 1
+    assert len(loaded) == 2 + tls_module._WARM_SLICE and len(warm_ups()) == 1
     clock.advance(0)
     assert clock.getDelayedCalls() == []
     assert len(tls._materials) == 50 and len(loaded) == 50
@@ -654,6 +658,7 @@ def test_warm_up_parses_the_rest_in_slices_until_the_cache_is_full(
 def test_without_warm_up_nothing_waits_for_the_reactor(clock: Clock, ca: TestCA) -> None:
     tls = HotSwapTLS(clock=clock, default_key="k0", warm_up=False)
     tls.set_bundles({f"k{i}": ca.issue([f"n{i}.test"]) for i in range(5)})
+    clock.advance(0)  # the default's own context only
     assert clock.getDelayedCalls() == [] and len(tls._materials) == 1 and not tls._cold
 
 
@@ -767,3 +772,37 @@ def test_a_new_ca_chain_gets_its_context_at_installation_not_in_a_handshake(
         client = handshake_with(tls, ctx, f"{key_type}.test".encode())
         cert = client.get_peer_certificate(as_cryptography=True)
         assert cert is not None and cert.serial_number == tls.serial(key_type)
+
+
+def test_the_default_gets_its_own_context_after_the_swap_not_in_it(
+    tls: HotSwapTLS, ca: TestCA, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after the default changes, connections get its leaf and key set on them; a reactor
+    turn later they start on a context holding it, so creating one sets nothing. Every
+    handshake gets the right certificate either way."""
+    main, other = ca.issue(["a.example.test"]), ca.issue(["b.example.test"])
+    tls.set_bundles({"main": main, "other": other})
+    assert not tls._snapshot.default_set
+    clock.advance(0)
+    assert tls._snapshot.default_set
+
+    tls.set_bundle("other", ca.issue(["b.example.test"]))  # not the default: kept
+    assert tls._snapshot.default_set
+    before = tls.serverConnectionForTLS(None)
+    renewed = ca.issue(["a.example.test"])
+    tls.set_bundle("main", renewed)  # the default: per connection until the next turn
+    assert not tls._snapshot.default_set
+    per_connection = tls.serverConnectionForTLS(None)
+    clock.advance(0)
+    assert tls._snapshot.default_set
+
+    used: list[object] = []
+    real_use = tls_module._use
+    monkeypatch.setattr(tls_module, "_use", lambda c, m: (used.append(m), real_use(c, m)))
+    assert handshake(tls, ca, b"a.example.test").serial == leaf_serial(renewed)
+    assert handshake(tls, ca, None).serial == leaf_serial(renewed)
+    assert used == []  # nothing set on those connections
+    assert handshake(tls, ca, b"b.example.test").serial == tls.serial("other")
+    assert len(used) == 1
+    assert handshake(tls, ca, b"a.example.test", server=before).serial == leaf_serial(main)
+    assert handshake(tls, ca, None, server=per_connection).serial == leaf_serial(renewed)
