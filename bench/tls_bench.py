@@ -131,6 +131,7 @@ def main() -> None:
     clock.advance(ca.now.timestamp())
     single = HotSwapTLS(clock=clock, default_key="k0")
     single.set_bundle("k0", ca.issue(["n0.example.test"]))
+    clock.advance(0)  # what a reactor does next: the default's own context
     for size in args.sizes:
         run(size, args.handshakes, args.rounds, ca, single, args.warm_up)
 
