@@ -7,10 +7,12 @@ assignment, so a connection keeps the snapshot it was created with and every lat
 sees the new one. A swap copies only what changed (:class:`_Layered`), not the whole map.
 
 Many certificates stay cheap: contexts are shared, one per CA chain and key type, and carry no
-certificate of their own; each connection gets its leaf and key set on it (the default's when it
-is created, another's in the SNI callback), from OpenSSL objects parsed on the certificate's
-first handshake and kept in a bounded LRU cache (:class:`_MaterialCache`). Leaf and key are
-always parsed and set together from one installed bundle, so a handshake never mixes two.
+certificate of their own; a connection for another name than the default's gets its leaf and
+key set on it in the SNI callback, from OpenSSL objects parsed once (at installation, by the
+background warm-up or by the first handshake that needs them) and kept in a bounded LRU cache
+(:class:`_MaterialCache`). The default certificate has a context of its own, built a reactor
+turn after it changes (until then it is set on each connection as it is created). Leaf and key
+are always parsed and set together from one installed bundle, so a handshake never mixes two.
 
 Use it wherever Twisted takes a TLS context factory::
 
