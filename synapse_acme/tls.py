@@ -46,8 +46,8 @@ from typing import Any
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import PublicKeyAlgorithmOID
 from OpenSSL import SSL
 from OpenSSL._util import exception_from_error_queue, ffi, lib
 from twisted.internet.interfaces import (
@@ -242,6 +242,12 @@ class _Challenge:
 
 
 _Chain = tuple[x509.Certificate, ...]  # the certificates sent after a leaf
+
+# OpenSSL's key type (its certificate slot) for a leaf's public key algorithm.
+_KEY_KINDS = {
+    PublicKeyAlgorithmOID.EC_PUBLIC_KEY: lib.EVP_PKEY_EC,
+    PublicKeyAlgorithmOID.RSAES_PKCS1_v1_5: lib.EVP_PKEY_RSA,
+}
 
 
 @attrs.frozen(eq=False)  # compared and hashed by identity: the material cache's key
@@ -702,14 +708,8 @@ class HotSwapTLS:
         time get their context now, so a handshake builds none (short of a key type not
         foreseen here)."""
         interned = self._chains.setdefault(intermediates, intermediates)
-        public = leaf.public_key()
-        kind = (
-            lib.EVP_PKEY_EC
-            if isinstance(public, ec.EllipticCurvePublicKey)
-            else lib.EVP_PKEY_RSA
-            if isinstance(public, rsa.RSAPublicKey)
-            else None
-        )
+        # From the algorithm's OID: cheaper than making the public key again.
+        kind = _KEY_KINDS.get(leaf.public_key_algorithm_oid)
         if kind is not None and (id(interned), kind) not in self._prepared:
             self._chain_context(interned, kind, True)
             self._prepared.add((id(interned), kind))  # interned chains live as long as self
