@@ -150,27 +150,38 @@ def run_tls(p: dict[str, Any], log: Any) -> dict[str, Any]:
         r"\s*(\d+) certs: load\s+([\d.]+) s \(\s*([\d.]+) ms/cert\), one swap\s+([\d.]+) ms,"
         r"\s+(\d+) handshakes/s .*RSS \+\s*([\d.]+) MiB \(\s*([\d.]+) KiB/cert\)"
     )
+    extra = re.compile(
+        r".*warm-up (?:off|([\d.]+) s \(([\d.]+) s CPU\)) before;.*first hits ([\d.]+)x, "
+        r"again ([\d.]+)x\), after load \+([\d.]+) MiB"
+    )
     for line in out.splitlines():
         log("  tls: " + line.strip())
         m = pat.match(line)
         if m:
-            rows.append(
-                dict(
-                    zip(
-                        [
-                            "certs",
-                            "load_s",
-                            "ms_per_cert",
-                            "swap_ms",
-                            "hs_per_s",
-                            "rss_mib",
-                            "kib_per_cert",
-                        ],
-                        [float(x) for x in m.groups()],
-                        strict=False,
-                    )
+            row = dict(
+                zip(
+                    [
+                        "certs",
+                        "load_s",
+                        "ms_per_cert",
+                        "swap_ms",
+                        "hs_per_s",
+                        "rss_mib",
+                        "kib_per_cert",
+                    ],
+                    [float(x) for x in m.groups()],
+                    strict=False,
                 )
             )
+            e = extra.match(line)
+            if e:
+                warm, warm_cpu, first, again, after_load = e.groups()
+                row["warm_up_s"] = float(warm) if warm else 0.0
+                row["warm_up_cpu_s"] = float(warm_cpu) if warm_cpu else 0.0
+                row["first_hit_ratio"] = float(first)
+                row["again_ratio"] = float(again)
+                row["rss_after_load_mib"] = float(after_load)
+            rows.append(row)
     swap_cmd = [PY, os.path.join(ROOT, "bench", "tls_swap.py"), "--certs", str(p["swap_certs"])]
     swap_cmd += ["--handshakes", str(p["tls_handshakes"])]
     swap = json.loads(
@@ -497,6 +508,7 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": inproc["ratio"] >= 0.97,
                 }
             )
+    out += _tls_goals(results)
     rows = [r for r in results.get("renewal", {}).get("rows", []) if r["store"] == "memory"]
     if len(rows) >= 2:
         a, b = rows[-2], rows[-1]
@@ -539,6 +551,43 @@ def _nginx_note(res: dict[str, Any]) -> list[str]:
         "(SO_REUSEPORT) are not the answer for a challenge responder: the tokens live in the "
         "issuing process, the connection caps are per process, and a CA sends a handful of "
         "requests per token."
+    ]
+
+
+def _tls_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The SNI map's rows of issue 19, from bench/tls_bench.py's 10,000-certificate line."""
+    big = next((r for r in results.get("tls", {}).get("rows", []) if r["certs"] == 10000), None)
+    if big is None or "first_hit_ratio" not in big:
+        return []
+    warm = f"{big['warm_up_s']:.2f} s ({big['warm_up_cpu_s']:.2f} s CPU)"
+    return [
+        {
+            "goal": "SNI map with 10,000 certificates: handshakes per CPU-second >= 0.95x 1 "
+            "certificate (first handshake per name, after the background warm-up; the same "
+            f"names again: {big['again_ratio']:.2f}x)",
+            "value": big["first_hit_ratio"],
+            "met": big["first_hit_ratio"] >= 0.95,
+        },
+        {
+            "goal": "... its memory <= 100 MiB (once every name had a handshake; after the "
+            f"load alone +{big['rss_after_load_mib']:.1f} MiB)",
+            "value": big["rss_mib"],
+            "shown": f"+{big['rss_mib']:.1f} MiB",
+            "met": big["rss_mib"] <= 100,
+        },
+        {
+            "goal": f"... its load time <= 2 s (set_bundles; then a background warm-up of {warm}"
+            ", handshakes served meanwhile)",
+            "value": big["load_s"],
+            "shown": f"{big['load_s']:.2f} s",
+            "met": big["load_s"] <= 2,
+        },
+        {
+            "goal": "one swap with 10,000 certificates <= 1 ms (median of 5)",
+            "value": big["swap_ms"],
+            "shown": f"{big['swap_ms']:.2f} ms",
+            "met": big["swap_ms"] <= 1,
+        },
     ]
 
 
@@ -657,7 +706,8 @@ def render(res: dict[str, Any]) -> str:
         lines += ["## Goals", "", "| Goal | Measured | Met |", "| --- | --- | --- |"]
         for g in goals_:
             met = "n/a (not measured)" if g["met"] is None else ("yes" if g["met"] else "**no**")
-            lines.append(f"| {g['goal']} | {_fmt_ratio(g['value'])} | {met} |")
+            shown = g.get("shown") or _fmt_ratio(g["value"])
+            lines.append(f"| {g['goal']} | {shown} | {met} |")
         lines.append("")
         lines += goal_notes(res)
     if "issuance" in res:
@@ -795,18 +845,23 @@ def render(res: dict[str, Any]) -> str:
             "## 3. TLS: HotSwapTLS with many certificates",
             "",
             f"`python {_rel(t['commands'][0])}` — full TLS 1.3 handshakes over memory BIOs (client "
-            "and server in one process, ECDSA P-256, a distinct SNI name each).",
+            "and server in one process, ECDSA P-256, a distinct SNI name each; a 1-certificate "
+            "creator measured in the same interleaved rounds for the ratios).",
             "",
             "![tls](img/tls.png)",
             "",
-            "| Certificates | load (set_bundles) | per certificate | one swap | handshakes/s "
-            "| RSS | per certificate |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| Certificates | load (set_bundles) | per certificate | background warm-up "
+            "| one swap | handshakes/s (first hit) | vs 1 certificate per CPU-second: first hit "
+            "/ again | RSS after load | RSS once every name had a handshake | per certificate |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in t["rows"]:
             lines.append(
                 f"| {row['certs']:.0f} | {row['load_s']:.2f} s | {row['ms_per_cert']:.2f} ms | "
-                f"{row['swap_ms']:.1f} ms | {row['hs_per_s']:.0f} | +{row['rss_mib']:.1f} MiB | "
+                f"{row.get('warm_up_s', 0.0):.2f} s | {row['swap_ms']:.2f} ms | "
+                f"{row['hs_per_s']:.0f} | {_fmt_ratio(row.get('first_hit_ratio'))} / "
+                f"{_fmt_ratio(row.get('again_ratio'))} | "
+                f"+{row.get('rss_after_load_mib', 0.0):.1f} MiB | +{row['rss_mib']:.1f} MiB | "
                 f"{row['kib_per_cert']:.1f} KiB |"
             )
         s = t["swap"]
@@ -819,7 +874,8 @@ def render(res: dict[str, Any]) -> str:
             f"{s['storm_p50_ms']:.2f} ms, p99 {s['quiet_p99_ms']:.2f} ms -> "
             f"{s['storm_p99_ms']:.2f} ms (quiet -> storm), {s['failures']} failed handshakes. "
             "The added latency is the two threads sharing the GIL and the cores, not locking: "
-            "a swap is one dictionary assignment.",
+            "a swap publishes a new snapshot with one assignment (the only lock orders the "
+            "parsed-certificate cache).",
             "",
         ]
     if "renewal" in res:

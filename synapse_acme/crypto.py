@@ -188,8 +188,8 @@ def key_matches_leaf(key_pem: bytes, chain_pem: bytes) -> bool:
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if cert.issuer != issuer.subject:
-        return False
+    # verify_directly_issued_by also compares the issuer name with the issuer's subject (a
+    # ValueError); comparing them here first cost a tenth of loading 10,000 certificates.
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, Exception):  # InvalidSignature and unsupported algorithms alike
@@ -210,7 +210,8 @@ def check_chain_order(chain: Sequence[x509.Certificate]) -> None:
 def check_key_matches(key_pem: bytes, leaf: x509.Certificate) -> None:
     """BundleError unless ``key_pem`` parses and is the private key of ``leaf``."""
     key = load_private_key(key_pem)
-    if _public_bytes(key.public_key()) != _public_bytes(leaf.public_key()):
+    # Public keys compare in OpenSSL (type, parameters, value): cheaper than two encodings.
+    if key.public_key() != leaf.public_key():
         raise BundleError("private key does not match the certificate")
 
 

@@ -88,14 +88,14 @@ def main() -> None:
             before = time.monotonic()
             tls.set_bundle("rot", bundles[i])
             after = time.monotonic()
-            serial = tls._snapshot.entries["rot"].serial
+            serial = tls.serial("rot")
             say(f"SWAP {i} {serial} {before} {after}")
             if i == args.rotate:
                 loop.stop()
                 say("DONE")
 
         loop = LoopingCall(swap)
-        say(f"INITIAL {tls._snapshot.entries['rot'].serial}")
+        say(f"INITIAL {tls.serial('rot')}")
 
         def on_start() -> None:  # type: ignore[misc]
             loop.start(args.rotate_interval, now=False)

@@ -250,30 +250,42 @@ def test_no_disk_io_or_context_building_during_handshakes(
     assert serials == [main, wild, main]
 
 
-def test_default_certificate_handshakes_never_switch_context(tls: HotSwapTLS, ca: TestCA) -> None:
-    """The connection starts on a context serving the default certificate: a handshake for
-    one of its names keeps it (switching costs OpenSSL a copy of the certificate settings);
-    only another certificate's name switches."""
+def test_contexts_are_switched_only_for_another_chain(tls: HotSwapTLS, ca: TestCA) -> None:
+    """A connection starts on the shared context of the default certificate's chain, with the
+    default's leaf and key set on it: a handshake for one of its names switches nothing, nor
+    does one for another certificate of the same chain and key type (only the connection's
+    leaf and key change, together); a certificate with another chain switches the context
+    (which also takes the default's leaf and key off the connection)."""
+    other_ca = TestCA(now=NOW, name="Other")
     tls.set_bundle("main", ca.issue(["a.example.test"]))
-    tls.set_bundle("other", ca.issue(["b.example.test"]))
-    ctx = client_context(ca)
+    tls.set_bundle("same", ca.issue(["b.example.test"]))
+    tls.set_bundle("foreign", other_ca.issue(["c.example.test"]))
+    ctx = SSL.Context(SSL.TLS_METHOD)  # two roots: this test checks chains itself
 
-    def contexts(sni: bytes) -> tuple[SSL.Context, SSL.Context, int]:
+    def contexts(sni: bytes) -> tuple[SSL.Context, SSL.Context, list[x509.Certificate]]:
         server = tls.serverConnectionForTLS(None)
         start = server.get_context()
         client = handshake_with(tls, ctx, sni, server=server)
-        cert = client.get_peer_certificate(as_cryptography=True)
-        assert cert is not None
-        return start, server.get_context(), cert.serial_number
+        chain = client.get_peer_cert_chain(as_cryptography=True)
+        assert chain is not None
+        return start, server.get_context(), chain
 
-    start, end, serial = contexts(b"a.example.test")
-    assert end is start and serial == leaf_serial(tls.current("main"))  # type: ignore[arg-type]
-    start, end, serial = contexts(b"b.example.test")
-    assert end is not start and serial == leaf_serial(tls.current("other"))  # type: ignore[arg-type]
+    def serial(key: str) -> int:
+        return leaf_serial(tls.current(key))  # type: ignore[arg-type]
+
+    start, end, chain = contexts(b"a.example.test")
+    assert end is start and chain[0].serial_number == serial("main")
+    start, end, chain = contexts(b"b.example.test")
+    assert end is start and chain[0].serial_number == serial("same")
+    assert chain[1] == ca.intermediate
+    start, end, chain = contexts(b"c.example.test")
+    assert end is not start and chain[0].serial_number == serial("foreign")
+    assert [c.subject for c in chain] == [chain[0].subject, other_ca.intermediate.subject]
     # One certificate: every name gets it, from the context the connection started with.
-    tls.remove("other")
-    start, end, serial = contexts(b"b.example.test")
-    assert end is start and serial == leaf_serial(tls.current("main"))  # type: ignore[arg-type]
+    tls.remove("same")
+    tls.remove("foreign")
+    start, end, chain = contexts(b"b.example.test")
+    assert end is start and chain[0].serial_number == serial("main")
 
 
 # -- bad bundles are never swapped in ----------------------------------------------------------
@@ -581,3 +593,216 @@ def test_a_systemd_tls_listener_without_its_socket_says_why(tls: HotSwapTLS) -> 
     assert "LISTEN_FDNAMES" in text and text.endswith(
         "These come from acme.tls_listen (systemd:domain=INET6:name=synapse-acme-tls)"
     )
+
+
+# -- many certificates: parsed on first use, bounded cache, swaps that copy only what changed ---
+
+
+def _counting_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the key of every certificate parsed for OpenSSL from now on."""
+    loaded: list[str] = []
+    real = tls_module._load_material
+
+    def load(entry: Any, *args: Any) -> Any:
+        loaded.append(entry.key)
+        return real(entry, *args)
+
+    monkeypatch.setattr(tls_module, "_load_material", load)
+    return loaded
+
+
+def test_loading_many_parses_only_the_default_until_a_handshake_needs_one(
+    clock: Clock, ca: TestCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = _counting_loads(monkeypatch)
+    tls = HotSwapTLS(clock=clock, default_key="k3")
+    bundles = {f"k{i}": ca.issue([f"n{i}.test"]) for i in range(20)}
+    assert tls.set_bundles(bundles) == {}
+    assert loaded == ["k3"]
+    assert handshake(tls, ca, b"n7.test").serial == leaf_serial(bundles["k7"])
+    assert handshake(tls, ca, b"n7.test").serial == leaf_serial(bundles["k7"])
+    assert handshake(tls, ca, None).serial == leaf_serial(bundles["k3"])
+    assert loaded == ["k3", "k7"]  # parsed once, on its first handshake
+
+
+def test_warm_up_parses_the_rest_in_slices_until_the_cache_is_full(
+    clock: Clock, ca: TestCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = _counting_loads(monkeypatch)
+    tls = HotSwapTLS(clock=clock, default_key="k0", cache_size=50)
+    bundles = {f"k{i}": ca.issue([f"n{i}.test"]) for i in range(80)}
+    tls.set_bundles(bundles)
+    tls.set_bundle("k5", ca.issue(["n5.test"]))  # replaced before the warm-up reached it
+    assert loaded == ["k0", "k5"]  # nothing else until the reactor turns
+
+    def warm_ups() -> list[Any]:
+        return [c for c in clock.getDelayedCalls() if c.func == tls._warm_some]
+
+    [turn] = warm_ups()
+    turn.cancel()
+    tls._warming = None
+    tls._warm_some()  # one reactor turn's slice, then it schedules the next one
+    assert len(loaded) == 2 + tls_module._WARM_SLICE and len(warm_ups()) == 1
+    clock.advance(0)
+    assert clock.getDelayedCalls() == []
+    assert len(tls._materials) == 50 and len(loaded) == 50
+    assert loaded.count("k5") == 1  # the bundle replaced is never parsed
+    loaded.clear()
+    for i in range(1, 40):
+        assert handshake(tls, ca, f"n{i}.test".encode()).serial == leaf_serial(
+            tls.current(f"k{i}")  # type: ignore[arg-type]
+        )
+    assert loaded == []
+
+
+def test_without_warm_up_nothing_waits_for_the_reactor(clock: Clock, ca: TestCA) -> None:
+    tls = HotSwapTLS(clock=clock, default_key="k0", warm_up=False)
+    tls.set_bundles({f"k{i}": ca.issue([f"n{i}.test"]) for i in range(5)})
+    clock.advance(0)  # the default's own context only
+    assert clock.getDelayedCalls() == [] and len(tls._materials) == 1 and not tls._cold
+
+
+def test_eviction_under_a_tiny_cache_still_serves_the_right_certificate(
+    clock: Clock, ca: TestCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = _counting_loads(monkeypatch)
+    tls = HotSwapTLS(clock=clock, default_key="k0", cache_size=2)
+    bundles = {f"k{i}": ca.issue([f"n{i}.test", f"*.w{i}.test"]) for i in range(6)}
+    tls.set_bundles(bundles)
+    for _ in range(2):
+        for i in [1, 2, 3, 4, 5, 0, 3, 1]:
+            for sni in (f"n{i}.test", f"x.w{i}.test"):
+                result = handshake(tls, ca, sni.encode())
+                assert result.serial == leaf_serial(bundles[f"k{i}"]), sni
+                assert len(result.chain) == 2  # the intermediate travels with every leaf
+    assert len(tls._materials) <= 2
+    assert loaded.count("k1") > 1  # evicted and parsed again, and still right
+
+
+def test_a_swap_of_one_of_many_leaves_the_others_untouched(
+    clock: Clock, ca: TestCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls = HotSwapTLS(clock=clock, default_key="k0")
+    bundles = {f"k{i}": ca.issue([f"n{i}.test"]) for i in range(1000)}
+    tls.set_bundles(bundles)
+    for i in range(1, 6):
+        handshake(tls, ca, f"n{i}.test".encode())
+    before = tls._snapshot
+    parsed = {i: tls._materials.get(tls._entries[f"k{i}"]) for i in range(1, 6)}
+
+    renewed = ca.issue(["n3.test"])
+    tls.set_bundle("k3", renewed)
+    after = tls._snapshot
+    # Only the changed name is new; the 1,000-name table itself is shared, not copied.
+    assert after.exact.base is before.exact.base
+    assert dict(after.exact.overlay) == {"n3.test": tls._entries["k3"]}
+    assert before.exact.get("n3.test").serial == leaf_serial(bundles["k3"])  # type: ignore[union-attr]
+    # The renewed certificate was parsed at installation; the others keep theirs.
+    loaded = _counting_loads(monkeypatch)
+    for i in range(1, 6):
+        if i != 3:
+            assert tls._materials.get(tls._entries[f"k{i}"]) is parsed[i]
+    for i in range(1, 6):
+        want = renewed if i == 3 else bundles[f"k{i}"]
+        assert handshake(tls, ca, f"n{i}.test".encode()).serial == leaf_serial(want)
+    assert loaded == []
+
+
+def test_layered_map_keeps_old_versions_and_folds_its_overlay() -> None:
+    entries = [object() for _ in range(3)]
+    start = tls_module._Layered({"a": entries[0], "b": entries[1]})  # type: ignore[dict-item]
+    changed = start.updated({"a": None, "c": entries[2]})  # type: ignore[dict-item]
+    assert (start.get("a"), start.get("c")) == (entries[0], None)
+    assert (changed.get("a"), changed.get("b"), changed.get("c")) == (None, *entries[1:])
+    assert sorted(changed.names()) == ["b", "c"]
+    big = changed
+    for i in range(tls_module._OVERLAY_MAX + 1):
+        big = big.updated({f"n{i}": entries[0]})  # type: ignore[dict-item]
+    assert len(big.overlay) < tls_module._OVERLAY_MAX  # folded into a new base
+    assert big.get("a") is None and big.get("b") is entries[1] and big.get("n0") is entries[0]
+    assert changed.get("n0") is None and "n0" not in start.base  # older versions unchanged
+
+
+def test_a_replacement_openssl_refuses_is_never_swapped_in(tls: HotSwapTLS, ca: TestCA) -> None:
+    """RSA-1024 passes the bundle checks but not OpenSSL's security level: a replacement is
+    parsed at installation, so it is refused there and the old certificate keeps serving."""
+    good = ca.issue(["example.test"])
+    tls.set_bundle("main", good)
+    with pytest.raises(BundleError, match="ee key too small"):
+        tls.set_bundle("main", ca.issue(["example.test"], key_type="rsa-1024"))
+    assert tls.current("main") is good
+    assert handshake(tls, ca, b"example.test").serial == leaf_serial(good)
+    with pytest.raises(BundleError, match="ee key too small"):  # a new key alike, one at a time
+        tls.set_bundle("weak", ca.issue(["weak.test"], key_type="rsa-1024"))
+    assert tls.keys() == ["main"]
+
+
+def test_a_new_certificate_openssl_refuses_in_a_bulk_load_serves_the_default_and_says_so(
+    tls: HotSwapTLS, ca: TestCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    main = ca.issue(["example.test"])
+    tls.set_bundles({"main": main, "weak": ca.issue(["weak.test"], key_type="rsa-1024")})
+    with caplog.at_level(logging.ERROR, logger="synapse_acme.tls"):
+        assert handshake(tls, ca, b"weak.test").serial == leaf_serial(main)
+        assert handshake(tls, ca, b"weak.test").serial == leaf_serial(main)
+    refusals = [r.getMessage() for r in caplog.records if "cannot serve" in r.getMessage()]
+    assert len(refusals) == 1 and "weak" in refusals[0] and "ee key too small" in refusals[0]
+
+
+def test_cache_size_must_be_positive(clock: Clock) -> None:
+    with pytest.raises(ValueError, match="cache_size"):
+        HotSwapTLS(clock=clock, cache_size=0)
+
+
+def test_a_new_ca_chain_gets_its_context_at_installation_not_in_a_handshake(
+    tls: HotSwapTLS, ca: TestCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls.set_bundle("main", ca.issue(["example.test"]))
+    other_ca = TestCA(now=NOW, name="Other")
+    for key_type in ("ecdsa-p384", "rsa-2048"):
+        tls.set_bundle(key_type, other_ca.issue([f"{key_type}.test"], key_type=key_type))
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("context building in the handshake path")
+
+    monkeypatch.setattr(tls_module, "_base_context", refuse)
+    monkeypatch.setattr(tls_module, "build_context", refuse)
+    ctx = SSL.Context(SSL.TLS_METHOD)  # trusts nothing: the test compares serials
+    for key_type in ("ecdsa-p384", "rsa-2048"):
+        client = handshake_with(tls, ctx, f"{key_type}.test".encode())
+        cert = client.get_peer_certificate(as_cryptography=True)
+        assert cert is not None and cert.serial_number == tls.serial(key_type)
+
+
+def test_the_default_gets_its_own_context_after_the_swap_not_in_it(
+    tls: HotSwapTLS, ca: TestCA, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after the default changes, connections get its leaf and key set on them; a reactor
+    turn later they start on a context holding it, so creating one sets nothing. Every
+    handshake gets the right certificate either way."""
+    main, other = ca.issue(["a.example.test"]), ca.issue(["b.example.test"])
+    tls.set_bundles({"main": main, "other": other})
+    assert not tls._snapshot.default_set
+    clock.advance(0)
+    assert tls._snapshot.default_set
+
+    tls.set_bundle("other", ca.issue(["b.example.test"]))  # not the default: kept
+    assert tls._snapshot.default_set
+    before = tls.serverConnectionForTLS(None)
+    renewed = ca.issue(["a.example.test"])
+    tls.set_bundle("main", renewed)  # the default: per connection until the next turn
+    assert not tls._snapshot.default_set
+    per_connection = tls.serverConnectionForTLS(None)
+    clock.advance(0)
+    assert tls._snapshot.default_set
+
+    used: list[object] = []
+    real_use = tls_module._use
+    monkeypatch.setattr(tls_module, "_use", lambda c, m: (used.append(m), real_use(c, m)))
+    assert handshake(tls, ca, b"a.example.test").serial == leaf_serial(renewed)
+    assert handshake(tls, ca, None).serial == leaf_serial(renewed)
+    assert used == []  # nothing set on those connections
+    assert handshake(tls, ca, b"b.example.test").serial == tls.serial("other")
+    assert len(used) == 1
+    assert handshake(tls, ca, b"a.example.test", server=before).serial == leaf_serial(main)
+    assert handshake(tls, ca, None, server=per_connection).serial == leaf_serial(renewed)
