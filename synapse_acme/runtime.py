@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import attrs
 import josepy as jose
 from cryptography import x509
-from prometheus_client import CollectorRegistry
 from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
@@ -65,7 +64,9 @@ from synapse_acme.tlsalpn01 import TLSALPN01Responder
 from synapse_acme.watch import FileWatcher
 from synapse_acme.webhook import WebhookSink, make_webhook_client
 
-if TYPE_CHECKING:  # imported where used: a dry run is rare
+if TYPE_CHECKING:  # imported where used: a dry run is rare, a one-shot exports no metrics
+    from prometheus_client import CollectorRegistry
+
     from synapse_acme.dryrun import ListableStore
 
 logger = logging.getLogger(__name__)
