@@ -3,8 +3,9 @@
     python bench/inproc.py service --config acme.yaml
     python bench/inproc.py floor --directory URL --ca-bundle PEM --http-port P --names a --names b,c
 
-``service``: the real wiring (build_runtime: FileStore, account key, AcmeIssuer, HTTP-01
-listener, HotSwapTLS) and ``AcmeService.renew()`` for every configured certificate at once.
+``service``: the real wiring of ``synapse-acme run`` (build_runtime: FileStore, account key,
+AcmeIssuer, HTTP-01 listener, HotSwapTLS, file writes in their own thread) and
+``AcmeService.renew()`` for every configured certificate at once.
 The clock starts after imports, listener bind and store load: what an already running homeserver
 pays when it needs certificates.
 
@@ -40,9 +41,12 @@ from synapse_acme.http01_server import make_factory
 async def run_service(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     from synapse_acme.config import read_config_file
     from synapse_acme.runtime import build_runtime
+    from synapse_acme.threaded import BlockingRunner
 
     config = read_config_file(args.config)
-    runtime = build_runtime(config, reactor)
+    io = BlockingRunner(reactor)  # as `synapse-acme run` wires it (cli.cmd_run)
+    io.start()
+    runtime = build_runtime(config, reactor, runner=io)
     runtime.service.privilegedStartService()
     runtime.service.startService()
     try:
@@ -54,6 +58,7 @@ async def run_service(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
         elapsed = time.perf_counter() - t0
     finally:
         await runtime.service.stopService()
+        io.stop()
     failed = [k for k, r in results if not hasattr(r, "chain_pem")]
     return {"seconds": elapsed, "certificates": len(results), "failed": failed}
 

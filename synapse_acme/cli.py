@@ -156,13 +156,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main(reactor: Any) -> None:
         from synapse_acme.runtime import build_runtime
+        from synapse_acme.threaded import BlockingRunner
 
+        # Store saves, exports and status writes fsync in their own thread, as inside a
+        # homeserver: with many certificates at once, a save waiting on the disk would
+        # otherwise hold up every other issuance's requests (and the challenge listener).
+        io = BlockingRunner(reactor)
+        io.start()
+        reactor.addSystemEventTrigger("after", "shutdown", io.stop)
+        listener = not args.no_listener
         if run_as is None:
-            runtime = build_runtime(config, reactor, standalone_listener=not args.no_listener)
+            runtime = build_runtime(config, reactor, standalone_listener=listener, runner=io)
         else:
             # Build as the user (its files), bind as root, then drop root for good.
             runtime = privileges.as_user(
-                run_as, build_runtime, config, reactor, standalone_listener=not args.no_listener
+                run_as, build_runtime, config, reactor, standalone_listener=listener, runner=io
             )
         # Nothing starts ordering before the challenge listener is bound: a CA validating
         # against a port nobody answers counts failed validations against its limits.
