@@ -183,3 +183,15 @@ def test_is_root_compares_names_fast_and_falls_back_to_parsed_names(ca: TestCA) 
     for cert in _chain(ca.root_pem) + _chain(ca.intermediate_pem):
         assert is_root(cert) == (cert.subject == cert.issuer)
     assert _raw_issuer_and_subject(b"\x30\x05\x02") is None  # garbage: the slow path
+
+
+def test_pem_parsing_reads_a_whole_bundle_and_keeps_to_certificate_blocks(ca: TestCA) -> None:
+    key = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    both = load_pem_certificates(ca.root_pem + key + ca.intermediate_pem)
+    assert [c.subject for c in both] == [ca.root.subject, ca.intermediate.subject]
+    # A label the block reader does not take is left out, as before.
+    other = ca.root_pem.replace(b"CERTIFICATE", b"X509 CERTIFICATE")
+    assert [c.subject for c in load_pem_certificates(other + ca.intermediate_pem)] == [
+        ca.intermediate.subject
+    ]
+    assert load_pem_certificates(b"") == [] and load_pem_certificates(b"not PEM") == []
