@@ -415,6 +415,25 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": None if r is None else r <= 0.3,
             }
         )
+        # Issue 19's rows: the whole process against the minimal one, and 20 at once in-process.
+        out.append(
+            {
+                "goal": "1 certificate, whole process: synapse-acme CLI <= 1.10x the minimal "
+                "Python process doing the same requests (floor, whole process)",
+                "value": minimal,
+                "met": None if minimal is None else minimal <= 1.10,
+            }
+        )
+        r20 = pair_ratio(_cell(results, "conc-20", SERVICE), _cell(results, "conc-20", FLOOR))
+        if r20 is not None:
+            out.append(
+                {
+                    "goal": "20 certificates at once: synapse-acme service (in-process) <= 1.30x "
+                    "the floor (in-process)",
+                    "value": r20,
+                    "met": r20 <= 1.30,
+                }
+            )
         biggest = max((sc["certs"] for sc in results["issuance"]), default=0)
         # Like for like: the in-process service against the floor timed in-process, the CLI
         # (a whole process) against the floor as a whole process.
@@ -495,11 +514,11 @@ def goal_notes(res: dict[str, Any]) -> list[str]:
             " ms)."
         )
     minimal = pair_ratio(_cell(res, "one-1", CLI_SEQ), _cell(res, "one-1", FLOOR_PROC))
-    if minimal is not None and minimal > 1.15:
+    if minimal is not None and minimal > 1.10:
         out.append(
             f"- One certificate, whole process: the CLI is at {_fmt_ratio(minimal)} the minimal "
-            "Python process that only makes the protocol requests (the issue estimated about "
-            "1.15x alongside its <= 0.3x certbot goal, which is met). What the CLI does on top: "
+            "Python process that only makes the protocol requests (goal <= 1.10x; both run "
+            "from cached bytecode, see use_cached_bytecode). What the CLI does on top: "
             "more imports (YAML, the config, store, service, TLS and lock modules) and the "
             "interpreter teardown that grows with them, and more work: reading and checking "
             "the config, taking the store lock, creating and saving the account key, writing "
