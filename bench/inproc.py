@@ -53,14 +53,16 @@ async def run_service(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
         if runtime.http01_listener is not None:
             await runtime.http01_listener.when_listening()
         await runtime.acme.when_loaded()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         results = await runtime.acme.renew(None, force=True)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:
         await runtime.service.stopService()
         io.stop()
     failed = [k for k, r in results if not hasattr(r, "chain_pem")]
-    return {"seconds": elapsed, "certificates": len(results), "failed": failed}
+    # cpu_seconds: this process's CPU (every thread) in the same window; on a loaded machine it
+    # says more than the wall clock about the work done here.
+    return {"seconds": elapsed, "cpu_seconds": cpu, "certificates": len(results), "failed": failed}
 
 
 async def _zero_poll(fetch: Any, waiting: set[Any]) -> Any:
@@ -124,7 +126,7 @@ async def run_floor(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
         args.http_port, make_factory(responder, reactor), interface="127.0.0.1"
     )
     try:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         key = jose.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
         # No client-side request cap (the product's transport queues over 600/min): the floor
         # is what the CA itself allows.
@@ -142,10 +144,16 @@ async def run_floor(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
         polls = await defer.gatherResults(
             [defer.Deferred.fromCoroutine(_floor_one(client, responder, key, g)) for g in groups]
         )
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:
         await port.stopListening()
-    return {"seconds": elapsed, "certificates": len(groups), "polls": sum(polls), "failed": []}
+    return {
+        "seconds": elapsed,
+        "cpu_seconds": cpu,
+        "certificates": len(groups),
+        "polls": sum(polls),
+        "failed": [],
+    }
 
 
 def main() -> None:
