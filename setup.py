@@ -52,7 +52,7 @@ setup(
             "types-PyYAML",
         ],
     },
-    entry_points={"console_scripts": ["synapse-acme = synapse_acme.cli:main"]},
+    entry_points={"console_scripts": ["synapse-acme = synapse_acme.cli:entry"]},
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",

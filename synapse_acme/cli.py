@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
@@ -904,5 +904,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(e)
 
 
+def entry() -> NoReturn:
+    """The process entry point (``synapse-acme`` and ``python -m synapse_acme``): :func:`main`,
+    then out without the interpreter's teardown.
+
+    When :func:`main` returns, every file is written, fsynced and closed, the store lock is
+    released and the reactor has stopped (with its thread pools). What the interpreter would
+    still do is free the objects of ~700 modules one by one: ~10% of a one-shot ``issue``'s
+    CPU time, for nothing. So the log handlers and the output are flushed here, and the process
+    ends with :func:`main`'s exit code.
+    """
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, or a closed stream
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

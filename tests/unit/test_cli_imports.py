@@ -1,9 +1,10 @@
-"""What a one-shot ``synapse-acme issue`` loads: only what it runs.
+"""The command line as a process: what a one-shot ``synapse-acme issue`` loads (only what it
+runs), and how the process ends (at once, its output complete, with the command's exit code).
 
-Importing is most of a short command's time (bench/run.py measures it: the CLI against a
-minimal process doing the same protocol requests). These modules serve other setups or other
-commands and are imported where used; a new eager import of one of them fails here instead of
-slowing every `issue` by a few milliseconds unnoticed.
+Importing, and the interpreter's teardown of what was imported, are most of a short command's
+time (bench/run.py measures it: the CLI against a minimal process doing the same protocol
+requests). The modules below serve other setups or other commands and are imported where used;
+a new eager import of one of them fails here instead of slowing every `issue` unnoticed.
 """
 
 from __future__ import annotations
@@ -54,10 +55,15 @@ print(json.dumps(sorted(sys.modules)))
 """
 
 
-def _modules_of_a_one_shot(tmp_path: Path) -> set[str]:
+def _env() -> dict[str, str]:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _modules_of_a_one_shot(tmp_path: Path) -> set[str]:
+    env = _env()
     out = subprocess.run(
         [sys.executable, "-c", _PROGRAM, str(tmp_path / "store")],
         capture_output=True,
@@ -77,3 +83,28 @@ def test_a_one_shot_issue_loads_only_what_it_runs(tmp_path: Path) -> None:
         m for m in loaded for top in NOT_FOR_A_ONE_SHOT_ISSUE if m == top or m.startswith(top + ".")
     )
     assert not wrong, wrong
+
+
+def test_the_process_ends_with_its_output_complete_and_the_commands_exit_code(
+    tmp_path: Path,
+) -> None:
+    # `python -m synapse_acme` skips the interpreter's teardown (cli.entry): what was printed
+    # and logged must still all arrive, into a pipe, and the exit code must be the command's.
+    cli = [sys.executable, "-m", "synapse_acme"]
+    full = subprocess.run(
+        [*cli, "generate-config"], capture_output=True, text=True, env=_env(), timeout=120
+    )
+    assert full.returncode == 0, full.stderr
+    assert full.stdout.startswith("# synapse-acme") and full.stdout.endswith("\n")
+    # byte for byte what the function behind the command writes
+    sample = (Path(__file__).resolve().parents[2] / "synapse_acme" / "sample_acme.yaml").read_text()
+    assert full.stdout.strip() == sample.strip()
+    missing = subprocess.run(
+        [*cli, "status", "-c", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("configuration error: ") and "nope.yaml" in missing.stderr
