@@ -50,6 +50,9 @@ setup(
             "mypy>=2.4,<2.5",
             "mypy-zope>=1.0.17",
             "types-PyYAML",
+            # Synapse's `redis` extra: a real Synapse worker (test_synapse_workers_shared_store.py)
+            "txredisapi>=1.4.12,<1.6.0",
+            "hiredis>=0.3",
         ],
     },
     entry_points={"console_scripts": ["synapse-acme = synapse_acme.cli:entry"]},

@@ -54,8 +54,10 @@ DEMO_APT=(pebble openssl ca-certificates)
 #   postgresql  : a real PostgreSQL (initdb, pg_ctl under /usr/lib/postgresql/*/bin) for the
 #                 PostgreSQL store -> synapse_acme.testing.postgres, test_store_contract_postgres.py
 #                 (its systemd service plays no part: the tests start their own)
+#   redis-server: Synapse workers replicate through Redis -> test_synapse_workers_shared_store.py
+#                 (its systemd service plays no part: the test starts its own)
 TEST_APT=(sslscan curl wrk nginx apache2 authbind systemd util-linux strace testssl.sh
-    prometheus build-essential libpq-dev bind9 postgresql)
+    prometheus build-essential libpq-dev bind9 postgresql redis-server)
 # ------------------------------------------------------------------------------------------------
 
 PYTHON="${PYTHON:-python3}"

@@ -1,5 +1,5 @@
 """The ``synapse-acme`` command line: generate-config, run, issue, renew, check, status,
-new-account.
+new-account, migrate-store.
 
 Exit codes: 0 success; 1 an issuance or renewal failed (or anything else failed at run time:
 the CA, the store, a listener that cannot be opened); 2 bad configuration or usage, including
@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
 from twisted.internet import defer, task
@@ -284,6 +284,8 @@ def _one_shot(args: argparse.Namespace, force: bool) -> int:
                     )
                 else:
                     where = os.path.join(config.storage, "certificates", k)
+                    if config.database is not None:  # every process on it serves it now
+                        where = f"the PostgreSQL store {config.database.where}"
                     _out(
                         f"OK      {names}: certificate in {where}, valid until "
                         f"{format_time(status.not_after)}; due for renewal at "
@@ -780,6 +782,156 @@ def cmd_new_account(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_migrate_store(args: argparse.Namespace) -> int:
+    """Copy the file store into a PostgreSQL store (``--to``) or back (``--from``); the rules
+    are :mod:`synapse_acme.migrate`'s. Exit 0 only if every entry is in the target. Or, with
+    ``--reseal``, seal a PostgreSQL store's private keys again with the current key."""
+    from synapse_acme import migrate
+    from synapse_acme.filebackend import FileBackend
+    from synapse_acme.interprocess import StoreLock
+    from synapse_acme.pgstore import KeyRing, PostgresBackend, ThreadedDatabase, generate_key_file
+
+    ways = (("--to", args.to), ("--from", args.from_), ("--reseal", args.reseal))
+    flag, dsn = next((f, v) for f, v in ways if v is not None)
+    shown = migrate.redact_dsn(dsn)
+    if not migrate.is_postgres_dsn(dsn):
+        raise ConfigError(
+            flag,
+            "is not a PostgreSQL connection string (postgresql://USER@HOST/DATABASE, or "
+            "libpq key=value pairs)",
+            shown,
+        )
+    if args.to is not None and args.to_dir is not None:
+        raise ConfigError(
+            "--to-dir", "only with --from: with --to, -c names the source", args.to_dir
+        )
+    if args.reseal is not None and (args.config or args.to_dir):
+        raise ConfigError(
+            "--reseal", "works on the database alone: give no -c or --to-dir with it", shown
+        )
+    if args.reseal is None and (args.config is None) == (args.to_dir is None):
+        raise ConfigError(
+            "-c",
+            "give -c CONFIG (its storage is the file store) or, with --from, --to-dir DIR",
+            args.config,
+        )
+    if not args.key_file:
+        raise ConfigError(
+            "--key-file",
+            "required: the file holding the PostgreSQL store's encryption key (--new-key-file "
+            "creates it); repeat it to list old keys after the current one",
+            None,
+        )
+    if args.new_key_file and args.from_ is not None:
+        raise ConfigError(
+            "--new-key-file", "only with --to or --reseal: reading a store needs its key", True
+        )
+    if args.config is not None:
+        config = _load(args.config)
+        storage, account_key_file = config.storage, config.account_key_file
+    else:
+        storage, account_key_file = args.to_dir, None
+    secret = migrate.password_of(dsn)
+
+    def scrub(text: str) -> str:
+        return text.replace(secret, "***") if secret else text
+
+    if args.new_key_file:
+        path = args.key_file[0]
+        try:
+            key_id = generate_key_file(path)
+        except FileExistsError:
+            raise ConfigError(
+                "--new-key-file", f"{path} already exists: drop --new-key-file to use it", True
+            ) from None
+        except OSError as e:
+            raise StoreError(f"cannot create {path}: {fsutil.describe_os_error(e)}") from None
+        _out(f"KEY FILE   created {path} (mode 0600, key id {key_id}): back it up; without it")
+        _out("           the private keys in the database cannot be read")
+    keyring = KeyRing.from_files(args.key_file)
+    if args.reseal is not None:
+        return _reseal(dsn, shown, keyring, scrub)
+    lock = None
+    if args.to is not None:  # the file store is only read: no lock, no crash recovery
+        if not os.path.isdir(storage):
+            raise StoreError(f"there is no file store at {storage}: nothing to copy")
+        source_desc, target_desc = storage, shown
+    else:  # written: never under a running manager's feet
+        fsutil.check_owned_by_us(storage, "the storage directory")
+        fsutil.ensure_private_dir(storage)
+        try:
+            lock = StoreLock.acquire(storage)
+        except StoreBusy as e:
+            who = f"pid {e.pid}" if e.pid is not None else "another process"
+            raise StoreError(
+                f"{storage} is in use by {who} (`synapse-acme run` or a homeserver with the "
+                "module): stop it first, then run migrate-store again"
+            ) from None
+        source_desc, target_desc = shown, storage
+    outcome = {"code": EXIT_OK}
+
+    async def main(reactor: Any) -> None:
+        pg = PostgresBackend(ThreadedDatabase(dsn, reactor), reactor, keyring)
+        files = FileBackend(
+            storage, reactor, account_key_file=account_key_file, auto_recover=lock is not None
+        )
+        source, target = (files, pg) if args.to is not None else (pg, files)
+        try:
+            await pg.setup()
+            _out(f"Copying {source_desc} -> {target_desc} (encryption key {keyring.current_id})")
+
+            def report(line: migrate.Line) -> None:
+                (_err if line.word in migrate.BAD else _out)(scrub(str(line)))
+
+            summary = await migrate.migrate(source, target, force=args.force, report=report)
+        except SynapseAcmeError as e:
+            raise StoreError(scrub(str(e))) from None
+        finally:
+            await pg.close()
+        _out(("Done: " if summary.ok else "NOT DONE: ") + str(summary))
+        if not summary.ok:
+            outcome["code"] = EXIT_FAILED
+        others = os.path.join(storage, "accounts")
+        if args.to is not None and os.path.isdir(others):
+            _err(
+                f"note: the accounts at other CAs of acme.issuers ({others}) are not part of the "
+                "store and were not copied"
+            )
+
+    try:
+        code = _react(main)
+    finally:
+        if lock is not None:
+            lock.release()
+    return code if code != EXIT_OK else outcome["code"]
+
+
+def _reseal(dsn: str, shown: str, keyring: Any, scrub: Callable[[str], str]) -> int:
+    """``migrate-store --reseal``: the last step of a key rotation (see
+    :meth:`~synapse_acme.pgstore.PostgresBackend.reseal`)."""
+    from synapse_acme.pgstore import PostgresBackend, ThreadedDatabase
+
+    async def main(reactor: Any) -> None:
+        pg = PostgresBackend(ThreadedDatabase(dsn, reactor), reactor, keyring)
+        try:
+            await pg.setup()
+            _out(f"Resealing {shown} with encryption key {keyring.current_id}")
+            done, already = await pg.reseal()
+        except SynapseAcmeError as e:
+            raise StoreError(scrub(str(e))) from None
+        finally:
+            await pg.close()
+        for what in done:
+            _out(f"RESEALED   {what}")
+        _out(
+            f"Done: {len(done)} private keys resealed, {already} already were; every row now "
+            f"opens with key {keyring.current_id} alone, so the key files listed after the "
+            "first may go"
+        )
+
+    return _react(main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="synapse-acme",
@@ -884,6 +1036,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="even if the current key is fine: leave that account (its key file is kept)",
     )
     n.set_defaults(func=cmd_new_account)
+
+    m = add(
+        "migrate-store",
+        help="copy the certificates and the ACME account from the file store to PostgreSQL "
+        "(--to) or back (--from)",
+    )
+    m.add_argument("-c", "--config", help="its storage (and account_key_file) is the file store")
+    way = m.add_mutually_exclusive_group(required=True)
+    way.add_argument(
+        "--to", metavar="DSN", help="copy into this PostgreSQL store (postgresql://...)"
+    )
+    way.add_argument("--from", dest="from_", metavar="DSN", help="copy from this PostgreSQL store")
+    way.add_argument(
+        "--reseal",
+        metavar="DSN",
+        help="seal every private key in this PostgreSQL store again with the first --key-file "
+        "(the last step of a key rotation)",
+    )
+    m.add_argument(
+        "--to-dir", metavar="DIR", help="with --from: write this file store instead of -c's"
+    )
+    m.add_argument(
+        "--key-file",
+        action="append",
+        metavar="PATH",
+        help="the PostgreSQL store's encryption key (base64, 32 bytes); repeat for old keys "
+        "after the current one",
+    )
+    m.add_argument(
+        "--new-key-file",
+        action="store_true",
+        help="with --to or --reseal: create the first --key-file (0600; it must not exist)",
+    )
+    m.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a certificate in the target even if it is as new or newer",
+    )
+    m.set_defaults(func=cmd_migrate_store)
     return p
 
 

@@ -478,6 +478,145 @@ def _alerts(value: Any, path: str) -> AlertsConfig:
     return AlertsConfig(**out)
 
 
+#: Keys of ``database:``.
+_DATABASE_KEYS = ("url", "args", "key_files", "connect_timeout", "lease")
+#: libpq connection keywords (``args:``): lower-case words, as psycopg2 and Synapse take them.
+_DB_KEYWORD = re.compile(r"[a-z][a-z_]{0,63}")
+#: ``args`` keys of Synapse's ``database.args`` that are the pool's, not libpq's: ignored.
+_POOL_ARGS = ("cp_min", "cp_max", "cp_reconnect", "cp_noisy")
+DEFAULT_DB_CONNECT_TIMEOUT = 10.0
+DEFAULT_DB_LEASE = 60.0
+#: The shortest lease: it is renewed every third, and a renewal is a database round trip.
+MIN_DB_LEASE = 6.0
+
+
+@attrs.frozen
+class DatabaseConfig:
+    """``database:``: the PostgreSQL store shared by every process (:mod:`synapse_acme.pgstore`).
+
+    ``dsn`` is a libpq connection string or URI and may hold a password: it is never logged or
+    shown (``where`` names the database without credentials). ``key_files``: the keys sealing
+    private keys at rest, the first sealing, all opening. ``connect_timeout``: the bound of each
+    connection attempt (the start-up one included). ``lease``: how long the issuance lock of a
+    process that died blocks the others.
+    """
+
+    dsn: str = attrs.field(repr=False)
+    where: str
+    key_files: tuple[str, ...]
+    connect_timeout: float = DEFAULT_DB_CONNECT_TIMEOUT
+    lease: float = DEFAULT_DB_LEASE
+
+
+def _database_url(value: Any, path: str) -> tuple[str, str]:
+    """``(dsn, where)`` from a ``postgresql://`` URI; a value holding a password is never
+    echoed in an error."""
+    what = "expected a URI postgresql://USER@HOST[:PORT]/DATABASE"
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(path, what, value if not isinstance(value, str) else None)
+    text = value.strip()
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    secret = parts is not None and parts.password is not None
+    shown: Any = _without_password(text) if secret else text
+    if parts is None:
+        raise ConfigError(path, what, has_value=False)  # unparsed: it may hold a password
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(path, what, shown)
+    if not parts.path.strip("/") or any(c in text for c in "\0\n\r"):
+        raise ConfigError(path, what + " (with a database name)", shown)
+    where = f"{parts.hostname or 'localhost'}{f':{port}' if port else ''}{parts.path}"
+    return text, where
+
+
+def _without_password(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc.rpartition("@")
+    userinfo = netloc[0].partition(":")[0] + ":***"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc[2]}"))
+
+
+def _database_args(value: Any, path: str) -> tuple[str, str]:
+    """``(dsn, where)`` from libpq keywords in the style of Synapse's ``database.args``
+    (``user``, ``password``, ``database`` or ``dbname``, ``host``, ``port``, ``sslmode``, ...);
+    a password is never echoed."""
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(
+            path,
+            "expected a mapping of connection keywords (user, password, database, host, ...)",
+            has_value=False,
+        )
+    words: dict[str, str] = {}
+    for key, item in value.items():
+        where = f"{path}.{key}"
+        if not isinstance(key, str) or not _DB_KEYWORD.fullmatch(key):
+            raise ConfigError(where, "expected a libpq connection keyword", has_value=False)
+        if key in _POOL_ARGS:
+            continue
+        secret = key in ("password", "passfile")
+        if isinstance(item, bool) or not isinstance(item, (str, int)) or str(item) == "":
+            raise ConfigError(where, "expected a string or a number", item, has_value=not secret)
+        if "\0" in str(item):
+            raise ConfigError(where, "expected text without NUL", has_value=False)
+        words["dbname" if key == "database" else key] = str(item)
+    if "dbname" not in words:
+        raise ConfigError(f"{path}.database", "missing: the database to use", has_value=False)
+    dsn = " ".join(f"{k}='{_libpq_quote(v)}'" for k, v in words.items())
+    host = words.get("host", "localhost")
+    port = f":{words['port']}" if "port" in words else ""
+    return dsn, f"{host}{port}/{words['dbname']}"
+
+
+def _libpq_quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _database(value: Any, path: str, ctx: _Context) -> DatabaseConfig:
+    what = "a mapping of url (or args), key_files, connect_timeout, lease"
+    if not isinstance(value, Mapping):
+        # Never echoed: it may be a URL with a password.
+        raise ConfigError(path, f"expected {what}, got {_type_name(value)}", has_value=False)
+    _check_keys(value, path, _DATABASE_KEYS)
+    given = {k: v for k, v in value.items() if v is not None}
+    if ("url" in given) == ("args" in given):
+        raise ConfigError(
+            path, "expected one of url and args (how to reach the database)", has_value=False
+        )
+    if "url" in given:
+        dsn, where = _database_url(given["url"], f"{path}.url")
+    else:
+        dsn, where = _database_args(given["args"], f"{path}.args")
+    if "key_files" not in given:
+        raise ConfigError(
+            f"{path}.key_files",
+            "missing: private keys are stored encrypted with a key from a file; make one with "
+            "`head -c 32 /dev/urandom | base64 > FILE` (mode 0600) and list it here",
+            has_value=False,
+        )
+    files = _list(given["key_files"], f"{path}.key_files", "key files", allow_single=True)
+    if not files:
+        raise ConfigError(f"{path}.key_files", "expected at least one key file", [])
+    key_files = tuple(
+        _file_path(f, f"{path}.key_files[{i}]", ctx.base_dir) for i, f in enumerate(files)
+    )
+    out = DatabaseConfig(dsn=dsn, where=where, key_files=key_files)
+    if "connect_timeout" in given:
+        out = attrs.evolve(
+            out, connect_timeout=_duration(given["connect_timeout"], f"{path}.connect_timeout")
+        )
+    if "lease" in given:
+        lease = _duration(given["lease"], f"{path}.lease")
+        if lease < MIN_DB_LEASE:
+            raise ConfigError(
+                f"{path}.lease", f"expected at least {MIN_DB_LEASE:g} s", given["lease"]
+            )
+        out = attrs.evolve(out, lease=lease)
+    return out
+
+
 def _webhook_url(value: Any, path: str) -> str:
     # Never echoed: a webhook URL often carries its token in the path or the query.
     what = "an http(s) URL (the value is not shown: it may hold a token)"
@@ -1406,6 +1545,26 @@ class AcmeConfig:
             "who posts the alerts; it must have joined the room and be allowed to post there."
         ),
     )
+    database: DatabaseConfig | None = _setting(  # noqa: RUF009 (an attrs.field)
+        None,
+        read=_database,
+        uses_context=True,
+        shown_default="none (the file store in `storage`)",
+        doc=(
+            "Keep certificates, the ACME account, challenge answers and the issuance lock in "
+            "PostgreSQL, shared by every process on any host (Synapse workers, several `run` "
+            "processes): one order per renewal, any process answers the CA, each serves a new "
+            "certificate within 2 s. `url` (`postgresql://USER[:PASSWORD]@HOST[:PORT]/DB`) or "
+            "`args` (libpq keywords as in Synapse's `database.args`: `user`, `password`, "
+            "`database`, `host`, `port`, ...); `key_files` (required): files with a 32-byte "
+            "base64 key (`head -c 32 /dev/urandom | base64`, mode 0600) encrypting private keys "
+            "at rest, the first encrypts, all decrypt (rotation); `connect_timeout` "
+            f"(`{DEFAULT_DB_CONNECT_TIMEOUT:g}s`, also the longest a start waits for the "
+            f"database); `lease` (`{DEFAULT_DB_LEASE:g}s`): how long a process that died while "
+            "ordering blocks the others. `storage` then keeps only this process's own state "
+            "(status, alerts). See [how-it-works.md](how-it-works.md#one-store-for-many-processes)."
+        ),
+    )
     source_path: str = attrs.field(default="acme", eq=False)
     source_file: str | None = attrs.field(default=None, eq=False)
 
@@ -1648,6 +1807,9 @@ def parse_acme_config(
             present[given],
         )
 
+    if "database" in values:
+        _check_database(values, present, at)
+
     interval = values.get("poll_interval", DEFAULT_POLL_INTERVAL)
     if values.get("poll_timeout", DEFAULT_POLL_TIMEOUT) < interval:
         raise ConfigError(
@@ -1659,6 +1821,33 @@ def parse_acme_config(
     values["source_path"] = path
     values["source_file"] = source_file
     return AcmeConfig(**values)
+
+
+def _check_database(
+    values: Mapping[str, Any], present: Mapping[Any, Any], at: Callable[[str], str]
+) -> None:
+    """``database`` against the keys it cannot go with."""
+    if values.get("external_certificates"):
+        raise ConfigError(
+            at("database"),
+            "cannot be used with external_certificates: true (another tool issues, so there is "
+            "nothing to share); remove one of them",
+            has_value=False,
+        )
+    if "account_key_file" in present:
+        raise ConfigError(
+            at("account_key_file"),
+            "with database the ACME account key is kept (encrypted) in the database, shared by "
+            "every process; remove account_key_file",
+            present["account_key_file"],
+        )
+    if len(values.get("issuers") or ()) > 1:
+        raise ConfigError(
+            at("issuers"),
+            "with database only one CA is supported (the database holds one ACME account); "
+            "list one item, or use the file store",
+            has_value=False,
+        )
 
 
 def _server_name_host(server_name: str) -> str:

@@ -5,6 +5,11 @@
 small protocol in :mod:`synapse_acme.http01_server`, bound by :mod:`synapse_acme.listeners`.
 Both read the responder's map on each request instead of being rebuilt per challenge, and
 neither raises: a bug costs one 500, never a dead listener.
+
+On a shared store (``shared``, the PostgreSQL store) every token is also put in the store before
+the CA is told, and a request for a token this process does not hold is looked up there
+(:func:`answer_or_lookup`, asynchronously: the reactor never waits on the database), so any
+process on any host answers the CA, not only the one that placed the order.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
+from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from synapse_acme.interfaces import IResponder
+from synapse_acme.interfaces import IChallengeStore, IResponder
 from synapse_acme.names import is_safe_token
 
 logger = logging.getLogger(__name__)
@@ -82,15 +89,21 @@ class HTTP01Responder:
     With ``probe_secret`` it also answers every preflight probe token (:data:`PROBE_PREFIX`)
     with :func:`probe_answer`. ``on_request`` is told of every request under the challenge
     path that both servers answer: True when a token was answered (a hit), else False.
+    ``shared``: the challenge store of a store shared by several processes; tokens go there
+    too, and tokens not held here are looked up there (see the module docstring).
     """
 
     challenge_type = "http-01"
     probe_secret: bytes | None = attrs.field(default=None, repr=False, kw_only=True)
     on_request: Callable[[bool], None] | None = attrs.field(default=None, kw_only=True)
+    shared: IChallengeStore | None = attrs.field(default=None, kw_only=True)
     _tokens: dict[str, bytes] = attrs.field(factory=dict, init=False)
 
-    def start_responding(self, identifier: str, token: str, key_authorization: str) -> None:
-        """Serve ``key_authorization`` at ``/.well-known/acme-challenge/<token>`` from now on.
+    def start_responding(
+        self, identifier: str, token: str, key_authorization: str
+    ) -> defer.Deferred[None] | None:
+        """Serve ``key_authorization`` at ``/.well-known/acme-challenge/<token>`` from now on
+        (with ``shared``: a Deferred firing once every process on the store answers it).
 
         Raises ValueError for a token no HTTP-01 resource could serve (not base64url), so an
         issuance fails with a clear reason instead of a validation timeout.
@@ -99,11 +112,37 @@ class HTTP01Responder:
             raise ValueError(f"HTTP-01 token is not base64url (1-256 characters): {token!r}")
         self._tokens[token] = key_authorization.encode("ascii")
         logger.debug("Answering the HTTP-01 challenge for %s (token %s)", identifier, token)
+        if self.shared is None:
+            return None
+        return self.shared.put_challenge(token, key_authorization)
 
-    def stop_responding(self, identifier: str, token: str) -> None:
-        """Stop serving ``token``; an unknown token is not an error."""
+    def stop_responding(self, identifier: str, token: str) -> defer.Deferred[None] | None:
+        """Stop serving ``token``; an unknown token is not an error. With ``shared`` the
+        token is removed from the store too (a failure there is logged: the answer is not
+        secret, and it is useless once the CA has validated)."""
         if self._tokens.pop(token, None) is not None:
             logger.debug("Stopped answering the HTTP-01 challenge for %s", identifier)
+        if self.shared is None:
+            return None
+        d = self.shared.remove_challenge(token)
+        return d.addErrback(
+            lambda f: logger.warning(
+                "Could not remove the HTTP-01 token from the shared store: %s",
+                f.getErrorMessage(),
+            )
+        )
+
+    def lookup(self) -> Callable[[str], defer.Deferred[bytes | None]] | None:
+        """How a token not held here is looked up (the shared store), None without one."""
+        shared = self.shared
+        if shared is None:
+            return None
+
+        def look(token: str) -> defer.Deferred[bytes | None]:
+            d = shared.get_challenge(token)
+            return d.addCallback(lambda found: found.encode("ascii") if found else None)
+
+        return look
 
     def tokens(self) -> Mapping[str, bytes]:
         """A read-only live view of the tokens being answered (values: the response bodies),
@@ -113,7 +152,7 @@ class HTTP01Responder:
 
     def resource(self) -> Resource:
         """The resource to mount as the ``acme-challenge`` child of ``.well-known``."""
-        return _ChallengeResource(self.tokens(), self.on_request)
+        return _ChallengeResource(self.tokens(), self.on_request, self.lookup())
 
 
 @attrs.frozen
@@ -149,12 +188,57 @@ def answer(
     answered (the responder's ``on_request``: metrics count hits and misses there).
     """
     result = _answer(tokens, method, segments)
+    _tell(observe, result)
+    return result
+
+
+def answer_or_lookup(
+    tokens: Mapping[str, bytes],
+    method: bytes,
+    segments: Sequence[bytes],
+    observe: Callable[[bool], None] | None,
+    lookup: Callable[[str], defer.Deferred[bytes | None]] | None,
+) -> Answer | defer.Deferred[Answer]:
+    """:func:`answer`, or, for a well-formed token not in ``tokens`` when there is a
+    ``lookup`` (the shared store), a Deferred firing with the answer from it: its key
+    authorization, else the same 404 (also when the store cannot be read: logged)."""
+    result = _answer(tokens, method, segments)
+    token = _wanted_token(method, segments) if result is NOT_FOUND and lookup else None
+    if token is None or lookup is None:
+        _tell(observe, result)
+        return result
+
+    def found(body: bytes | None) -> Answer:
+        return Answer(200, body) if body is not None else NOT_FOUND
+
+    def failed(failure: Failure) -> Answer:
+        logger.warning(
+            "Could not look an HTTP-01 token up in the shared store: %s",
+            failure.getErrorMessage(),
+        )
+        return NOT_FOUND
+
+    def told(result: Answer) -> Answer:
+        _tell(observe, result)
+        return result
+
+    return defer.maybeDeferred(lookup, token).addCallbacks(found, failed).addCallback(told)
+
+
+def _tell(observe: Callable[[bool], None] | None, result: Answer) -> None:
     if observe is not None:
         try:
             observe(result.code == 200)
         except Exception:  # counting never costs an answer
             logger.exception("the HTTP-01 request observer failed")
-    return result
+
+
+def _wanted_token(method: bytes, segments: Sequence[bytes]) -> str | None:
+    """The token a GET or HEAD asks for, if it asks for one well-formed token."""
+    parts = [s for s in segments if s]
+    if method in _ALLOWED_METHODS and len(parts) == 1 and _TOKEN.fullmatch(parts[0]):
+        return parts[0].decode("ascii")
+    return None
 
 
 def _answer(tokens: Mapping[str, bytes], method: bytes, segments: Sequence[bytes]) -> Answer:
@@ -180,26 +264,53 @@ class _ChallengeResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, tokens: Mapping[str, bytes], observe: Callable[[bool], None] | None = None
+        self,
+        tokens: Mapping[str, bytes],
+        observe: Callable[[bool], None] | None = None,
+        lookup: Callable[[str], defer.Deferred[bytes | None]] | None = None,
     ) -> None:
         super().__init__()
         self._tokens = tokens
         self._observe = observe
+        self._lookup = lookup
 
-    def render(self, request: Any) -> bytes:
+    def render(self, request: Any) -> bytes | int:
         try:
-            return self._render(request)
+            result = answer_or_lookup(
+                self._tokens, request.method, request.postpath or [], self._observe, self._lookup
+            )
+            if isinstance(result, Answer):
+                return self._render(request, result)
         except Exception:
-            logger.exception("Bug answering an HTTP-01 request")
-            try:
-                request.setResponseCode(INTERNAL_ERROR.code)
-                request.setHeader(b"content-type", b"text/plain")
-            except Exception:
-                pass
-            return b"" if getattr(request, "method", None) == b"HEAD" else INTERNAL_ERROR.body
+            return self._bug(request)
+        finished: list[object] = []
+        request.notifyFinish().addBoth(finished.append)  # the client went away
 
-    def _render(self, request: Request) -> bytes:
-        result = answer(self._tokens, request.method, request.postpath or [], self._observe)
+        def write(answer: Answer) -> None:
+            if finished:
+                return
+            try:
+                body = self._render(request, answer)
+            except Exception:
+                body = self._bug(request)
+            request.write(body)
+            request.finish()
+
+        result.addCallback(write).addErrback(
+            lambda f: logger.error("Bug answering an HTTP-01 request", exc_info=f.value)
+        )
+        return NOT_DONE_YET
+
+    def _bug(self, request: Any) -> bytes:
+        logger.exception("Bug answering an HTTP-01 request")
+        try:
+            request.setResponseCode(INTERNAL_ERROR.code)
+            request.setHeader(b"content-type", b"text/plain")
+        except Exception:
+            pass
+        return b"" if getattr(request, "method", None) == b"HEAD" else INTERNAL_ERROR.body
+
+    def _render(self, request: Request, result: Answer) -> bytes:
         request.setResponseCode(result.code)
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-type", b"text/plain")

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from synapse_acme.alerts import Alert
+    from synapse_acme.errors import StoreError
     from synapse_acme.model import AccountRecord, CertificateBundle, RenewalWindow
 
 
@@ -77,6 +78,26 @@ class IStoreAdmin(Interface):
     def keys() -> Deferred[list[str]]:
         """Deferred firing with the sorted list of keys that hold a bundle (whether or not it
         is intact: :meth:`ICertificateStore.load` says that)."""
+
+
+class IBatchLoad(Interface):
+    """Optional, for a store where each read is a round trip (PostgreSQL): many bundles read
+    at once. The service uses it, where a store provides it, to load its certificates at
+    start; the result is exactly what :meth:`ICertificateStore.load` gives key by key."""
+
+    def load_many(
+        keys: Sequence[str],
+    ) -> Deferred[dict[str, CertificateBundle | StoreError | None]]:
+        """Deferred firing with every one of ``keys`` mapped to its bundle (checked intact,
+        as :meth:`ICertificateStore.load` returns it), ``None`` if it has none, or the
+        StoreError its ``load`` would fail with (an unsafe key, a damaged bundle). Fails as a
+        whole (StoreError) only if the store cannot be read at all."""
+
+    def chain_digests(keys: Sequence[str]) -> Deferred[dict[str, str]]:
+        """Deferred firing with the SHA-256 (hex) of the stored chain PEM of each of ``keys``
+        that holds a bundle (the others are absent): the cheap look at which bundles changed,
+        so a periodic re-read loads only those. Fails (StoreError) if the store cannot be
+        read."""
 
 
 class IAccountStore(Interface):

@@ -118,8 +118,11 @@ RenewalResults = list[tuple[str, CertificateBundle | Failure]]
 class Renewer(Protocol):
     """What :class:`RenewRequestWatcher` needs of the provisioning service."""
 
-    def renew(self, key: str | None = None, force: bool = False) -> Deferred[RenewalResults]:
-        """Renew ``key`` (every certificate if ``None``); fires with the outcome per key."""
+    def renew(
+        self, key: str | None = None, force: bool = False, requested_at: float | None = None
+    ) -> Deferred[RenewalResults]:
+        """Renew ``key`` (every certificate if ``None``); fires with the outcome per key. A
+        certificate issued after ``requested_at`` already answers the request."""
         ...
 
 
@@ -175,6 +178,9 @@ class RenewRequestWatcher(Service):
 
     def check(self) -> None:
         try:
+            # When it was asked for: a certificate issued since (on a shared store, perhaps
+            # by another process asked at the same moment) answers it.
+            requested_at = os.stat(self.path).st_mtime
             os.unlink(self.path)  # taking the request is removing it: once per request
         except FileNotFoundError:
             return
@@ -186,7 +192,7 @@ class RenewRequestWatcher(Service):
             )
             return
         logger.info("synapse-acme: %s found: renewing every certificate now", self.path)
-        d = self._acme.renew(None, force=True)
+        d = self._acme.renew(None, force=True, requested_at=requested_at)
         d.addCallback(_log_renewals)
         d.addErrback(lambda f: logger.error("synapse-acme: forced renewal failed: %s", f.value))
 

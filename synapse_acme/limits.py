@@ -79,6 +79,8 @@ class _Limited(ProtocolWrapper):
     """One admitted connection: tells its factory when it is active and when it is gone."""
 
     factory: LimitedFactory
+    #: Writes reach the transport unchanged (the HTTP-01 protocol may then send on the socket).
+    passes_writes_through = True
 
     def __init__(self, factory: LimitedFactory, wrapped: Protocol, peer: str | None) -> None:
         super().__init__(factory, wrapped)

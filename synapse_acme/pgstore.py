@@ -27,10 +27,11 @@ key first, keep the old ones listed until every row was re-saved (a renewal re-s
 sealed with a key no longer listed fails to load with StoreError naming the key id. The row's
 identity is the AES-GCM associated data, so a ciphertext copied into another row fails too.
 
-**The issuance lock** is a lease row changed by conditional statements (``INSERT ... ON
-CONFLICT DO UPDATE ... WHERE``, ``UPDATE ... WHERE``), each atomic in PostgreSQL, expressing
-:mod:`synapse_acme.lease`'s rules with times read from the backend's clock (not the database's
-``now()``), so it behaves exactly like the file and in-memory backends.
+**The issuance lock** (:mod:`synapse_acme.pglock`) is a lease row changed by conditional
+statements, each atomic in PostgreSQL, expressing :mod:`synapse_acme.lease`'s rules with times
+read from the backend's clock (not the database's ``now()``), so it behaves like the file and
+in-memory backends; and an advisory lock held on a dedicated connection per lock, so that a
+holder that dies (even by SIGKILL) frees the lock at once instead of at the lease's expiry.
 
 **Change notification**: a save sends ``pg_notify`` in its own transaction, so a notification
 exists if and only if the save committed. A dedicated connection (not from the pool) listens;
@@ -58,11 +59,11 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
-from synapse_acme import lease
 from synapse_acme.errors import StoreError
-from synapse_acme.interfaces import IStorageBackend
+from synapse_acme.interfaces import IBatchLoad, IStorageBackend
 from synapse_acme.model import AccountRecord, CertificateBundle
 from synapse_acme.names import check_challenge, is_safe_token
+from synapse_acme.pglock import AdvisoryLocks
 from synapse_acme.store import (
     check_bundle,
     check_intact,
@@ -117,23 +118,11 @@ _SCHEMA = [
         holder TEXT NOT NULL,
         expires_at DOUBLE PRECISION NOT NULL
     )""",
+    # The session holding the advisory lock (synapse_acme.pglock); NULL in rows of releases
+    # before it, which other processes then honour by their lease alone.
+    "ALTER TABLE synapse_acme_leases ADD COLUMN IF NOT EXISTS locker_pid INTEGER",
+    "ALTER TABLE synapse_acme_leases ADD COLUMN IF NOT EXISTS locked_at TIMESTAMPTZ",
 ]
-
-
-#: :func:`synapse_acme.lease.acquire`: refused only while another holder's lease is in force
-#: (now < expires_at); otherwise inserted, taken over, or extended.
-_ACQUIRE = """
-    INSERT INTO synapse_acme_leases (name, holder, expires_at)
-    VALUES (%(name)s, %(holder)s, %(expires)s)
-    ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
-        WHERE synapse_acme_leases.holder = EXCLUDED.holder
-           OR synapse_acme_leases.expires_at <= %(now)s
-    RETURNING 1"""
-#: :func:`synapse_acme.lease.renew`: only the holder's own lease, only while in force.
-_RENEW = """
-    UPDATE synapse_acme_leases SET expires_at = %(expires)s
-    WHERE name = %(name)s AND holder = %(holder)s AND expires_at > %(now)s
-    RETURNING 1"""
 
 
 # -- keys at rest -----------------------------------------------------------------------------
@@ -306,7 +295,7 @@ def _db_errors() -> tuple[type[BaseException], ...]:
 # -- the backend -------------------------------------------------------------------------------
 
 
-@implementer(IStorageBackend)
+@implementer(IStorageBackend, IBatchLoad)
 @attrs.define(eq=False)
 class PostgresBackend:
     """The storage contract on PostgreSQL (see the module docstring).
@@ -327,6 +316,10 @@ class PostgresBackend:
     _listener: Any = attrs.field(default=None, init=False)
     _versions: dict[str, int] | None = attrs.field(default=None, init=False)
     _listener_down: bool = attrs.field(default=False, init=False)
+    _locks: AdvisoryLocks = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._locks = AdvisoryLocks(self.database, self.clock)
 
     def setup(self) -> defer.Deferred[None]:
         """Create the tables if they do not exist (idempotent, safe for processes starting
@@ -339,7 +332,8 @@ class PostgresBackend:
             self._poll.stop()
         self._poll = None
         self._subscribers.clear()
-        d = self.database.blocking(self._close_listener)
+        d = self._locks.close()
+        d.addBoth(lambda _: self.database.blocking(self._close_listener))
         d.addBoth(lambda _: self.database.close())
         return d
 
@@ -376,6 +370,58 @@ class PostgresBackend:
         d = self._run(load)
         d.addCallback(self._bundle_from_row, key)
         return d
+
+    def load_many(
+        self, keys: Sequence[str]
+    ) -> defer.Deferred[dict[str, CertificateBundle | StoreError | None]]:
+        """Deferred firing with each of ``keys`` mapped to what :meth:`load` gives for it: its
+        bundle (decrypted, checked intact), ``None``, or the StoreError (unsafe key, damaged
+        row, key not decryptable). One query for them all instead of a round trip per key;
+        the rows are decrypted and checked in the pool thread, off the reactor. Fails as a
+        whole only when the database does (StoreError)."""
+        out: dict[str, CertificateBundle | StoreError | None] = {}
+        wanted = []
+        for key in keys:
+            try:
+                wanted.append(check_key(key))
+            except StoreError as e:
+                out[key] = e
+        if not wanted:
+            return defer.succeed(out)
+
+        def load_many(cur: Cursor) -> dict[str, CertificateBundle | StoreError | None]:
+            cur.execute(
+                "SELECT key, chain_pem, key_sealed, key_id, metadata "
+                "FROM synapse_acme_certificates WHERE key = ANY(%s)",
+                (wanted,),
+            )
+            rows = {row[0]: row[1:] for row in cur.fetchall()}
+            for key in wanted:
+                try:
+                    out[key] = self._bundle_from_row(rows.get(key), key)
+                except StoreError as e:
+                    out[key] = e
+            return out
+
+        return self._run(load_many)
+
+    def chain_digests(self, keys: Sequence[str]) -> defer.Deferred[dict[str, str]]:
+        """Deferred firing with the SHA-256 (hex) of each stored chain among ``keys``,
+        computed by the server: one short query, nothing decrypted."""
+        try:
+            wanted = [check_key(key) for key in keys]
+        except StoreError:
+            return defer.fail()
+
+        def digests(cur: Cursor) -> dict[str, str]:
+            cur.execute(
+                "SELECT key, encode(sha256(chain_pem), 'hex') "
+                "FROM synapse_acme_certificates WHERE key = ANY(%s)",
+                (wanted,),
+            )
+            return {key: digest for key, digest in cur.fetchall()}
+
+        return self._run(digests)
 
     def _bundle_from_row(self, row: Any, key: str) -> CertificateBundle | None:
         if row is None:
@@ -430,6 +476,44 @@ class PostgresBackend:
             return [row[0] for row in cur.fetchall()]
 
         return self._run(keys)
+
+    def reseal(self) -> defer.Deferred[tuple[list[str], int]]:
+        """Seal again with the current key every private key sealed with another one: the
+        last step of a key rotation, after which the old keys can go. One transaction (a row
+        no listed key opens fails it all, naming the row). The plaintext is unchanged, so
+        versions stay and nobody is notified. Deferred firing with ``(what was resealed, how
+        many rows already were sealed with the current key)``."""
+        current = self.keyring.current_id
+
+        def reseal(cur: Cursor) -> tuple[list[str], int]:
+            done: list[str] = []
+            cur.execute(
+                "SELECT count(*) FROM synapse_acme_certificates WHERE key_id = %s", (current,)
+            )
+            (already,) = cur.fetchone()
+            cur.execute(
+                "SELECT count(*) FROM synapse_acme_account_key WHERE key_id = %s", (current,)
+            )
+            already += cur.fetchone()[0]
+            for table, column in (("certificates", "key"), ("account_key", "id")):
+                cur.execute(
+                    f"SELECT {column}, key_sealed, key_id FROM synapse_acme_{table} "
+                    f"WHERE key_id <> %s ORDER BY {column} FOR UPDATE",
+                    (current,),
+                )
+                for ident, sealed, key_id in cur.fetchall():
+                    where = _where(table, str(ident))
+                    plain = self.keyring.open(bytes(sealed), key_id, where)
+                    new, new_id = self.keyring.seal(plain, where)
+                    cur.execute(
+                        f"UPDATE synapse_acme_{table} SET key_sealed = %s, key_id = %s "
+                        f"WHERE {column} = %s",
+                        (_binary(new), new_id, ident),
+                    )
+                    done.append(f"{table}/{ident}")
+            return done, int(already)
+
+        return self._run(reseal)
 
     # -- IAccountStore --------------------------------------------------------------------------
 
@@ -533,50 +617,19 @@ class PostgresBackend:
     # -- IIssuanceLock --------------------------------------------------------------------------
 
     def acquire(self, name: str, holder: str, lease_seconds: float) -> defer.Deferred[bool]:
-        """Deferred firing with True if ``holder`` now holds ``name``'s lease (taken when free
-        or expired, extended when its own), else False: :func:`synapse_acme.lease.acquire`
-        as one conditional upsert."""
-        return self._lease_statement(_ACQUIRE, name, holder, lease_seconds)
+        """Deferred firing with True if ``holder`` now holds ``name`` (free, expired, its own,
+        or its holder's session died), else False (:class:`~synapse_acme.pglock.AdvisoryLocks`)."""
+        return self._locks.acquire(name, holder, lease_seconds)
 
     def renew(self, name: str, holder: str, lease_seconds: float) -> defer.Deferred[bool]:
         """Deferred firing with True if ``holder``'s lease in force was extended, else False
-        (:func:`synapse_acme.lease.renew`)."""
-        return self._lease_statement(_RENEW, name, holder, lease_seconds)
-
-    def _lease_statement(
-        self, sql: str, name: str, holder: str, lease_seconds: float
-    ) -> defer.Deferred[bool]:
-        """Run ``sql`` (which returns a row if the lease was written) with the request's
-        ``name``, ``holder``, ``expires`` and ``now`` on the backend's clock."""
-        try:
-            check_key(name)
-            lease.check_request(holder, lease_seconds)
-        except (StoreError, ValueError):
-            return defer.fail()
-        now = self.clock.seconds()
-        args = {"name": name, "holder": holder, "expires": now + lease_seconds, "now": now}
-
-        def update(cur: Cursor) -> bool:
-            cur.execute(sql, args)
-            return cur.fetchone() is not None
-
-        return self._run(update)
+        (also when the connection holding its advisory lock was lost)."""
+        return self._locks.renew(name, holder, lease_seconds)
 
     def release(self, name: str, holder: str) -> defer.Deferred[None]:
-        """Deferred firing with ``None`` once ``holder``'s lease on ``name`` (if any) is gone
-        (:func:`synapse_acme.lease.releases`)."""
-        try:
-            check_key(name)
-            lease.check_request(holder, 1.0)
-        except (StoreError, ValueError):
-            return defer.fail()
-
-        def release(cur: Cursor) -> None:
-            cur.execute(
-                "DELETE FROM synapse_acme_leases WHERE name = %s AND holder = %s", (name, holder)
-            )
-
-        return self._run(release)
+        """Deferred firing with ``None`` once ``holder``'s lease on ``name`` (if any) is gone,
+        and its advisory lock and dedicated connection with it."""
+        return self._locks.release(name, holder)
 
     # -- ICertificateChanges --------------------------------------------------------------------
 

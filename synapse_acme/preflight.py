@@ -201,7 +201,7 @@ class Preflight:
         finally:
             disarm()
 
-    def _arm(self, name: str) -> tuple[str, bytes, Callable[[], None]]:
+    def _arm(self, name: str) -> tuple[str, bytes, Callable[[], object]]:
         """A probe token, the body proving that our responder answered, and how to stop."""
         if self.responder is not None:
             token = secrets.token_urlsafe(32)

@@ -16,7 +16,7 @@ import attrs
 import josepy as jose
 from cryptography import x509
 from treq.client import HTTPClient
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 
@@ -52,21 +52,24 @@ from synapse_acme.metrics import (
 from synapse_acme.model import CertificateBundle, CertificateSpec
 from synapse_acme.names import canonical_names, names_key
 from synapse_acme.preflight import Preflight, direct_agent, lookup_from_setting, probe_secret_for
-from synapse_acme.service import AcmeService
+from synapse_acme.service import AcmeService, Coordination
 from synapse_acme.status import CertificateStatus, dump_status_file
 from synapse_acme.store import FileStore
 from synapse_acme.tls import HotSwapTLS
 
 if TYPE_CHECKING:
     # Imported where used, so that `synapse-acme issue` loads only what it runs: a dry run is
-    # rare, a one-shot exports no metrics and sends no alerts, and the exporter, the TLS-ALPN-01
-    # responder, the file watcher and the threaded store serve only some setups.
+    # rare, the database optional, a one-shot exports no metrics and sends no alerts, and the
+    # exporter, the TLS-ALPN-01 responder, the file watcher and the threaded store serve only
+    # some setups.
     from prometheus_client import CollectorRegistry
 
     from synapse_acme.alerter import Alerter
     from synapse_acme.dryrun import ListableStore
     from synapse_acme.export import FileExporter
-    from synapse_acme.threaded import Runner, ThreadedStore
+    from synapse_acme.pgstore import PostgresBackend
+    from synapse_acme.sharedstore import SharedStore
+    from synapse_acme.threaded import Runner
     from synapse_acme.tlsalpn01 import TLSALPN01Responder
     from synapse_acme.watch import FileWatcher
 
@@ -84,8 +87,10 @@ class Runtime:
     acme: AcmeService | None  # None with external_certificates: another tool issues
     responder: HTTP01Responder
     tls: HotSwapTLS
-    store: FileStore | None
+    store: FileStore | None  # None with external_certificates or database
     exporter: FileExporter | None = None
+    #: The shared PostgreSQL store (``database``), None with the file store.
+    backend: PostgresBackend | None = None
     http01_listener: ListenerService | None = None
     #: Every listener this runtime opens (HTTP-01 first, then each TLS listener).
     listeners: list[ListenerService] = attrs.field(factory=list)
@@ -214,7 +219,9 @@ def build_runtime(
 
     The built runtime manages ``config.storage``: it holds the store's lock (see
     :mod:`synapse_acme.interprocess`) until ``service`` stops, and raises StoreBusy if another
-    process holds it.
+    process holds it. With ``database`` there is no such lock: every process shares the
+    database, and orders under its issuance lock (:mod:`synapse_acme.sharedstore`, whose
+    start-up work, bounded by ``database.connect_timeout``, is done here).
     """
     assert IReactorTime.providedBy(reactor) or hasattr(reactor, "seconds")
     check_startable(config)
@@ -224,6 +231,23 @@ def build_runtime(
     # another user (or a symlink to one) would otherwise be taken over, keys and all.
     fsutil.check_owned_by_us(config.storage, "the storage directory")
     fsutil.ensure_private_dir(config.storage)
+    if config.database is not None:
+        from synapse_acme.sharedstore import open_shared_store
+
+        keys = [names_key(canonical_names(spec.names)) for spec in config.certificate_specs()]
+        shared = open_shared_store(config, reactor, keys)
+        return _build_managing(
+            config,
+            reactor,
+            None,
+            standalone_listener,
+            http_client,
+            runner,
+            one_shot,
+            host_serves_tls,
+            metrics_registry,
+            shared,
+        )
     # Only the process holding the lock may recover, order and save (StoreBusy otherwise).
     lock = StoreLock.acquire(config.storage)
     try:
@@ -246,23 +270,32 @@ def build_runtime(
 def _build_managing(
     config: AcmeConfig,
     reactor: IReactor,
-    lock: StoreLock,
+    lock: StoreLock | None,
     standalone_listener: bool,
     http_client: HTTPClient | None,
     runner: Runner | None,
     one_shot: bool,
     host_serves_tls: bool,
     metrics_registry: CollectorRegistry | None,
+    shared: SharedStore | None = None,
 ) -> Runtime:
+    """The provisioning runtime on the file store (holding its ``lock``), or on the shared
+    database store (``shared``, no lock)."""
     metrics = AcmeMetrics()
-    store = FileStore(config.storage)
-    for line in store.recover():
-        logger.warning("Store recovery: %s", line)
     cas = config.issuer_list()
-    account_keys = [_account_key(config, index, ca) for index, ca in enumerate(cas)]
+    store: FileStore | None = None
+    if shared is None:
+        store = FileStore(config.storage)
+        for line in store.recover():
+            logger.warning("Store recovery: %s", line)
+        account_keys = [_account_key(config, index, ca) for index, ca in enumerate(cas)]
+    else:
+        account_keys = [shared.account_key]  # config.py allows one CA with a database
     # Its probe secret lets `synapse-acme check` prove that this process answers challenges.
     responder = HTTP01Responder(
-        probe_secret=probe_secret_for(account_keys[0]), on_request=metrics.challenge_request
+        probe_secret=probe_secret_for(account_keys[0]),
+        on_request=metrics.challenge_request,
+        shared=shared.backend if shared is not None else None,
     )
     specs = config.certificate_specs()
     keys = [names_key(canonical_names(spec.names)) for spec in specs]
@@ -285,7 +318,11 @@ def _build_managing(
     preferences = challenge_preferences(
         config,
         responders,
-        http01_served=not standalone_listener or bool(config.http01_endpoints()),
+        # With a database any process on it answers HTTP-01 (tokens are in the database),
+        # while tls-alpn-01 only reaches the process that ordered.
+        http01_served=(
+            not standalone_listener or bool(config.http01_endpoints()) or shared is not None
+        ),
     )
     named = [
         NamedIssuer(
@@ -296,7 +333,14 @@ def _build_managing(
                 index,
                 ca,
                 key,
-                _IssuerParts(list(responders.values()), preferences, metrics, http_client, runner),
+                _IssuerParts(
+                    list(responders.values()),
+                    preferences,
+                    metrics,
+                    http_client,
+                    runner,
+                    shared.account_recorder(ca.url) if shared is not None else None,
+                ),
             ),
         )
         for index, (ca, key) in enumerate(zip(cas, account_keys, strict=True))
@@ -314,12 +358,27 @@ def _build_managing(
     # The preflight probes HTTP-01: only for certificates validated that way first (with
     # dns-01 or tls-alpn-01 the CA looks elsewhere).
     probe = config.preflight.enabled and any(t[0] == "http-01" for t in preferences.values())
-    preflight = make_preflight(config, reactor, responder) if probe else None
-    service_store: FileStore | ThreadedStore = store
-    if runner is not None:
+    preflight = None
+    if probe and shared is None:
+        preflight = make_preflight(config, reactor, responder)
+    elif probe:  # the probe may reach any process on the database: all answer the secret's
+        preflight = make_preflight(config, reactor, None, responder.probe_secret)
+    service_store: ListableStore
+    coordination = None
+    if shared is not None:
+        from synapse_acme.sharedstore import holder_id
+
+        assert config.database is not None
+        service_store = shared.backend
+        coordination = Coordination(shared.backend, holder_id(), config.database.lease)
+    elif runner is not None:
         from synapse_acme.threaded import ThreadedStore
 
+        assert store is not None
         service_store = ThreadedStore(store, runner)
+    else:
+        assert store is not None
+        service_store = store
     acme = AcmeService(
         specs,
         service_store,
@@ -335,12 +394,20 @@ def _build_managing(
             config, reactor, responder, preflight, http_client, service_store, preferences
         ),
         on_result=metrics.issuance_finished,
+        coordination=coordination,
     )
     if serves_tls:
         acme.add_consumer(tls)
 
     root = MultiService()
-    StoreLockService(lock).setServiceParent(root)  # first in, so it is stopped last
+    if lock is not None:
+        StoreLockService(lock).setServiceParent(root)  # first in, so it is stopped last
+    if shared is not None and not one_shot:
+        from synapse_acme.sharedstore import SharedStoreService
+
+        SharedStoreService(shared.backend, acme).setServiceParent(root)  # stopped last
+    elif shared is not None:  # a one-shot command follows nothing; it only closes at the end
+        _Closing(shared.backend).setServiceParent(root)
     exporter = None
     if config.tls_certificate_path and config.tls_private_key_path:
         from synapse_acme.export import FileExporter
@@ -357,7 +424,11 @@ def _build_managing(
         )
         exporters[exporter.key] = exporter
         # Before anything reads the files: they hold the store's certificate as one pair.
-        exporter.repair(_stored(store, exporter.key))
+        exporter.repair(
+            _stored(store, exporter.key)
+            if store is not None
+            else shared_bundle(shared, exporter.key)
+        )
         exporter.setServiceParent(root)  # stopped after the provisioning service
         acme.add_consumer(exporter)
     if alerter is not None:
@@ -377,6 +448,7 @@ def _build_managing(
         responder=responder,
         tls=tls,
         store=store,
+        backend=shared.backend if shared is not None else None,
         exporter=exporter,
         http01_listener=listener,
         listeners=listeners,
@@ -512,6 +584,9 @@ class _IssuerParts:
     metrics: AcmeMetrics
     http_client: HTTPClient | None
     runner: Runner | None
+    #: Records the account URL somewhere else than ``account.json`` (the database); None:
+    #: the file store's :class:`~synapse_acme.account.AccountRecorder`.
+    record_account: Callable[[str], object] | None = None
 
 
 def _acme_issuer(
@@ -528,7 +603,9 @@ def _acme_issuer(
     _, account_dir = issuer_account_paths(index, ca.url, config.account_key_file, config.storage)
     recorder = AccountRecorder(account_dir, ca.url, key_thumbprint(account_key))
     on_account: Callable[[str], object] = recorder
-    if runner is not None:  # reads (and rarely writes) account.json: not on the host's reactor
+    if parts.record_account is not None:
+        on_account = parts.record_account
+    elif runner is not None:  # reads (and rarely writes) account.json: not on the host's reactor
 
         def on_account(url: str) -> object:
             return runner(recorder, url).addErrback(
@@ -690,6 +767,22 @@ def _stored(store: FileStore, key: str) -> CertificateBundle | None:
     result: list[CertificateBundle | None] = []
     store.load(key).addCallbacks(result.append, lambda f: result.append(None))
     return result[0] if result else None
+
+
+def shared_bundle(shared: SharedStore | None, key: str) -> CertificateBundle | None:
+    """What the shared store held for ``key`` at start (None if nothing, or unreadable)."""
+    return shared.bundles.get(key) if shared is not None else None
+
+
+class _Closing(Service):
+    """Closes the shared store's connections when a one-shot runtime stops."""
+
+    def __init__(self, backend: PostgresBackend) -> None:
+        self._backend = backend
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self._backend.close().addErrback(lambda _: None)
 
 
 def _add_tls_listeners(

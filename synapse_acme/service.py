@@ -23,11 +23,23 @@ and only what :meth:`AcmeService.renew` is asked for is done. No periodic check,
 no retry timer, no coalescing timer; a failure is recorded (status, ``last_error``) without a
 next attempt time, since nothing in this process will retry it, and is logged at DEBUG only:
 the caller (the CLI's ``FAILED`` line) is its one report, with :meth:`AcmeService.failure_summary`.
+
+Shared store (``coordination``, the PostgreSQL store: several processes, on one host or several):
+- before ordering, the service takes the issuance lock named after the certificate's key; while
+  another process holds it, this one orders nothing, waits, and adopts that process's result;
+- once it holds the lock it re-reads the store: a certificate newer than the one it had when it
+  decided to renew (forced renewals included) was obtained meanwhile by another process, and is
+  adopted instead of ordered again; so one renewal is one order, however many processes ask;
+- it renews the lease every third of its length while ordering; a lease found lost (the lock
+  may have passed to another process) stops the issuance, and nothing is saved;
+- :meth:`AcmeService.store_changed` (called on the store's change notification) and every
+  periodic check adopt what another process saved.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -35,7 +47,7 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
@@ -47,7 +59,13 @@ from synapse_acme.errors import (
     ChallengeFailed,
     SynapseAcmeError,
 )
-from synapse_acme.interfaces import ICertificateConsumer, ICertificateStore, IIssuer
+from synapse_acme.interfaces import (
+    IBatchLoad,
+    ICertificateConsumer,
+    ICertificateStore,
+    IIssuanceLock,
+    IIssuer,
+)
 from synapse_acme.model import CertificateBundle, CertificateSpec, RenewalWindow
 from synapse_acme.names import canonical_names, names_key
 from synapse_acme.status import CertificateStatus, format_time, time_from_seconds
@@ -60,6 +78,35 @@ ARI_DEFAULT_RECHECK = 6 * 3600.0
 #: Status changes within this many seconds are published once (100 certificates finishing
 #: together write the status file once, not 100 times); stopService publishes what is left.
 STATUS_COALESCE_SECONDS = 0.5
+#: Certificates read per query at start from a store that reads in batches (IBatchLoad, the
+#: PostgreSQL store): one round trip per batch instead of one per certificate, and the reactor
+#: still runs between batches (each batch is checked and adopted on it).
+STORE_LOAD_BATCH = 200
+#: How long another process's issuance lock holds when nobody renews it (its holder died): a
+#: waiting process orders in its place after at most this. The holder renews it every third.
+DEFAULT_LEASE_SECONDS = 60.0
+#: How often a process waiting for another's issuance looks at the store and the lock again.
+DEFAULT_WAIT_POLL = 1.0
+
+
+class LeaseLost(SynapseAcmeError):
+    """The issuance lock's lease was lost while ordering: another process may be ordering the
+    same certificate, so this one stops and saves nothing."""
+
+
+@attrs.frozen
+class Coordination:
+    """How processes sharing one store take turns to order (see the module docstring).
+
+    ``lock``: the store's issuance lock; ``holder``: this process's name in it (unique: host,
+    pid and a random part); ``lease_seconds``: how long the lock outlives a holder that stopped
+    renewing it; ``wait_poll``: how often a waiting process looks at the store and the lock.
+    """
+
+    lock: IIssuanceLock
+    holder: str
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    wait_poll: float = DEFAULT_WAIT_POLL
 
 
 def _error_type(failure: Failure | BaseException) -> str:
@@ -134,6 +181,8 @@ class AcmeService(Service):
     failing fails that attempt like any other failure (recorded, backed off, old certificate
     kept) without an order. ``on_result(key, success)`` is told how each issuance attempt
     ended (metrics count them); a cancelled one is not an attempt that ended.
+    ``coordination``: the issuance lock of a store shared by several processes (see the module
+    docstring); None (the file store) orders without asking anyone.
     """
 
     def __init__(
@@ -155,8 +204,10 @@ class AcmeService(Service):
             Callable[[CertificateSpec, CertificateBundle | None], defer.Deferred[Any]] | None
         ) = None,
         on_result: Callable[[str, bool], None] | None = None,
+        coordination: Coordination | None = None,
     ) -> None:
         self._store = store
+        self._coordination = coordination
         self._on_result = on_result
         self._ready = ready
         self._before_order = before_order
@@ -240,18 +291,32 @@ class AcmeService(Service):
         return d
 
     def renew(
-        self, key: str | None = None, force: bool = False
+        self, key: str | None = None, force: bool = False, requested_at: float | None = None
     ) -> defer.Deferred[list[tuple[str, CertificateBundle | Failure]]]:
         """Issue now: ``key`` or every certificate. Without ``force`` only those due (or missing).
 
         Fires with a list of ``(key, CertificateBundle | Failure)``, one per certificate tried;
-        ``force`` ignores the renewal time and any backoff in force.
+        ``force`` ignores the renewal time and any backoff in force. ``requested_at``: when the
+        renewal was asked for (seconds on the clock's scale, e.g. a request file's mtime); a
+        certificate issued since then already answers it (on a shared store another process
+        may have renewed it meanwhile, asked at the same moment), so it is not ordered again.
         """
         targets = [self._managed[key]] if key is not None else list(self._managed.values())
         now = self._now()
         chosen = [m for m in targets if force or self._due(m, now)]
         ds: list[defer.Deferred[tuple[str, CertificateBundle | Failure]]] = []
         for m in chosen:
+            if requested_at is not None and m.bundle is not None and m.in_flight is None:
+                issued = _issued_at(m.bundle)
+                if issued is not None and issued >= requested_at:
+                    logger.info(
+                        "The certificate for %s was issued at %s, after the renewal was asked "
+                        "for: not ordering it again",
+                        _names(m),
+                        format_time(time_from_seconds(issued)),
+                    )
+                    ds.append(defer.succeed((m.key, m.bundle)))
+                    continue
             d = self._obtain(m)
             ds.append(d.addCallbacks(lambda b, k=m.key: (k, b), lambda f, k=m.key: (k, f)))
         return defer.gatherResults(ds)
@@ -340,9 +405,23 @@ class AcmeService(Service):
         return crypto.now_from_clock(self._clock)
 
     async def _load_all(self) -> None:
-        for m in self._managed.values():
+        """Serve what the store holds for every managed certificate. A store that reads in
+        batches (:class:`~synapse_acme.interfaces.IBatchLoad`) is asked
+        :data:`STORE_LOAD_BATCH` keys at a time, any other one key by key."""
+        batch = IBatchLoad(self._store, None)
+        keys = list(self._managed)
+        loaded: dict[str, CertificateBundle | Exception | None] = {}
+        for i, m in enumerate(self._managed.values()):
             try:
-                bundle = await self._store.load(m.key)
+                if batch is None:
+                    bundle = await self._store.load(m.key)
+                else:
+                    if m.key not in loaded:  # the next batch
+                        loaded = await _load_batch(batch, keys[i : i + STORE_LOAD_BATCH])
+                    got = loaded[m.key]
+                    if isinstance(got, Exception):
+                        raise got
+                    bundle = got
             except Exception as e:  # a corrupt entry must not stop the others
                 logger.error("Cannot read the stored certificate for %s: %s", _names(m), e)
                 continue
@@ -440,6 +519,9 @@ class AcmeService(Service):
         )
 
     async def _check_all(self) -> None:
+        if self._coordination is not None:
+            # The safety net under change notification: another process may have renewed.
+            await self._follow_all()
         await self._refresh_ari()
         if self._stopping:
             return  # stopped while fetching ARI: order nothing
@@ -509,25 +591,20 @@ class AcmeService(Service):
     async def _issue(self, m: _Managed) -> CertificateBundle:
         m.last_attempt = self._clock.seconds()
         attempt = m.failures + 1
+        seen = m.bundle  # what this process had when it decided to renew
+        ours = True
         try:
             if m.unsaved is not None:
                 bundle = m.unsaved
                 logger.info("Saving the certificate for %s issued earlier", _names(m))
+                await self._store.save(m.key, bundle)
+                m.unsaved = None
+            elif self._coordination is None:
+                bundle = await self._order(m, attempt)
+                await self._store.save(m.key, bundle)
+                m.unsaved = None
             else:
-                if self._ready is not None:
-                    await self._ready()  # no order while no challenge could be answered
-                if self._before_order is not None:
-                    await self._before_order(m.spec, None if m.placeholder else m.bundle)
-                logger.info("Obtaining a certificate for %s (attempt %d)", _names(m), attempt)
-                replaces = None
-                if m.bundle is not None and not m.placeholder:
-                    replaces = m.bundle.metadata.get("ari_cert_id")
-                key_pem = self._key_generator(m.spec.key_type)
-                bundle = await self._issuer.issue(m.spec.names, key_pem, replaces)
-                crypto.validate_bundle(bundle, m.spec.names, self._now())
-                m.unsaved = bundle
-            await self._store.save(m.key, bundle)
-            m.unsaved = None
+                bundle, ours = await self._order_shared(m, attempt, seen, self._coordination)
         except defer.CancelledError:
             logger.info("Issuance for %s cancelled", _names(m))
             raise
@@ -539,12 +616,22 @@ class AcmeService(Service):
                 raise
             self._record_failure(m, e, attempt)
             raise
-        self._adopt(m, bundle)
+        if m.bundle is None or m.bundle.chain_pem != bundle.chain_pem:
+            self._adopt(m, bundle)  # (a notification may have adopted another's already)
         m.failures = 0
         m.next_attempt = 0.0
         m.last_error = m.last_error_type = None
         m.ca_retry_at = None
         m.last_success = self._clock.seconds()
+        if not ours:
+            logger.info(
+                "Certificate for %s was obtained by another process on the shared store; "
+                "serving it (valid until %s, renewal planned at %s)",
+                _names(m),
+                format_time(m.not_after),
+                format_time(m.renew_at),
+            )
+            return bundle
         self._tell_result(m, True)
         logger.info(
             "Certificate for %s obtained; valid until %s, renewal planned at %s",
@@ -553,6 +640,168 @@ class AcmeService(Service):
             format_time(m.renew_at),
         )
         return bundle
+
+    async def _order(self, m: _Managed, attempt: int) -> CertificateBundle:
+        """One order at the CA for ``m`` (after ``ready`` and ``before_order``); the new bundle
+        is kept in ``m.unsaved`` until the caller saved it."""
+        if self._ready is not None:
+            await self._ready()  # no order while no challenge could be answered
+        if self._before_order is not None:
+            await self._before_order(m.spec, None if m.placeholder else m.bundle)
+        logger.info("Obtaining a certificate for %s (attempt %d)", _names(m), attempt)
+        replaces = None
+        if m.bundle is not None and not m.placeholder:
+            replaces = m.bundle.metadata.get("ari_cert_id")
+        key_pem = self._key_generator(m.spec.key_type)
+        bundle = await self._issuer.issue(m.spec.names, key_pem, replaces)
+        crypto.validate_bundle(bundle, m.spec.names, self._now())
+        m.unsaved = bundle
+        return bundle
+
+    async def _order_shared(
+        self, m: _Managed, attempt: int, seen: CertificateBundle | None, how: Coordination
+    ) -> tuple[CertificateBundle, bool]:
+        """Order under the store's issuance lock: ``(bundle, True)`` once ordered and saved,
+        or ``(bundle, False)`` for a newer certificate another process saved (adopted, not
+        ordered). Waits while another process holds the lock."""
+        waiting = False
+        while not await how.lock.acquire(m.key, how.holder, how.lease_seconds):
+            if not waiting:
+                logger.info(
+                    "Another process is obtaining the certificate for %s; waiting for it",
+                    _names(m),
+                )
+                waiting = True
+            await task.deferLater(self._clock, how.wait_poll)
+            try:
+                stored = await self._newer_in_store(m, seen)
+            except Exception as e:  # the store may be back at the next look
+                logger.warning("Cannot read the shared store for %s: %s", _names(m), e)
+                continue
+            if stored is not None:
+                return stored, False
+        keeper = _LeaseKeeper(self._clock, how, m.key)
+        try:
+            stored = await self._newer_in_store(m, seen)
+            if stored is not None:
+                return stored, False
+            order = defer.ensureDeferred(self._order(m, attempt))
+            keeper.start(order)
+            try:
+                bundle = await order
+            except defer.CancelledError:
+                if keeper.lost:
+                    m.unsaved = None  # never saved: another process may hold the lock now
+                    raise LeaseLost(_lease_lost(m)) from None
+                raise
+            finally:
+                keeper.stop()
+            if keeper.lost:
+                m.unsaved = None
+                raise LeaseLost(_lease_lost(m))
+            await self._store.save(m.key, bundle)
+            m.unsaved = None
+            return bundle, True
+        finally:
+            keeper.stop()
+            try:
+                await how.lock.release(m.key, how.holder)
+            except Exception as e:  # the lease expires on its own
+                logger.warning("Could not release the issuance lock of %s: %s", _names(m), e)
+
+    async def _newer_in_store(
+        self, m: _Managed, seen: CertificateBundle | None
+    ) -> CertificateBundle | None:
+        """The stored bundle of ``m`` if it is a usable certificate newer than ``seen``, else
+        None (StoreError if the store cannot be read)."""
+        return self._newer(m, seen, await self._store.load(m.key))
+
+    def _newer(
+        self, m: _Managed, seen: CertificateBundle | None, stored: CertificateBundle | None
+    ) -> CertificateBundle | None:
+        """``stored`` (read for ``m``) if it is a usable certificate newer than ``seen``."""
+        if stored is None or stored.metadata.get("placeholder"):
+            return None
+        if seen is not None and stored.chain_pem == seen.chain_pem:
+            return None
+        try:
+            chain = crypto.validate_bundle(stored, m.spec.names, self._now())
+        except BundleError as e:
+            logger.warning("The stored certificate for %s is unusable: %s", _names(m), e)
+            return None
+        if seen is not None and not seen.metadata.get("placeholder"):
+            try:
+                old = crypto.parse_chain(seen.chain_pem)[0]
+            except BundleError:
+                return stored
+            if crypto.not_before(chain[0]) < crypto.not_before(old):
+                return None  # older than what is served: never go back
+        return stored
+
+    def store_changed(self, key: str) -> defer.Deferred[None]:
+        """The store says the bundle under ``key`` changed (another process saved it): serve
+        it if it is newer than the one served. Never fails (errors are logged); a key not
+        managed here is ignored."""
+        m = self._managed.get(key)
+        if m is None:
+            return defer.succeed(None)
+        return defer.ensureDeferred(self._follow(m))
+
+    async def _follow_all(self) -> None:
+        """Adopt whatever another process saved, for every certificate not being issued here;
+        read in batches from a store that offers them (IBatchLoad), else key by key."""
+        batch = IBatchLoad(self._store, None)
+        if batch is None:
+            for m in self._managed.values():
+                if m.in_flight is None:
+                    await self._follow(m)
+            return
+        try:
+            digests = await batch.chain_digests(list(self._managed))
+        except Exception as e:  # the store may be back at the next look
+            logger.warning("Cannot read the shared store's certificates: %s", e)
+            return
+        # Only what changed is loaded (and decrypted, and checked): an idle look is one query.
+        managed = [
+            m
+            for m in self._managed.values()
+            if m.key in digests
+            and (m.bundle is None or digests[m.key] != _chain_digest(m.bundle.chain_pem))
+        ]
+        for start in range(0, len(managed), STORE_LOAD_BATCH):
+            chunk = [m for m in managed[start : start + STORE_LOAD_BATCH] if m.in_flight is None]
+            loaded = await _load_batch(batch, [m.key for m in chunk])
+            for m in chunk:
+                if m.in_flight is None:
+                    self._follow_stored(m, loaded[m.key])
+
+    async def _follow(self, m: _Managed) -> None:
+        got: CertificateBundle | Exception | None
+        try:
+            got = await self._store.load(m.key)
+        except Exception as e:
+            got = e
+        self._follow_stored(m, got)
+
+    def _follow_stored(self, m: _Managed, got: CertificateBundle | Exception | None) -> None:
+        """Serve ``got`` (what the store gave for ``m``) if it is newer than what is served."""
+        if isinstance(got, Exception):
+            logger.warning("Cannot read the changed certificate for %s: %s", _names(m), got)
+            return
+        stored = self._newer(m, m.bundle, got)
+        if stored is None or (m.bundle is not None and m.bundle.chain_pem == stored.chain_pem):
+            return
+        self._adopt(m, stored)
+        # Whatever this process was backing off from, the certificate is now fine.
+        m.failures = 0
+        m.next_attempt = 0.0
+        m.last_error = m.last_error_type = None
+        logger.info(
+            "Serving the certificate for %s saved by another process (valid until %s)",
+            _names(m),
+            format_time(m.not_after),
+        )
+        self._publish_status()
 
     def _tell_result(self, m: _Managed, success: bool) -> None:
         if self._on_result is None:
@@ -628,6 +877,97 @@ class AcmeService(Service):
 
     def _log_unexpected(self, failure: Failure, what: str) -> None:
         logger.error("Unexpected error in %s", what, exc_info=failure.value)
+
+
+def _chain_digest(chain_pem: bytes) -> str:
+    return hashlib.sha256(chain_pem).hexdigest()
+
+
+async def _load_batch(
+    batch: IBatchLoad, keys: list[str]
+) -> dict[str, CertificateBundle | Exception | None]:
+    """What ``batch`` holds for ``keys``; the store's error for each key if it cannot be read."""
+    try:
+        return dict(await batch.load_many(keys))
+    except Exception as e:
+        return dict.fromkeys(keys, e)
+
+
+class _LeaseKeeper:
+    """Renews the issuance lock's lease every third of its length while an order runs; if the
+    lock says the lease is gone, cancels the order (:attr:`lost`). A renewal that fails (the
+    database is unreachable) is logged and tried again: nobody can take the lock meanwhile
+    unless the lease runs out, which the next renewal then reports."""
+
+    def __init__(self, clock: IReactorTime, how: Coordination, name: str) -> None:
+        self._clock = clock
+        self._how = how
+        self._name = name
+        self._call: IDelayedCall | None = None
+        self._order: defer.Deferred[Any] | None = None
+        self.lost = False
+
+    def start(self, order: defer.Deferred[Any]) -> None:
+        self._order = order
+        self._schedule()
+
+    def stop(self) -> None:
+        self._order = None
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _schedule(self) -> None:
+        self._call = self._clock.callLater(self._how.lease_seconds / 3, self._renew)
+
+    def _renew(self) -> None:
+        self._call = None
+        d = self._how.lock.renew(self._name, self._how.holder, self._how.lease_seconds)
+        d.addCallbacks(self._renewed, self._failed)
+
+    def _renewed(self, held: bool) -> None:
+        if self._order is None:
+            return  # stopped meanwhile
+        if not held:
+            logger.error("Lost the issuance lock of %s: stopping this order", self._name)
+            self.lost = True
+            self._order.cancel()
+            return
+        self._schedule()
+
+    def _failed(self, failure: Failure) -> None:
+        if self._order is None:
+            return
+        logger.warning(
+            "Could not renew the issuance lock of %s (%s); trying again",
+            self._name,
+            failure.getErrorMessage(),
+        )
+        self._schedule()
+
+
+def _lease_lost(m: _Managed) -> str:
+    return (
+        f"the issuance lock of {_names(m)} was lost while ordering (its lease ran out): another "
+        "process may be ordering it, so this certificate is not saved"
+    )
+
+
+def _issued_at(bundle: CertificateBundle) -> float | None:
+    """When the issuer says ``bundle`` was issued (its ``issued_at`` metadata), in seconds
+    since the epoch; None for a placeholder or a bundle without it."""
+    if bundle.metadata.get("placeholder"):
+        return None
+    text = bundle.metadata.get("issued_at")
+    if not isinstance(text, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
 
 
 def _names(m: _Managed) -> str:

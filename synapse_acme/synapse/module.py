@@ -133,8 +133,8 @@ def _repair_from_store(config: AcmeConfig, exporter: FileExporter) -> None:
     from synapse_acme.interprocess import StoreLock
     from synapse_acme.store import FileStore
 
-    if not os.path.isdir(config.storage):
-        return
+    if not os.path.isdir(config.storage) or config.database is not None:
+        return  # with a database, build_runtime repairs them from it
     try:
         fsutil.check_owned_by_us(config.storage, "the storage directory")
         lock = StoreLock.acquire(config.storage)
@@ -293,7 +293,12 @@ class AcmeModule:
         for problem in self.glue.problems:
             logger.error("synapse-acme: Synapse internals check: %s", problem)
         # With external_certificates another tool (certbot) issues: every process only watches.
-        self.provisioning = self.glue.runs_background_tasks(api) and not acme.external_certificates
+        # With a database every process provisions: each follows the database (no shared
+        # filesystem needed), answers challenges from it, and orders under its issuance lock.
+        self.background = self.glue.runs_background_tasks(api)
+        self.provisioning = (
+            self.background or acme.database is not None
+        ) and not acme.external_certificates
         if self.provisioning:
             try:
                 self._init_provisioning()
@@ -335,7 +340,12 @@ class AcmeModule:
         self.api.register_web_resource(CHALLENGE_PATH, self.runtime.responder.resource())
         assert self.runtime.acme is not None  # None only with external_certificates
         self.runtime.acme.add_consumer(_ListenerKeeper(self))
-        if self.runtime.alerter is not None:  # only here: this process provisions
+        # Only the process that runs background tasks sends alerts (with a database every
+        # process provisions; one notice or webhook call per alert is enough).
+        if self.runtime.alerter is not None and not self.background:
+            self.runtime.alerter.disownServiceParent()  # never started: sends nothing
+            self.runtime.alerter = None
+        if self.runtime.alerter is not None:
             from synapse_acme.synapse.notices import choose_sinks
 
             for sink in choose_sinks(acme, self.glue, self.api):

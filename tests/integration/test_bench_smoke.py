@@ -3,8 +3,8 @@
 No timing assertions: the figures of a loaded CI machine mean nothing. The peers (certbot,
 lego, nginx) are installed only by scripts/bench.sh, so this runs synapse-acme's own paths
 (CLI, in-process service, floor client against a real Pebble; the responder under real wrk;
-the TLS and renewal-check benchmarks; a real Synapse with and without the module) and checks
-the report is written with every section.
+the TLS and renewal-check benchmarks; a real Synapse with and without the module; a real
+PostgreSQL store beside the file store) and checks the report is written with every section.
 """
 
 from __future__ import annotations
@@ -82,6 +82,15 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert syn["inprocess"]["with_us"] > 0 and syn["inprocess"]["without_us"] > 0
     assert any("TLS handshakes" in g["goal"] and g["value"] for g in res["goals"])
 
+    # The PostgreSQL store beside the file store: every run served every certificate.
+    pg = res["pgstore"]
+    assert set(pg["stores"]) == {"postgresql", "postgresql-per-key", "file", "file-threaded"}
+    for store, cells in pg["stores"].items():
+        assert cells["served"] == [pg["size"]] * pg["runs"], store
+        assert cells["load_seconds"]["n"] == pg["runs"] and cells["load_seconds"]["median"] > 0
+        assert cells["load_cpu_seconds"]["median"] > 0 and cells["reread_seconds"]["median"] > 0
+    assert pg["ratios"]["postgresql/file"]["load_seconds"]["median"] > 0
+
     report = (tmp_path / "docs" / "BENCHMARKS.md").read_text()
     for heading in (
         "## Machine and versions",
@@ -91,6 +100,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         "## 3. TLS: HotSwapTLS with many certificates",
         "## 4. Renewal check cost",
         "## 5. The module's cost to Synapse",
+        f"## 6. PostgreSQL store: {pg['size']} certificates",
     ):
         assert heading in report
     assert f"{res['machine']['cores']} cores" in report

@@ -831,6 +831,11 @@ _GOOD: dict[str, list[Any]] = {
     "alert_room": ["!abc:example.org", "#alias:example.org"],
     "alert_sender": ["@acme:example.org", "acme"],
     "dns01": [{"server": "127.0.0.1:5353", "zone": "example.com", "tsig_secret_file": "/none.key"}],
+    "database": [
+        {"url": "postgresql://u:pw@db.example/synapse", "key_files": ["s.key"]},
+        {"args": {"user": "u", "database": "d", "port": 5433}, "key_files": "s.key"},
+        {"url": "postgresql://db.example/d", "key_files": "k", "lease": "1s"},
+    ],
     "issuers": [
         [{"url": "https://ca.example/dir"}],
         [{"url": "https://a.example/dir", "profile": "x"}, {"url": "https://b.example/dir"}],

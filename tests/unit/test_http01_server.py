@@ -278,3 +278,62 @@ def test_oversized_head_after_a_head_request_still_gets_a_body(factory: Any) -> 
         (431, b"request header fields too large\n"),
     ]
     assert transport.disconnecting
+
+
+# -- prebuilt responses and straight-to-the-socket writes ---------------------------------------
+
+
+def test_a_response_is_built_once_per_date_second_and_follows_the_live_map(clock: Clock) -> None:
+    responder = HTTP01Responder()
+    responder.start_responding("a.example.test", TOKEN, KEY_AUTH)
+    factory = make_factory(responder, clock)
+    [(_, first, body)], _ = _send(factory, GET, ["GET"])
+    again, _ = _send(factory, GET, ["GET"])
+    assert again[0][2] == body == KEY_AUTH.encode()
+    ok = http01_server.Answer(200, KEY_AUTH.encode())
+    assert factory.response(ok, False, True, False) is factory.response(ok, False, True, False)
+    # the next second: a new Date, and a new response
+    clock.advance(1)
+    [(_, later, _)], _ = _send(factory, GET, ["GET"])
+    assert later[b"Date"] != first[b"Date"]
+    # a changed answer for the same token is served at once, not the cached one
+    responder.start_responding("a.example.test", TOKEN, "changed")
+    [(_, _, changed)], _ = _send(factory, GET, ["GET"])
+    assert changed == b"changed"
+
+
+def test_the_response_cache_is_bounded(factory: Any) -> None:
+    for i in range(3 * http01_server._MAX_RESPONSES):
+        factory.response(http01_server.Answer(200, b"%d" % i), False, True, False)
+        assert len(factory._responses) <= http01_server._MAX_RESPONSES
+
+
+def test_writes_go_straight_to_a_socket_only_under_plain_tcp() -> None:
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.testing import StringTransport
+    from twisted.protocols.policies import ProtocolWrapper
+
+    from synapse_acme.limits import _Limited
+
+    a, b = socket.socketpair()
+    try:
+        plain = tcp.Server.__new__(tcp.Server)  # a real TCP transport's class, not started
+        plain.socket = a
+        assert http01_server._plain_socket(plain) is a
+
+        def wrapped(cls: type[ProtocolWrapper]) -> ProtocolWrapper:
+            w = cls.__new__(cls)
+            w.transport = plain
+            return w
+
+        # the connection caps pass writes through; any other wrapper (TLS is one) may not
+        assert http01_server._plain_socket(wrapped(_Limited)) is a
+        assert http01_server._plain_socket(wrapped(ProtocolWrapper)) is None
+        plain.TLS = True  # after startTLS the socket carries TLS records
+        assert http01_server._plain_socket(plain) is None
+        assert http01_server._plain_socket(StringTransport()) is None
+    finally:
+        a.close()
+        b.close()

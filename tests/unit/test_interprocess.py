@@ -99,9 +99,13 @@ def test_filesystem_without_locks_runs_unprotected_with_a_warning(
 class _Acme:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, bool]] = []
+        self.requested_at: list[float | None] = []
 
-    def renew(self, key: Any = None, force: bool = False) -> defer.Deferred[list[Any]]:
+    def renew(
+        self, key: Any = None, force: bool = False, requested_at: float | None = None
+    ) -> defer.Deferred[list[Any]]:
         self.calls.append((key, force))
+        self.requested_at.append(requested_at)
         return defer.succeed([])
 
 
@@ -113,8 +117,10 @@ def test_renew_request_file_forces_one_renewal_per_request(tmp_path: Path) -> No
     path = interprocess.request_renewal(str(tmp_path))
     assert path == str(tmp_path / "renew-request")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    asked_at = os.stat(path).st_mtime
     clock.advance(interprocess.RENEW_REQUEST_POLL)
     assert acme.calls == [(None, True)] and not os.path.exists(path)
+    assert acme.requested_at == [asked_at]  # a certificate issued since answers it
     clock.advance(interprocess.RENEW_REQUEST_POLL * 3)
     assert acme.calls == [(None, True)]
     watcher.stopService()
