@@ -55,7 +55,7 @@ setup(
             "hiredis>=0.3",
         ],
     },
-    entry_points={"console_scripts": ["synapse-acme = synapse_acme.cli:main"]},
+    entry_points={"console_scripts": ["synapse-acme = synapse_acme.cli:entry"]},
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",

@@ -3,8 +3,9 @@
     python bench/inproc.py service --config acme.yaml
     python bench/inproc.py floor --directory URL --ca-bundle PEM --http-port P --names a --names b,c
 
-``service``: the real wiring (build_runtime: FileStore, account key, AcmeIssuer, HTTP-01
-listener, HotSwapTLS) and ``AcmeService.renew()`` for every configured certificate at once.
+``service``: the real wiring of ``synapse-acme run`` (build_runtime: FileStore, account key,
+AcmeIssuer, HTTP-01 listener, HotSwapTLS, file writes in their own thread) and
+``AcmeService.renew()`` for every configured certificate at once.
 The clock starts after imports, listener bind and store load: what an already running homeserver
 pays when it needs certificates.
 
@@ -40,22 +41,28 @@ from synapse_acme.http01_server import make_factory
 async def run_service(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     from synapse_acme.config import read_config_file
     from synapse_acme.runtime import build_runtime
+    from synapse_acme.threaded import BlockingRunner
 
     config = read_config_file(args.config)
-    runtime = build_runtime(config, reactor)
+    io = BlockingRunner(reactor)  # as `synapse-acme run` wires it (cli.cmd_run)
+    io.start()
+    runtime = build_runtime(config, reactor, runner=io)
     runtime.service.privilegedStartService()
     runtime.service.startService()
     try:
         if runtime.http01_listener is not None:
             await runtime.http01_listener.when_listening()
         await runtime.acme.when_loaded()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         results = await runtime.acme.renew(None, force=True)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:
         await runtime.service.stopService()
+        io.stop()
     failed = [k for k, r in results if not hasattr(r, "chain_pem")]
-    return {"seconds": elapsed, "certificates": len(results), "failed": failed}
+    # cpu_seconds: this process's CPU (every thread) in the same window; on a loaded machine it
+    # says more than the wall clock about the work done here.
+    return {"seconds": elapsed, "cpu_seconds": cpu, "certificates": len(results), "failed": failed}
 
 
 async def _zero_poll(fetch: Any, waiting: set[Any]) -> Any:
@@ -119,7 +126,7 @@ async def run_floor(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
         args.http_port, make_factory(responder, reactor), interface="127.0.0.1"
     )
     try:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         key = jose.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
         # No client-side request cap (the product's transport queues over 600/min): the floor
         # is what the CA itself allows.
@@ -137,10 +144,16 @@ async def run_floor(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
         polls = await defer.gatherResults(
             [defer.Deferred.fromCoroutine(_floor_one(client, responder, key, g)) for g in groups]
         )
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:
         await port.stopListening()
-    return {"seconds": elapsed, "certificates": len(groups), "polls": sum(polls), "failed": []}
+    return {
+        "seconds": elapsed,
+        "cpu_seconds": cpu,
+        "certificates": len(groups),
+        "polls": sum(polls),
+        "failed": [],
+    }
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ Plots are drawn afterwards by bench/plots.py (matplotlib lives in bench/.venv, n
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import re
@@ -227,6 +228,17 @@ def run_renewal(p: dict[str, Any], log: Any) -> dict[str, Any]:
     return {"rows": rows, "command": "python bench/renewal_check.py --size N --store memory|file"}
 
 
+def use_cached_bytecode() -> None:
+    """Measured programs run from cached bytecode, as an installed package does (pip compiles
+    at install). With PYTHONDONTWRITEBYTECODE set (.ci/run sets it, and so do some shells),
+    every run of the CLI compiled the whole package from source again: tens of milliseconds
+    that the minimal process, importing a handful of the project's modules, paid far less of.
+    So the children get no such variable, and the project's bytecode is written once here."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    for folder in ("synapse_acme", "bench"):
+        compileall.compile_dir(os.path.join(ROOT, folder), quiet=1)
+
+
 def run_pgstore(p: dict[str, Any], log: Any) -> dict[str, Any]:
     s = p["pgstore"]
     cmd = [PY, os.path.join(ROOT, "bench", "pgstore_scale.py"), "--size", str(s["size"])]
@@ -286,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(args.out_dir, "docs", "BENCHMARKS.md"), "w", encoding="utf-8") as f:
             f.write(render(loaded))
         return 0
+    use_cached_bytecode()
     p = dict(PROFILES[args.profile])
     if args.runs:
         p["runs"] = p["resp_runs"] = args.runs
@@ -441,6 +454,25 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": None if r is None else r <= 0.3,
             }
         )
+        # Issue 19's rows: the whole process against the minimal one, and 20 at once in-process.
+        out.append(
+            {
+                "goal": "1 certificate, whole process: synapse-acme CLI <= 1.10x the minimal "
+                "Python process doing the same requests (floor, whole process)",
+                "value": minimal,
+                "met": None if minimal is None else minimal <= 1.10,
+            }
+        )
+        r20 = pair_ratio(_cell(results, "conc-20", SERVICE), _cell(results, "conc-20", FLOOR))
+        if r20 is not None:
+            out.append(
+                {
+                    "goal": "20 certificates at once: synapse-acme service (in-process) <= 1.30x "
+                    "the floor (in-process)",
+                    "value": r20,
+                    "met": r20 <= 1.30,
+                }
+            )
         biggest = max((sc["certs"] for sc in results["issuance"]), default=0)
         # Like for like: the in-process service against the floor timed in-process, the CLI
         # (a whole process) against the floor as a whole process.
@@ -610,11 +642,11 @@ def goal_notes(res: dict[str, Any]) -> list[str]:
         )
     out += _nginx_note(res)
     minimal = pair_ratio(_cell(res, "one-1", CLI_SEQ), _cell(res, "one-1", FLOOR_PROC))
-    if minimal is not None and minimal > 1.15:
+    if minimal is not None and minimal > 1.10:
         out.append(
             f"- One certificate, whole process: the CLI is at {_fmt_ratio(minimal)} the minimal "
-            "Python process that only makes the protocol requests (the issue estimated about "
-            "1.15x alongside its <= 0.3x certbot goal, which is met). What the CLI does on top: "
+            "Python process that only makes the protocol requests (goal <= 1.10x; both run "
+            "from cached bytecode, see use_cached_bytecode). What the CLI does on top: "
             "more imports (YAML, the config, store, service, TLS and lock modules) and the "
             "interpreter teardown that grows with them, and more work: reading and checking "
             "the config, taking the store lock, creating and saving the account key, writing "

@@ -1,7 +1,5 @@
 """``python -m synapse_acme`` runs the command line."""
 
-import sys
+from synapse_acme.cli import entry
 
-from synapse_acme.cli import main
-
-sys.exit(main())
+entry()

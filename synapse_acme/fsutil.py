@@ -15,6 +15,8 @@ import logging
 import os
 import secrets
 import stat
+import threading
+from collections.abc import Sequence
 
 from synapse_acme.errors import StoreError
 
@@ -50,11 +52,14 @@ def is_temp_name(name: str) -> bool:
     return len(token) == 12 and all(c in "0123456789abcdef" for c in token)
 
 
-def write_new_file(path: str, data: bytes, mode: int = PRIVATE_FILE_MODE) -> None:
+def write_new_file(
+    path: str, data: bytes, mode: int = PRIVATE_FILE_MODE, *, sync: bool = True
+) -> None:
     """Create ``path`` (must not exist; symlinks are not followed), write all of ``data``, fsync.
 
     Raises ``OSError``; the caller decides what to clean up. The file is created with ``mode``
-    so a key is never readable by others, even for a moment.
+    so a key is never readable by others, even for a moment. ``sync=False`` leaves the fsync
+    to the caller (:func:`fsync_all`, before anything depends on the file).
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(path, flags, mode)
@@ -65,7 +70,8 @@ def write_new_file(path: str, data: bytes, mode: int = PRIVATE_FILE_MODE) -> Non
         while view:
             written = os.write(fd, view)
             view = view[written:]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -222,11 +228,47 @@ def _user_name(uid: int) -> str:
 
 def fsync_dir(path: str) -> None:
     """Make a rename/creation inside directory ``path`` durable (POSIX needs the dir fsync-ed)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    _fsync_path(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync_path(path: str, flags: int = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_all(paths: Sequence[str]) -> None:
+    """fsync every file or directory in ``paths``; returns when all of them are durable.
+
+    The fsyncs run at the same time, one thread each: a journalling filesystem (ext4, xfs)
+    commits concurrent fsyncs in one transaction, so a save of three files and their
+    directory waits for about one disk flush instead of four in a row (the store's save of
+    20 certificates at once spent most of its time there). Raises the first ``OSError``, after
+    every fsync has finished, like a loop of fsyncs would (minus the ones it would skip);
+    anything else raised in a worker thread is raised here too.
+    """
+    if len(paths) <= 1:
+        for path in paths:
+            _fsync_path(path)
+        return
+    errors: list[BaseException] = []
+
+    def run(path: str) -> None:
+        try:
+            _fsync_path(path)
+        except BaseException as e:  # handed to the caller's thread, whatever it is
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(p,), daemon=True) for p in paths[1:]]
+    for t in threads:
+        t.start()
+    run(paths[0])  # this thread does one of them
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def remove_quietly(path: str) -> None:

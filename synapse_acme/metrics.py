@@ -28,10 +28,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python import threadable
@@ -40,6 +38,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from synapse_acme.status import CertificateStatus
+
+if TYPE_CHECKING:
+    # prometheus_client is imported where a collection or a registry needs it: a one-shot
+    # command (`synapse-acme issue`) counts but never exports, and skips its import.
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, Metric
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +182,8 @@ class AcmeMetrics:
         return self._counters()
 
     def _gauges(self, statuses: Sequence[CertificateStatus]) -> list[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
         gauges = {
             name: GaugeMetricFamily(name, doc, labels=["name"])
             for name, (kind, doc) in METRICS.items()
@@ -206,6 +212,8 @@ class AcmeMetrics:
         return list(gauges.values())
 
     def _counters(self, with_counts: bool = True) -> list[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
         def family(metric: str, labels: list[str]) -> CounterMetricFamily:
             # prometheus_client adds the _total suffix to a counter's samples itself.
             return CounterMetricFamily(
@@ -303,6 +311,8 @@ class MetricsPage(Resource):
         self._registry = registry
 
     def render_GET(self, request: Request) -> bytes:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return generate_latest(self._registry)
@@ -322,6 +332,8 @@ def metrics_site(registry: CollectorRegistry, timeout: float = 120.0) -> Site:
 
 def own_registry(metrics: AcmeMetrics) -> CollectorRegistry:
     """A registry holding only ``metrics`` (the standalone runner's ``/metrics``)."""
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=True)
     registry.register(metrics)
     return registry

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import attrs
 import josepy as jose
 from cryptography import x509
-from prometheus_client import CollectorRegistry
 from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults
@@ -33,12 +32,9 @@ from synapse_acme.acme.client import AcmeClient
 from synapse_acme.acme.issuer import AcmeIssuer
 from synapse_acme.acme.transport import JWSTransport, make_http_client
 from synapse_acme.acme.trust import IssuerTrust, load_issuer_trust
-from synapse_acme.alerter import STATE_FILE as ALERT_STATE_FILE
-from synapse_acme.alerter import Alerter
 from synapse_acme.config import CHALLENGE_TYPES, AcmeConfig, IssuerConfig
 from synapse_acme.dns01 import dns01_responder, thread_runner
 from synapse_acme.errors import BundleError, ConfigError
-from synapse_acme.export import FileExporter
 from synapse_acme.fallback import FallbackIssuer, NamedIssuer
 from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.http01_server import make_factory
@@ -59,16 +55,23 @@ from synapse_acme.preflight import Preflight, direct_agent, lookup_from_setting,
 from synapse_acme.service import AcmeService, Coordination
 from synapse_acme.status import CertificateStatus, dump_status_file
 from synapse_acme.store import FileStore
-from synapse_acme.threaded import Runner, ThreadedStore
 from synapse_acme.tls import HotSwapTLS
-from synapse_acme.tlsalpn01 import TLSALPN01Responder
-from synapse_acme.watch import FileWatcher
-from synapse_acme.webhook import WebhookSink, make_webhook_client
 
-if TYPE_CHECKING:  # imported where used: a dry run is rare, the database optional
+if TYPE_CHECKING:
+    # Imported where used, so that `synapse-acme issue` loads only what it runs: a dry run is
+    # rare, the database optional, a one-shot exports no metrics and sends no alerts, and the
+    # exporter, the TLS-ALPN-01 responder, the file watcher and the threaded store serve only
+    # some setups.
+    from prometheus_client import CollectorRegistry
+
+    from synapse_acme.alerter import Alerter
     from synapse_acme.dryrun import ListableStore
+    from synapse_acme.export import FileExporter
     from synapse_acme.pgstore import PostgresBackend
     from synapse_acme.sharedstore import SharedStore
+    from synapse_acme.threaded import Runner
+    from synapse_acme.tlsalpn01 import TLSALPN01Responder
+    from synapse_acme.watch import FileWatcher
 
 logger = logging.getLogger(__name__)
 
@@ -301,6 +304,8 @@ def _build_managing(
         default_key=keys[0], clock=reactor, required_names=required, on_swap=metrics.tls_swapped
     )
     serves_tls = host_serves_tls or bool(config.tls_listen)
+    if serves_tls:
+        from synapse_acme.tlsalpn01 import TLSALPN01Responder
     responders = challenge_responders(
         responder,
         TLSALPN01Responder(tls=tls, clock=reactor) if serves_tls else None,
@@ -367,6 +372,8 @@ def _build_managing(
         service_store = shared.backend
         coordination = Coordination(shared.backend, holder_id(), config.database.lease)
     elif runner is not None:
+        from synapse_acme.threaded import ThreadedStore
+
         assert store is not None
         service_store = ThreadedStore(store, runner)
     else:
@@ -403,6 +410,8 @@ def _build_managing(
         _Closing(shared.backend).setServiceParent(root)
     exporter = None
     if config.tls_certificate_path and config.tls_private_key_path:
+        from synapse_acme.export import FileExporter
+
         exporter = FileExporter(
             key=keys[0],
             cert_path=config.tls_certificate_path,
@@ -456,6 +465,9 @@ def make_alerter(config: AcmeConfig, reactor: IReactor, runner: Runner | None) -
     a homeserver adds its own sinks (synapse_acme.synapse.notices)."""
     if not config.alerts.enabled:
         return None
+    from synapse_acme.alerter import STATE_FILE as ALERT_STATE_FILE
+    from synapse_acme.alerter import Alerter
+
     alerter = Alerter(
         reactor,
         state_path=os.path.join(config.storage, ALERT_STATE_FILE),
@@ -463,6 +475,8 @@ def make_alerter(config: AcmeConfig, reactor: IReactor, runner: Runner | None) -
         runner=runner,
     )
     if config.alert_webhook is not None:
+        from synapse_acme.webhook import WebhookSink, make_webhook_client
+
         alerter.add_sink(
             WebhookSink(
                 url=config.alert_webhook,
@@ -872,6 +886,8 @@ def _build_external(
         required_names={key: spec.names},
         on_swap=metrics.tls_swapped,
     )
+    from synapse_acme.watch import FileWatcher
+
     root = MultiService()
     watcher = FileWatcher(
         cert_path=config.tls_certificate_path,

@@ -233,10 +233,15 @@ class FileStore:
         try:
             os.mkdir(new, fsutil.PRIVATE_DIR_MODE)
             os.chmod(new, fsutil.PRIVATE_DIR_MODE)
-            fsutil.write_new_file(os.path.join(new, KEY_FILE), bundle.key_pem, 0o600)
-            fsutil.write_new_file(os.path.join(new, CHAIN_FILE), bundle.chain_pem, 0o644)
-            fsutil.write_new_file(os.path.join(new, METADATA_FILE), metadata, 0o644)
-            fsutil.fsync_dir(new)
+            files = [
+                (os.path.join(new, KEY_FILE), bundle.key_pem, 0o600),
+                (os.path.join(new, CHAIN_FILE), bundle.chain_pem, 0o644),
+                (os.path.join(new, METADATA_FILE), metadata, 0o644),
+            ]
+            for path, data, mode in files:
+                fsutil.write_new_file(path, data, mode, sync=False)
+            # Every file and the directory durable before the swap, in one disk flush.
+            fsutil.fsync_all([path for path, _, _ in files] + [new])
         except OSError as e:
             _rmtree_quietly(new)
             raise StoreError(

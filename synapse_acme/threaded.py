@@ -1,10 +1,12 @@
 """Blocking file work off the reactor thread, for hosts whose reactor must never wait on a disk.
 
-The file store, the exporter and the status file write a few KiB each and fsync them. In the
-standalone runner that is fine on the reactor thread (nothing else is waiting). Inside a
-homeserver it is not: an fsync on a busy or failing disk can take seconds, and every federation
-request waits behind it. So when embedded, that work runs in :class:`BlockingRunner`'s one
-dedicated thread.
+The file store, the exporter and the status file write a few KiB each and fsync them. Inside a
+homeserver that must not happen on the reactor thread: an fsync on a busy or failing disk can
+take seconds, and every federation request waits behind it. The standalone ``synapse-acme run``
+does the same: with many certificates issued at once, each save's fsync held up the requests of
+every other issuance (and the challenge listener). So that work runs in
+:class:`BlockingRunner`'s one dedicated thread; a one-shot command (``issue``, ``renew``), which
+waits for every write anyway, keeps it on the reactor thread.
 
 One thread, not a pool, keeps the guarantees the code was written with: operations run one at a
 time, in the order they were submitted (a save is durable before the export that follows it

@@ -88,8 +88,55 @@ class IssuerTrust:
 
 
 def is_root(cert: x509.Certificate) -> bool:
-    """A root: a self-issued certificate (subject and issuer are the same name)."""
+    """A root: a self-issued certificate (subject and issuer are the same name).
+
+    Names encoded byte for byte alike are the same name, and that settles it without building
+    the Name objects (a system store has ~150 roots to check at every start); any other pair
+    is compared as Names, so a root whose two names differ only in encoding still counts.
+    """
+    raw = _raw_issuer_and_subject(cert.tbs_certificate_bytes)
+    if raw is not None and raw[0] == raw[1]:
+        return True
     return cert.subject == cert.issuer
+
+
+def _der_element(data: bytes, at: int) -> tuple[int, int]:
+    """(start of the next element, end of the element at ``at``) in DER ``data``: the
+    element's tag, length and content; ValueError when it runs past the end."""
+    if at + 2 > len(data):
+        raise ValueError("truncated")
+    first = data[at + 1]
+    start = at + 2
+    if first < 0x80:
+        length = first
+    else:
+        count = first & 0x7F
+        if count == 0 or count > 4 or start + count > len(data):
+            raise ValueError("bad length")
+        length = int.from_bytes(data[start : start + count], "big")
+        start += count
+    if start + length > len(data):
+        raise ValueError("truncated")
+    return start, start + length
+
+
+def _raw_issuer_and_subject(tbs: bytes) -> tuple[bytes, bytes] | None:
+    """The DER of the issuer and subject Names in a TBSCertificate (RFC 5280 section 4.1:
+    [0] version, serialNumber, signature, issuer, validity, subject, ...); None if the
+    bytes do not have that shape (the caller then compares parsed Names)."""
+    try:
+        content, _ = _der_element(tbs, 0)  # the TBSCertificate SEQUENCE
+        fields: list[bytes] = []
+        at = content
+        while len(fields) < 6:
+            _, end = _der_element(tbs, at)
+            fields.append(tbs[at:end])
+            at = end
+    except (ValueError, IndexError):
+        return None
+    if not fields or fields[0][:1] != b"\xa0":  # no explicit version: a v1 certificate
+        fields.insert(0, b"")
+    return fields[3], fields[5]
 
 
 def load_pem_certificates(data: bytes) -> list[x509.Certificate]:
@@ -98,6 +145,15 @@ def load_pem_certificates(data: bytes) -> list[x509.Certificate]:
     out = []
     with warnings.catch_warnings():  # e.g. a root with a negative serial: a warning per start
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        # The whole file in one call first (the system bundle: a few ms; block by block, as
+        # below, takes ten times that at every start). It fails whole on one bad block, and
+        # also reads labels the blocks below do not: then block by block it is.
+        try:
+            everything = x509.load_pem_x509_certificates(data)
+        except ValueError:
+            everything = []
+        if everything and len(everything) == data.count(b"-----BEGIN CERTIFICATE-----"):
+            return everything
         for match in _PEM_BLOCK.finditer(data):
             try:
                 out.append(x509.load_pem_x509_certificate(match.group(0)))

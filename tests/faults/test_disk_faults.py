@@ -141,9 +141,9 @@ def test_disk_full_during_save(
     writes: list[tuple[str, str]] = []
     real = fsutil.write_new_file
 
-    def recording(path: str, data: bytes, mode: int = 0o600) -> None:
+    def recording(path: str, data: bytes, mode: int = 0o600, *, sync: bool = True) -> None:
         try:
-            real(path, data, mode)
+            real(path, data, mode, sync=sync)
         except OSError as e:
             writes.append((os.path.basename(path), errno.errorcode[e.errno or 0]))
             raise

@@ -27,15 +27,16 @@ from zope.interface.verify import verifyObject
 
 from synapse_acme.config import parse_acme_config
 from synapse_acme.dns01 import (
+    TSIG_ALGORITHMS,
     DNS01Responder,
     Dns01Settings,
     Server,
-    build_update,
     record_name,
     txt_value,
 )
 from synapse_acme.errors import ConfigError, Dns01Error
 from synapse_acme.interfaces import IResponder
+from synapse_acme.rfc2136 import TSIG_ALGORITHM_NAMES, build_update
 from tests.deferreds import failure_of, result_of
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -78,6 +79,12 @@ def _parsed(message: dns.message.Message) -> dns.update.UpdateMessage:
     parsed = dns.message.from_wire(message.to_wire(), keyring=keyring)  # checks the TSIG
     assert isinstance(parsed, dns.update.UpdateMessage)
     return parsed
+
+
+def test_every_configurable_tsig_algorithm_has_a_dnspython_name() -> None:
+    # The configuration checks names without dnspython; the backend maps each one.
+    assert set(TSIG_ALGORITHM_NAMES) == set(TSIG_ALGORITHMS)
+    assert TSIG_ALGORITHM_NAMES["hmac-sha512"] == dns.tsig.HMAC_SHA512
 
 
 def test_an_add_is_one_signed_txt_value_in_the_zone() -> None:

@@ -267,3 +267,38 @@ def test_tighten_goes_through_a_descriptor_and_never_follows_a_swapped_link(
     with pytest.raises(OSError):
         fsutil.tighten(str(dlink), 0o700, directory=True)
     assert fsutil.tighten(str(dlink), 0o700, directory=True, follow=True) == 0o755
+
+
+def test_fsync_all_syncs_every_path_and_reports_a_failure_after_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = []
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_bytes(b"x")
+        paths.append(str(tmp_path / name))
+    paths.append(str(tmp_path))  # a directory too
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    fsutil.fsync_all(paths)
+    assert sorted(synced) == sorted(os.stat(p).st_ino for p in paths)
+
+    failing = os.stat(paths[1]).st_ino
+    synced.clear()
+
+    def one_fails(fd: int) -> None:
+        ino = os.fstat(fd).st_ino
+        synced.append(ino)
+        if ino == failing:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", one_fails)
+    with pytest.raises(OSError) as info:
+        fsutil.fsync_all(paths)
+    assert info.value.errno == errno.EIO
+    assert len(synced) == len(paths)  # the others were still made durable

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.x509.name import _ASN1Type
 
 from synapse_acme import crypto
-from synapse_acme.acme.trust import IssuerTrust, load_issuer_trust, load_pem_certificates
+from synapse_acme.acme.trust import IssuerTrust, is_root, load_issuer_trust, load_pem_certificates
 from synapse_acme.errors import BundleError, ConfigError
 from tests.certs import TestCA
 
@@ -137,3 +138,60 @@ def test_pem_parsing_skips_what_is_not_a_certificate(ca: TestCA) -> None:
         ca.root.subject,
         ca.intermediate.subject,
     ]
+
+
+def _self_issued(subject: x509.Name, issuer: x509.Name) -> x509.Certificate:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(datetime.datetime(2020, 1, 1))
+        .not_valid_after(datetime.datetime(2030, 1, 1))
+        .sign(key, hashes.SHA256())
+    )
+
+
+def test_is_root_compares_names_fast_and_falls_back_to_parsed_names(ca: TestCA) -> None:
+    from cryptography.x509.oid import NameOID
+
+    from synapse_acme.acme.trust import _raw_issuer_and_subject
+
+    def cn(value: str, kind: _ASN1Type | None = None) -> x509.Name:
+        if kind is None:
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, value)])
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, value, kind)])
+
+    root = _self_issued(cn("root"), cn("root"))
+    issued = _self_issued(cn("leaf"), cn("root"))
+    assert _raw_issuer_and_subject(issued.tbs_certificate_bytes) == (
+        cn("root").public_bytes(),
+        cn("leaf").public_bytes(),
+    )
+    assert is_root(root) and not is_root(issued)
+    # The same name in two string encodings: not byte-equal, still the same name.
+    mixed = _self_issued(cn("root", _ASN1Type.PrintableString), cn("root", _ASN1Type.UTF8String))
+    raw = _raw_issuer_and_subject(mixed.tbs_certificate_bytes)
+    assert raw is not None and raw[0] != raw[1]
+    assert is_root(mixed) == (mixed.subject == mixed.issuer)
+    # And every certificate of the test CA is judged as the parsed Names judge it.
+    for cert in _chain(ca.root_pem) + _chain(ca.intermediate_pem):
+        assert is_root(cert) == (cert.subject == cert.issuer)
+    assert _raw_issuer_and_subject(b"\x30\x05\x02") is None  # garbage: the slow path
+
+
+def test_pem_parsing_reads_a_whole_bundle_and_keeps_to_certificate_blocks(ca: TestCA) -> None:
+    key = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    both = load_pem_certificates(ca.root_pem + key + ca.intermediate_pem)
+    assert [c.subject for c in both] == [ca.root.subject, ca.intermediate.subject]
+    # A label the block reader does not take is left out, as before.
+    other = ca.root_pem.replace(b"CERTIFICATE", b"X509 CERTIFICATE")
+    assert [c.subject for c in load_pem_certificates(other + ca.intermediate_pem)] == [
+        ca.intermediate.subject
+    ]
+    assert load_pem_certificates(b"") == [] and load_pem_certificates(b"not PEM") == []
