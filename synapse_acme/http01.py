@@ -98,6 +98,7 @@ class HTTP01Responder:
     on_request: Callable[[bool], None] | None = attrs.field(default=None, kw_only=True)
     shared: IChallengeStore | None = attrs.field(default=None, kw_only=True)
     _tokens: dict[str, bytes] = attrs.field(factory=dict, init=False)
+    _bounded: _BoundedLookup | None = attrs.field(default=None, init=False)
 
     def start_responding(
         self, identifier: str, token: str, key_authorization: str
@@ -142,7 +143,9 @@ class HTTP01Responder:
             d = shared.get_challenge(token)
             return d.addCallback(lambda found: found.encode("ascii") if found else None)
 
-        return look
+        if self._bounded is None:
+            self._bounded = _BoundedLookup(look)
+        return self._bounded
 
     def tokens(self) -> Mapping[str, bytes]:
         """A read-only live view of the tokens being answered (values: the response bodies),
@@ -153,6 +156,57 @@ class HTTP01Responder:
     def resource(self) -> Resource:
         """The resource to mount as the ``acme-challenge`` child of ``.well-known``."""
         return _ChallengeResource(self.tokens(), self.on_request, self.lookup())
+
+
+#: Store reads for tokens not held here, at once per process: a flood of made-up tokens (the
+#: path is public) queues behind these instead of taking every database connection.
+LOOKUPS_IN_FLIGHT = 4
+#: Lookups waiting for one of those; beyond this a made-up-token flood is answered 404 at once
+#: (logged), and the store is not asked.
+LOOKUPS_WAITING = 1024
+
+
+class _BoundedLookup:
+    """``look`` with at most :data:`LOOKUPS_IN_FLIGHT` reads at once, :data:`LOOKUPS_WAITING`
+    waiting, and one read for a token asked for several times meanwhile (a CA validates from
+    several places at once)."""
+
+    def __init__(self, look: Callable[[str], defer.Deferred[bytes | None]]) -> None:
+        self._look = look
+        self._limit = defer.DeferredSemaphore(LOOKUPS_IN_FLIGHT)
+        self._pending: dict[str, list[defer.Deferred[bytes | None]]] = {}
+        self._shed = 0  # lookups answered 404 at once
+
+    def __call__(self, token: str) -> defer.Deferred[bytes | None]:
+        waiters = self._pending.get(token)
+        mine: defer.Deferred[bytes | None] = defer.Deferred()
+        if waiters is not None:
+            waiters.append(mine)
+            return mine
+        if len(self._pending) >= LOOKUPS_IN_FLIGHT + LOOKUPS_WAITING:
+            self._log_shed()
+            return defer.succeed(None)
+        self._pending[token] = [mine]
+        d = self._limit.run(self._look, token)
+        d.addBoth(self._done, token)
+        return mine
+
+    def _done(self, result: bytes | Failure | None, token: str) -> None:
+        for waiter in self._pending.pop(token, []):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    def _log_shed(self) -> None:
+        self._shed += 1
+        if self._shed % 10000 == 1:  # the first, then one line per 10,000
+            logger.warning(
+                "Over %d HTTP-01 tokens not held here are waiting for the shared store: "
+                "answering more with 404 at once (a flood of made-up tokens?); %d so far",
+                LOOKUPS_IN_FLIGHT + LOOKUPS_WAITING,
+                self._shed,
+            )
 
 
 @attrs.frozen

@@ -11,6 +11,7 @@ from treq.testing import StubTreq
 from twisted.internet import defer
 from zope.interface import implementer
 
+from synapse_acme import http01
 from synapse_acme.errors import StoreError
 from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.interfaces import IChallengeStore
@@ -124,3 +125,30 @@ def test_protocol_lookup_for_a_client_that_left_writes_nothing() -> None:
     proto.connectionLost()
     store.answer_all()
     assert transport.value() == b""
+
+
+def test_lookups_are_bounded_shared_per_token_and_shed_beyond_the_queue(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flood of made-up tokens (the path is public) never has more than LOOKUPS_IN_FLIGHT
+    store reads at once; a token asked for several times meanwhile is read once; past the
+    queue the answer is 404 at once without asking the store, and it is logged."""
+    monkeypatch.setattr(http01, "LOOKUPS_IN_FLIGHT", 2)
+    monkeypatch.setattr(http01, "LOOKUPS_WAITING", 3)
+    store = SlowStore({TOKEN: KEY_AUTH})
+    look = HTTP01Responder(shared=store).lookup()
+    assert look is not None
+    same = [look(TOKEN) for _ in range(3)]  # one read for the three
+    made_up = [look(f"made-up-{i}") for i in range(4)]  # 1 + 4 = 5 = 2 in flight + 3 waiting
+    assert [t for _, t in store.pending] == [TOKEN, "made-up-0"]
+    with caplog.at_level(logging.WARNING):
+        shed = look("one-too-many")
+    assert result_of(shed) is None and "answering more with 404 at once" in caplog.text
+    assert len(store.pending) == 2
+    store.answer_all()  # the two reads end; the waiting ones start, two at a time
+    assert [result_of(d) for d in same] == [KEY_AUTH.encode()] * 3
+    assert [t for _, t in store.pending] == ["made-up-1", "made-up-2"]
+    store.answer_all()
+    store.answer_all()
+    assert [result_of(d) for d in made_up] == [None] * 4
+    assert store.pending == []
