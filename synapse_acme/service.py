@@ -596,8 +596,20 @@ class AcmeService(Service):
         try:
             if m.unsaved is not None:
                 bundle = m.unsaved
-                logger.info("Saving the certificate for %s issued earlier", _names(m))
-                await self._store.save(m.key, bundle)
+                stored = None
+                if self._coordination is not None:
+                    # Another process may have saved a newer one meanwhile: never replace it.
+                    stored = await self._newer_in_store(m, bundle)
+                if stored is not None:
+                    bundle, ours = stored, False
+                    logger.info(
+                        "Not saving the certificate for %s issued earlier: another process "
+                        "saved a newer one",
+                        _names(m),
+                    )
+                else:
+                    logger.info("Saving the certificate for %s issued earlier", _names(m))
+                    await self._store.save(m.key, bundle)
                 m.unsaved = None
             elif self._coordination is None:
                 bundle = await self._order(m, attempt)

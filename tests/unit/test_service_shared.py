@@ -159,6 +159,24 @@ def test_lost_lease_stops_the_order_and_saves_nothing() -> None:
     assert status.last_error_type == "LeaseLost" and not status.unsaved
 
 
+def test_a_certificate_left_unsaved_never_replaces_a_newer_one_saved_meanwhile() -> None:
+    w = World()
+    a, b = Process(w, "a"), Process(w, "b")
+    w.issued_first(a, b)
+    w.clock.advance(60)
+    a.store.fail_next_save()  # a orders, and its save fails: the bundle is kept unsaved
+    [(_, failure)] = result_of(a.service.renew(KEY, force=True))
+    assert isinstance(failure, Failure) and a.service.status_of(KEY).unsaved
+    w.clock.advance(60)
+    result_of(b.service.renew(KEY, force=True))  # b renews meanwhile (a's was never stored)
+    newer = w.stored_serial()
+    assert newer == b.serial()
+    calls = len(a.issuer.calls)
+    [(_, bundle)] = result_of(a.service.renew(KEY, force=True))  # a's retry: save or adopt
+    assert crypto.leaf_serial_hex(bundle.chain_pem) == newer == a.serial() == w.stored_serial()
+    assert len(a.issuer.calls) == calls and not a.service.status_of(KEY).unsaved
+
+
 def test_a_dead_holder_blocks_for_one_lease_then_another_process_orders() -> None:
     w = World()
     a = Process(w, "a")
