@@ -743,6 +743,15 @@ def cmd_new_account(args: argparse.Namespace) -> int:
             "is true: another tool issues these certificates and holds the ACME account",
             True,
         )
+    if config.database is not None:
+        raise ConfigError(
+            config.key("database"),
+            "is set: the ACME account key is kept in the database and shared by every process "
+            "on it, and new-account replaces only a file store's. To start over there, stop "
+            "every process, delete the rows of synapse_acme_account_key and "
+            "synapse_acme_account, and start one: it creates a new account",
+            has_value=False,  # the URL may hold a password
+        )
     check_account_key_directory(config)  # before the storage directory is made
     now = datetime.datetime.now(datetime.timezone.utc)  # the CLI's edge: the only wall-clock read
     fsutil.check_owned_by_us(config.storage, "the storage directory")

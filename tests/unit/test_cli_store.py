@@ -153,3 +153,21 @@ def test_new_account_is_a_configuration_error_for_external_certificates(tmp_path
     )
     assert cli.main(["new-account", "-c", str(cfg)]) == cli.EXIT_CONFIG
     assert not (tmp_path / "store").exists()
+
+
+def test_new_account_on_a_database_store_says_how_to_start_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key_file = tmp_path / "store.key"
+    key_file.write_text("A" * 43 + "=\n")
+    key_file.chmod(0o600)
+    database = {
+        "url": "postgresql://acme:s3cret@db.example.test/synapse",
+        "key_files": [str(key_file)],
+    }
+    cfg = _config(tmp_path, database=database)
+    assert cli.main(["new-account", "-c", str(cfg)]) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "acme.database: is set: the ACME account key is kept in the database" in err
+    assert "synapse_acme_account_key" in err and "s3cret" not in err
+    assert not (tmp_path / "store").exists()  # nothing was made
