@@ -235,7 +235,9 @@ class FakeAcme:
     def add_consumer(self, c: Any) -> None:
         self.consumers.append(c)
 
-    def renew(self, key: Any = None, force: bool = False) -> defer.Deferred[Any]:
+    def renew(
+        self, key: Any = None, force: bool = False, requested_at: float | None = None
+    ) -> defer.Deferred[Any]:
         self.renewals.append((key, force))
         return defer.succeed([])
 
