@@ -45,6 +45,8 @@ setup(
         "postgres": ["psycopg2>=2.9"],
         "dev": [
             "pytest>=8",
+            # scripts/test.sh runs the suite in 2 processes, a test file per process at a time
+            "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "ruff>=0.17,<0.18",
             "mypy>=2.4,<2.5",

@@ -51,7 +51,12 @@ step "mypy"
 "$PY" -m mypy
 step "pytest $*"
 status=0
-"$PY" -m pytest -q "$@" || status=$?
+# Two worker processes, each running whole test files (--dist loadfile: a file's module-scoped
+# Pebble, PostgreSQL or Synapse stays in one process). Most integration tests wait on other
+# programs, so two at a time roughly halve the suite on 2 cores; every test binds port 0, takes a
+# locked port reservation (synapse_acme/testing/ports.py) or its own temporary directory, so
+# files never share a port or a file.
+"$PY" -m pytest -q -n 2 --dist loadfile "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     echo "scripts/test.sh: pytest collected no tests; that is a failure" >&2
     exit 1
