@@ -1,4 +1,5 @@
-"""Database mode's helpers that need no database: retrying an interaction whose pooled
+"""Database mode's helpers that need no database server (but psycopg2, the `postgres` extra, hence
+not a unit test: the version matrix installs no extras): retrying an interaction whose pooled
 connection was dead, and the holder name of the issuance lock."""
 
 from __future__ import annotations
