@@ -24,6 +24,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -320,6 +321,15 @@ class PebbleCA:
         os.chmod(path + ".tmp", 0o644)
         os.replace(path + ".tmp", path)
         self.issuer_roots = path
+
+    def orders_created(self) -> int:
+        """Orders Pebble created: its log says "Added order ... to the db" once per order (a
+        newOrder request it answered with badNonce, which the client retries, creates none)."""
+        with open(
+            os.path.join(self.workdir, "pebble.log"), encoding="utf-8", errors="replace"
+        ) as f:
+            log = f.read()
+        return len(re.findall(r'Added order "[^"]+" to the db', log))
 
     def dump_goroutines(self, dest: str) -> bool:
         """Make Pebble print every goroutine's stack and exit (Go does this on SIGQUIT), then

@@ -282,3 +282,27 @@ class InlineDatabase:
         self.closed = True
         if self._conn is not None and not self._conn.closed:
             self._conn.close()
+
+
+def stored_certificate(dsn: str, key: str) -> tuple[int, float] | None:
+    """(leaf serial, ``updated_at``) of the certificate the PostgreSQL store at ``dsn`` holds
+    under ``key``, read directly with psycopg2; None if there is none yet (nor a schema)."""
+    import psycopg2
+
+    from synapse_acme import crypto
+
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT chain_pem, updated_at FROM synapse_acme_certificates WHERE key = %s",
+                (key,),
+            )
+            row = cur.fetchone()
+    except psycopg2.errors.UndefinedTable:  # no process has created the schema yet
+        return None
+    finally:
+        conn.close()
+    if row is None:
+        return None
+    return crypto.parse_chain(bytes(row[0]))[0].serial_number, float(row[1])

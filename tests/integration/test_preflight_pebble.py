@@ -44,13 +44,6 @@ server {{
 """
 
 
-def orders(ca: PebbleCA) -> int:
-    """Orders Pebble created (its log says "Added order ... to the db" once per order; a
-    newOrder request it answered with badNonce, which the client retries, creates none)."""
-    log = Path(ca.workdir, "pebble.log").read_text(errors="replace")
-    return len(re.findall(r'Added order "[^"]+" to the db', log))
-
-
 def order_requests(ca: PebbleCA) -> int:
     """newOrder requests Pebble received, answered or not (one log line per request)."""
     log = Path(ca.workdir, "pebble.log").read_text(errors="replace")
@@ -128,13 +121,13 @@ def setup(workdir: Path) -> Iterator[Setup]:
 
 
 def issue_fails_without_order(s: Setup, cause: str) -> str:
-    before = order_requests(s.ca), orders(s.ca), validations(s.ca)
+    before = order_requests(s.ca), s.ca.orders_created(), validations(s.ca)
     r = cli("issue", "-c", str(s.config))
     assert r.returncode == 1, r.stdout + r.stderr
     assert "preflight failed, so nothing was ordered from the CA" in r.stderr, r.stderr
     assert cause in r.stderr, r.stderr
     # Not even a newOrder request reached Pebble.
-    assert (order_requests(s.ca), orders(s.ca), validations(s.ca)) == before
+    assert (order_requests(s.ca), s.ca.orders_created(), validations(s.ca)) == before
     c = cli("check", "-c", str(s.config))
     assert c.returncode == 1, c.stdout + c.stderr
     assert c.stdout.startswith(f"FAIL  {NAME}: "), c.stdout
@@ -170,14 +163,14 @@ def test_no_order_while_the_challenge_would_not_reach_us_then_the_order_goes_thr
     s.ca.set_servfail(NAME)
     issue_fails_without_order(s, "[dns]")
     s.ca.clear_servfail(NAME)
-    assert orders(s.ca) == 0
+    assert s.ca.orders_created() == 0
     # Everything right: check passes, and the order goes through.
     c = cli("check", "-c", str(s.config))
     assert c.returncode == 0, c.stdout + c.stderr
     assert c.stdout == f"PASS  {NAME}: [ok] synapse-acme answered at 127.0.0.1 port {s.port}\n"
     r = cli("issue", "-c", str(s.config))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert orders(s.ca) == 1
+    assert s.ca.orders_created() == 1
     check_issued(s.ca, s.dir / "store", [NAME])
 
 
@@ -211,7 +204,7 @@ def test_dry_run_changes_nothing_and_says_so(setup: Setup) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith(f"DRY RUN OK  {NAME}: {s.ca.directory_url} issued a certificate")
     assert "nothing was saved, exported or served" in r.stdout
-    assert orders(s.ca) == 2  # the real order and the dry run's
+    assert s.ca.orders_created() == 2  # the real order and the dry run's
     assert tree_digest(s.dir / "store", s.tls_dir) == before
     # A dry run that fails says why, and still changes nothing.
     s.ca.set_servfail(NAME)

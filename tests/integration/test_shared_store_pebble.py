@@ -35,7 +35,7 @@ from synapse_acme.names import names_key
 from synapse_acme.pgstore import KeyRing, PostgresBackend, generate_key_file
 from synapse_acme.testing.pebble import PebbleCA
 from synapse_acme.testing.ports import handover, listening_socket, systemd_endpoint
-from synapse_acme.testing.postgres import InlineDatabase, PostgresServer
+from synapse_acme.testing.postgres import InlineDatabase, PostgresServer, stored_certificate
 from tests.deferreds import result_of
 
 CLI = [sys.executable, "-m", "synapse_acme"]
@@ -50,33 +50,6 @@ SERVE_WITHIN = 2.0
 def postgres() -> Iterator[PostgresServer]:
     with PostgresServer() as pg:
         yield pg
-
-
-def orders(ca: PebbleCA) -> int:
-    """Orders Pebble created (one "Added order" log line each; a badNonce retry adds none)."""
-    log = Path(ca.workdir, "pebble.log").read_text(errors="replace")
-    return len(re.findall(r'Added order "[^"]+" to the db', log))
-
-
-def stored(dsn: str) -> tuple[int, float] | None:
-    """(leaf serial, save time) of the stored certificate, read with psycopg2."""
-    import psycopg2
-
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT chain_pem, updated_at FROM synapse_acme_certificates WHERE key = %s",
-                (KEY,),
-            )
-            row = cur.fetchone()
-    except psycopg2.errors.UndefinedTable:  # no process has created the schema yet
-        return None
-    finally:
-        conn.close()
-    if row is None:
-        return None
-    return crypto.parse_chain(bytes(row[0]))[0].serial_number, float(row[1])
 
 
 def account_url(dsn: str) -> str:
@@ -221,7 +194,7 @@ def all_serve(runners: list[Runner], serial: int, timeout: float = 30) -> float:
 
 
 def first_certificate(dsn: str, runners: list[Runner]) -> int:
-    serial, _ = wait_for("the first certificate", lambda: stored(dsn), 60, runners)
+    serial, _ = wait_for("the first certificate", lambda: stored_certificate(dsn, KEY), 60, runners)
     wait_for("every process serving it", lambda: _serving(runners, serial), 30, runners)
     return int(serial)
 
@@ -234,7 +207,7 @@ def new_certificate(
     dsn: str, runners: list[Runner], old: int, timeout: float = 60
 ) -> tuple[int, float]:
     def changed() -> tuple[int, float] | None:
-        now = stored(dsn)
+        now = stored_certificate(dsn, KEY)
         return now if now is not None and now[0] != old else None
 
     serial, saved_at = wait_for("a new certificate in the store", changed, timeout, runners)
@@ -246,7 +219,7 @@ def test_contended_forced_renewals_order_once_and_every_process_serves_within_2s
 ) -> None:
     ca, dsn, runners = shared()
     serial = first_certificate(dsn, runners)
-    assert orders(ca) == 1, "three processes starting together ordered more than once"
+    assert ca.orders_created() == 1, "three processes starting together ordered more than once"
     assert account_url(dsn).startswith(ca.directory_url.rsplit("/", 1)[0] + "/my-account/")
     lags: list[float] = []
     for _ in range(ROUNDS):
@@ -262,7 +235,9 @@ def test_contended_forced_renewals_order_once_and_every_process_serves_within_2s
             runners,
         )
         time.sleep(1.2)
-    assert orders(ca) == 1 + ROUNDS, f"duplicate orders: {orders(ca) - 1 - ROUNDS}"
+    assert ca.orders_created() == 1 + ROUNDS, (
+        f"duplicate orders: {ca.orders_created() - 1 - ROUNDS}"
+    )
     assert sum(r.obtained() for r in runners) == 1 + ROUNDS
     lags.sort()
     print(
@@ -284,7 +259,7 @@ def test_the_challenge_is_answered_by_a_process_that_did_not_order(
     all_serve(runners, serial)
     assert (a.obtained(), b.obtained()) == (before[0], before[1] + 1)
     assert "Obtaining a certificate" in b.output()
-    assert orders(ca) == 2
+    assert ca.orders_created() == 2
 
 
 def test_lock_holder_killed_mid_issuance_another_completes(
@@ -333,13 +308,14 @@ def test_postgres_restart_mid_run_reconnects_without_loss_or_duplicate_orders(
     ca, dsn, runners = shared()
     serial = first_certificate(dsn, runners)
     postgres.restart()
-    assert stored(dsn) is not None and stored(dsn)[0] == serial  # nothing lost
+    kept = stored_certificate(dsn, KEY)
+    assert kept is not None and kept[0] == serial  # nothing lost
     for r in runners:
         r.ask_renewal()
     serial, saved_at = new_certificate(dsn, runners, serial)
     lag = all_serve(runners, serial) - saved_at
     time.sleep(2)
-    assert orders(ca) == 2
+    assert ca.orders_created() == 2
     # The LISTEN connection is reopened at its next read, a second at most after the restart.
     assert lag <= SERVE_WITHIN, lag
     for r in runners:
@@ -369,4 +345,4 @@ def test_renew_force_from_the_command_line_is_picked_up_by_every_process(
     assert r.stdout.startswith(f"OK      {NAMES[0]}: certificate in the PostgreSQL store ")
     new, saved_at = new_certificate(dsn, runners, serial)
     assert all_serve(runners, new) - saved_at <= SERVE_WITHIN
-    assert orders(ca) == 2
+    assert ca.orders_created() == 2

@@ -21,7 +21,7 @@ import yaml
 from synapse_acme.names import names_key
 from synapse_acme.pgstore import generate_key_file
 from synapse_acme.testing.pebble import PebbleCA
-from synapse_acme.testing.postgres import PostgresServer
+from synapse_acme.testing.postgres import PostgresServer, stored_certificate
 from tests.integration.test_shared_store_pebble import Runner, served_serial
 from tests.integration.test_synapse import (
     SERVER_NAME,
@@ -38,28 +38,6 @@ KEY = names_key([SERVER_NAME])
 def postgres() -> Iterator[PostgresServer]:
     with PostgresServer() as pg:
         yield pg
-
-
-def stored_serial(dsn: str) -> tuple[int, float] | None:
-    import psycopg2
-
-    from synapse_acme import crypto
-
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT chain_pem, updated_at FROM synapse_acme_certificates WHERE key = %s",
-                (KEY,),
-            )
-            row = cur.fetchone()
-    except psycopg2.errors.UndefinedTable:
-        return None
-    finally:
-        conn.close()
-    if row is None:
-        return None
-    return crypto.parse_chain(bytes(row[0]))[0].serial_number, float(row[1])
 
 
 def test_synapse_follows_the_database_and_answers_for_another_process(
@@ -86,7 +64,9 @@ def test_synapse_follows_the_database_and_answers_for_another_process(
         runner: Runner | None = None
         try:
             hs.start()
-            first = wait_for(lambda: stored_serial(dsn), 60, "the first certificate", hs.log)
+            first = wait_for(
+                lambda: stored_certificate(dsn, KEY), 60, "the first certificate", hs.log
+            )
             wait_for(
                 lambda: fetch_chain(hs.tls_port)[0].serial_number == first[0],
                 30,
@@ -107,7 +87,7 @@ def test_synapse_follows_the_database_and_answers_for_another_process(
             runner.ask_renewal()  # the runner orders; Synapse answers the CA from the database
 
             def renewed() -> tuple[int, float] | None:
-                now = stored_serial(dsn)
+                now = stored_certificate(dsn, KEY)
                 return now if now is not None and now[0] != first[0] else None
 
             new, saved_at = wait_for(renewed, 60, "the runner's renewal", runner.output)

@@ -15,7 +15,6 @@ the interpreter that runs Synapse (``SYNAPSE_ACME_SYNAPSE_PYTHON``, as test_syna
 from __future__ import annotations
 
 import pathlib
-import re
 import shutil
 import subprocess
 import time
@@ -30,7 +29,7 @@ from synapse_acme.names import names_key
 from synapse_acme.pgstore import generate_key_file
 from synapse_acme.testing import ports
 from synapse_acme.testing.pebble import PebbleCA
-from synapse_acme.testing.postgres import PostgresServer
+from synapse_acme.testing.postgres import PostgresServer, stored_certificate
 from tests.integration.test_synapse import (
     HERE,
     SERVER_NAME,
@@ -49,31 +48,6 @@ SERVE_WITHIN = 2.0
 def postgres() -> Iterator[PostgresServer]:
     with PostgresServer() as pg:
         yield pg
-
-
-def orders(ca: PebbleCA) -> int:
-    log = pathlib.Path(ca.workdir, "pebble.log").read_text(errors="replace")
-    return len(re.findall(r'Added order "[^"]+" to the db', log))
-
-
-def stored(dsn: str) -> tuple[int, float] | None:
-    import psycopg2
-
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT chain_pem, updated_at FROM synapse_acme_certificates WHERE key = %s",
-                (KEY,),
-            )
-            row = cur.fetchone()
-    except psycopg2.errors.UndefinedTable:
-        return None
-    finally:
-        conn.close()
-    if row is None:
-        return None
-    return crypto.parse_chain(bytes(row[0]))[0].serial_number, float(row[1])
 
 
 class Process:
@@ -237,7 +211,9 @@ def test_main_and_worker_on_one_database_without_a_shared_filesystem(
                 reserved[name].release()
             main.start()
             wait_for(lambda: federation_version(port["main_tls"]), 60, "the main process", main.log)
-            first = wait_for(lambda: stored(dsn), 60, "the first certificate", main.log)
+            first = wait_for(
+                lambda: stored_certificate(dsn, KEY), 60, "the first certificate", main.log
+            )
             reserved["worker_tls"].release()
             worker.start()
 
@@ -247,12 +223,12 @@ def test_main_and_worker_on_one_database_without_a_shared_filesystem(
 
             wait_for(lambda: worker_serves(first[0]), 60, "the worker serving it", worker.log)
             assert fetch_chain(port["main_tls"])[0].serial_number == first[0]
-            assert orders(ca) == 1
+            assert ca.orders_created() == 1
             # The worker orders; the main process answers Pebble from the database.
             (worker_dir / "acme" / "renew-request").touch()
 
             def renewed() -> tuple[int, float] | None:
-                now = stored(dsn)
+                now = stored_certificate(dsn, KEY)
                 return now if now is not None and now[0] != first[0] else None
 
             new, saved_at = wait_for(renewed, 60, "the worker's renewal", worker.log)
@@ -265,7 +241,7 @@ def test_main_and_worker_on_one_database_without_a_shared_filesystem(
                 time.sleep(0.02)
             lag = time.time() - saved_at
             assert lag <= SERVE_WITHIN, lag
-            assert orders(ca) == 2
+            assert ca.orders_created() == 2
             assert "Certificate for a.example.test obtained" in worker.log()
             assert "saved by another process" in main.log()
             # No shared filesystem: each process exported to its own files.
