@@ -231,25 +231,16 @@ def build_runtime(
     # another user (or a symlink to one) would otherwise be taken over, keys and all.
     fsutil.check_owned_by_us(config.storage, "the storage directory")
     fsutil.ensure_private_dir(config.storage)
+    lock: StoreLock | None = None
+    shared: SharedStore | None = None
     if config.database is not None:
         from synapse_acme.sharedstore import open_shared_store
 
         keys = [names_key(canonical_names(spec.names)) for spec in config.certificate_specs()]
         shared = open_shared_store(config, reactor, keys)
-        return _build_managing(
-            config,
-            reactor,
-            None,
-            standalone_listener,
-            http_client,
-            runner,
-            one_shot,
-            host_serves_tls,
-            metrics_registry,
-            shared,
-        )
-    # Only the process holding the lock may recover, order and save (StoreBusy otherwise).
-    lock = StoreLock.acquire(config.storage)
+    else:
+        # Only the process holding the lock may recover, order and save (StoreBusy otherwise).
+        lock = StoreLock.acquire(config.storage)
     try:
         return _build_managing(
             config,
@@ -261,9 +252,11 @@ def build_runtime(
             one_shot,
             host_serves_tls,
             metrics_registry,
+            shared,
         )
     except BaseException:
-        lock.release()
+        if lock is not None:
+            lock.release()
         raise
 
 
