@@ -277,8 +277,13 @@ def test_lock_holder_killed_mid_issuance_another_completes(
         b.ask_renewal()
         wait_for("b to order", lambda: "Obtaining a certificate" in b.output(), 30, [b, c])
         c.ask_renewal()
-        time.sleep(0.5)  # c waits for b's lock
-        assert "Another process is obtaining the certificate" in c.output()
+        # c picks its request up (a look every 0.25 s) and waits for b's lock.
+        wait_for(
+            "c to wait for b's lock",
+            lambda: "Another process is obtaining the certificate" in c.output(),
+            10,
+            [c],
+        )
         b.proc.kill()
         b.proc.wait()
     finally:
