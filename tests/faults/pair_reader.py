@@ -18,6 +18,11 @@ the lookup raced a change), ``naive_mismatches`` (mismatched pairs among the str
 reader without the check would have reported), ``mismatched_pairs`` (distinct certificate and
 key contents among the mismatches: about one per change that left the pair open) and ``serials``
 (distinct leaf serials read).
+
+Each serial seen for the first time is also announced at once, as a line ``serial <hex>``, so
+that a test can wait for the reader to have seen a certificate before it asks for the next one
+(a reader starved of CPU would otherwise miss a certificate that lived on disk briefly). The
+JSON summary is the last line.
 """
 
 from __future__ import annotations
@@ -157,7 +162,9 @@ def main(argv: list[str]) -> int:
             last_good = (chain, key)
             leaf = matcher.leaf(chain)
             assert leaf is not None
-            serials.add(leaf[1])
+            if leaf[1] not in serials:
+                serials.add(leaf[1])
+                print(f"serial {leaf[1]:x}", flush=True)
             continue
         counts["mismatches"] += 1
         counts["naive_mismatches"] += 1

@@ -25,12 +25,14 @@ from __future__ import annotations
 import collections
 import json
 import os
+import queue
 import re
 import shutil
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -515,6 +517,51 @@ def wait_for_new_export(
     raise AssertionError(f"no new certificate exported within 60 s: {log.read_text()[-3000:]}")
 
 
+class ReaderSerials:
+    """The serials ``pair_reader.py`` announces (``serial <hex>`` lines), read in a thread."""
+
+    def __init__(self, reader: subprocess.Popen[str]) -> None:
+        self._reader = reader
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: set[int] = set()
+        self._last = ""
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self._reader.stdout is not None
+        for line in self._reader.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _take(self, timeout: float) -> bool:
+        """Take one line; False once the reader's output has ended."""
+        line = self._lines.get(timeout=timeout)
+        if line is None:
+            return False
+        if line.startswith("serial "):
+            self.seen.add(int(line.split()[1], 16))
+        else:
+            self._last = line
+        return True
+
+    def wait_for(self, serial: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while serial not in self.seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"the reader did not read certificate {serial:x} within {timeout} s"
+            try:
+                assert self._take(left), "the reader ended"
+            except queue.Empty:
+                continue
+
+    def summary(self) -> dict[str, Any]:
+        """The reader's JSON summary (after SIGTERM)."""
+        self._reader.wait(timeout=30)
+        while self._take(30):
+            pass
+        return dict(json.loads(self._last))
+
+
 def test_pair_reader_across_100_forced_renewals(pebble: PebbleCA, tmp_path: Path) -> None:
     site = Site(tmp_path / "site", pebble)
     site.write_config()
@@ -541,15 +588,21 @@ def test_pair_reader_across_100_forced_renewals(pebble: PebbleCA, tmp_path: Path
             text=True,
             env=env,
         )
+        announced = ReaderSerials(reader)
+        announced.wait_for(serial)
         started = time.monotonic()
         for _ in range(RENEWALS):
             code, stdout = hand_over(forker)
             assert code == 0 and "HANDED OVER" in stdout, (code, stdout)
             serial = wait_for_new_export(site, service, log, serial)
+            # The reader must have read this certificate before the next renewal replaces it:
+            # on a loaded machine a starved reader would otherwise miss one, and the test would
+            # not have looked at every change.
+            announced.wait_for(serial)
         elapsed = time.monotonic() - started
         assert reader.poll() is None, "the reader died"
         reader.send_signal(signal.SIGTERM)
-        seen = json.loads(reader.communicate(timeout=30)[0])
+        seen = announced.summary()
     finally:
         for proc in (forker, reader, service):
             if proc is not None and proc.poll() is None:
