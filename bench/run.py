@@ -155,6 +155,7 @@ def run_tls(p: dict[str, Any], log: Any) -> dict[str, Any]:
         r".*warm-up (?:off|([\d.]+) s \(([\d.]+) s CPU\)) before;.*first hits ([\d.]+)x, "
         r"again ([\d.]+)x\), after load \+([\d.]+) MiB"
     )
+    cold_pat = re.compile(r".*cold load ([\d.]+) s, the service's validation ([\d.]+) s")
     for line in out.splitlines():
         log("  tls: " + line.strip())
         m = pat.match(line)
@@ -182,6 +183,10 @@ def run_tls(p: dict[str, Any], log: Any) -> dict[str, Any]:
                 row["first_hit_ratio"] = float(first)
                 row["again_ratio"] = float(again)
                 row["rss_after_load_mib"] = float(after_load)
+            c = cold_pat.match(line)
+            if c:
+                row["cold_load_s"] = float(c.group(1))
+                row["service_validation_s"] = float(c.group(2))
             rows.append(row)
     swap_cmd = [PY, os.path.join(ROOT, "bench", "tls_swap.py"), "--certs", str(p["swap_certs"])]
     swap_cmd += ["--handshakes", str(p["tls_handshakes"])]
@@ -608,8 +613,15 @@ def _tls_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             "met": big["rss_mib"] <= 100,
         },
         {
-            "goal": f"... its load time <= 2 s (set_bundles; then a background warm-up of {warm}"
-            ", handshakes served meanwhile)",
+            "goal": "... its load time <= 2 s (set_bundles at start-up, the bundles validated by "
+            "the service as it read them"
+            + (
+                f" ({big['service_validation_s']:.2f} s, work the service did before too); cold, "
+                f"on bundles nothing validated: {big['cold_load_s']:.2f} s"
+                if "cold_load_s" in big
+                else ""
+            )
+            + f"; then a background warm-up of {warm}, handshakes served meanwhile)",
             "value": big["load_s"],
             "shown": f"{big['load_s']:.2f} s",
             "met": big["load_s"] <= 2,
@@ -882,14 +894,25 @@ def render(res: dict[str, Any]) -> str:
             "",
             "![tls](img/tls.png)",
             "",
-            "| Certificates | load (set_bundles) | per certificate | background warm-up "
+            "The load is the start-up path: the service validates each bundle as it reads it "
+            "from the store (its own column), then hands them to the map in batches "
+            "(`set_bundles`, one swap), which re-checks names and dates and finds the costly "
+            "checks (key match, chain signatures) done for those very bytes. Cold: "
+            "`set_bundles` on bundles nothing validated before (an embedder calling it itself).",
+            "",
+            "| Certificates | load (set_bundles) | per certificate | cold load | the service's "
+            "validation | background warm-up "
             "| one swap | handshakes/s (first hit) | vs 1 certificate per CPU-second: first hit "
             "/ again | RSS after load | RSS once every name had a handshake | per certificate |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in t["rows"]:
+            cold = row.get("cold_load_s")
+            validation = row.get("service_validation_s")
             lines.append(
                 f"| {row['certs']:.0f} | {row['load_s']:.2f} s | {row['ms_per_cert']:.2f} ms | "
+                f"{'-' if cold is None else f'{cold:.2f} s'} | "
+                f"{'-' if validation is None else f'{validation:.2f} s'} | "
                 f"{row.get('warm_up_s', 0.0):.2f} s | {row['swap_ms']:.2f} ms | "
                 f"{row['hs_per_s']:.0f} | {_fmt_ratio(row.get('first_hit_ratio'))} / "
                 f"{_fmt_ratio(row.get('again_ratio'))} | "

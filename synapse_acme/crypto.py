@@ -5,9 +5,12 @@ Everything here is pure and synchronous; time comes in as an argument (see :func
 
 from __future__ import annotations
 
+import collections
 import datetime
+import hashlib
 import itertools
 import re
+import threading
 from collections.abc import Sequence
 
 from cryptography import x509
@@ -235,6 +238,56 @@ def check_leaf_usage(leaf: x509.Certificate) -> None:
         raise BundleError("the certificate's extended key usage does not include serverAuth")
 
 
+#: How many verified pairs :class:`_VerifiedPairs` remembers (about 130 bytes each).
+VERIFIED_PAIRS_MAX = 65536
+
+
+class _VerifiedPairs:
+    """The digests of the chain and key pairs that passed the checks that do not depend on
+    the time or the names (key match, leaf usage, chain signatures): the costly part of
+    :func:`validate_bundle` (an ECDSA signature check alone is 0.1 ms).
+
+    One bundle is validated several times in a process's life: by the store that reads it,
+    the service that adopts it, the TLS map that serves it. The first pays for those checks;
+    the others find the digest of the very same bytes here, and only parse the chain and
+    check the names and dates. Only success is remembered, and it stands for the exact bytes
+    hashed, so nothing less is checked. Bounded (least recently used first out); thread-safe
+    (stores validate in their I/O thread)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def digest(chain_pem: bytes, key_pem: bytes) -> bytes:
+        h = hashlib.sha256(len(chain_pem).to_bytes(8, "big"))
+        h.update(chain_pem)
+        h.update(key_pem)
+        return h.digest()
+
+    def __contains__(self, digest: bytes) -> bool:
+        with self._lock:
+            if digest not in self._seen:
+                return False
+            self._seen.move_to_end(digest)
+            return True
+
+    def add(self, digest: bytes) -> None:
+        with self._lock:
+            self._seen[digest] = None
+            self._seen.move_to_end(digest)
+            while len(self._seen) > self._limit:
+                self._seen.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._seen.clear()
+
+
+_verified = _VerifiedPairs(VERIFIED_PAIRS_MAX)
+
+
 def validate_bundle(
     bundle: CertificateBundle,
     names: Sequence[str] | None,
@@ -249,12 +302,18 @@ def validate_bundle(
     is signed by the next one (complete, in order; :func:`check_chain_order`); the leaf covers
     every name in ``names``; notBefore is not beyond ``now + skew``; and, unless
     ``allow_expired``, notAfter is after ``now``.
+
+    The first three checks are done once per pair of bytes in a process (see
+    :class:`_VerifiedPairs`); the names and dates on every call.
     """
     chain = parse_chain(bundle.chain_pem)
     leaf = chain[0]
-    check_key_matches(bundle.key_pem, leaf)
-    check_leaf_usage(leaf)
-    check_chain_order(chain)
+    digest = _verified.digest(bundle.chain_pem, bundle.key_pem)
+    if digest not in _verified:
+        check_key_matches(bundle.key_pem, leaf)
+        check_leaf_usage(leaf)
+        check_chain_order(chain)
+        _verified.add(digest)
     if names:
         have = certificate_names(leaf)
         missing = [n for n in names if not any(name_matches(p, n) for p in have)]

@@ -17,7 +17,7 @@ provide, checked by one contract suite (``tests/unit/test_store_contract.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import (
@@ -256,6 +256,17 @@ class ICertificateConsumer(Interface):
     def certificate_changed(key: str, bundle: CertificateBundle) -> None:
         """``bundle`` is now the certificate for ``key``. Called on the reactor thread;
         must not block. A consumer that raises is logged and does not stop the others."""
+
+
+class ICertificateBatchConsumer(ICertificateConsumer):
+    """A consumer that takes many certificates more cheaply at once than one by one (the
+    hot-swapping TLS creator: one swap, and OpenSSL's parsing left to a background warm-up).
+    The service hands it what it reads from the store at start-up in batches."""
+
+    def certificates_loaded(bundles: Mapping[str, CertificateBundle]) -> None:
+        """Each ``bundles[key]`` is now the certificate for ``key``, as if by
+        :meth:`certificate_changed` for each. Called on the reactor thread; must not block.
+        A bad bundle is logged and left out, and does not stop the others."""
 
 
 # -- alerts ----------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from synapse_acme.errors import (
 )
 from synapse_acme.interfaces import (
     IBatchLoad,
+    ICertificateBatchConsumer,
     ICertificateConsumer,
     ICertificateStore,
     IIssuanceLock,
@@ -273,9 +274,7 @@ class AcmeService(Service):
     def add_consumer(self, consumer: ICertificateConsumer) -> None:
         """Register ``consumer``; it is told at once about every certificate already held."""
         self._consumers.append(consumer)
-        for m in self._managed.values():
-            if m.bundle is not None:
-                self._notify_one(consumer, m.key, m.bundle)
+        self._notify_many([consumer], [m.key for m in self._managed.values()])
 
     def when_loaded(self) -> defer.Deferred[None]:
         """Deferred firing once the store has been read (after ``startService``)."""
@@ -411,45 +410,62 @@ class AcmeService(Service):
         batch = IBatchLoad(self._store, None)
         keys = list(self._managed)
         loaded: dict[str, CertificateBundle | Exception | None] = {}
-        for i, m in enumerate(self._managed.values()):
-            try:
-                if batch is None:
-                    bundle = await self._store.load(m.key)
-                else:
-                    if m.key not in loaded:  # the next batch
-                        loaded = await _load_batch(batch, keys[i : i + STORE_LOAD_BATCH])
-                    got = loaded[m.key]
-                    if isinstance(got, Exception):
-                        raise got
-                    bundle = got
-            except Exception as e:  # a corrupt entry must not stop the others
-                logger.error("Cannot read the stored certificate for %s: %s", _names(m), e)
-                continue
-            if bundle is None:
-                logger.info("No stored certificate for %s yet; it will be issued", _names(m))
-                continue
-            try:
-                self._adopt(m, bundle, allow_expired=True)
-            except BundleError as e:
-                logger.error("Stored certificate for %s is unusable: %s", _names(m), e)
-                continue
-            # A one-shot command serves nothing: it says what the store holds.
-            if m.not_after is not None and m.not_after <= self._now():
-                logger.warning(
-                    "The stored certificate for %s EXPIRED on %s"
-                    + ("" if self._one_shot else "; serving it until a new one is issued"),
-                    _names(m),
-                    format_time(m.not_after),
-                )
-            elif m.placeholder:
-                logger.warning(
-                    "The store holds only a self-signed placeholder for %s"
-                    + ("" if self._one_shot else "; serving it until the real one is issued"),
-                    _names(m),
-                )
+        # Adopted, not yet told to the consumers: they are told STORE_LOAD_BATCH at a time,
+        # so the TLS map swaps once per batch (see ICertificateBatchConsumer).
+        adopted: list[str] = []
+        try:
+            for i, m in enumerate(self._managed.values()):
+                if len(adopted) >= STORE_LOAD_BATCH:
+                    self._notify_many(self._consumers, adopted)
+                    adopted = []
+                try:
+                    if batch is None:
+                        bundle = await self._store.load(m.key)
+                    else:
+                        if m.key not in loaded:  # the next batch
+                            loaded = await _load_batch(batch, keys[i : i + STORE_LOAD_BATCH])
+                        got = loaded[m.key]
+                        if isinstance(got, Exception):
+                            raise got
+                        bundle = got
+                except Exception as e:  # a corrupt entry must not stop the others
+                    logger.error("Cannot read the stored certificate for %s: %s", _names(m), e)
+                    continue
+                if bundle is None:
+                    logger.info("No stored certificate for %s yet; it will be issued", _names(m))
+                    continue
+                try:
+                    self._adopt(m, bundle, allow_expired=True, notify=False)
+                except BundleError as e:
+                    logger.error("Stored certificate for %s is unusable: %s", _names(m), e)
+                    continue
+                adopted.append(m.key)
+                # A one-shot command serves nothing: it says what the store holds.
+                if m.not_after is not None and m.not_after <= self._now():
+                    logger.warning(
+                        "The stored certificate for %s EXPIRED on %s"
+                        + ("" if self._one_shot else "; serving it until a new one is issued"),
+                        _names(m),
+                        format_time(m.not_after),
+                    )
+                elif m.placeholder:
+                    logger.warning(
+                        "The store holds only a self-signed placeholder for %s"
+                        + ("" if self._one_shot else "; serving it until the real one is issued"),
+                        _names(m),
+                    )
+        finally:
+            self._notify_many(self._consumers, adopted)
 
-    def _adopt(self, m: _Managed, bundle: CertificateBundle, allow_expired: bool = False) -> None:
-        """Make ``bundle`` the served certificate of ``m`` and tell the consumers."""
+    def _adopt(
+        self,
+        m: _Managed,
+        bundle: CertificateBundle,
+        allow_expired: bool = False,
+        notify: bool = True,
+    ) -> None:
+        """Make ``bundle`` the served certificate of ``m`` and (with ``notify``) tell the
+        consumers."""
         names = None if bundle.metadata.get("placeholder") else m.spec.names
         chain = crypto.validate_bundle(bundle, names, self._now(), allow_expired=allow_expired)
         m.bundle = bundle
@@ -460,8 +476,28 @@ class AcmeService(Service):
         m.ari = None
         m.ari_next_fetch = 0.0
         self._compute_renew_at(m)
-        for consumer in list(self._consumers):
-            self._notify_one(consumer, m.key, bundle)
+        if notify:
+            for consumer in list(self._consumers):
+                self._notify_one(consumer, m.key, bundle)
+
+    def _notify_many(self, consumers: Sequence[ICertificateConsumer], keys: Sequence[str]) -> None:
+        """Tell ``consumers`` the current bundle of each of ``keys`` (those that have one):
+        at once to an :class:`ICertificateBatchConsumer`, one by one to the others."""
+        bundles = {k: b for k in keys if (b := self._managed[k].bundle) is not None}
+        if not bundles:
+            return
+        for consumer in list(consumers):
+            many = ICertificateBatchConsumer(consumer, None)
+            if many is None:
+                for key, bundle in bundles.items():
+                    self._notify_one(consumer, key, bundle)
+                continue
+            try:
+                many.certificates_loaded(bundles)
+            except Exception:
+                logger.exception(
+                    "Certificate consumer %r failed for %d certificates", consumer, len(bundles)
+                )
 
     def _notify_one(
         self, consumer: ICertificateConsumer, key: str, bundle: CertificateBundle

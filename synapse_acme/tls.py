@@ -61,7 +61,7 @@ from zope.interface import implementer
 from synapse_acme import crypto
 from synapse_acme.acme.tlsalpn import ALPN_PROTOCOL
 from synapse_acme.errors import BundleError
-from synapse_acme.interfaces import ICertificateConsumer
+from synapse_acme.interfaces import ICertificateBatchConsumer
 from synapse_acme.model import CertificateBundle
 
 log = logging.getLogger(__name__)
@@ -481,7 +481,7 @@ def _split(name: str) -> tuple[bool, str]:
     return (True, name[2:]) if name.startswith("*.") else (False, name)
 
 
-@implementer(IOpenSSLServerConnectionCreator, ICertificateConsumer)
+@implementer(IOpenSSLServerConnectionCreator, ICertificateBatchConsumer)
 @attrs.define(eq=False)
 class HotSwapTLS:
     """Serves many certificates by SNI and replaces any of them atomically at run time.
@@ -615,6 +615,11 @@ class HotSwapTLS:
             log.error("TLS: refusing the new certificate for %s: %s; %s", key, e, still)
         except Exception:
             log.exception("TLS: unexpected error installing the certificate for %s", key)
+
+    def certificates_loaded(self, bundles: Mapping[str, CertificateBundle]) -> None:
+        """Install many bundles with one swap (what the service read from the store at
+        start-up): :meth:`set_bundles`, which logs each bad bundle and leaves it out."""
+        self.set_bundles(bundles)
 
     # -- direct use ---------------------------------------------------------------------------
 
