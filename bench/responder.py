@@ -40,6 +40,8 @@ NGINX = "nginx static file"
 SERVERS = ("synapse-acme", SITE, CERTBOT, CERTBOT_BARE, NGINX)
 #: Debian's nginx configuration, the base of the nginx peer.
 DEBIAN_NGINX_CONF = "/etc/nginx/nginx.conf"
+#: nginx's compiled-in prefix ``/usr/share/nginx``: where relative ``load_module`` paths point.
+DEBIAN_NGINX_MODULES = "/usr/share/nginx/modules"
 
 #: How each peer is set up (printed with the results).
 PEER_SETTINGS = {
@@ -112,6 +114,12 @@ def start_debian_nginx(workdir: str, port: int, root: str) -> subprocess.Popen[b
         shipped = f.read()
     prefix = os.path.join(workdir, f"nginx-{port}")
     os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
+    # Debian's modules-enabled/*.conf load their modules by a path relative to the prefix
+    # (``load_module modules/ngx_http_echo_module.so;``, which nginx-light brings): with the
+    # bench's own prefix they are found where Debian's prefix has them.
+    modules = os.path.join(prefix, "modules")
+    if os.path.isdir(DEBIAN_NGINX_MODULES) and not os.path.lexists(modules):
+        os.symlink(DEBIAN_NGINX_MODULES, modules)
     conf = os.path.join(prefix, "nginx.conf")
     with open(conf, "w", encoding="utf-8") as f:
         f.write(debian_nginx_conf(shipped, prefix, port, root))
