@@ -79,13 +79,13 @@ def run(
     off: dict[str, Any] = {} if warm_up else {"warm_up": False}
     # Cold: a HotSwapTLS given bundles nothing has validated in this process (an embedder
     # calling set_bundles itself); then thrown away.
-    crypto._verified.clear()
+    crypto.forget_verified()
     cold_tls = HotSwapTLS(clock=clock, default_key="k0", warm_up=False)
     t0 = time.perf_counter()
     assert not cold_tls.set_bundles(bundles)
     cold = time.perf_counter() - t0
     del cold_tls
-    crypto._verified.clear()
+    crypto.forget_verified()
     gc.collect()
     rss0 = rss_mib()
     # The start-up path: the service validates each bundle it reads from the store (its

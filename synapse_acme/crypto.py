@@ -288,6 +288,17 @@ class _VerifiedPairs:
 _verified = _VerifiedPairs(VERIFIED_PAIRS_MAX)
 
 
+def is_verified_pair(chain_pem: bytes, key_pem: bytes) -> bool:
+    """Whether these exact bytes already passed :func:`validate_bundle`'s key match, leaf
+    usage and chain signature checks in this process (names and dates are not part of it)."""
+    return _verified.digest(chain_pem, key_pem) in _verified
+
+
+def forget_verified() -> None:
+    """Forget every pair :func:`validate_bundle` verified (benchmarks and tests start cold)."""
+    _verified.clear()
+
+
 def validate_bundle(
     bundle: CertificateBundle,
     names: Sequence[str] | None,
@@ -388,8 +399,10 @@ __all__ = [
     "certificate_names",
     "check_chain_order",
     "check_key_matches",
+    "forget_verified",
     "generate_private_key_pem",
     "is_placeholder",
+    "is_verified_pair",
     "load_private_key",
     "make_placeholder_bundle",
     "name_matches",

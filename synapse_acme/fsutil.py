@@ -239,32 +239,49 @@ def _fsync_path(path: str, flags: int = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 
         os.close(fd)
 
 
+#: The most threads :func:`fsync_all` starts (with the caller's): one certificate's save
+#: has four paths, and more threads than that only add start-up cost.
+FSYNC_THREADS = 4
+
+
 def fsync_all(paths: Sequence[str]) -> None:
     """fsync every file or directory in ``paths``; returns when all of them are durable.
 
-    The fsyncs run at the same time, one thread each: a journalling filesystem (ext4, xfs)
-    commits concurrent fsyncs in one transaction, so a save of three files and their
-    directory waits for about one disk flush instead of four in a row (the store's save of
-    20 certificates at once spent most of its time there). Raises the first ``OSError``, after
-    every fsync has finished, like a loop of fsyncs would (minus the ones it would skip);
-    anything else raised in a worker thread is raised here too.
+    The fsyncs run at the same time, in up to :data:`FSYNC_THREADS` threads: a journalling
+    filesystem (ext4, xfs) commits concurrent fsyncs in one transaction, so a save of three
+    files and their directory waits for about one disk flush instead of four in a row (the
+    store's save of 20 certificates at once spent most of its time there). With more paths
+    than threads (the store saving several certificates together), each thread takes the
+    next path when it is done: the first fsyncs commit what every file wrote, and the later
+    ones find little left to flush. Raises the first ``OSError``, after every fsync has
+    finished, like a loop of fsyncs would (minus the ones it would skip); anything else
+    raised in a worker thread is raised here too.
     """
     if len(paths) <= 1:
         for path in paths:
             _fsync_path(path)
         return
     errors: list[BaseException] = []
+    todo = iter(paths)
+    lock = threading.Lock()
 
-    def run(path: str) -> None:
-        try:
-            _fsync_path(path)
-        except BaseException as e:  # handed to the caller's thread, whatever it is
-            errors.append(e)
+    def run() -> None:
+        while True:
+            with lock:
+                path = next(todo, None)
+            if path is None:
+                return
+            try:
+                _fsync_path(path)
+            except BaseException as e:  # handed to the caller's thread, whatever it is
+                errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(p,), daemon=True) for p in paths[1:]]
+    threads = [
+        threading.Thread(target=run, daemon=True) for _ in range(min(len(paths), FSYNC_THREADS) - 1)
+    ]
     for t in threads:
         t.start()
-    run(paths[0])  # this thread does one of them
+    run()  # this thread takes its share
     for t in threads:
         t.join()
     if errors:

@@ -11,6 +11,8 @@ Layout under the storage root::
 
 A save writes the three files into a fresh ``~new-`` sibling, fsyncs, then swaps directories
 with two renames; :meth:`FileStore.recover` finishes or undoes whatever a crash left behind.
+:meth:`FileStore.save_many` does the same for several certificates with one flush: every
+``~new-`` directory is durable before the first swap, and the swaps are made durable together.
 
 :class:`FileStore` is the certificate part of the storage contract
 (:class:`~synapse_acme.interfaces.ICertificateStore` and its listing,
@@ -38,7 +40,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -129,6 +131,8 @@ def check_intact(bundle: CertificateBundle, where: str) -> None:
     key_file = os.path.join(where, KEY_FILE)
     try:
         chain = crypto.parse_chain(bundle.chain_pem, strict=True)
+        if crypto.is_verified_pair(bundle.chain_pem, bundle.key_pem):
+            return  # these bytes passed the signature and key checks below in this process
         crypto.check_chain_order(chain)
     except BundleError as e:
         raise StoreError(f"{chain_file} is damaged: {e}") from None
@@ -192,6 +196,14 @@ class FileStore:
         Fails with StoreError; the old bundle is then untouched."""
         return as_deferred(self._save, key, bundle)
 
+    def save_many(
+        self, items: Sequence[tuple[str, CertificateBundle]]
+    ) -> defer.Deferred[list[StoreError | None]]:
+        """Deferred firing with one error per ``(key, bundle)`` (None: saved), once all of
+        them are durable: :meth:`save` for each, sharing one disk flush. Each item is atomic
+        on its own; one that fails does not stop the others."""
+        return as_deferred(self._save_many, items)
+
     # -- IStoreAdmin ------------------------------------------------------------------
 
     def keys(self) -> defer.Deferred[list[str]]:
@@ -221,15 +233,73 @@ class FileStore:
         fsutil.ensure_private_dir(self.certificates_dir)
 
     def _save(self, key: str, bundle: CertificateBundle) -> None:
-        final = self.path_for(key)
-        check_bundle(bundle)
-        check_intact(bundle, final)  # never store what load would refuse
-        metadata = encode_metadata(
-            {**bundle.metadata, CHAIN_DIGEST_FIELD: _chain_digest(bundle.chain_pem)}
-        )
-        self._maybe_recover()
-        self._ensure_dirs()
-        new = self._staging(key, _NEW)
+        error = self._save_many([(key, bundle)])[0]
+        if error is not None:
+            raise error
+
+    def _save_many(self, items: Sequence[tuple[str, CertificateBundle]]) -> list[StoreError | None]:
+        """Save every ``(key, bundle)`` in order, each exactly as :meth:`save` does, with one
+        disk flush for all of them: every entry's files are written into its ``~new-``
+        directory, all are fsynced together, then each entry is swapped in, and the directory
+        holding them is fsynced once. Returns each item's error (None: durably saved); an
+        item that fails leaves its key's old bundle untouched and the others go on."""
+        errors: list[StoreError | None] = [None] * len(items)
+        staged: list[tuple[int, str, str, str]] = []  # (index, key, ~new- directory, final)
+        paths: list[str] = []
+        for i, (key, bundle) in enumerate(items):
+            try:
+                final = self.path_for(key)
+                check_bundle(bundle)
+                check_intact(bundle, final)  # never store what load would refuse
+                metadata = encode_metadata(
+                    {**bundle.metadata, CHAIN_DIGEST_FIELD: _chain_digest(bundle.chain_pem)}
+                )
+                if not staged:
+                    self._maybe_recover()
+                    self._ensure_dirs()
+                new = self._staging(key, _NEW)
+                paths.extend(self._write_staged(key, new, bundle, metadata))
+            except StoreError as e:
+                errors[i] = e
+                continue
+            except OSError as e:
+                errors[i] = StoreError(f"storage error: {fsutil.describe_os_error(e)}")
+                continue
+            staged.append((i, key, new, final))
+        if not staged:
+            return errors
+        try:
+            # Every file and directory durable before any swap, in one disk flush.
+            fsutil.fsync_all(paths)
+        except OSError as e:
+            for i, key, new, _final in staged:
+                _rmtree_quietly(new)
+                errors[i] = StoreError(
+                    f"cannot save certificate {key!r} under {new}: {fsutil.describe_os_error(e)}"
+                )
+            return errors
+        olds: list[str] = []
+        for i, key, new, final in staged:
+            try:
+                old = self._swap_in(key, new, final)
+            except StoreError as e:
+                errors[i] = e
+                continue
+            if old is not None:
+                olds.append(old)
+        try:
+            fsutil.fsync_dir(self.certificates_dir)
+        except OSError as e:
+            logger.warning("could not fsync %s: %s", self.certificates_dir, e)
+        for old in olds:
+            _rmtree_quietly(old)
+        return errors
+
+    def _write_staged(
+        self, key: str, new: str, bundle: CertificateBundle, metadata: bytes
+    ) -> list[str]:
+        """The entry's three files in the fresh directory ``new``, not yet fsynced; returns
+        what to fsync (the files and ``new``). StoreError, with ``new`` removed, on failure."""
         try:
             os.mkdir(new, fsutil.PRIVATE_DIR_MODE)
             os.chmod(new, fsutil.PRIVATE_DIR_MODE)
@@ -240,17 +310,17 @@ class FileStore:
             ]
             for path, data, mode in files:
                 fsutil.write_new_file(path, data, mode, sync=False)
-            # Every file and the directory durable before the swap, in one disk flush.
-            fsutil.fsync_all([path for path, _, _ in files] + [new])
         except OSError as e:
             _rmtree_quietly(new)
             raise StoreError(
                 f"cannot save certificate {key!r} under {new}: {fsutil.describe_os_error(e)}"
             ) from None
-        self._swap_in(key, new, final)
+        return [path for path, _, _ in files] + [new]
 
-    def _swap_in(self, key: str, new: str, final: str) -> None:
-        """Rename ``final`` to ``~old-``, then ``~new-`` to ``final``; undo the first on failure."""
+    def _swap_in(self, key: str, new: str, final: str) -> str | None:
+        """Rename ``final`` to ``~old-``, then ``~new-`` to ``final``; undo the first on failure.
+        Returns the ``~old-`` directory to remove once the swap is durable (the caller fsyncs
+        the certificates directory first), None if there was no earlier entry."""
         old: str | None = None
         try:
             if os.path.lexists(final):
@@ -268,12 +338,7 @@ class FileStore:
             raise StoreError(
                 f"cannot replace certificate directory {final}: {fsutil.describe_os_error(e)}"
             ) from None
-        try:
-            fsutil.fsync_dir(self.certificates_dir)
-        except OSError as e:
-            logger.warning("could not fsync %s: %s", self.certificates_dir, e)
-        if old is not None:
-            _rmtree_quietly(old)
+        return old
 
     def _staging(self, key: str, kind: str) -> str:
         return os.path.join(self.certificates_dir, f"{key}{_SEP}{kind}-{secrets.token_hex(6)}")

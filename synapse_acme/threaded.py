@@ -12,10 +12,17 @@ One thread, not a pool, keeps the guarantees the code was written with: operatio
 time, in the order they were submitted (a save is durable before the export that follows it
 starts; two exports never interleave), exactly as they did on the reactor thread. Results and
 errors come back as Deferreds fired on the reactor thread.
+
+Certificate saves are grouped (:class:`ThreadedStore`): when a save's turn comes, it takes every
+save waiting behind it too, and :meth:`~synapse_acme.store.FileStore.save_many` makes them
+durable with one disk flush. A burst of renewals (many certificates at once) then costs a few
+flushes instead of one per certificate. A save is thus done at its place in the queue or
+earlier, never later, so whatever waited for it still finds it done.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from threading import Thread
 from typing import Any, TypeVar
@@ -66,6 +73,14 @@ class BlockingRunner:
         return threads.deferToThreadPool(self._reactor, self._pool, f, *args)  # type: ignore[arg-type]
 
 
+def _fire_saves(results: list[tuple[defer.Deferred[None], Failure | None]]) -> None:
+    for d, failure in results:
+        if failure is None:
+            d.callback(None)
+        else:
+            d.errback(failure)
+
+
 def run_now(f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
     """The runner for hosts where blocking is fine: run at once, the result as a Deferred."""
     return defer.maybeDeferred(f, *args)
@@ -93,12 +108,41 @@ class ThreadedStore:
 
     inner: FileStore  # its Deferreds have fired when its methods return, as _result_of needs
     runner: Runner
+    # Saves submitted and not yet taken by the thread: (key, bundle, its Deferred).
+    _waiting: list[tuple[str, CertificateBundle, defer.Deferred[None]]] = attrs.field(
+        factory=list, init=False
+    )
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
 
     def load(self, key: str) -> defer.Deferred[CertificateBundle | None]:
         return self.runner(lambda: _result_of(self.inner.load(key)))
 
     def save(self, key: str, bundle: CertificateBundle) -> defer.Deferred[None]:
-        return self.runner(lambda: _result_of(self.inner.save(key, bundle)))
+        """Saved in the runner's thread, together with every other save waiting there when
+        its turn comes (group commit: :meth:`FileStore.save_many`, one disk flush for all).
+        So a save happens at its place in the runner's queue or earlier, never later; each
+        keeps its own result."""
+        done: defer.Deferred[None] = defer.Deferred()
+        with self._lock:
+            self._waiting.append((key, bundle, done))
+        self.runner(self._save_waiting).addCallback(_fire_saves)
+        return done
+
+    def _save_waiting(self) -> list[tuple[defer.Deferred[None], Failure | None]]:
+        """In the runner's thread: save what is waiting (nothing, if an earlier call took it)."""
+        with self._lock:
+            batch, self._waiting = self._waiting, []
+        if not batch:
+            return []
+        try:
+            errors = _result_of(self.inner.save_many([(k, b) for k, b, _ in batch]))
+        except Exception:
+            failure = Failure()  # a bug, but every save still gets its answer
+            return [(d, failure) for _, _, d in batch]
+        return [
+            (d, None if e is None else Failure(e))
+            for (_, _, d), e in zip(batch, errors, strict=True)
+        ]
 
     def keys(self) -> defer.Deferred[list[str]]:
         return self.runner(lambda: _result_of(self.inner.keys()))

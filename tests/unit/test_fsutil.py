@@ -6,6 +6,8 @@ import errno
 import os
 import pwd
 import stat
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +304,34 @@ def test_fsync_all_syncs_every_path_and_reports_a_failure_after_all(
         fsutil.fsync_all(paths)
     assert info.value.errno == errno.EIO
     assert len(synced) == len(paths)  # the others were still made durable
+
+
+def test_fsync_all_with_more_paths_than_threads_syncs_each_once_with_bounded_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = []
+    for i in range(4 * fsutil.FSYNC_THREADS + 3):
+        (tmp_path / f"f{i}").write_bytes(b"x")
+        paths.append(str(tmp_path / f"f{i}"))
+    synced: list[int] = []
+    threads: set[int] = set()
+    running = [0, 0]  # now, most at once
+    lock = threading.Lock()
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        with lock:
+            running[0] += 1
+            running[1] = max(running)
+            synced.append(os.fstat(fd).st_ino)
+            threads.add(threading.get_ident())
+        time.sleep(0.002)  # long enough for the threads to overlap
+        real_fsync(fd)
+        with lock:
+            running[0] -= 1
+
+    monkeypatch.setattr(os, "fsync", recording)
+    fsutil.fsync_all(paths)
+    assert sorted(synced) == sorted(os.stat(p).st_ino for p in paths)  # each exactly once
+    assert 1 < len(threads) <= fsutil.FSYNC_THREADS
+    assert 1 < running[1] <= fsutil.FSYNC_THREADS

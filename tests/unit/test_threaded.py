@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from zope.interface.verify import verifyObject
 
@@ -86,3 +87,52 @@ def test_threaded_store_keeps_the_contract_off_the_reactor_thread(
     assert isinstance(failure_of(d, StoreError), StoreError)  # failures, as before
     # the same contracts as the store it wraps, checked method by method
     assert verifyObject(ICertificateStore, store) and verifyObject(IStoreAdmin, store)
+
+
+def test_saves_waiting_in_the_thread_are_grouped_and_each_gets_its_result(
+    runner: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r, reactor = runner
+    ca, other = TestCA(), TestCA(name="Other")
+    inner = FileStore(str(tmp_path / "store"))
+    store = ThreadedStore(inner, r)
+    batches: list[list[str]] = []
+    real = FileStore._save_many
+
+    def recording(self: FileStore, items: Any) -> Any:
+        batches.append([k for k, _ in items])
+        return real(self, items)
+
+    monkeypatch.setattr(FileStore, "_save_many", recording)
+    gate, entered = threading.Event(), threading.Event()
+    blocker = r(lambda: (entered.set(), gate.wait(10)))  # keeps the thread busy meanwhile
+    assert entered.wait(10)
+    keys = [f"k{i}.example" for i in range(5)]
+    bundles = {k: ca.issue([k]) for k in keys}
+    bad = attrs.evolve(ca.issue(["k2.example"]), key_pem=other.issue(["x"]).key_pem)
+    ds = {k: store.save(k, bad if k == "k2.example" else bundles[k]) for k in keys}
+    later = r(lambda: "after")  # submitted after the saves: runs after them
+    gate.set()
+    reactor.pump(1 + len(keys) + 1)  # the blocker, one call per save, the later call
+    assert result_of(blocker)
+    assert result_of(later) == "after"
+    assert batches == [keys]  # one group, in submission order
+    for k, d in ds.items():
+        if k == "k2.example":
+            assert "does not belong" in str(failure_of(d, StoreError))
+        else:
+            assert result_of(d) is None
+            assert result_of(inner.load(k)) == bundles[k]
+    assert result_of(inner.load("k2.example")) is None
+
+
+def test_a_save_on_its_own_is_not_held_back(runner: Any, tmp_path: Path) -> None:
+    r, reactor = runner
+    bundle = TestCA().issue(["a.example"])
+    store = ThreadedStore(FileStore(str(tmp_path / "store")), r)
+    d = store.save("a.example", bundle)
+    reactor.pump(1)
+    assert result_of(d) is None
+    d2 = store.load("a.example")
+    reactor.pump(1)
+    assert result_of(d2) == bundle

@@ -34,9 +34,9 @@ NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.timezone.utc)
 
 @pytest.fixture(autouse=True)
 def fresh_memo() -> Iterator[None]:
-    crypto._verified.clear()
+    crypto.forget_verified()
     yield
-    crypto._verified.clear()
+    crypto.forget_verified()
 
 
 @pytest.fixture
