@@ -477,12 +477,16 @@ def summarize_goroutines(path: str) -> str:
     )
 
 
+def run_ratios(a: Sequence[float | None], b: Sequence[float | None]) -> list[float]:
+    """The run-by-run ratios a[i]/b[i], sorted, over the runs both have (None: a failed run)."""
+    return sorted(x / y for x, y in zip(a, b, strict=False) if x is not None and y)
+
+
 def pair_ratio(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
-    """Median of run-by-run ratios a[i]/b[i] over the runs both have (None: a failed run)."""
-    pairs = [x / y for x, y in zip(a, b, strict=False) if x is not None and y]
+    """Median of :func:`run_ratios`."""
+    pairs = run_ratios(a, b)
     if not pairs:
         return None
-    pairs.sort()
     mid = len(pairs) // 2
     return pairs[mid] if len(pairs) % 2 else (pairs[mid - 1] + pairs[mid]) / 2
 
