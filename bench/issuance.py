@@ -374,25 +374,49 @@ class Issuance:
     # -- measuring ----------------------------------------------------------------------------
 
     def measure(
-        self, scenario: Scenario, runs: int, cell_budget: float, log: Callable[[str], None]
+        self,
+        scenario: Scenario,
+        runs: int,
+        cell_budget: float,
+        log: Callable[[str], None],
+        floor_runs: int = 0,
+        floor_budget: float = 0.0,
     ) -> dict[str, Any]:
         """Round-robin runs of every client of ``scenario``; a client whose runs exceed
         ``cell_budget`` seconds in total stops early (its ``n`` says how many runs). A failed
         run is recorded (``failures``, with the first error, and Pebble's goroutine stacks
         when Pebble was still up) and the client goes on, with an extra run to make up for
-        it; MAX_FAILED_RUNS failures stop it."""
+        it; MAX_FAILED_RUNS failures stop it.
+
+        The rows compared with the floor (the project's clients and the floors: kinds
+        "project" and "floor") are run by run within a few tens of milliseconds of each
+        other, where one noisy moment moves a ratio by 0.3x or more. After its ``runs`` runs,
+        such a client goes on to ``floor_runs`` runs if that many cost at most
+        ``floor_budget`` seconds at its median so far (the cheap cells; a 40 s row stays at
+        ``runs``). Every client of a scenario decides alike, by the same rule, so run i of
+        the CLI still pairs with run i of the floor."""
         times: dict[str, list[float | None]] = {c: [] for c in scenario.clients}
         spent: dict[str, float] = dict.fromkeys(scenario.clients, 0.0)
         errors: dict[str, str] = {}
         failures: dict[str, int] = dict.fromkeys(scenario.clients, 0)
         dumps: dict[str, list[str]] = {}
-        # Extra rounds, only for a client whose run failed, so it still gets ``runs``.
-        for run in range(runs + MAX_FAILED_RUNS):
+
+        def target(name: str, done: int) -> int:
+            if floor_runs <= runs or self.clients[name].kind not in ("project", "floor"):
+                return runs
+            ok = sorted(x for x in times[name] if x is not None)
+            if done < runs or not ok:
+                return runs
+            median = ok[len(ok) // 2]
+            return floor_runs if median * floor_runs <= floor_budget else runs
+
+        # Extra rounds, only for a client whose run failed, so it still gets its runs.
+        for run in range(max(runs, floor_runs) + MAX_FAILED_RUNS):
             for name in scenario.clients:
                 done = sum(1 for x in times[name] if x is not None)
                 if (
                     failures[name] >= MAX_FAILED_RUNS
-                    or done >= runs
+                    or done >= target(name, done)
                     or (run > 0 and spent[name] > cell_budget)
                 ):
                     continue
