@@ -405,6 +405,10 @@ def merge(path: str, new: dict[str, Any]) -> dict[str, Any]:
                 merged.append(new_sc)
         old["issuance"] = merged + list(fresh.values())
         old.setdefault("commands", {}).update(new.get("commands", {}))
+        # How many runs the issuance rows got is part of what the report says about them.
+        for key in ("runs", "cell_budget", "floor_runs", "floor_budget"):
+            if key in new.get("settings", {}):
+                old.setdefault("settings", {})[key] = new["settings"][key]
     # An earlier update of exactly the same sections and scenarios is replaced, not kept.
     old["updates"] = [u for u in old.get("updates", []) if u["argv"] != new["argv"]]
     old["updates"].append(
