@@ -1016,8 +1016,10 @@ def render(res: dict[str, Any]) -> str:
             "The real `AcmeService` with a `FakeIssuer` (real certificates from an in-memory CA) "
             "and `MemoryStore` or `FileStore`, nothing due. Load = `startService` reading and "
             "validating every stored bundle plus the first check (which asks the issuer for "
-            "each certificate's ARI window); tick = one later periodic check (median of 5), "
-            f"driven by `Clock.advance`. `{res['renewal']['command']}`.",
+            "each certificate's ARI window); tick = one later periodic check (median of "
+            f"{len(rows[0].get('tick_seconds_all', [])) or 5}), driven by `Clock.advance`; the "
+            "tick peak allocation is traced in one more tick, not timed. "
+            f"`{res['renewal']['command']}`.",
             "",
             "![renewal](img/renewal.png)",
             "",

@@ -137,6 +137,9 @@ class _Managed:
     spec: CertificateSpec
     key: str
     bundle: CertificateBundle | None = None
+    # Whether bundle is a self-signed placeholder: set with bundle (only _adopt sets either),
+    # so the periodic check reads a flag here instead of each bundle's metadata.
+    placeholder: bool = False
     serial: str | None = None  # of bundle's leaf (hex)
     issuer: str | None = None  # bundle's leaf's issuer name (RFC 4514)
     not_before: datetime.datetime | None = None
@@ -156,10 +159,6 @@ class _Managed:
     in_flight: defer.Deferred[CertificateBundle] | None = None
     waiters: list[defer.Deferred[CertificateBundle]] = attrs.Factory(list)
     retry_call: IDelayedCall | None = None
-
-    @property
-    def placeholder(self) -> bool:
-        return bool(self.bundle is not None and self.bundle.metadata.get("placeholder"))
 
 
 class AcmeService(Service):
@@ -466,9 +465,11 @@ class AcmeService(Service):
     ) -> None:
         """Make ``bundle`` the served certificate of ``m`` and (with ``notify``) tell the
         consumers."""
-        names = None if bundle.metadata.get("placeholder") else m.spec.names
+        placeholder = bool(bundle.metadata.get("placeholder"))
+        names = None if placeholder else m.spec.names
         chain = crypto.validate_bundle(bundle, names, self._now(), allow_expired=allow_expired)
         m.bundle = bundle
+        m.placeholder = placeholder
         m.serial = f"{chain[0].serial_number:x}"
         m.issuer = chain[0].issuer.rfc4514_string()
         m.not_before = crypto.not_before(chain[0])
@@ -573,8 +574,9 @@ class AcmeService(Service):
 
     async def _refresh_ari(self) -> None:
         """Fetch the CA's renewal window for certificates whose window is stale (RFC 9773)."""
+        seconds = self._clock.seconds()
         for m in self._managed.values():
-            if m.bundle is None or m.placeholder or self._clock.seconds() < m.ari_next_fetch:
+            if m.bundle is None or m.placeholder or seconds < m.ari_next_fetch:
                 continue
             bundle = m.bundle
             try:
@@ -588,6 +590,8 @@ class AcmeService(Service):
                 logger.info("Could not fetch the ARI renewal window for %s: %s", _names(m), e)
                 m.ari_next_fetch = self._clock.seconds() + ARI_DEFAULT_RECHECK
                 continue
+            finally:
+                seconds = self._clock.seconds()  # the fetch took time
             if m.bundle is not bundle:
                 continue  # replaced meanwhile
             recheck = ARI_DEFAULT_RECHECK

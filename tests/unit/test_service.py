@@ -147,6 +147,12 @@ def test_placeholder_is_served_then_replaced() -> None:
     current = w.service.current(KEY)
     assert current is not None and not current.metadata.get("placeholder")
     assert len(w.consumer.changes) == 2
+    # The flag travels with the bundle it describes: the real one is no placeholder, and
+    # the periodic check sees it as a certificate with a renewal moment, not one to replace.
+    (status,) = w.service.status()
+    assert status.has_certificate and not status.placeholder
+    w.clock.advance(3600)
+    assert len(w.issuer.calls) == 1
 
 
 def test_failure_keeps_old_certificate_logs_type_and_backs_off(
