@@ -10,9 +10,10 @@ Faults are planned through :attr:`FakeAcmeServer.faults`; each planned fault fir
 number of times asked) and is then gone, so a test can say "the next finalize fails with 503".
 
 For subprocess tests it also runs as a process over real HTTP(S):
-``python -m synapse_acme.testing.acme_server --listen tcp:14001:interface=127.0.0.1
---base-url http://127.0.0.1:14001 [--http01-port 5002] [--profile shortlived=518400] ...``
-prints ``ready <directory url>`` once listening.
+``python -m synapse_acme.testing.acme_server --listen tcp:0:interface=127.0.0.1
+[--base-url URL] [--http01-port 5002] [--profile shortlived=518400] ...``
+prints ``ready <directory url>`` once listening; without ``--base-url`` the URL is that of the
+port it bound (so ``tcp:0`` lets it pick a free one, with no race).
 """
 
 from __future__ import annotations
@@ -1610,7 +1611,11 @@ def _parse_args(argv: list[str]) -> Any:
         default="tcp:14001:interface=127.0.0.1",
         help="Twisted server endpoint string (tcp:..., ssl:...)",
     )
-    parser.add_argument("--base-url", default="http://127.0.0.1:14001")
+    parser.add_argument(
+        "--base-url",
+        default=None,
+        help="the URL clients reach it at (default: http(s)://<bound address>:<bound port>)",
+    )
     parser.add_argument(
         "--http01-port",
         type=int,
@@ -1653,29 +1658,40 @@ def main(reactor: Any, *argv: str) -> Deferred[None]:
         types = ("http-01",)
     profiles = {k: int(v) for k, v in (p.split("=", 1) for p in args.profile)} or None
     eab = {k: _unb64(v) for k, v in (e.split("=", 1) for e in args.eab)} if args.eab else None
-    server = FakeAcmeServer(
-        reactor,
-        args.base_url,
-        validate=validate,
-        require_eab=eab,
-        terms_of_service=args.terms_of_service,
-        profiles=profiles,
-        ari=not args.no_ari,
-        cert_lifetime=args.cert_lifetime,
-        authz_delay_polls=args.authz_delay_polls,
-        finalize_delay_polls=args.finalize_delay_polls,
-        retry_after=args.retry_after,
-        challenge_types=types,
-    )
-    if args.ca_out:
-        with open(os.path.join(args.ca_out, "root.pem"), "wb") as f:
-            f.write(server.root_pem)
-        with open(os.path.join(args.ca_out, "intermediate.pem"), "wb") as f:
-            f.write(server.intermediate_pem)
+
     done: Deferred[None] = Deferred()
-    listening = serverFromString(reactor, args.listen).listen(Site(server.resource))
+    # The server needs its URL, which may hold the port bound here: it takes the site's
+    # requests once made (before "ready", nobody knows where to send any).
+    site = Site(Resource())
+    listening = serverFromString(reactor, args.listen).listen(site)
 
     def ready(port: Any) -> Deferred[None]:
+        base_url = args.base_url
+        if base_url is None:
+            host = port.getHost()
+            address = f"[{host.host}]" if ":" in host.host else host.host
+            scheme = "https" if args.listen.startswith("ssl:") else "http"
+            base_url = f"{scheme}://{address}:{host.port}"
+        server = FakeAcmeServer(
+            reactor,
+            base_url,
+            validate=validate,
+            require_eab=eab,
+            terms_of_service=args.terms_of_service,
+            profiles=profiles,
+            ari=not args.no_ari,
+            cert_lifetime=args.cert_lifetime,
+            authz_delay_polls=args.authz_delay_polls,
+            finalize_delay_polls=args.finalize_delay_polls,
+            retry_after=args.retry_after,
+            challenge_types=types,
+        )
+        site.resource = server.resource
+        if args.ca_out:
+            with open(os.path.join(args.ca_out, "root.pem"), "wb") as f:
+                f.write(server.root_pem)
+            with open(os.path.join(args.ca_out, "intermediate.pem"), "wb") as f:
+                f.write(server.intermediate_pem)
         sys.stdout.write(f"ready {server.directory_url}\n")
         sys.stdout.flush()
         return done

@@ -856,24 +856,19 @@ def test_http01_validator_fetches_with_host_header(clock: Clock) -> None:
 
 @pytest.mark.integration
 def test_runs_as_a_process_over_real_http(tmp_path: Any) -> None:
-    import socket
+    import re
     import subprocess
     import sys
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
+    # The process binds port 0 itself and says where it listens: no port picked first.
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "synapse_acme.testing.acme_server",
             "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--base-url",
-            base,
+            "tcp:0:interface=127.0.0.1",
             "--ca-out",
             str(tmp_path),
             "--profile",
@@ -885,7 +880,9 @@ def test_runs_as_a_process_over_real_http(tmp_path: Any) -> None:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().decode()
-        assert line == f"ready {base}/directory\n", proc.stderr.read() if proc.stderr else line
+        ready = re.fullmatch(r"ready (http://127\.0\.0\.1:([1-9][0-9]*))/directory\n", line)
+        assert ready is not None, proc.stderr.read() if proc.stderr else line
+        base = ready.group(1)
         with urllib.request.urlopen(f"{base}/directory", timeout=10) as r:
             directory = json.loads(r.read())
             assert r.headers["Replay-Nonce"]
