@@ -706,6 +706,12 @@ def _missed_vs_floor(
     return None if r is None or r <= 1.30 else (r, ratios)
 
 
+def _first_poll_ms() -> str:
+    from synapse_acme.acme.issuer import FIRST_POLL_DELAY
+
+    return f"{FIRST_POLL_DELAY * 1000:g} ms"
+
+
 def _conc20_note(res: dict[str, Any]) -> list[str]:
     missed = _missed_vs_floor(res, "conc-20", SERVICE, FLOOR)
     if missed is None:
@@ -716,8 +722,9 @@ def _conc20_note(res: dict[str, Any]) -> list[str]:
         f"{ratios[0]:.2f}x - {ratios[-1]:.2f}x): per certificate the service does what the "
         "floor leaves out. Before the order, the preflight (a DNS query and an HTTP probe of "
         "each name through the CA's resolver), which keeps a misrouted name from costing a "
-        "failed validation and an order at the CA. Polls that start at 10 ms and double up to "
-        "0.5 s, where the floor polls again at once (which no CA should see from a client). "
+        "failed validation and an order at the CA. Polls that start at "
+        f"{_first_poll_ms()} and double up to 0.5 s, where the floor polls again at once "
+        "(which no CA should see from a client). "
         "After the download, the check that the chain reaches a trusted root, the store (key, "
         "chain and metadata fsynced and renamed into place; saves that queue up share one "
         "flush), the TLS map's swap and status.json. Both runs are CPU-bound in one process "
@@ -935,9 +942,9 @@ def render(res: dict[str, Any]) -> str:
             )
         lines += [
             "- Without a Retry-After the issuer polls an authorization or an order after "
-            "`FIRST_POLL_DELAY` (10 ms), doubling up to `poll_interval` (0.5 s); Pebble with "
-            "`PEBBLE_VA_NOSLEEP` is usually done within a few ms, so the first looks find "
-            "the work done.",
+            f"`FIRST_POLL_DELAY` ({_first_poll_ms()}), doubling up to `poll_interval` (0.5 s); "
+            "Pebble with `PEBBLE_VA_NOSLEEP` is usually done within a few ms, so the first "
+            "looks find the work done.",
             "- synapse-acme caps requests to one CA (`acme.max_requests_per_minute`, default "
             "1200 = Let's Encrypt's 20/s over a minute; queued, never dropped). 100 "
             "certificates at once make more requests than that, so the benchmark configs lift "

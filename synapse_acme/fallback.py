@@ -19,10 +19,11 @@ from collections.abc import Sequence
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from synapse_acme import policy
-from synapse_acme.interfaces import IIssuer
+from synapse_acme.interfaces import IIssuer, IPreparingIssuer
 from synapse_acme.model import CertificateBundle, RenewalWindow
 from synapse_acme.names import canonical_names, names_key
 
@@ -38,7 +39,7 @@ class NamedIssuer:
     issuer: IIssuer
 
 
-@implementer(IIssuer)
+@implementer(IPreparingIssuer)
 @attrs.define
 class FallbackIssuer:
     """Asks ``issuers`` in order (see the module docstring). ``budget``: failures in a row
@@ -68,6 +69,18 @@ class FallbackIssuer:
         """See :meth:`IIssuer.issue`: the first CA that issues; failing with the error of the
         last CA asked. ``replaces`` goes only to the CA that issued the old certificate."""
         return Deferred.fromCoroutine(self._issue(tuple(names), key_pem, replaces))
+
+    def prepare(self) -> Deferred[None]:
+        """See :meth:`IPreparingIssuer.prepare`: the first CA's account, which every issuance
+        asks first. Its failure is not this issuer's: ``issue`` may still get the certificate
+        from the next CA (and asks the first again on its own), so it is logged and fired as
+        None."""
+        first = self.issuers[0]
+        if not IPreparingIssuer.providedBy(first.issuer):
+            return Deferred.fromCoroutine(_none())
+        d: Deferred[None] = first.issuer.prepare()
+        d.addErrback(_prepare_failed, first.url)
+        return d
 
     def renewal_info(
         self, chain_pem: bytes, directory: str | None = None
@@ -127,6 +140,11 @@ class FallbackIssuer:
 
 async def _none() -> None:
     return None
+
+
+def _prepare_failed(failure: Failure, url: str) -> None:
+    failure.trap(Exception)
+    logger.debug("could not set up the account at %s ahead of the order: %s", url, failure.value)
 
 
 __all__ = ["FallbackIssuer", "NamedIssuer"]

@@ -249,6 +249,18 @@ class IIssuer(Interface):
         because the CA lacks ARI."""
 
 
+class IPreparingIssuer(IIssuer):
+    """An issuer that can do its once-per-account setup ahead of the first order (the
+    service starts it while the preflight checks run, so a first start does not wait for the
+    two one after the other)."""
+
+    def prepare() -> Deferred[None]:
+        """Deferred firing with None once the account orders would use exists at the CA
+        (registering it now if it does not yet); at once if it already does. Fails as
+        :meth:`IIssuer.issue` would fail to register; an issuer that would recover from
+        that failure within ``issue`` (another CA to ask) fires with None instead."""
+
+
 class ICertificateConsumer(Interface):
     """Something that serves certificates and wants to know when one changes
     (the hot-swapping TLS creator, the Synapse glue, the file exporter)."""

@@ -66,6 +66,7 @@ from synapse_acme.interfaces import (
     ICertificateStore,
     IIssuanceLock,
     IIssuer,
+    IPreparingIssuer,
 )
 from synapse_acme.model import CertificateBundle, CertificateSpec, RenewalWindow
 from synapse_acme.names import canonical_names, names_key
@@ -695,12 +696,29 @@ class AcmeService(Service):
 
     async def _order(self, m: _Managed, attempt: int) -> CertificateBundle:
         """One order at the CA for ``m`` (after ``ready`` and ``before_order``); the new bundle
-        is kept in ``m.unsaved`` until the caller saved it."""
+        is kept in ``m.unsaved`` until the caller saved it. Once ``ready``, the issuer sets
+        up its account (registers it, the first time) while ``before_order`` (the preflight)
+        runs, not after it."""
         if self._ready is not None:
-            await self._ready()  # no order while no challenge could be answered
-        if self._before_order is not None:
-            await self._before_order(m.spec, None if m.placeholder else m.bundle)
+            # Nothing reaches the CA, not even the account, while no challenge can be answered.
+            await self._ready()
+        prepared = None
+        if IPreparingIssuer.providedBy(self._issuer):
+            prepared = self._issuer.prepare()
+        try:
+            if self._before_order is not None:
+                await self._before_order(m.spec, None if m.placeholder else m.bundle)
+        except BaseException as e:
+            if prepared is not None:
+                # The check's error is the one to report; the registration goes on (other
+                # certificates' orders may be waiting for it) unless this issuance was cancelled.
+                prepared.addErrback(lambda _: None)
+                if isinstance(e, defer.CancelledError):
+                    prepared.cancel()
+            raise
         logger.info("Obtaining a certificate for %s (attempt %d)", _names(m), attempt)
+        if prepared is not None:
+            await prepared
         replaces = None
         if m.bundle is not None and not m.placeholder:
             replaces = m.bundle.metadata.get("ari_cert_id")

@@ -35,7 +35,7 @@ from synapse_acme.errors import (
     BundleError,
     ChallengeFailed,
 )
-from synapse_acme.interfaces import IIssuer, IResponder
+from synapse_acme.interfaces import IPreparingIssuer, IResponder
 from synapse_acme.model import CertificateBundle, RenewalWindow
 from synapse_acme.names import canonical_names, names_key
 
@@ -105,7 +105,7 @@ async def _withdraw(responder: IResponder, ident: str, token: str) -> None:
         raise defer.CancelledError()
 
 
-@implementer(IIssuer)
+@implementer(IPreparingIssuer)
 @attrs.define
 class AcmeIssuer:
     """Obtains certificates from the CA behind ``client``, answering challenges with
@@ -138,7 +138,7 @@ class AcmeIssuer:
         init=False, factory=defer.DeferredLock, repr=False
     )
 
-    # -- IIssuer ----------------------------------------------------------------------------
+    # -- IPreparingIssuer (IIssuer) -------------------------------------------------------
 
     def issue(
         self, names: Sequence[str], key_pem: bytes, replaces: str | None = None
@@ -155,7 +155,17 @@ class AcmeIssuer:
         this issuer has one CA."""
         return Deferred.fromCoroutine(self._renewal_info(chain_pem))
 
+    def prepare(self) -> Deferred[None]:
+        """See :meth:`IPreparingIssuer.prepare`: registers the account if it has none yet
+        (orders made meanwhile wait for the same registration)."""
+        if self.client.account_url is not None:
+            return defer.succeed(None)
+        return Deferred.fromCoroutine(self._prepare())
+
     # -- account ----------------------------------------------------------------------------
+
+    async def _prepare(self) -> None:
+        await self._ensure_account()
 
     async def _ensure_account(self) -> str:
         url: str = await self._account_lock.run(
