@@ -72,14 +72,15 @@ class FallbackIssuer:
 
     def prepare(self) -> Deferred[None]:
         """See :meth:`IPreparingIssuer.prepare`: the first CA's account, which every issuance
-        asks first. Its failure is not this issuer's: ``issue`` may still get the certificate
-        from the next CA (and asks the first again on its own), so it is logged and fired as
-        None."""
+        asks first. With another CA behind it, its failure is not this issuer's: ``issue`` may
+        still get the certificate from the next CA (and asks the first again on its own), so
+        it is logged and fired as None."""
         first = self.issuers[0]
         if not IPreparingIssuer.providedBy(first.issuer):
             return Deferred.fromCoroutine(_none())
         d: Deferred[None] = first.issuer.prepare()
-        d.addErrback(_prepare_failed, first.url)
+        if len(self.issuers) > 1:
+            d.addErrback(_prepare_failed, first.url)
         return d
 
     def renewal_info(

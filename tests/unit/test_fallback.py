@@ -187,6 +187,28 @@ def test_a_second_ca_that_also_fails_may_pass_keeps_its_own_budget() -> None:
     assert w.asked() == [3, 2] and bundle.metadata["issuer_fallbacks"] == 1
 
 
+def test_the_account_set_up_ahead_is_the_first_cas_and_its_failure_is_not_final() -> None:
+    from tests.unit.test_service import PreparingIssuer
+
+    clock = Clock()
+    first, second = (
+        PreparingIssuer(ca=TestCA(now=START), clock=clock, directory=url) for url in URLS[:2]
+    )
+    both = FallbackIssuer([NamedIssuer(URLS[0], first), NamedIssuer(URLS[1], second)])
+    d = both.prepare()
+    assert len(first.preparing) == 1 and second.preparing == []  # every issuance asks it first
+    first.preparing[0].errback(AcmeTransportError("cannot reach the ACME server"))
+    assert outcome_of(d) is None  # issue() may still get it from the second CA
+    # Only one CA: its failure is the issuance's, as the service would get it from issue().
+    alone = FallbackIssuer([NamedIssuer(URLS[0], first)])
+    d = alone.prepare()
+    first.preparing[1].errback(AcmeTransportError("cannot reach the ACME server"))
+    assert isinstance(outcome_of(d).value, AcmeTransportError)
+    # A first CA that cannot set up ahead (a plain IIssuer): nothing to wait for.
+    plain = FallbackIssuer([NamedIssuer(URLS[0], World(cas=1).fakes[0])])
+    assert outcome_of(plain.prepare()) is None
+
+
 def test_one_ca_is_passed_through_and_bad_arguments_refused() -> None:
     w = World(cas=1)
     w.fakes[0].fail_next(_problem("caa"))

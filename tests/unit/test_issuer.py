@@ -22,7 +22,7 @@ from synapse_acme.acme.client import AcmeClient
 from synapse_acme.acme.issuer import AcmeIssuer
 from synapse_acme.acme.transport import JWSTransport
 from synapse_acme.errors import AcmeError, AcmeProtocolError, AcmeTransportError, ChallengeFailed
-from synapse_acme.interfaces import IIssuer, IResponder
+from synapse_acme.interfaces import IIssuer, IPreparingIssuer, IResponder
 from synapse_acme.model import CertificateBundle
 from synapse_acme.names import names_key
 from synapse_acme.testing.acme_server import FakeAcmeServer
@@ -102,6 +102,22 @@ class World:
 
 def test_issuer_provides_iissuer() -> None:
     assert verifyObject(IIssuer, World().issuer)
+    assert verifyObject(IPreparingIssuer, World().issuer)
+
+
+def test_prepare_registers_the_account_once_ahead_of_the_orders() -> None:
+    recorded: list[str] = []
+    w = World(issuer_kw={"on_account": recorded.append})
+    # Orders started while the registration runs wait for it instead of registering again.
+    key_pem = crypto.generate_private_key_pem()
+    prepared = w.issuer.prepare()
+    ordered = w.issuer.issue(["a.example.test"], key_pem)
+    assert w.run(prepared) is None
+    assert w.run(ordered).key_pem == key_pem
+    assert len(w.kinds("newAccount")) == 1 and len(recorded) == 1
+    before = len(w.server.requests)
+    assert w.run(w.issuer.prepare()) is None  # the account exists: no request at all
+    assert len(w.server.requests) == before
 
 
 def test_full_issuance() -> None:

@@ -14,8 +14,8 @@ from zope.interface import implementer
 
 from synapse_acme import crypto, policy
 from synapse_acme import service as service_mod
-from synapse_acme.errors import AcmeError, AcmeTransportError, StoreError
-from synapse_acme.interfaces import ICertificateConsumer
+from synapse_acme.errors import AcmeError, AcmeTransportError, PreflightFailed, StoreError
+from synapse_acme.interfaces import ICertificateConsumer, IPreparingIssuer
 from synapse_acme.model import CertificateBundle, CertificateSpec, RenewalWindow
 from synapse_acme.names import names_key
 from synapse_acme.service import AcmeService
@@ -46,7 +46,7 @@ class World:
         self.clock.advance(START.timestamp())
         self.ca = TestCA(now=START)
         self.store = MemoryStore()
-        self.issuer = FakeIssuer(ca=self.ca, clock=self.clock)
+        self.issuer = kw.pop("issuer_class", FakeIssuer)(ca=self.ca, clock=self.clock)
         self.consumer = Recorder()
         self.statuses: list[list[CertificateStatus]] = []
         kw.setdefault("check_interval", 600.0)
@@ -554,3 +554,75 @@ def test_a_listener_that_cannot_bind_fails_each_attempt_without_an_order() -> No
     # A forced renewal (renew --force handed over) does not get past it either.
     assert isinstance(outcome_of(w.service.renew(force=True))[0][1].value, ListenError)
     assert w.issuer.calls == []
+
+
+@implementer(IPreparingIssuer)
+class PreparingIssuer(FakeIssuer):
+    """A FakeIssuer whose account setup (``prepare``) waits until the test fires it."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.preparing: list[defer.Deferred[None]] = []
+        self.cancelled: list[defer.Deferred[None]] = []
+
+    def prepare(self) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred(self.cancelled.append)
+        self.preparing.append(d)
+        return d
+
+
+def _held_preflight() -> tuple[list[defer.Deferred[None]], Any]:
+    checks: list[defer.Deferred[None]] = []
+
+    def before_order(spec: CertificateSpec, previous: Any) -> defer.Deferred[None]:
+        checks.append(defer.Deferred())
+        return checks[-1]
+
+    return checks, before_order
+
+
+def test_the_account_is_set_up_while_the_preflight_runs() -> None:
+    bound: defer.Deferred[Any] = defer.Deferred()
+    checks, before_order = _held_preflight()
+    w = World(issuer_class=PreparingIssuer, ready=lambda: bound, before_order=before_order)
+    w.start()
+    assert w.issuer.preparing == [] and checks == []  # nothing reaches the CA before ready
+    bound.callback([])
+    # Both at once: the account (a first start registers it) and the preflight.
+    assert len(w.issuer.preparing) == 1 and len(checks) == 1
+    checks[0].callback(None)
+    assert w.issuer.calls == []  # no order before the account exists
+    w.issuer.preparing[0].callback(None)
+    assert w.issuer.calls == [(NAMES, None)]
+    assert w.stored() is not None
+
+
+def test_a_failed_preflight_is_reported_even_when_the_registration_fails_too() -> None:
+    checks, before_order = _held_preflight()
+    w = World(issuer_class=PreparingIssuer, before_order=before_order)
+    w.start()
+    w.issuer.preparing[0].errback(AcmeTransportError("cannot reach the ACME server"))
+    checks[0].errback(PreflightFailed([(NAMES[0], "not-forwarded", "404 from 127.0.0.1")]))
+    [status] = w.service.status()
+    assert status.last_error_type == "PreflightFailed" and w.issuer.calls == []
+
+
+def test_a_registration_that_fails_fails_the_attempt_without_an_order() -> None:
+    checks, before_order = _held_preflight()
+    w = World(issuer_class=PreparingIssuer, before_order=before_order)
+    w.start()
+    checks[0].callback(None)
+    w.issuer.preparing[0].errback(AcmeTransportError("cannot reach the ACME server"))
+    [status] = w.service.status()
+    assert status.last_error_type == "AcmeTransportError" and w.issuer.calls == []
+    assert status.next_attempt is not None  # and the back-off table goes on as for any error
+
+
+def test_stopping_during_the_preflight_cancels_the_registration() -> None:
+    checks, before_order = _held_preflight()
+    w = World(issuer_class=PreparingIssuer, before_order=before_order)
+    w.start()
+    assert len(checks) == 1  # the preflight is still running
+    [preparing] = w.issuer.preparing
+    outcome_of(w.service.stopService())
+    assert w.issuer.cancelled == [preparing] and w.issuer.calls == []
