@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
 
 from synapse_acme.errors import ListenError
 from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.listeners import LISTEN_BACKLOG, _with_real_family, server_endpoint, with_backlog
+from tests.deferreds import result_of
 from tests.unit.test_http01 import KEY_AUTH, SERVERS, TOKEN, _request, serve
 
 
@@ -81,6 +83,35 @@ def test_own_sockets_listen_with_a_deep_backlog() -> None:
     assert LISTEN_BACKLOG >= 1024
     # Inherited sockets keep the backlog their owner (systemd) gave them.
     assert with_backlog("systemd:domain=INET:index=0") == "systemd:domain=INET:index=0"
+
+
+def _connects_queued(description: str, attempts: int) -> int:
+    """How many connections in a row the kernel queues on ``description``'s socket while
+    nothing accepts them (a busy reactor), before the first one that is not answered within
+    0.5 s (its SYN dropped: the client would try again only after 1 s)."""
+    reactor = EPollReactor()  # real sockets, never run: nothing is accepted
+    port = result_of(server_endpoint(reactor, description).listen(Factory()))
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(attempts):
+            try:
+                clients.append(
+                    socket.create_connection(("127.0.0.1", port.getHost().port), timeout=0.5)
+                )
+            except OSError:
+                break
+        return len(clients)
+    finally:
+        for c in clients:
+            c.close()
+        port.stopListening()
+        reactor.runUntilCurrent()  # closes the listening socket
+
+
+def test_a_burst_of_connections_waits_in_the_queue_instead_of_being_dropped() -> None:
+    # Twisted's own default: the burst overflows the queue after about 50.
+    assert _connects_queued("tcp:0:interface=127.0.0.1:backlog=50", 300) < 300
+    assert _connects_queued("tcp:0:interface=127.0.0.1", 300) == 300
 
 
 def test_inherited_socket_family_wins() -> None:
