@@ -36,7 +36,6 @@ from synapse_acme.acme.csr import make_csr_pem
 from synapse_acme.acme.transport import JWSTransport, make_http_client
 from synapse_acme.http01 import HTTP01Responder
 from synapse_acme.http01_server import make_factory
-from synapse_acme.listeners import LISTEN_BACKLOG
 
 
 async def run_service(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -123,13 +122,8 @@ async def _floor_one(
 async def run_floor(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     reactor_ref.append(reactor)
     responder = HTTP01Responder()
-    # The same listen backlog as the product's listeners: Twisted's default (50) overflows when
-    # Pebble validates 20 names at once (3 fetches each), and each dropped SYN costs 1 s.
     port = reactor.listenTCP(
-        args.http_port,
-        make_factory(responder, reactor),
-        backlog=LISTEN_BACKLOG,
-        interface="127.0.0.1",
+        args.http_port, make_factory(responder, reactor), interface="127.0.0.1"
     )
     try:
         t0, cpu0 = time.perf_counter(), time.process_time()

@@ -1155,10 +1155,7 @@ class AcmeConfig:
             "`unix:/run/acme.sock`, `systemd:domain=INET:index=0`, "
             "`systemd:domain=INET6:name=synapse-acme-http` (socket activation: the name is the "
             "socket unit's `FileDescriptorName`; see "
-            "[deploy-systemd-socket.md](deploy-systemd-socket.md)). `[]` means none. Sockets "
-            "bound here listen with a backlog of 4096 (the kernel caps it at "
-            "`net.core.somaxconn`) unless the string sets `backlog=`: a CA validates every "
-            "name of an order at once, and a short accept queue drops the burst's SYNs."
+            "[deploy-systemd-socket.md](deploy-systemd-socket.md)). `[]` means none."
         ),
     )
     reprovision_threshold: int = _setting(

@@ -52,36 +52,15 @@ _NO_SYSTEMD_SOCKET = (
 )
 
 
-#: The listen backlog of every socket the project binds itself (the kernel caps it at
-#: ``net.core.somaxconn``, 4096 on current Linux), unless the endpoint string sets ``backlog=``.
-#: Twisted's default is 50. A CA validates every name of an order at once, from several
-#: addresses (Pebble fetches each HTTP-01 token 3 times): 20 names were 60 connections in one
-#: burst, the accept queue overflowed while the reactor was busy, the kernel dropped the SYNs,
-#: and those fetches came back only after the 1 s SYN retransmission, a second added to
-#: 1 issuance in 10 of 20 certificates at once. A TLS listener takes bursts of handshakes alike.
-LISTEN_BACKLOG = 4096
-_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
-
-
-def with_backlog(description: str) -> str:
-    """``description`` with ``backlog=LISTEN_BACKLOG`` added if it binds a socket of its own
-    (tcp, tcp6, ssl, unix) and sets no backlog; anything else unchanged."""
-    kind = description.strip().split(":", 1)[0]
-    if kind not in _BACKLOG_TYPES or "backlog=" in description:
-        return description
-    return f"{description.rstrip()}:backlog={LISTEN_BACKLOG}"
-
-
 def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
-    """``serverFromString``, with clear errors, the real address family for ``systemd:``, and
-    a listen backlog of :data:`LISTEN_BACKLOG` where the string sets none.
+    """``serverFromString``, with clear errors and the real address family for ``systemd:``.
 
     Twisted adopts an inherited socket with the family the string names; ``ListenStream=80``
     gives an IPv6 socket, and ``domain=INET`` would then report nonsense addresses, so the
     family is taken from the socket itself. A missing socket is a ListenError saying why.
     """
     try:
-        endpoint = serverFromString(reactor, with_backlog(description))
+        endpoint = serverFromString(reactor, description)
     except (IndexError, KeyError) as e:
         if description.strip().startswith("systemd:"):
             raise ListenError(_NO_SYSTEMD_SOCKET.format(description=description)) from e

@@ -8,14 +8,11 @@ from typing import Any
 
 import pytest
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
-from twisted.internet.epollreactor import EPollReactor
-from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
 
 from synapse_acme.errors import ListenError
 from synapse_acme.http01 import HTTP01Responder
-from synapse_acme.listeners import LISTEN_BACKLOG, _with_real_family, server_endpoint, with_backlog
-from tests.deferreds import result_of
+from synapse_acme.listeners import _with_real_family, server_endpoint
 from tests.unit.test_http01 import KEY_AUTH, SERVERS, TOKEN, _request, serve
 
 
@@ -66,52 +63,6 @@ def test_systemd_endpoint_without_inherited_socket_says_why() -> None:
 def test_tcp_endpoint_unchanged() -> None:
     endpoint = server_endpoint(MemoryReactor(), "tcp:8009:interface=127.0.0.1")
     assert not isinstance(endpoint, AdoptedStreamServerEndpoint)
-
-
-def test_own_sockets_listen_with_a_deep_backlog() -> None:
-    # Twisted's default backlog (50) overflowed under a CA's burst of validation connections
-    # (the dropped SYNs came back a second later). Every socket we bind gets LISTEN_BACKLOG,
-    # unless the operator's endpoint string sets its own.
-    reactor = MemoryReactor()
-    for description in ("tcp:8009:interface=127.0.0.1", r"tcp6:port=80:interface=\:\:"):
-        server_endpoint(reactor, description).listen(Factory())
-    server_endpoint(reactor, "tcp:8010:backlog=7").listen(Factory())
-    server_endpoint(reactor, "unix:/run/synapse-acme/http.sock").listen(Factory())
-    got = [(port, backlog, interface) for port, _, backlog, interface in reactor.tcpServers]
-    assert got == [(8009, LISTEN_BACKLOG, "127.0.0.1"), (80, LISTEN_BACKLOG, "::"), (8010, 7, "")]
-    assert [backlog for _, _, backlog, _, _ in reactor.unixServers] == [LISTEN_BACKLOG]
-    assert LISTEN_BACKLOG >= 1024
-    # Inherited sockets keep the backlog their owner (systemd) gave them.
-    assert with_backlog("systemd:domain=INET:index=0") == "systemd:domain=INET:index=0"
-
-
-def _connects_queued(description: str, attempts: int) -> int:
-    """How many connections in a row the kernel queues on ``description``'s socket while
-    nothing accepts them (a busy reactor), before the first one that is not answered within
-    0.5 s (its SYN dropped: the client would try again only after 1 s)."""
-    reactor = EPollReactor()  # real sockets, never run: nothing is accepted
-    port = result_of(server_endpoint(reactor, description).listen(Factory()))
-    clients: list[socket.socket] = []
-    try:
-        for _ in range(attempts):
-            try:
-                clients.append(
-                    socket.create_connection(("127.0.0.1", port.getHost().port), timeout=0.5)
-                )
-            except OSError:
-                break
-        return len(clients)
-    finally:
-        for c in clients:
-            c.close()
-        port.stopListening()
-        reactor.runUntilCurrent()  # closes the listening socket
-
-
-def test_a_burst_of_connections_waits_in_the_queue_instead_of_being_dropped() -> None:
-    # Twisted's own default: the burst overflows the queue after about 50.
-    assert _connects_queued("tcp:0:interface=127.0.0.1:backlog=50", 300) < 300
-    assert _connects_queued("tcp:0:interface=127.0.0.1", 300) == 300
 
 
 def test_inherited_socket_family_wins() -> None:
