@@ -756,7 +756,13 @@ def _conc_inproc_note(res: dict[str, Any], biggest: int) -> list[str]:
         f"{biggest} orders at once on the other. The service's fastest run took "
         f"{fastest:.2f} s against the floor's median of {floor_median:.2f} s: "
         "the spread comes from how the two processes share the 2 cores run by run, which "
-        "is as wide as the gap."
+        "is as wide as the gap. Both sides also lose a second now and then when Pebble's "
+        f"{3 * biggest} validation connections (3 per name) overflow the listener's accept "
+        "queue (Twisted's backlog of 50) and the kernel drops SYNs that come back after its "
+        "1 s retransmission. A backlog of 4096 removed those stalls (the floor then took "
+        "0.9 s) but let every connection in at once, and the service's connection caps "
+        "(128 from one address) evicted Pebble's fresh connections: every run failed. A deeper "
+        "backlog needs caps that hold such a burst back instead of evicting it."
     ]
 
 
