@@ -701,8 +701,8 @@ def _missed_vs_floor(
 ) -> tuple[float, list[float]] | None:
     """``client``'s median run-by-run ratio to ``floor`` in scenario ``key`` and the sorted
     ratios themselves, if it misses the 1.30x goal; None if it meets it or was not run."""
-    ratios = run_ratios(_cell(res, key, client), _cell(res, key, floor))
-    r = pair_ratio(_cell(res, key, client), _cell(res, key, floor))
+    ours, theirs = _cell(res, key, client), _cell(res, key, floor)
+    ratios, r = run_ratios(ours, theirs), pair_ratio(ours, theirs)
     return None if r is None or r <= 1.30 else (r, ratios)
 
 
@@ -741,6 +741,8 @@ def _conc20_note(res: dict[str, Any]) -> list[str]:
 def _conc_inproc_note(res: dict[str, Any], biggest: int) -> list[str]:
     """The largest concurrent scenario (``biggest`` certificates), in-process: where its gap
     to the floor comes from."""
+    from synapse_acme.limits import DEFAULT_MAX_PER_ADDRESS
+
     key = f"conc-{biggest}"
     missed = _missed_vs_floor(res, key, SERVICE, FLOOR) if biggest > 20 else None
     if missed is None:
@@ -761,7 +763,8 @@ def _conc_inproc_note(res: dict[str, Any], biggest: int) -> list[str]:
         "queue (Twisted's backlog of 50) and the kernel drops SYNs that come back after its "
         "1 s retransmission. A backlog of 4096 removed those stalls (the floor then took "
         "0.9 s) but let every connection in at once, and the service's connection caps "
-        "(128 from one address) evicted Pebble's fresh connections: every run failed. A deeper "
+        f"({DEFAULT_MAX_PER_ADDRESS} from one address) evicted Pebble's fresh connections: "
+        "every run failed. A deeper "
         "backlog needs caps that hold such a burst back instead of evicting it."
     ]
 

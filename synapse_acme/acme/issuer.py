@@ -160,12 +160,9 @@ class AcmeIssuer:
         (orders made meanwhile wait for the same registration)."""
         if self.client.account_url is not None:
             return defer.succeed(None)
-        return Deferred.fromCoroutine(self._prepare())
+        return Deferred.fromCoroutine(self._ensure_account()).addCallback(lambda _url: None)
 
     # -- account ----------------------------------------------------------------------------
-
-    async def _prepare(self) -> None:
-        await self._ensure_account()
 
     async def _ensure_account(self) -> str:
         url: str = await self._account_lock.run(

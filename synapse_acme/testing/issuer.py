@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from synapse_acme import crypto
 from synapse_acme.acme.ari import ari_cert_id
-from synapse_acme.interfaces import IIssuer
+from synapse_acme.interfaces import IIssuer, IPreparingIssuer
 from synapse_acme.model import CertificateBundle, RenewalWindow
 
 
@@ -121,3 +121,18 @@ class FakeIssuer:
         for d, cert_id in pending:
             if not d.called:
                 d.callback(self.windows.get(cert_id))
+
+
+@implementer(IPreparingIssuer)
+@attrs.define(eq=False)
+class PreparingFakeIssuer(FakeIssuer):
+    """A FakeIssuer that sets up its account ahead (``prepare``): each call waits in
+    ``preparing`` until the test fires it; ``cancelled`` records the ones cancelled."""
+
+    preparing: list[defer.Deferred[None]] = attrs.Factory(list)
+    cancelled: list[defer.Deferred[None]] = attrs.Factory(list)
+
+    def prepare(self) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred(self.cancelled.append)
+        self.preparing.append(d)
+        return d

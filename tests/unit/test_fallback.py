@@ -23,7 +23,7 @@ from synapse_acme.fallback import FallbackIssuer, NamedIssuer
 from synapse_acme.model import CertificateSpec
 from synapse_acme.names import names_key
 from synapse_acme.service import AcmeService
-from synapse_acme.testing.issuer import FakeIssuer
+from synapse_acme.testing.issuer import FakeIssuer, PreparingFakeIssuer
 from synapse_acme.testing.store import MemoryStore
 from tests.certs import TestCA
 from tests.deferreds import outcome_of
@@ -188,11 +188,9 @@ def test_a_second_ca_that_also_fails_may_pass_keeps_its_own_budget() -> None:
 
 
 def test_the_account_set_up_ahead_is_the_first_cas_and_its_failure_is_not_final() -> None:
-    from tests.unit.test_service import PreparingIssuer
-
     clock = Clock()
     first, second = (
-        PreparingIssuer(ca=TestCA(now=START), clock=clock, directory=url) for url in URLS[:2]
+        PreparingFakeIssuer(ca=TestCA(now=START), clock=clock, directory=url) for url in URLS[:2]
     )
     both = FallbackIssuer([NamedIssuer(URLS[0], first), NamedIssuer(URLS[1], second)])
     d = both.prepare()

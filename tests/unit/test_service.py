@@ -15,12 +15,12 @@ from zope.interface import implementer
 from synapse_acme import crypto, policy
 from synapse_acme import service as service_mod
 from synapse_acme.errors import AcmeError, AcmeTransportError, PreflightFailed, StoreError
-from synapse_acme.interfaces import ICertificateConsumer, IPreparingIssuer
+from synapse_acme.interfaces import ICertificateConsumer
 from synapse_acme.model import CertificateBundle, CertificateSpec, RenewalWindow
 from synapse_acme.names import names_key
 from synapse_acme.service import AcmeService
 from synapse_acme.status import CertificateStatus, format_time
-from synapse_acme.testing.issuer import FakeIssuer
+from synapse_acme.testing.issuer import FakeIssuer, PreparingFakeIssuer
 from synapse_acme.testing.store import MemoryStore
 from tests.certs import TestCA, leaf_serial
 from tests.deferreds import outcome_of
@@ -556,21 +556,6 @@ def test_a_listener_that_cannot_bind_fails_each_attempt_without_an_order() -> No
     assert w.issuer.calls == []
 
 
-@implementer(IPreparingIssuer)
-class PreparingIssuer(FakeIssuer):
-    """A FakeIssuer whose account setup (``prepare``) waits until the test fires it."""
-
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.preparing: list[defer.Deferred[None]] = []
-        self.cancelled: list[defer.Deferred[None]] = []
-
-    def prepare(self) -> defer.Deferred[None]:
-        d: defer.Deferred[None] = defer.Deferred(self.cancelled.append)
-        self.preparing.append(d)
-        return d
-
-
 def _held_preflight() -> tuple[list[defer.Deferred[None]], Any]:
     checks: list[defer.Deferred[None]] = []
 
@@ -584,7 +569,7 @@ def _held_preflight() -> tuple[list[defer.Deferred[None]], Any]:
 def test_the_account_is_set_up_while_the_preflight_runs() -> None:
     bound: defer.Deferred[Any] = defer.Deferred()
     checks, before_order = _held_preflight()
-    w = World(issuer_class=PreparingIssuer, ready=lambda: bound, before_order=before_order)
+    w = World(issuer_class=PreparingFakeIssuer, ready=lambda: bound, before_order=before_order)
     w.start()
     assert w.issuer.preparing == [] and checks == []  # nothing reaches the CA before ready
     bound.callback([])
@@ -599,7 +584,7 @@ def test_the_account_is_set_up_while_the_preflight_runs() -> None:
 
 def test_a_failed_preflight_is_reported_even_when_the_registration_fails_too() -> None:
     checks, before_order = _held_preflight()
-    w = World(issuer_class=PreparingIssuer, before_order=before_order)
+    w = World(issuer_class=PreparingFakeIssuer, before_order=before_order)
     w.start()
     w.issuer.preparing[0].errback(AcmeTransportError("cannot reach the ACME server"))
     checks[0].errback(PreflightFailed([(NAMES[0], "not-forwarded", "404 from 127.0.0.1")]))
@@ -609,7 +594,7 @@ def test_a_failed_preflight_is_reported_even_when_the_registration_fails_too() -
 
 def test_a_registration_that_fails_fails_the_attempt_without_an_order() -> None:
     checks, before_order = _held_preflight()
-    w = World(issuer_class=PreparingIssuer, before_order=before_order)
+    w = World(issuer_class=PreparingFakeIssuer, before_order=before_order)
     w.start()
     checks[0].callback(None)
     w.issuer.preparing[0].errback(AcmeTransportError("cannot reach the ACME server"))
@@ -620,7 +605,7 @@ def test_a_registration_that_fails_fails_the_attempt_without_an_order() -> None:
 
 def test_stopping_during_the_preflight_cancels_the_registration() -> None:
     checks, before_order = _held_preflight()
-    w = World(issuer_class=PreparingIssuer, before_order=before_order)
+    w = World(issuer_class=PreparingFakeIssuer, before_order=before_order)
     w.start()
     assert len(checks) == 1  # the preflight is still running
     [preparing] = w.issuer.preparing
